@@ -109,3 +109,55 @@ class PruneRequest:
             )
         except (KeyError, TypeError, AttributeError, ValueError, InvalidOperation) as exc:
             raise SpecError(f"malformed pruning request: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class RetrainRecipe:
+    """How the owner should retrain with the mask: configuration, never code.
+
+    SGD with momentum; the learning rate is multiplied by ``gamma`` at each epoch listed in
+    ``milestones``. ``epochs`` may be overridden by the owner (it is the owner's compute).
+    """
+
+    epochs: int = 3
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = (2,)
+    gamma: float = 0.1
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size <= 0:
+            raise SpecError("retraining epochs must be >= 0 and batch size > 0")
+        if not (0 < self.lr < 10 and 0 <= self.momentum < 1 and 0 <= self.weight_decay < 1 and 0 < self.gamma <= 1):
+            raise SpecError("retraining hyper-parameters out of range")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "optimizer": "sgd",
+            "epochs": self.epochs,
+            "lr": _decimal_str(self.lr, "lr"),
+            "momentum": _decimal_str(self.momentum, "momentum"),
+            "weight_decay": _decimal_str(self.weight_decay, "weight_decay"),
+            "milestones": list(self.milestones),
+            "gamma": _decimal_str(self.gamma, "gamma"),
+            "batch_size": self.batch_size,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> "RetrainRecipe":
+        try:
+            if data.get("optimizer", "sgd") != "sgd":
+                raise SpecError(f"unsupported optimizer {data.get('optimizer')!r}")
+            return cls(
+                epochs=int(data["epochs"]),
+                lr=float(Decimal(str(data["lr"]))),
+                momentum=float(Decimal(str(data["momentum"]))),
+                weight_decay=float(Decimal(str(data["weight_decay"]))),
+                milestones=tuple(int(m) for m in data.get("milestones", [])),
+                gamma=float(Decimal(str(data["gamma"]))),
+                batch_size=int(data["batch_size"]),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError, InvalidOperation) as exc:
+            raise SpecError(f"malformed retraining recipe: {exc}") from exc

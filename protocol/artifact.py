@@ -1,0 +1,314 @@
+"""Model artifacts: a torch.export graph as JSON plus tensors in safetensors, never a pickle.
+
+Why not ``torch.export.save``/``load``: the pt2 archive carries pickled sample inputs and may flag
+weights ``use_pickle``; ``torch.export.load`` unpickles both, with ``weights_only=False`` as a
+fallback, so opening a received archive can run the sender's code. Here the graph travels as the
+serializer's JSON (``program.json``) and every tensor as safetensors, whose header is parsed and
+bounds-checked by us before any tensor is built. The graph is rebuilt with the deserializer given
+plain tensor dicts, so torch never unpickles anything, and every op in it must be a core ATen op.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+PROGRAM_FILE = "program.json"
+WEIGHTS_FILE = "weights.safetensors"
+CONSTANTS_FILE = "constants.safetensors"
+MASKS_FILE = "masks.safetensors"
+
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_PROGRAM_BYTES = 64 * 1024 * 1024
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class ArtifactError(ValueError):
+    """A model artifact is malformed, unsafe, or does not match what was expected."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``F32``...), the one spelling used in schemas."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError as exc:
+        raise ArtifactError(f"unsupported tensor dtype {dtype}") from exc
+
+
+def dump_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialise tensors to safetensors bytes (deterministic: sorted names, no metadata)."""
+    plain: dict[str, torch.Tensor] = {}
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise ArtifactError(f"{name}: not a tensor ({type(tensor).__name__})")
+        dtype_name(tensor.dtype)
+        plain[name] = tensor.detach().to("cpu").contiguous().clone()
+    return _st_save(plain)
+
+
+def read_header(data: bytes, *, max_header: int = MAX_HEADER_BYTES) -> dict[str, dict]:
+    """Parse and validate a safetensors header without building any tensor.
+
+    Checks: header length within bounds, JSON object without duplicate keys, known dtypes, integer
+    shapes, offsets that tile the data section exactly (no gaps, overlaps or trailing bytes).
+    Returns {name: {"dtype", "shape", "data_offsets"}} plus "__metadata__" when present.
+    """
+    if len(data) < 8:
+        raise ArtifactError("safetensors: shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > max_header:
+        raise ArtifactError(f"safetensors: header of {n} bytes exceeds the {max_header}-byte limit")
+    if 8 + n > len(data):
+        raise ArtifactError("safetensors: header runs past the end of the file")
+
+    def no_dupes(pairs: list) -> dict:
+        out: dict = {}
+        for key, value in pairs:
+            if key in out:
+                raise ArtifactError(f"safetensors: duplicate header key {key!r}")
+            out[key] = value
+        return out
+
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=no_dupes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"safetensors: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ArtifactError("safetensors: header is not a JSON object")
+    body = len(data) - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ArtifactError("safetensors: __metadata__ must map strings to strings")
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise ArtifactError(f"safetensors: entry {name!r} is malformed")
+        dtype = _DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise ArtifactError(f"safetensors: entry {name!r} has unsupported dtype {info['dtype']!r}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ArtifactError(f"safetensors: entry {name!r} has a malformed shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise ArtifactError(f"safetensors: entry {name!r} has malformed offsets")
+        start, end = offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not 0 <= start <= end <= body or end - start != numel * dtype.itemsize:
+            raise ArtifactError(f"safetensors: entry {name!r} offsets do not match its dtype and shape")
+        spans.append((start, end, name))
+    spans.sort()
+    position = 0
+    for start, end, name in spans:
+        if start != position:
+            raise ArtifactError(f"safetensors: gap or overlap before entry {name!r}")
+        position = end
+    if position != body:
+        raise ArtifactError(f"safetensors: {body - position} trailing bytes after the last tensor")
+    return header
+
+
+def load_tensors(data: bytes, *, max_header: int = MAX_HEADER_BYTES) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes after validating the header; metadata is refused (nothing rides along)."""
+    header = read_header(data, max_header=max_header)
+    if "__metadata__" in header:
+        raise ArtifactError("safetensors: metadata is not accepted in a model artifact")
+    try:
+        return dict(_st_load(data))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ArtifactError(f"safetensors: cannot parse ({exc})") from exc
+
+
+def program_to_files(program: torch.export.ExportedProgram) -> dict[str, bytes]:
+    """The artifact files for an exported program: graph JSON, weights, and constants if any."""
+    from torch._export.serde.serialize import serialize
+
+    for name, value in program.constants.items():
+        if not isinstance(value, torch.Tensor):
+            raise ArtifactError(f"constant {name!r} is a {type(value).__name__}, only tensors can travel")
+    serialized = serialize(program)
+    files = {PROGRAM_FILE: serialized.exported_program, WEIGHTS_FILE: dump_tensors(program.state_dict)}
+    if program.constants:
+        files[CONSTANTS_FILE] = dump_tensors(program.constants)  # type: ignore[arg-type]
+    return files
+
+
+_ALLOWED_OP_NAMESPACES = {"aten"}
+
+
+def _check_ops(program: torch.export.ExportedProgram) -> None:
+    import operator
+
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target is operator.getitem:
+            continue
+        namespace = getattr(target, "namespace", None)
+        if namespace not in _ALLOWED_OP_NAMESPACES:
+            raise ArtifactError(f"graph node {node.name!r} calls {target}, which is not a core ATen op")
+
+
+def program_from_files(files: Mapping[str, bytes]) -> torch.export.ExportedProgram:
+    """Rebuild an exported program from artifact files without unpickling anything.
+
+    Extra or missing files, malformed safetensors, tensors that do not match the graph's inputs
+    exactly (names, dtypes, shapes) and non-ATen ops are refused with :class:`ArtifactError`.
+    """
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
+
+    allowed = {PROGRAM_FILE, WEIGHTS_FILE, CONSTANTS_FILE}
+    extra = sorted(set(files) - allowed)
+    if extra:
+        raise ArtifactError(f"unexpected file(s) in model artifact: {', '.join(extra)}")
+    for required in (PROGRAM_FILE, WEIGHTS_FILE):
+        if required not in files:
+            raise ArtifactError(f"model artifact lacks {required}")
+    graph_bytes = files[PROGRAM_FILE]
+    if len(graph_bytes) > MAX_PROGRAM_BYTES:
+        raise ArtifactError(f"{PROGRAM_FILE} exceeds {MAX_PROGRAM_BYTES} bytes")
+    state = load_tensors(files[WEIGHTS_FILE])
+    constants = load_tensors(files[CONSTANTS_FILE]) if CONSTANTS_FILE in files else {}
+    try:
+        serialized = _bytes_to_dataclass(schema.ExportedProgram, graph_bytes)
+    except Exception as exc:
+        raise ArtifactError(f"{PROGRAM_FILE} is not a serialized exported program ({type(exc).__name__}: {exc})") from exc
+    parameters = _check_signature_tensors(serialized, state, constants)
+    state = {k: torch.nn.Parameter(v, requires_grad=v.is_floating_point()) if k in parameters else v for k, v in state.items()}
+    try:
+        program = ExportedProgramDeserializer().deserialize(serialized, state, constants, None)
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"{PROGRAM_FILE} could not be rebuilt ({type(exc).__name__}: {exc})") from exc
+    _check_ops(program)
+    return program
+
+
+def _check_signature_tensors(serialized, state: dict[str, torch.Tensor], constants: dict[str, torch.Tensor]) -> set[str]:
+    """The graph's parameter/buffer/constant inputs must be exactly the tensors supplied.
+
+    Returns the names that are parameters (the deserializer wants those as ``nn.Parameter``).
+    """
+    parameters: set[str] = set()
+    wanted_state: set[str] = set()
+    wanted_constants: set[str] = set()
+    for spec in serialized.graph_module.signature.input_specs:
+        kind = spec.type
+        value = getattr(spec, kind)
+        if kind == "parameter":
+            wanted_state.add(value.parameter_name)
+            parameters.add(value.parameter_name)
+        elif kind == "buffer":
+            (wanted_state if value.persistent else wanted_constants).add(value.buffer_name)
+        elif kind == "tensor_constant":
+            wanted_constants.add(value.tensor_constant_name)
+        elif kind in ("custom_obj", "token", "constant_input"):
+            if kind == "custom_obj":
+                raise ArtifactError("graph takes a custom object input; only tensors can travel")
+    for label, wanted, got in (("weights", wanted_state, state), ("constants", wanted_constants, constants)):
+        missing, extra = sorted(wanted - set(got)), sorted(set(got) - wanted)
+        if missing:
+            raise ArtifactError(f"{label} lack tensor(s) the graph needs: {', '.join(missing[:5])}")
+        if extra:
+            raise ArtifactError(f"{label} hold tensor(s) the graph does not use: {', '.join(extra[:5])}")
+    metas = serialized.graph_module.graph.tensor_values
+    for spec in serialized.graph_module.signature.input_specs:
+        kind = spec.type
+        if kind not in ("parameter", "buffer", "tensor_constant"):
+            continue
+        value = getattr(spec, kind)
+        name = {"parameter": "parameter_name", "buffer": "buffer_name", "tensor_constant": "tensor_constant_name"}[kind]
+        target = getattr(value, name)
+        tensor = state.get(target, constants.get(target))
+        meta = metas.get(value.arg.name)
+        if meta is None or tensor is None:
+            continue
+        shape = tuple(s.as_int if s.type == "as_int" else -1 for s in meta.sizes)
+        if -1 not in shape and tuple(tensor.shape) != shape:
+            raise ArtifactError(f"tensor {target!r} has shape {tuple(tensor.shape)}, the graph expects {shape}")
+    return parameters
+
+
+def with_state_dict(program: torch.export.ExportedProgram, state_dict: Mapping[str, torch.Tensor]) -> torch.export.ExportedProgram:
+    """The same graph with new weights (names, dtypes and shapes must match exactly)."""
+    current = program.state_dict
+    if set(current) != set(state_dict):
+        missing, extra = sorted(set(current) - set(state_dict)), sorted(set(state_dict) - set(current))
+        raise ArtifactError(f"state dict mismatch: missing {missing[:5]}, extra {extra[:5]}")
+    for name, tensor in state_dict.items():
+        if tensor.shape != current[name].shape or tensor.dtype != current[name].dtype:
+            raise ArtifactError(f"tensor {name!r}: {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(current[name].shape)} {current[name].dtype}")
+    files = program_to_files(program)
+    files[WEIGHTS_FILE] = dump_tensors(state_dict)
+    return program_from_files(files)
+
+
+def write_files_atomically(directory: Path, files: Mapping[str, bytes]) -> None:
+    """Write a directory of files so that it appears whole or not at all (replacing an old one)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        for name, data in files.items():
+            if "/" in name or name.startswith("."):
+                raise ArtifactError(f"refusing to write file name {name!r}")
+            with open(staging / name, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_model_dir(directory: Path, program: torch.export.ExportedProgram, masks: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write a final model: graph JSON, weights, constants and (bool) masks, atomically."""
+    files = program_to_files(program)
+    if masks:
+        files[MASKS_FILE] = dump_tensors({k: v.to(torch.bool) for k, v in masks.items()})
+    write_files_atomically(Path(directory), files)
+
+
+def load_model_dir(directory: Path) -> tuple[torch.export.ExportedProgram, dict[str, torch.Tensor]]:
+    """Read a model directory written by :func:`save_model_dir`: (program, masks)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"model directory {directory} does not exist")
+    names = {PROGRAM_FILE, WEIGHTS_FILE, CONSTANTS_FILE}
+    files = {name: (directory / name).read_bytes() for name in names if (directory / name).is_file()}
+    program = program_from_files(files)
+    masks: dict[str, torch.Tensor] = {}
+    if (directory / MASKS_FILE).is_file():
+        masks = load_tensors((directory / MASKS_FILE).read_bytes())
+        state = program.state_dict
+        for name, mask in masks.items():
+            if name not in state or tuple(state[name].shape) != tuple(mask.shape) or mask.dtype != torch.bool:
+                raise ArtifactError(f"mask {name!r} does not match a weight of the model")
+    return program, masks

@@ -1,0 +1,37 @@
+"""Shared fixtures: small exported models, and where the real data lives (if it does)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def export_eval(model: torch.nn.Module, shape: tuple[int, ...] = (1, 28, 28)) -> torch.export.ExportedProgram:
+    """Export in eval mode with a dynamic batch dimension, as the owner does."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return torch.export.export(model.eval(), (torch.randn(2, *shape),), dynamic_shapes=({0: batch},))
+
+
+@pytest.fixture(scope="session")
+def small_vgg_program() -> tuple[torch.nn.Module, torch.export.ExportedProgram]:
+    from simulations.models import small_vgg
+
+    torch.manual_seed(0)
+    model = small_vgg().eval()
+    return model, export_eval(model)
+
+
+@pytest.fixture(scope="session")
+def fashion_root() -> Path:
+    raw = SHARED_DATA / "FashionMNIST" / "raw"
+    if not (raw / "train-images-idx3-ubyte").is_file():
+        pytest.skip(f"real Fashion-MNIST not found under {raw}")
+    return SHARED_DATA

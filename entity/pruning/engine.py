@@ -1,0 +1,278 @@
+"""The ``prune`` driver: exported program + input spec + config -> pruned weights, masks, report.
+
+The lifecycle follows torch.ao.pruning's prepare / step / finalize: ``prepare`` finds the
+prunable convs, builds the pattern library and splits the kernel budget exactly; a recipe
+(``RECIPES``) then chooses every layer's mask and weights in topological order; ``finalize``
+bakes the masks in, measures each layer's reconstruction error on synthetic data and writes a
+canonical-JSON-safe report (fractions as strings, never floats).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from protocol.spec import InputSpec
+
+from . import patterns as pat
+from .graph import ConvLayer, GraphError, find_convs, get_tensor, prunable, record, set_tensor
+from .synthetic import bn_matched_inputs, uniform_inputs
+
+Progress = Callable[[dict], None]
+
+
+class PruneError(ValueError):
+    """The request cannot be carried out (bad rate, nothing to prune, unsupported graph)."""
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how. Per-layer settings are keyed by state_dict key, like torch.ao.pruning.
+
+    ``rate`` is the conv compression rate over all prunable 3x3 conv weights (dense / kept);
+    ``layer_rates`` pins some layers to their own rate, the others share the rest of the budget.
+    By default the stem conv and convs with fewer than ``min_in_channels`` inputs stay dense.
+    """
+
+    rate: float
+    skip_layers: tuple[str, ...] = ()
+    recipe: str = "oneshot"
+    patterns: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    skip_stem: bool = True
+    min_in_channels: int = 4
+    layer_rates: tuple[tuple[str, float], ...] = ()
+    # Synthetic data: "uniform" (the paper) or "bn" (ZeroQ BatchNorm matching); None = recipe default.
+    synthetic: str | None = None
+    synthetic_images: int = 512
+    synthetic_steps: int = 200
+    eval_images: int = 64
+    # Least-squares refit (recipe "refit") and ADMM/SLR knobs.
+    damping: float = 1e-3
+    rescale: bool = True
+    batch_size: int = 32
+    admm_iters: int = 100
+    admm_lr: float = 1e-3
+    rho_start: float = 1e-4
+    rho_stages: int = 4
+    rho_growth: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rate, (int, float)) or not self.rate >= pat.MIN_RATE - 1e-9:
+            raise PruneError(f"compression rate must be at least {pat.MIN_RATE} (four-entry patterns), got {self.rate!r}")
+        if self.recipe not in RECIPES:
+            raise PruneError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
+        if not 1 <= self.patterns <= 56:
+            raise PruneError(f"pattern library size must be 1..56, got {self.patterns}")
+        if self.synthetic not in (None, "uniform", "bn"):
+            raise PruneError(f"synthetic must be 'uniform' or 'bn', got {self.synthetic!r}")
+        for key, own in self.layer_rates:
+            if not own >= pat.MIN_RATE - 1e-9:
+                raise PruneError(f"rate for {key} must be at least {pat.MIN_RATE}, got {own}")
+        if self.synthetic_images < 1 or self.eval_images < 1 or self.batch_size < 1:
+            raise PruneError("synthetic_images, eval_images and batch_size must be positive")
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """Pruned weights (same keys, dtypes, shapes as the program's state_dict), bool masks, report."""
+
+    state_dict: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    report: dict
+
+
+@dataclass
+class Job:
+    """Mutable state a recipe works on: the working model, the dense reference, the plan."""
+
+    config: PruneConfig
+    spec: InputSpec
+    work: fx.GraphModule  # weights being pruned, in place
+    dense: fx.GraphModule  # untouched reference
+    layers: list[ConvLayer]  # prunable layers, topological order
+    all_layers: list[ConvLayer]  # every conv, pruned or not
+    keep: dict[str, int]  # kernels each layer keeps
+    library: torch.Tensor  # (P, 3, 3) bool
+    device: torch.device
+    progress: Progress
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+    _synthetic: torch.Tensor | None = None
+
+    def dense_weight(self, layer: ConvLayer) -> torch.Tensor:
+        return get_tensor(self.dense, layer.key).float()
+
+    def synthetic(self) -> torch.Tensor:
+        """The recipe's synthetic inputs (made once, deterministic for the seed)."""
+        if self._synthetic is None:
+            kind = self.config.synthetic or RECIPE_SYNTHETIC[self.config.recipe]
+            start = time.perf_counter()
+            if kind == "bn":
+                x, losses = bn_matched_inputs(self.dense, self.spec, self.config.synthetic_images, self.config.seed,
+                                              steps=self.config.synthetic_steps, device=self.device,
+                                              progress=self.progress)
+                self.notes["bn_match_loss"] = f"{max(losses):.4f}" if losses else "none"
+            else:
+                x = uniform_inputs(self.spec, self.config.synthetic_images, self.config.seed, self.device)
+            self.notes["synthetic"] = kind
+            self.notes["synthetic_images"] = int(x.shape[0])
+            self.notes["synthetic_seconds"] = f"{time.perf_counter() - start:.1f}"
+            self._synthetic = x
+        return self._synthetic
+
+    def apply(self, layer: ConvLayer, mask: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Bake a mask (and optionally new weights) into the working model."""
+        w = get_tensor(self.work, layer.key) if weight is None else weight
+        mask = mask.to(torch.bool).cpu()
+        set_tensor(self.work, layer.key, w.cpu() * mask)
+        self.masks[layer.key] = mask
+
+
+def _oneshot(job: Job) -> None:
+    """Magnitude projection: most-energy pattern per kernel, then the largest patterned kernels."""
+    for i, layer in enumerate(job.layers):
+        weight = job.dense_weight(layer)
+        job.apply(layer, pat.project(weight, job.library, job.keep[layer.key]))
+        job.progress({"event": "layer", "layer": layer.key, "index": i, "total": len(job.layers),
+                      "kept": job.keep[layer.key], "kernels": layer.kernels})
+
+
+RecipeFn = Callable[[Job], None]
+RECIPES: dict[str, RecipeFn] = {"oneshot": _oneshot}
+RECIPE_SYNTHETIC: dict[str, str] = {"oneshot": "uniform"}
+RECIPE_DESCRIPTIONS: dict[str, str] = {"oneshot": "magnitude projection onto patterns + connectivity (no data)"}
+
+
+def register(name: str, fn: RecipeFn, synthetic: str, description: str) -> None:
+    """Add a recipe (used by the solver modules; names are part of the job report)."""
+    RECIPES[name] = fn
+    RECIPE_SYNTHETIC[name] = synthetic
+    RECIPE_DESCRIPTIONS[name] = description
+
+
+def _fraction(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def layer_errors(job: Job, x: torch.Tensor) -> dict[str, float]:
+    """Relative error ||Y_pruned - Y_dense|| / ||Y_dense|| of each pruned conv's output, end to end."""
+    names = {layer.node for layer in job.layers}
+    sums = {n: [0.0, 0.0] for n in names}
+    with torch.no_grad():
+        for chunk in x.split(128):
+            d = record(job.dense, chunk, names)
+            p = record(job.work, chunk, names)
+            for n in names:
+                sums[n][0] += float((p[n] - d[n]).pow(2).sum())
+                sums[n][1] += float(d[n].pow(2).sum())
+    return {layer.key: (sums[layer.node][0] / max(sums[layer.node][1], 1e-30)) ** 0.5 for layer in job.layers}
+
+
+def prepare(program: torch.export.ExportedProgram, spec: InputSpec, config: PruneConfig,
+            progress: Progress | None = None) -> Job:
+    """Find prunable convs, build the pattern library from the dense weights, split the budget."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PruneError("device 'cuda' requested but CUDA is not available")
+    try:
+        dense = program.module()
+    except Exception as exc:  # torch raises many kinds here; the message is what matters
+        raise PruneError(f"cannot rebuild the exported program: {exc}") from exc
+    dense = dense.to(device)
+    try:
+        all_layers = find_convs(dense)
+    except GraphError as exc:
+        raise PruneError(str(exc)) from exc
+    layers = [lay for lay in all_layers if prunable(lay, config.skip_layers, config.skip_stem, config.min_in_channels)]
+    if not layers:
+        raise PruneError("no prunable 3x3 convolution in the model (after skips)")
+    known = {lay.key for lay in all_layers}
+    for key, _ in config.layer_rates:
+        if key not in known:
+            raise PruneError(f"layer_rates names {key!r}, which is not a conv weight of this model")
+    fixed = {i: own for i, lay in enumerate(layers) for key, own in config.layer_rates if key == lay.key}
+    try:
+        counts = pat.allocate_kernels([lay.kernels for lay in layers], config.rate, fixed)
+    except pat.RateError as exc:
+        raise PruneError(str(exc)) from exc
+    library = pat.build_library([get_tensor(dense, lay.key).cpu() for lay in layers], config.patterns)
+    work = copy.deepcopy(dense)
+    return Job(config=config, spec=spec, work=work, dense=dense, layers=layers, all_layers=all_layers,
+               keep={lay.key: k for lay, k in zip(layers, counts)}, library=library, device=device,
+               progress=progress or (lambda event: None))
+
+
+def finalize(job: Job, program: torch.export.ExportedProgram, started: float) -> PruneResult:
+    """Bake masks in, measure errors on synthetic data, assemble the result and report."""
+    prune_seconds = time.perf_counter() - started
+    for layer in job.layers:  # masks are the truth: zero anything a recipe left outside them
+        set_tensor(job.work, layer.key, get_tensor(job.work, layer.key) * job.masks[layer.key].to(job.device))
+    if job._synthetic is not None:
+        x = job._synthetic[: job.config.eval_images]
+    else:
+        x = uniform_inputs(job.spec, job.config.eval_images, job.config.seed + 1, job.device)
+        job.notes.setdefault("synthetic", "uniform")
+    errors = layer_errors(job, x)
+    work_sd = job.work.state_dict()
+    state_dict = {}
+    for key, ref in program.state_dict.items():
+        value = work_sd.get(key, ref)
+        state_dict[key] = value.detach().to(device="cpu", dtype=ref.dtype).clone().reshape(ref.shape)
+    total = sum(9 * lay.kernels for lay in job.layers)
+    kept = sum(int(job.masks[lay.key].sum()) for lay in job.layers)
+    per_layer = []
+    for i, lay in enumerate(job.layers):
+        lk = int(job.masks[lay.key].sum())
+        per_layer.append({
+            "layer": lay.key, "shape": list(lay.shape), "kernels": lay.kernels,
+            "kept_kernels": int(job.masks[lay.key].any(dim=(2, 3)).sum()),
+            "kept_weights": lk, "rate": _fraction(pat.compression_rate(9 * lay.kernels, lk)),
+            "error": _fraction(errors[lay.key]),
+        })
+    report = {
+        "recipe": job.config.recipe,
+        "recipe_description": RECIPE_DESCRIPTIONS[job.config.recipe],
+        "target_rate": _fraction(job.config.rate),
+        "achieved_rate": _fraction(pat.compression_rate(total, kept)),
+        "prunable_weights": total,
+        "kept_weights": kept,
+        "library": [lib.reshape(-1).to(torch.int64).tolist() for lib in job.library],
+        "layers": per_layer,
+        "dense_convs": [lay.key for lay in job.all_layers if lay.key not in job.masks],
+        "seed": job.config.seed,
+        "device": job.device.type,
+        "seconds": f"{prune_seconds:.2f}",
+        "error_measured_on": f"{int(x.shape[0])} {job.notes.get('synthetic', 'uniform')} synthetic images",
+    }
+    report.update({k: v for k, v in job.notes.items() if k not in report})
+    return PruneResult(state_dict=state_dict, masks={k: v.clone() for k, v in job.masks.items()}, report=report)
+
+
+def prune(program: torch.export.ExportedProgram, spec: InputSpec, config: PruneConfig,
+          progress: Progress | None = None) -> PruneResult:
+    """Prune every prunable 3x3 conv of ``program`` to ``config.rate`` without any real data.
+
+    ``progress`` receives plain dict events (``{"event": "layer", "layer": key, ...}``,
+    ``{"event": "synthetic", ...}``); the library never renders them itself.
+    """
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    job = prepare(program, spec, config, progress)
+    job.progress({"event": "start", "recipe": config.recipe, "layers": len(job.layers),
+                  "target_rate": _fraction(config.rate)})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        RECIPES[config.recipe](job)
+    missing = [lay.key for lay in job.layers if lay.key not in job.masks]
+    if missing:
+        raise PruneError(f"recipe {config.recipe} left layers without a mask: {missing}")
+    result = finalize(job, program, started)
+    job.progress({"event": "done", "achieved_rate": result.report["achieved_rate"],
+                  "seconds": result.report["seconds"]})
+    return result

@@ -5,4 +5,28 @@ of every file and tensor hash (``signing``), seals the bundle to its recipient (
 it with the egress guard (owner side, ``egress``) and records it in the audit log (``audit``). The
 recipient opens, verifies the signature and hashes on the raw bytes, and only then parses
 (``verifying``). No torch training code lives here.
+
+Modules (one per verb, private helpers underscored):
+
+* ``errors``: ``ProtocolError`` and one subclass per refusal (``KeyFileError``, ``SignatureError``,
+  ``SealError``, ``AdmissionError``, ``ReplayError``, ``ArtifactError``, ``MaskError``,
+  ``EgressViolation``, ``AuditError``); ``str(e)`` is one line.
+* ``keys``: ``IdentityCard``, ``Identity``, ``init_identity``, ``load_identity``, ``load_card``,
+  ``load_registry``, ``admit``; CLI ``python -m protocol.keys init|show``.
+* ``signing``: ``sign_message`` / ``verify_message`` (DSSE over canonical JSON), ``digest``
+  (``"sha256:<hex>"``, used for request hashes), in-toto statements of bundles.
+* ``sealing``: ``seal_bundle`` (and ``seal_bundle_detailed``, which also returns the signed
+  statement for the audit log), ``open_bundle`` -> ``OpenedBundle``, ``sender_fingerprint``,
+  ``peek_header``. ``verifying`` holds the statement checks ``open_bundle`` runs.
+* ``masks``: ``pack_masks`` / ``unpack_masks`` (bit-packed, canonical, bool tensors out).
+* ``replay``: ``NonceStore`` (``issue`` / ``redeem`` on the entity, ``accept_once`` on the owner),
+  ``new_job_id``, ``new_nonce``.
+* ``egress``: ``EgressGuard(schema, max_bytes, ...)``, ``.check(files, claims)``, ``schema_of``.
+* ``audit``: ``AuditLog.open/append/checkpoint/record_sent/record_received/
+  record_countersignature/record_receipt``, ``countersign_checkpoint``, ``make_receipt``,
+  ``verify_log`` -> ``AuditVerdict``, ``read_records``. CLI: ``python -m owner.audit``.
+
+Differences from the first API sketch: ``open_bundle`` also takes ``max_bytes``;
+``verify_log`` also takes an optional external ``checkpoint`` (detects truncation below it);
+``AuditLog`` has ``record_*`` helpers so the flow logs transfers in one call each.
 """

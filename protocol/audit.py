@@ -1,0 +1,468 @@
+"""The owner's audit trail: a hash-chained, Merkle-checkpointed, append-only JSONL log.
+
+Each line is one canonical-JSON record ``{"seq", "time", "event", "details", "prev"}`` where
+``prev`` is the SHA-256 of the previous line's bytes (a fixed zero hash for the first). Records
+are also the leaves of an RFC 9162 Merkle tree; ``checkpoint()`` signs (tree size, root hash) with
+the owner's key and appends the signed checkpoint to the log. The entity countersigns checkpoints
+(``countersign_checkpoint``) and returns a signed receipt of exactly what it received
+(``make_receipt``); the owner records both (``record_countersignature``, ``record_receipt``).
+
+Crash safety: a record is one ``write`` of a full line followed by ``fsync``; a process killed
+mid-write can leave only a torn final line, which ``AuditLog.open`` truncates (and notes in a
+``log.recovered`` record). ``verify_log`` reports a torn line as a failure until then.
+
+What the log proves: which artifacts (by hash) crossed, when, between which keys, in which
+order, and that the log was not edited, re-ordered or truncated below a checkpoint the entity
+countersigned. What it cannot prove: what the weights themselves encode (a model can memorise
+training data; membership inference can recover some of it), or anything done outside the tool.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import secrets
+import time as _time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from . import canonical
+from ._merkle import Accumulator
+from .errors import AuditError, ProtocolError, SignatureError
+from .keys import Identity, IdentityCard
+from .sealing import OpenedBundle, Sealed
+from .signing import digest, sign_message, verify_message
+
+GENESIS_PREV = "sha256:" + "0" * 64
+CHECKPOINT_KIND = "audit-checkpoint"
+COUNTERSIGN_KIND = "audit-countersignature"
+RECEIPT_KIND = "receipt"
+MAX_RECORD_BYTES = 1024 * 1024
+
+# Events with a fixed meaning (others are free-form, e.g. "job.started", "retrain.finished").
+EV_CREATED = "log.created"
+EV_RECOVERED = "log.recovered"
+EV_CHECKPOINT = "checkpoint"
+EV_COUNTERSIGN = "countersignature"
+EV_RECEIPT = "receipt"
+EV_SENT = "transfer.sent"
+EV_RECEIVED = "transfer.received"
+EV_BLOCKED = "egress.blocked"
+EV_REFUSED = "admission.refused"
+
+
+def _now() -> str:
+    return _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime())
+
+
+def _line_hash(line: bytes) -> str:
+    return "sha256:" + hashlib.sha256(line).hexdigest()
+
+
+def _root_str(acc: Accumulator) -> str:
+    return "sha256:" + acc.root().hex()
+
+
+class AuditLog:
+    """Appender for one owner's log; use ``AuditLog.open`` (creates or resumes) and ``close``."""
+
+    def __init__(self, path: Path, identity: Identity, fd: int, log_id: str, seq: int, prev: str, acc: Accumulator):
+        self.path = path
+        self.identity = identity
+        self._fd = fd
+        self.log_id = log_id
+        self._seq = seq
+        self._prev = prev
+        self._acc = acc
+
+    # -------------------------------------------------------------------------------- lifecycle
+    @classmethod
+    def open(cls, path: Path, identity: Identity) -> "AuditLog":
+        """Create the log, or resume it after checking its chain; a torn last line is recovered.
+
+        Holds an exclusive lock on the file until ``close`` so two writers cannot interleave.
+        """
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            raise AuditError(f"cannot open audit log {path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise AuditError(f"audit log {path} is in use by another process") from exc
+        try:
+            data = _read_all(fd)
+            torn = b""
+            if data and not data.endswith(b"\n"):
+                cut = data.rfind(b"\n") + 1
+                torn = data[cut:]
+                data = data[:cut]
+                os.ftruncate(fd, cut)
+                os.fsync(fd)
+            log = cls(path, identity, fd, "", 0, GENESIS_PREV, Accumulator())
+            if data:
+                log._resume(data)
+            else:
+                log.log_id = "log-" + secrets.token_hex(12)
+                log.append(EV_CREATED, {"log_id": log.log_id, "owner": identity.fingerprint, "owner_name": identity.card.name})
+            if torn:
+                log.append(EV_RECOVERED, {"dropped_bytes": len(torn), "dropped_sha256": digest(torn)})
+            return log
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _resume(self, data: bytes) -> None:
+        for index, line in enumerate(data.split(b"\n")[:-1]):
+            rec = _parse_line(line, index)
+            if rec["seq"] != index or rec["prev"] != self._prev:
+                raise AuditError(f"audit log {self.path}: record {index} breaks the hash chain; run `python -m owner.audit verify`")
+            if index == 0:
+                if rec["event"] != EV_CREATED or rec["details"].get("owner") != self.identity.fingerprint:
+                    raise AuditError(f"audit log {self.path} belongs to another owner or has no log.created record")
+                self.log_id = str(rec["details"]["log_id"])
+            self._prev = _line_hash(line)
+            self._acc.append_leaf(line)
+            self._seq = index + 1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "AuditLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def size(self) -> int:
+        """Number of records (the Merkle tree size)."""
+        return self._seq
+
+    @property
+    def root_hash(self) -> str:
+        return _root_str(self._acc)
+
+    # -------------------------------------------------------------------------------- appending
+    def append(self, event: str, details: Mapping[str, Any]) -> dict[str, Any]:
+        """Append one record durably (one write + fsync) and return it."""
+        if self._fd < 0:
+            raise AuditError("audit log is closed")
+        if not isinstance(event, str) or not event or len(event) > 64:
+            raise AuditError(f"audit event name {event!r} must be a short string")
+        record = {"seq": self._seq, "time": _now(), "event": event, "details": dict(details), "prev": self._prev}
+        try:
+            line = canonical.dumps(record)
+        except canonical.CanonicalJSONError as exc:
+            raise AuditError(f"audit record {event!r} is not canonical JSON: {exc}") from exc
+        if len(line) > MAX_RECORD_BYTES:
+            raise AuditError(f"audit record {event!r} is larger than {MAX_RECORD_BYTES} bytes")
+        try:
+            written = os.write(self._fd, line + b"\n")
+            if written != len(line) + 1:
+                raise OSError(0, "short write")
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise AuditError(f"cannot append to audit log {self.path}: {exc.strerror}") from exc
+        self._prev = _line_hash(line)
+        self._acc.append_leaf(line)
+        self._seq += 1
+        return record
+
+    def checkpoint(self) -> bytes:
+        """Sign (tree size, root) of every record so far, append it, and return the signed blob."""
+        body = {
+            "log_id": self.log_id,
+            "tree_size": self._seq,
+            "root_hash": self.root_hash,
+            "last_record": self._prev,
+            "time": _now(),
+        }
+        blob = sign_message(body, kind=CHECKPOINT_KIND, signer=self.identity)
+        self.append(EV_CHECKPOINT, {"checkpoint": canonical.loads(blob)})
+        return blob
+
+    def record_sent(self, sealed: Sealed, *, recipient: IdentityCard, request: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Log an outbound transfer (the statement hash and every file hash); ``request``: the
+        decoded ``request.json`` when it was sent, so the data facts that crossed are on record."""
+        details: dict[str, Any] = {
+            "job_id": sealed.job_id,
+            "kind": sealed.kind,
+            "peer": recipient.fingerprint,
+            "peer_name": recipient.name,
+            "statement": sealed.statement_hash,
+            "files": sealed.file_digests(),
+            "bytes": len(sealed.blob),
+            "claims": dict(sealed.statement["predicate"]["claims"]),
+        }
+        if request is not None:
+            details["request"] = dict(request)
+        return self.append(EV_SENT, details)
+
+    def record_received(self, opened: OpenedBundle, *, size: int) -> dict[str, Any]:
+        """Log an inbound, verified bundle."""
+        return self.append(
+            EV_RECEIVED,
+            {
+                "job_id": opened.job_id,
+                "kind": opened.kind,
+                "peer": opened.sender.fingerprint,
+                "peer_name": opened.sender.name,
+                "statement": opened.statement_hash,
+                "files": opened.file_digests(),
+                "bytes": size,
+                "claims": dict(opened.claims),
+            },
+        )
+
+    def record_countersignature(self, blob: bytes, *, entity: IdentityCard) -> dict[str, Any]:
+        """Verify the entity's countersignature of one of this log's checkpoints, then log it."""
+        body = verify_message(blob, kind=COUNTERSIGN_KIND, signer=entity)
+        if body.get("log_id") != self.log_id or body.get("owner") != self.identity.fingerprint:
+            raise AuditError("countersignature is for another audit log")
+        return self.append(EV_COUNTERSIGN, {"entity": entity.fingerprint, "countersignature": canonical.loads(blob)})
+
+    def record_receipt(self, blob: bytes, *, entity: IdentityCard) -> dict[str, Any]:
+        """Verify the entity's receipt, then log it."""
+        verify_message(blob, kind=RECEIPT_KIND, signer=entity)
+        return self.append(EV_RECEIPT, {"entity": entity.fingerprint, "receipt": canonical.loads(blob)})
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _parse_line(line: bytes, index: int) -> dict[str, Any]:
+    where = f"record {index} (line {index + 1})"
+    if len(line) > MAX_RECORD_BYTES:
+        raise AuditError(f"{where}: longer than {MAX_RECORD_BYTES} bytes")
+    try:
+        rec = canonical.loads(line)
+    except canonical.CanonicalJSONError as exc:
+        raise AuditError(f"{where}: not canonical JSON ({exc})") from exc
+    if not isinstance(rec, dict) or set(rec) != {"seq", "time", "event", "details", "prev"}:
+        raise AuditError(f"{where}: fields must be seq, time, event, details, prev")
+    if not isinstance(rec["details"], dict) or not isinstance(rec["event"], str) or not isinstance(rec["time"], str):
+        raise AuditError(f"{where}: malformed event, time or details")
+    if type(rec["seq"]) is not int or not isinstance(rec["prev"], str):
+        raise AuditError(f"{where}: malformed seq or prev")
+    if canonical.dumps(rec) != line:
+        raise AuditError(f"{where}: not in canonical form (edited)")
+    return rec
+
+
+# ------------------------------------------------------------------------------------ entity side
+
+
+def countersign_checkpoint(checkpoint: bytes, *, owner: IdentityCard, entity: Identity) -> bytes:
+    """Entity side: verify the owner's checkpoint and sign that the entity has seen it."""
+    body = verify_message(checkpoint, kind=CHECKPOINT_KIND, signer=owner)
+    for key in ("log_id", "tree_size", "root_hash"):
+        if key not in body:
+            raise SignatureError(f"owner checkpoint lacks {key}")
+    return sign_message(
+        {
+            "checkpoint": digest(checkpoint),
+            "log_id": body["log_id"],
+            "tree_size": body["tree_size"],
+            "root_hash": body["root_hash"],
+            "owner": owner.fingerprint,
+            "entity": entity.fingerprint,
+            "time": _now(),
+        },
+        kind=COUNTERSIGN_KIND,
+        signer=entity,
+    )
+
+
+def make_receipt(opened: OpenedBundle, *, entity: Identity, job_id: str) -> bytes:
+    """Entity side: a signed receipt of exactly what it received (statement and file hashes)."""
+    if opened.job_id and opened.job_id != job_id:
+        raise ProtocolError(f"receipt for job {job_id!r} but the bundle is for {opened.job_id!r}")
+    return sign_message(
+        {
+            "job_id": job_id,
+            "kind": opened.kind,
+            "request_hash": opened.request_hash,
+            "statement": opened.statement_hash,
+            "files": opened.file_digests(),
+            "sender": opened.sender.fingerprint,
+            "received_by": entity.fingerprint,
+            "time": _now(),
+        },
+        kind=RECEIPT_KIND,
+        signer=entity,
+    )
+
+
+# ------------------------------------------------------------------------------------ verifying
+
+
+@dataclass(frozen=True)
+class AuditVerdict:
+    """Outcome of ``verify_log``. ``ok`` is False iff ``error`` names the first broken record."""
+
+    ok: bool
+    records: int
+    checkpoints: int
+    anchored: int  # records covered by the last valid checkpoint
+    countersigned: int  # records covered by the last checkpoint the entity countersigned
+    receipts: int
+    error: str | None = None
+    first_bad: int | None = None  # record index (0-based); line = first_bad + 1
+    log_id: str | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "records": self.records, "checkpoints": self.checkpoints, "anchored": self.anchored,
+            "countersigned": self.countersigned, "receipts": self.receipts, "error": self.error,
+            "first_bad": self.first_bad, "log_id": self.log_id, "warnings": list(self.warnings),
+        }
+
+
+class _Fail(Exception):
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """(index, line bytes, complete) for each line of the log; the last may be torn."""
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    for index, line in enumerate(lines[:-1]):
+        yield index, line, True
+    if lines[-1]:
+        yield len(lines) - 1, lines[-1], False
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Parsed records (for reports); raises ``AuditError`` on the first malformed line."""
+    out = []
+    for index, line, complete in iter_lines(path):
+        if not complete:
+            raise AuditError(f"record {index} (line {index + 1}) is incomplete (torn write)")
+        out.append(_parse_line(line, index))
+    return out
+
+
+def verify_log(
+    path: Path,
+    *,
+    owner: IdentityCard,
+    entity: IdentityCard | None = None,
+    checkpoint: bytes | None = None,
+) -> AuditVerdict:
+    """Check chain, canonical form, Merkle checkpoints, countersignatures and receipts.
+
+    ``entity``: verify the entity's countersignatures and receipts (without it they are counted
+    as unverified and a warning says so). ``checkpoint``: a signed checkpoint held outside the log
+    (e.g. the one the entity countersigned); the log must contain that tree as a prefix, which
+    detects truncation below it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return AuditVerdict(False, 0, 0, 0, 0, 0, error=f"audit log {path} not found", first_bad=None)
+    warnings: list[str] = []
+    acc = Accumulator()
+    prev = GENESIS_PREV
+    roots: dict[int, str] = {0: _root_str(acc)}
+    checkpoints: dict[str, tuple[int, str]] = {}  # digest(blob) -> (tree_size, root)
+    sent: dict[tuple[str, str], dict[str, Any]] = {}
+    n_cp = anchored = countersigned = receipts = 0
+    log_id: str | None = None
+    unverified = 0
+    pending = 0  # records since the last checkpoint that no signature covers yet
+    count = 0
+    try:
+        for index, line, complete in iter_lines(path):
+            if not complete:
+                raise _Fail(index, f"record {index} (line {index + 1}) is incomplete (torn write; AuditLog.open recovers it)")
+            try:
+                rec = _parse_line(line, index)
+            except AuditError as exc:
+                raise _Fail(index, str(exc)) from exc
+            where = f"record {index} (line {index + 1})"
+            if rec["seq"] != index:
+                raise _Fail(index, f"{where}: sequence number {rec['seq']}, expected {index} (re-ordered or deleted records)")
+            if rec["prev"] != prev:
+                raise _Fail(index, f"{where}: previous-record hash does not match (edited, re-ordered or deleted records)")
+            details, event = rec["details"], rec["event"]
+            if index == 0:
+                if event != EV_CREATED or details.get("owner") != owner.fingerprint:
+                    raise _Fail(index, f"{where}: log does not start with log.created for owner {owner.short}")
+                log_id = str(details.get("log_id"))
+            try:
+                if event == EV_CHECKPOINT:
+                    blob = canonical.dumps(details.get("checkpoint"))
+                    body = verify_message(blob, kind=CHECKPOINT_KIND, signer=owner)
+                    if body.get("log_id") != log_id or body.get("tree_size") != index or body.get("root_hash") != roots[index]:
+                        raise _Fail(index, f"{where}: checkpoint does not match the {index} records before it (edited log)")
+                    checkpoints[digest(blob)] = (index, roots[index])
+                    n_cp += 1
+                    anchored = index
+                    pending = 0
+                elif event == EV_COUNTERSIGN:
+                    blob = canonical.dumps(details.get("countersignature"))
+                    if entity is None:
+                        unverified += 1
+                    else:
+                        body = verify_message(blob, kind=COUNTERSIGN_KIND, signer=entity)
+                        ref = checkpoints.get(str(body.get("checkpoint")))
+                        if ref is None or body.get("tree_size") != ref[0] or body.get("root_hash") != ref[1]:
+                            raise _Fail(index, f"{where}: countersignature refers to no checkpoint earlier in this log")
+                        countersigned = max(countersigned, ref[0])
+                elif event == EV_SENT:
+                    sent[(str(details.get("job_id")), str(details.get("statement")))] = details
+                elif event == EV_RECEIPT:
+                    blob = canonical.dumps(details.get("receipt"))
+                    if entity is None:
+                        unverified += 1
+                    else:
+                        body = verify_message(blob, kind=RECEIPT_KIND, signer=entity)
+                        match = sent.get((str(body.get("job_id")), str(body.get("statement"))))
+                        if match is None or match.get("files") != body.get("files"):
+                            raise _Fail(index, f"{where}: receipt does not match any transfer sent earlier in this log")
+                        receipts += 1
+            except (ProtocolError, canonical.CanonicalJSONError) as exc:
+                raise _Fail(index, f"{where}: {exc}") from exc
+            if event not in (EV_CHECKPOINT, EV_COUNTERSIGN, EV_RECEIPT):
+                pending += 1
+            prev = _line_hash(line)
+            acc.append_leaf(line)
+            roots[index + 1] = _root_str(acc)
+            count = index + 1
+    except _Fail as fail:
+        return AuditVerdict(False, fail.index, n_cp, anchored, countersigned, receipts, str(fail), fail.index, log_id)
+    except OSError as exc:
+        return AuditVerdict(False, 0, 0, 0, 0, 0, error=f"cannot read {path}: {exc.strerror}", log_id=log_id)
+    if count == 0:
+        return AuditVerdict(False, 0, 0, 0, 0, 0, error="audit log is empty", first_bad=0)
+    if checkpoint is not None:
+        try:
+            body = verify_message(checkpoint, kind=CHECKPOINT_KIND, signer=owner)
+        except ProtocolError as exc:
+            return AuditVerdict(False, count, n_cp, anchored, countersigned, receipts, f"external checkpoint: {exc}", None, log_id)
+        size = body.get("tree_size")
+        if body.get("log_id") != log_id or not isinstance(size, int) or size > count or roots.get(size) != body.get("root_hash"):
+            return AuditVerdict(
+                False, count, n_cp, anchored, countersigned, receipts,
+                f"log truncated or rewritten: external checkpoint of {size} records does not match", min(count, size) if isinstance(size, int) else None, log_id,
+            )
+    if unverified:
+        warnings.append(f"{unverified} entity signature(s) not verified (no entity card given)")
+    if pending:
+        warnings.append(f"{pending} record(s) after the last checkpoint are not yet anchored by a signed checkpoint")
+    return AuditVerdict(True, count, n_cp, anchored, countersigned, receipts, None, None, log_id, tuple(warnings))

@@ -1,0 +1,179 @@
+"""The owner's egress guard: every outbound payload is checked before it is sealed and sent.
+
+The guard knows the model's schema (tensor name -> (dtype, shape)) and admits exactly that: the
+expected files and nothing else; in ``weights.safetensors`` exactly the schema's tensors, with no
+metadata beyond an allow-list, finite values, and bytes equal to a fresh serialisation of those
+tensors (so no padding, alignment, ordering or duplicate-key channel can carry extra bytes);
+``request.json`` in canonical form with exactly the request fields; claims from an allow-list;
+a bounded total size. Any violation raises ``EgressViolation`` with a one-line reason, after
+being logged (and written to the audit log when one is given). The guard never repairs a payload.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import canonical
+from ._pickles import reject_pickles
+from ._safetensors import FLOAT_DTYPES, parse_header
+from .errors import EgressViolation, ProtocolError
+from .spec import InputSpec, PruneRequest, SpecError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
+PROGRAM_FILE = "program.json"
+REQUEST_FILE = "request.json"
+MODEL_ARTIFACT_FILES = frozenset({PROGRAM_FILE, WEIGHTS_FILE, REQUEST_FILE})
+REQUEST_FIELDS = frozenset({"job_id", "nonce", "prune", "input_spec"})
+
+_TORCH_TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+Schema = Mapping[str, tuple[str, tuple[int, ...]]]
+
+
+def schema_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The egress schema of a model's ``state_dict``: name -> (safetensors dtype, shape)."""
+    out = {}
+    for name, tensor in state_dict.items():
+        if tensor.dtype not in _TORCH_TO_ST:
+            raise EgressViolation(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
+        out[name] = (_TORCH_TO_ST[tensor.dtype], tuple(int(d) for d in tensor.shape))
+    return out
+
+
+@dataclass(frozen=True)
+class EgressGuard:
+    """Admits exactly the model's schema and nothing else; see the module docstring.
+
+    ``files``: the exact set of file names a payload must have (default: a model artifact).
+    ``allowed_metadata``: safetensors ``__metadata__`` keys tolerated (values still compared
+    through the fresh re-serialisation). ``allowed_claims``: claim keys tolerated.
+    ``program_check``: an extra check of ``program.json`` bytes (e.g. the lead's artifact
+    validator); it should raise ``ProtocolError``. ``on_violation``: called with the reason before
+    raising (e.g. ``lambda r: audit.append("egress.blocked", {"reason": r})``).
+    """
+
+    schema: Schema
+    max_bytes: int
+    files: frozenset[str] = MODEL_ARTIFACT_FILES
+    allowed_metadata: frozenset[str] = frozenset()
+    allowed_claims: frozenset[str] = frozenset()
+    max_program_bytes: int = 64 * 1024 * 1024
+    max_claims_bytes: int = 64 * 1024
+    program_check: Callable[[bytes], None] | None = field(default=None, compare=False)
+    on_violation: Callable[[str], None] | None = field(default=None, compare=False)
+
+    def check(self, files: Mapping[str, bytes], claims: Mapping[str, Any] | None = None) -> None:
+        """Return ``None`` if the payload may leave, else raise ``EgressViolation``."""
+        try:
+            self._check(files, dict(claims or {}))
+        except EgressViolation as exc:
+            self._blocked(str(exc))
+            raise
+        except (ProtocolError, SpecError, canonical.CanonicalJSONError) as exc:
+            reason = f"egress blocked: {exc}"
+            self._blocked(reason)
+            raise EgressViolation(reason) from exc
+
+    def _blocked(self, reason: str) -> None:
+        log.warning("%s", reason)
+        if self.on_violation is not None:
+            self.on_violation(reason)
+
+    def _check(self, files: Mapping[str, bytes], claims: dict[str, Any]) -> None:
+        total = sum(len(b) for b in files.values())
+        if total > self.max_bytes:
+            raise EgressViolation(f"egress blocked: payload of {total} bytes exceeds the {self.max_bytes}-byte bound")
+        extra = sorted(set(files) - self.files)
+        missing = sorted(self.files - set(files))
+        if extra:
+            raise EgressViolation(f"egress blocked: unexpected file(s) {', '.join(extra)}")
+        if missing:
+            raise EgressViolation(f"egress blocked: missing file(s) {', '.join(missing)}")
+        for name in sorted(files):
+            if not isinstance(files[name], (bytes, bytearray)):
+                raise EgressViolation(f"egress blocked: {name} is not bytes")
+            reject_pickles(name, files[name])
+        self._check_claims(claims)
+        if WEIGHTS_FILE in files:
+            self._check_weights(bytes(files[WEIGHTS_FILE]))
+        if REQUEST_FILE in files:
+            self._check_request(bytes(files[REQUEST_FILE]))
+        if PROGRAM_FILE in files:
+            self._check_program(bytes(files[PROGRAM_FILE]))
+
+    def _check_claims(self, claims: dict[str, Any]) -> None:
+        extra = sorted(set(claims) - self.allowed_claims)
+        if extra:
+            raise EgressViolation(f"egress blocked: claim(s) not on the allow-list: {', '.join(extra)}")
+        if len(canonical.dumps(claims)) > self.max_claims_bytes:
+            raise EgressViolation("egress blocked: claims too large")
+
+    def _check_weights(self, data: bytes) -> None:
+        header = parse_header(data, what=WEIGHTS_FILE)
+        meta = header.metadata or {}
+        extra_meta = sorted(set(meta) - self.allowed_metadata)
+        if extra_meta:
+            raise EgressViolation(f"egress blocked: weights metadata key(s) not allowed: {', '.join(extra_meta)}")
+        extra = sorted(set(header.tensors) - set(self.schema))
+        missing = sorted(set(self.schema) - set(header.tensors))
+        if extra:
+            raise EgressViolation(f"egress blocked: tensor(s) not in the model schema: {', '.join(extra[:5])}")
+        if missing:
+            raise EgressViolation(f"egress blocked: schema tensor(s) missing: {', '.join(missing[:5])}")
+        for name, info in sorted(header.tensors.items()):
+            dtype, shape = self.schema[name]
+            if info.dtype != dtype or info.shape != tuple(shape):
+                raise EgressViolation(
+                    f"egress blocked: tensor {name!r} is {info.dtype}{list(info.shape)}, schema says {dtype}{list(shape)}"
+                )
+        from safetensors.torch import load, save
+
+        try:
+            tensors = load(data)
+        except Exception as exc:  # safetensors raises its own (Rust) error type; the header was already checked
+            raise EgressViolation(f"egress blocked: weights do not load as safetensors: {exc}") from exc
+        for name in sorted(tensors):
+            tensor = tensors[name]
+            if header.tensors[name].dtype in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all()):
+                raise EgressViolation(f"egress blocked: tensor {name!r} holds NaN or infinite values")
+        fresh = save(tensors, metadata=header.metadata or None)
+        if fresh != data:
+            raise EgressViolation(
+                "egress blocked: weights bytes differ from a fresh serialisation of their tensors (padding or hidden bytes)"
+            )
+
+    def _check_request(self, data: bytes) -> None:
+        request = canonical.loads(data)
+        if canonical.dumps(request) != data:
+            raise EgressViolation("egress blocked: request.json is not in canonical form")
+        if not isinstance(request, dict) or set(request) != REQUEST_FIELDS:
+            got = sorted(request) if isinstance(request, dict) else type(request).__name__
+            raise EgressViolation(f"egress blocked: request.json fields must be {sorted(REQUEST_FIELDS)}, got {got}")
+        if not isinstance(request["job_id"], str) or not isinstance(request["nonce"], str):
+            raise EgressViolation("egress blocked: request.json job_id and nonce must be strings")
+        if len(request["job_id"]) > 256 or len(request["nonce"]) > 256:
+            raise EgressViolation("egress blocked: request.json job_id or nonce too long")
+        if PruneRequest.from_json(request["prune"]).to_json() != request["prune"]:
+            raise EgressViolation("egress blocked: request.json 'prune' holds fields beyond a pruning request")
+        if InputSpec.from_json(request["input_spec"]).to_json() != request["input_spec"]:
+            raise EgressViolation("egress blocked: request.json 'input_spec' holds fields beyond an input specification")
+
+    def _check_program(self, data: bytes) -> None:
+        if len(data) > self.max_program_bytes:
+            raise EgressViolation(f"egress blocked: program.json exceeds {self.max_program_bytes} bytes")
+        try:
+            json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise EgressViolation("egress blocked: program.json is not valid JSON") from exc
+        if self.program_check is not None:
+            self.program_check(data)

@@ -1,0 +1,152 @@
+"""Egress guard: exactly the model's schema leaves, nothing else."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from protocol import canonical
+from protocol.egress import EgressGuard, schema_of
+from protocol.errors import EgressViolation
+from protocol.spec import InputSpec, PruneRequest
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 10))
+
+
+def _request() -> bytes:
+    spec = InputSpec(shape=(1, 28, 28), mean=(0.2860,), std=(0.3530,))
+    return canonical.dumps({"job_id": "job-1", "nonce": "ab" * 16, "prune": PruneRequest(rate=8.0).to_json(), "input_spec": spec.to_json()})
+
+
+def _payload(state: dict[str, torch.Tensor] | None = None, **extra: bytes) -> dict[str, bytes]:
+    state = state if state is not None else _model().state_dict()
+    return {"program.json": b'{"graph_module": {}}', "weights.safetensors": save(state), "request.json": _request(), **extra}
+
+
+def _guard(**kw) -> EgressGuard:
+    return EgressGuard(schema=schema_of(_model().state_dict()), max_bytes=10_000_000, **kw)
+
+
+def test_honest_model_artifact_passes() -> None:
+    _guard().check(_payload(), {})
+
+
+def test_data_batch_file_is_blocked() -> None:
+    batch = save({"images": torch.rand(32, 1, 28, 28), "labels": torch.randint(0, 10, (32,))})
+    with pytest.raises(EgressViolation, match="unexpected file.*batch.safetensors"):
+        _guard().check(_payload(**{"batch.safetensors": batch}), {})
+
+
+def test_data_batch_inside_weights_is_blocked() -> None:
+    state = dict(_model().state_dict())
+    state["images"] = torch.rand(32, 1, 28, 28)
+    with pytest.raises(EgressViolation, match="not in the model schema: images"):
+        _guard().check(_payload(state), {})
+
+
+def test_extra_tensor_is_blocked_and_missing_one_too() -> None:
+    state = dict(_model().state_dict())
+    state["extra.weight"] = torch.zeros(3)
+    with pytest.raises(EgressViolation, match="extra.weight"):
+        _guard().check(_payload(state), {})
+    state = dict(_model().state_dict())
+    del state["3.bias"]
+    with pytest.raises(EgressViolation, match="missing: 3.bias"):
+        _guard().check(_payload(state), {})
+
+
+def test_wrong_shape_or_dtype_is_blocked() -> None:
+    state = dict(_model().state_dict())
+    state["3.bias"] = torch.zeros(11)
+    with pytest.raises(EgressViolation, match="3.bias"):
+        _guard().check(_payload(state), {})
+    state["3.bias"] = torch.zeros(10, dtype=torch.float64)
+    with pytest.raises(EgressViolation, match="F64"):
+        _guard().check(_payload(state), {})
+
+
+def test_smuggled_metadata_is_blocked() -> None:
+    files = _payload()
+    files["weights.safetensors"] = save(_model().state_dict(), metadata={"mean_pixel": "0.2860", "note": "patient 17"})
+    with pytest.raises(EgressViolation, match="metadata key.*mean_pixel"):
+        _guard().check(files, {})
+
+
+def test_nan_and_inf_payloads_are_blocked() -> None:
+    for bad in (float("nan"), float("inf")):
+        state = dict(_model().state_dict())
+        weight = state["0.weight"].clone()
+        weight[0, 0, 0, 0] = bad
+        state["0.weight"] = weight
+        with pytest.raises(EgressViolation, match="NaN or infinite"):
+            _guard().check(_payload(state), {})
+
+
+def test_padding_channel_in_header_is_blocked() -> None:
+    data = save(_model().state_dict())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    padded = json.dumps(header).encode() + b" " * 64  # different spacing and padding carry bits
+    files = _payload()
+    files["weights.safetensors"] = struct.pack("<Q", len(padded)) + padded + data[8 + n :]
+    with pytest.raises(EgressViolation, match="fresh serialisation"):
+        _guard().check(files, {})
+
+
+def test_duplicate_key_channel_is_blocked() -> None:
+    data = save({"a": torch.zeros(2)})
+    (n,) = struct.unpack("<Q", data[:8])
+    raw = data[8 : 8 + n].decode().rstrip()
+    dup = raw[:-1] + ',"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    guard = EgressGuard(schema={"a": ("F32", (2,))}, max_bytes=10_000, files=frozenset({"weights.safetensors"}))
+    with pytest.raises(EgressViolation, match="duplicate key"):
+        guard.check({"weights.safetensors": struct.pack("<Q", len(dup)) + dup.encode() + data[8 + n :]}, {})
+
+
+def test_request_with_extra_or_non_canonical_fields_is_blocked() -> None:
+    request = canonical.loads(_request())
+    request["input_spec"]["dataset_size"] = 60000
+    with pytest.raises(EgressViolation, match="input_spec"):
+        _guard().check({**_payload(), "request.json": canonical.dumps(request)}, {})
+    request = canonical.loads(_request())
+    request["histogram"] = [1, 2, 3]
+    with pytest.raises(EgressViolation, match="fields must be"):
+        _guard().check({**_payload(), "request.json": canonical.dumps(request)}, {})
+    with pytest.raises(EgressViolation, match="canonical form"):
+        _guard().check({**_payload(), "request.json": json.dumps(canonical.loads(_request()), indent=1).encode()}, {})
+
+
+def test_claims_outside_the_allow_list_are_blocked() -> None:
+    with pytest.raises(EgressViolation, match="accuracy"):
+        _guard().check(_payload(), {"accuracy": "0.91"})
+    _guard(allowed_claims=frozenset({"accuracy"})).check(_payload(), {"accuracy": "0.91"})
+
+
+def test_size_bound_is_enforced() -> None:
+    with pytest.raises(EgressViolation, match="exceeds"):
+        EgressGuard(schema=schema_of(_model().state_dict()), max_bytes=1000).check(_payload(), {})
+
+
+def test_violation_is_reported_before_raising(caplog: pytest.LogCaptureFixture) -> None:
+    reasons: list[str] = []
+    guard = _guard(on_violation=reasons.append)
+    with pytest.raises(EgressViolation) as info:
+        guard.check(_payload(**{"x.bin": b"1"}), {})
+    assert reasons == [str(info.value)]
+    assert "\n" not in str(info.value)
+    assert any("egress blocked" in r.message for r in caplog.records)
+
+
+def test_program_check_hook_can_block() -> None:
+    def no_stack_traces(data: bytes) -> None:
+        if b"stack_trace" in data:
+            raise EgressViolation("egress blocked: program.json carries stack traces")
+
+    with pytest.raises(EgressViolation, match="stack traces"):
+        _guard(program_check=no_stack_traces).check({**_payload(), "program.json": b'{"stack_trace": "/home/x"}'}, {})

@@ -1,0 +1,115 @@
+"""Identities: key files, cards, registries, the keys CLI."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protocol import canonical
+from protocol.errors import AdmissionError, KeyFileError
+from protocol.keys import (
+    CARD_FILE,
+    Identity,
+    IdentityCard,
+    admit,
+    init_identity,
+    load_card,
+    load_identity,
+    load_registry,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_init_writes_private_keys_0600_and_card_round_trips(tmp_path: Path) -> None:
+    ident = init_identity(tmp_path / "owner", "owner", "alice")
+    for name in ("signing.key", "sealing.key"):
+        assert stat.S_IMODE((tmp_path / "owner" / name).stat().st_mode) == 0o600
+    loaded = load_identity(tmp_path / "owner")
+    assert loaded.card == ident.card
+    assert load_card(tmp_path / "owner" / CARD_FILE).fingerprint == ident.fingerprint
+    assert IdentityCard.from_bytes(ident.card.to_bytes()) == ident.card
+
+
+def test_init_refuses_to_overwrite_an_identity(tmp_path: Path) -> None:
+    first = init_identity(tmp_path, "entity")
+    with pytest.raises(KeyFileError, match="refusing to overwrite"):
+        init_identity(tmp_path, "entity")
+    assert load_identity(tmp_path).fingerprint == first.fingerprint
+
+
+def test_private_keys_never_appear_in_repr() -> None:
+    ident = Identity.generate("owner")
+    raw = ident.signing_key.private_bytes_raw()
+    assert raw.hex() not in repr(ident) and "signing_key" not in repr(ident)
+
+
+def test_group_readable_private_key_is_refused(tmp_path: Path) -> None:
+    init_identity(tmp_path, "owner")
+    os.chmod(tmp_path / "signing.key", 0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        load_identity(tmp_path)
+
+
+def test_card_with_swapped_key_or_edited_fingerprint_is_refused(tmp_path: Path) -> None:
+    a, b = Identity.generate("owner"), Identity.generate("owner")
+    data = a.card.to_json()
+    data["signing_public"] = b.card.to_json()["signing_public"]
+    with pytest.raises(KeyFileError, match="fingerprint does not match"):
+        IdentityCard.from_json(data)
+
+
+def test_fingerprint_names_the_keys_not_the_label() -> None:
+    a = Identity.generate("owner", "alice")
+    renamed = IdentityCard("owner", "bob", a.card.signing_public, a.card.sealing_public)
+    assert renamed.fingerprint == a.fingerprint
+    assert Identity.generate("owner", "alice").fingerprint != a.fingerprint
+
+
+def test_registry_holds_every_card_and_admits_only_them(tmp_path: Path) -> None:
+    owners = [Identity.generate("owner", f"o{i}") for i in range(3)]
+    for i, o in enumerate(owners):
+        (tmp_path / f"o{i}.json").write_bytes(o.card.to_bytes())
+    registry = load_registry(tmp_path)
+    assert set(registry) == {o.fingerprint for o in owners}
+    assert admit(owners[1].fingerprint, registry) == owners[1].card
+    stranger = Identity.generate("owner", "mallory")
+    with pytest.raises(AdmissionError, match=stranger.fingerprint[:16]):
+        admit(stranger.fingerprint, registry)
+
+
+def test_registry_refuses_malformed_or_wrong_role_card_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_bytes(b"{not json")
+    with pytest.raises(KeyFileError, match="bad.json"):
+        load_registry(tmp_path)
+    (tmp_path / "bad.json").unlink()
+    (tmp_path / "ent.json").write_bytes(Identity.generate("entity").card.to_bytes())
+    with pytest.raises(KeyFileError, match="ent.json"):
+        load_registry(tmp_path)
+
+
+def test_card_json_is_canonical() -> None:
+    card = Identity.generate("entity").card
+    assert canonical.dumps(canonical.loads(card.to_bytes())) == card.to_bytes()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "protocol.keys", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_keys_cli_init_show_and_refuse(tmp_path: Path) -> None:
+    out = _cli("init", "--role", "owner", "--dir", str(tmp_path / "k"), "--name", "clinic")
+    assert out.returncode == 0, out.stderr
+    fp = load_identity(tmp_path / "k").fingerprint
+    assert fp in out.stdout
+    shown = _cli("show", "--card", str(tmp_path / "k" / CARD_FILE))
+    assert shown.returncode == 0 and fp in shown.stdout
+    again = _cli("init", "--role", "owner", "--dir", str(tmp_path / "k"))
+    assert again.returncode == 1
+    assert again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
+    bad = _cli("init", "--role", "king", "--dir", str(tmp_path / "x"))
+    assert bad.returncode == 2

@@ -1,0 +1,48 @@
+"""Replay protection: offers redeemed once, results accepted once, across restarts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protocol.errors import ReplayError
+from protocol.replay import NonceStore
+
+
+def test_offer_is_redeemed_exactly_once_and_survives_restart(tmp_path: Path) -> None:
+    store = NonceStore(tmp_path / "nonces.jsonl")
+    job, nonce = store.issue()
+    restarted = NonceStore(tmp_path / "nonces.jsonl")
+    restarted.redeem(job, nonce)
+    with pytest.raises(ReplayError, match="already answered"):
+        NonceStore(tmp_path / "nonces.jsonl").redeem(job, nonce)
+
+
+def test_unissued_offer_is_refused() -> None:
+    store = NonceStore()
+    job, _ = store.issue()
+    with pytest.raises(ReplayError, match="no offer"):
+        store.redeem(job, "f" * 32)
+
+
+def test_result_is_accepted_once_per_job_and_nonce(tmp_path: Path) -> None:
+    store = NonceStore(tmp_path / "seen.jsonl")
+    store.accept_once("job-1", "n1")
+    store.accept_once("job-1", "n2")
+    with pytest.raises(ReplayError, match="already accepted"):
+        NonceStore(tmp_path / "seen.jsonl").accept_once("job-1", "n1")
+
+
+def test_torn_last_line_is_ignored_and_corruption_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "seen.jsonl"
+    store = NonceStore(path)
+    store.accept_once("job-1", "n1")
+    with path.open("ab") as handle:
+        handle.write(b'{"job_id":"job-2","no')
+    recovered = NonceStore(path)
+    assert recovered.seen("job-1", "n1")
+    recovered.accept_once("job-2", "n2")
+    assert NonceStore(path).seen("job-2", "n2")
+    path.write_bytes(b"garbage\n")
+    with pytest.raises(ReplayError, match="corrupt"):
+        NonceStore(path)

@@ -1,0 +1,26 @@
+"""Final model -> pattern-sparse C for aarch64 NEON and the host.
+
+Pipeline: :func:`ir.lower` turns the owner's exported program (ATen graph) and pruning masks into
+fused layers (BatchNorm folded into convs, ReLU and residual adds fused); :mod:`patterns` finds each
+3x3 layer's kernel patterns, reorders filters and packs compact weights; :mod:`emit` renders C with
+GCC vector types for a :mod:`targets` entry; :mod:`build` writes, compiles and runs it.
+``python -m codegen MODEL --target aarch64-neon|host --out DIR`` is the command-line front end.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .emit import Generated, LayerReport, Options, generate
+from .ir import CodegenError, Graph, UnsupportedOpError, lower
+from .targets import AARCH64_NEON, HOST, TARGETS, Target
+
+__all__ = ["AARCH64_NEON", "HOST", "TARGETS", "CodegenError", "Generated", "Graph", "LayerReport", "Options",
+           "Target", "UnsupportedOpError", "compile_program", "generate", "lower"]
+
+
+def compile_program(program: torch.export.ExportedProgram, masks: Mapping[str, torch.Tensor] | None,
+                    target: Target = HOST, options: Options = Options()) -> Generated:
+    """Exported program + masks (state_dict key -> bool tensor) -> generated library files."""
+    return generate(lower(program, masks), target, options)

@@ -21,11 +21,13 @@ from . import canonical
 from ._pickles import reject_pickles
 from ._safetensors import FLOAT_DTYPES, parse_header
 from .errors import EgressViolation, ProtocolError
+from .program_guard import check_program
 from .spec import InputSpec, PruneRequest, SpecError
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
+CONSTANTS_FILE = "constants.safetensors"
 PROGRAM_FILE = "program.json"
 REQUEST_FILE = "request.json"
 MODEL_ARTIFACT_FILES = frozenset({PROGRAM_FILE, WEIGHTS_FILE, REQUEST_FILE})
@@ -55,21 +57,25 @@ class EgressGuard:
     """Admits exactly the model's schema and nothing else; see the module docstring.
 
     ``files``: the exact set of file names a payload must have (default: a model artifact).
+    ``constants_schema``: the graph's non-persistent tensor constants; when non-empty,
+    ``constants.safetensors`` must be present and hold exactly these (same checks as weights).
     ``allowed_metadata``: safetensors ``__metadata__`` keys tolerated (values still compared
     through the fresh re-serialisation). ``allowed_claims``: claim keys tolerated.
-    ``program_check``: an extra check of ``program.json`` bytes (e.g. the lead's artifact
-    validator); it should raise ``ProtocolError``. ``on_violation``: called with the reason before
+    ``program_check``: the check of ``program.json`` bytes; the default,
+    ``program_guard.check_program``, refuses stack traces and other node metadata and hidden
+    bytes (``None``: valid JSON only). A custom check should raise ``ProtocolError``. ``on_violation``: called with the reason before
     raising (e.g. ``lambda r: audit.append("egress.blocked", {"reason": r})``).
     """
 
     schema: Schema
     max_bytes: int
     files: frozenset[str] = MODEL_ARTIFACT_FILES
+    constants_schema: Schema = field(default_factory=dict)
     allowed_metadata: frozenset[str] = frozenset()
     allowed_claims: frozenset[str] = frozenset()
     max_program_bytes: int = 64 * 1024 * 1024
     max_claims_bytes: int = 64 * 1024
-    program_check: Callable[[bytes], None] | None = field(default=None, compare=False)
+    program_check: Callable[[bytes], None] | None = field(default=check_program, compare=False)
     on_violation: Callable[[str], None] | None = field(default=None, compare=False)
 
     def check(self, files: Mapping[str, bytes], claims: Mapping[str, Any] | None = None) -> None:
@@ -93,8 +99,9 @@ class EgressGuard:
         total = sum(len(b) for b in files.values())
         if total > self.max_bytes:
             raise EgressViolation(f"egress blocked: payload of {total} bytes exceeds the {self.max_bytes}-byte bound")
-        extra = sorted(set(files) - self.files)
-        missing = sorted(self.files - set(files))
+        expected = self.files | ({CONSTANTS_FILE} if self.constants_schema else set())
+        extra = sorted(set(files) - expected)
+        missing = sorted(expected - set(files))
         if extra:
             raise EgressViolation(f"egress blocked: unexpected file(s) {', '.join(extra)}")
         if missing:
@@ -105,7 +112,9 @@ class EgressGuard:
             reject_pickles(name, files[name])
         self._check_claims(claims)
         if WEIGHTS_FILE in files:
-            self._check_weights(bytes(files[WEIGHTS_FILE]))
+            self._check_tensors(bytes(files[WEIGHTS_FILE]), self.schema, WEIGHTS_FILE)
+        if CONSTANTS_FILE in files:
+            self._check_tensors(bytes(files[CONSTANTS_FILE]), self.constants_schema, CONSTANTS_FILE)
         if REQUEST_FILE in files:
             self._check_request(bytes(files[REQUEST_FILE]))
         if PROGRAM_FILE in files:
@@ -118,20 +127,20 @@ class EgressGuard:
         if len(canonical.dumps(claims)) > self.max_claims_bytes:
             raise EgressViolation("egress blocked: claims too large")
 
-    def _check_weights(self, data: bytes) -> None:
-        header = parse_header(data, what=WEIGHTS_FILE)
+    def _check_tensors(self, data: bytes, schema: Schema, what: str) -> None:
+        header = parse_header(data, what=what)
         meta = header.metadata or {}
         extra_meta = sorted(set(meta) - self.allowed_metadata)
         if extra_meta:
-            raise EgressViolation(f"egress blocked: weights metadata key(s) not allowed: {', '.join(extra_meta)}")
-        extra = sorted(set(header.tensors) - set(self.schema))
-        missing = sorted(set(self.schema) - set(header.tensors))
+            raise EgressViolation(f"egress blocked: {what} metadata key(s) not allowed: {', '.join(extra_meta)}")
+        extra = sorted(set(header.tensors) - set(schema))
+        missing = sorted(set(schema) - set(header.tensors))
         if extra:
             raise EgressViolation(f"egress blocked: tensor(s) not in the model schema: {', '.join(extra[:5])}")
         if missing:
             raise EgressViolation(f"egress blocked: schema tensor(s) missing: {', '.join(missing[:5])}")
         for name, info in sorted(header.tensors.items()):
-            dtype, shape = self.schema[name]
+            dtype, shape = schema[name]
             if info.dtype != dtype or info.shape != tuple(shape):
                 raise EgressViolation(
                     f"egress blocked: tensor {name!r} is {info.dtype}{list(info.shape)}, schema says {dtype}{list(shape)}"
@@ -141,7 +150,7 @@ class EgressGuard:
         try:
             tensors = load(data)
         except Exception as exc:  # safetensors raises its own (Rust) error type; the header was already checked
-            raise EgressViolation(f"egress blocked: weights do not load as safetensors: {exc}") from exc
+            raise EgressViolation(f"egress blocked: {what} does not load as safetensors: {exc}") from exc
         for name in sorted(tensors):
             tensor = tensors[name]
             if header.tensors[name].dtype in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all()):
@@ -149,7 +158,7 @@ class EgressGuard:
         fresh = save(tensors, metadata=header.metadata or None)
         if fresh != data:
             raise EgressViolation(
-                "egress blocked: weights bytes differ from a fresh serialisation of their tensors (padding or hidden bytes)"
+                f"egress blocked: {what} bytes differ from a fresh serialisation of their tensors (padding or hidden bytes)"
             )
 
     def _check_request(self, data: bytes) -> None:
@@ -171,9 +180,10 @@ class EgressGuard:
     def _check_program(self, data: bytes) -> None:
         if len(data) > self.max_program_bytes:
             raise EgressViolation(f"egress blocked: program.json exceeds {self.max_program_bytes} bytes")
-        try:
-            json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise EgressViolation("egress blocked: program.json is not valid JSON") from exc
-        if self.program_check is not None:
+        if self.program_check is None:
+            try:
+                json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                raise EgressViolation("egress blocked: program.json is not valid JSON") from exc
+        else:
             self.program_check(data)

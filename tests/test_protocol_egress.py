@@ -9,14 +9,30 @@ import torch
 from safetensors.torch import save
 
 from protocol import canonical
+from protocol.artifact import program_from_files, program_to_files
 from protocol.egress import EgressGuard, schema_of
 from protocol.errors import EgressViolation
+from protocol.program_guard import check_program, strip_program
 from protocol.spec import InputSpec, PruneRequest
 
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 10))
+
+
+_EXPORTED: dict[str, bytes] = {}
+
+
+def _exported() -> dict[str, bytes]:
+    if not _EXPORTED:
+        program = torch.export.export(_model().eval(), (torch.zeros(1, 1, 28, 28),))
+        _EXPORTED.update(program_to_files(program))
+    return _EXPORTED
+
+
+def _program() -> bytes:
+    return strip_program(_exported()["program.json"])
 
 
 def _request() -> bytes:
@@ -26,7 +42,7 @@ def _request() -> bytes:
 
 def _payload(state: dict[str, torch.Tensor] | None = None, **extra: bytes) -> dict[str, bytes]:
     state = state if state is not None else _model().state_dict()
-    return {"program.json": b'{"graph_module": {}}', "weights.safetensors": save(state), "request.json": _request(), **extra}
+    return {"program.json": _program(), "weights.safetensors": save(state), "request.json": _request(), **extra}
 
 
 def _guard(**kw) -> EgressGuard:
@@ -143,10 +159,34 @@ def test_violation_is_reported_before_raising(caplog: pytest.LogCaptureFixture) 
     assert any("egress blocked" in r.message for r in caplog.records)
 
 
-def test_program_check_hook_can_block() -> None:
-    def no_stack_traces(data: bytes) -> None:
-        if b"stack_trace" in data:
-            raise EgressViolation("egress blocked: program.json carries stack traces")
+def test_program_with_stack_traces_of_owner_code_is_blocked() -> None:
+    raw = _exported()["program.json"]
+    assert b"stack_trace" in raw  # what torch.export records: paths and source lines of the owner's code
+    with pytest.raises(EgressViolation, match="stack_trace"):
+        _guard().check({**_payload(), "program.json": raw}, {})
 
-    with pytest.raises(EgressViolation, match="stack traces"):
-        _guard(program_check=no_stack_traces).check({**_payload(), "program.json": b'{"stack_trace": "/home/x"}'}, {})
+
+def test_stripped_program_still_rebuilds_the_same_model() -> None:
+    files = {"program.json": _program(), "weights.safetensors": _exported()["weights.safetensors"]}
+    check_program(files["program.json"])
+    assert b"stack_trace" not in files["program.json"] and b"nn_module_stack" not in files["program.json"]
+    rebuilt = program_from_files(files).module()
+    x = torch.rand(1, 1, 28, 28)
+    assert torch.allclose(rebuilt(x), _model().eval()(x), atol=1e-6)
+
+
+def test_program_with_hidden_whitespace_or_extra_json_is_blocked() -> None:
+    with pytest.raises(EgressViolation, match="fresh encoding"):
+        _guard().check({**_payload(), "program.json": _program() + b" "}, {})
+    with pytest.raises(EgressViolation, match="not valid JSON"):
+        _guard().check({**_payload(), "program.json": b'{"graph_module": '}, {})
+    with pytest.raises(EgressViolation, match="not a serialized exported program"):
+        _guard().check({**_payload(), "program.json": b'{"secret": "data"}'}, {})
+
+
+def test_custom_program_check_replaces_the_default() -> None:
+    def no_graph(data: bytes) -> None:
+        raise EgressViolation("egress blocked: no graphs today")
+
+    with pytest.raises(EgressViolation, match="no graphs today"):
+        _guard(program_check=no_graph).check(_payload(), {})

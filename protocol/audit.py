@@ -107,7 +107,11 @@ class AuditLog:
                 log._resume(data)
             else:
                 log.log_id = "log-" + secrets.token_hex(12)
-                log.append(EV_CREATED, {"log_id": log.log_id, "owner": identity.fingerprint, "owner_name": identity.card.name})
+                log.append(
+                    EV_CREATED,
+                    {"log_id": log.log_id, "owner": identity.fingerprint, "owner_name": identity.card.name,
+                     "owner_card": identity.card.to_json()},
+                )
             if torn:
                 log.append(EV_RECOVERED, {"dropped_bytes": len(torn), "dropped_sha256": digest(torn)})
             return log
@@ -195,6 +199,7 @@ class AuditLog:
             "kind": sealed.kind,
             "peer": recipient.fingerprint,
             "peer_name": recipient.name,
+            "peer_card": recipient.to_json(),
             "statement": sealed.statement_hash,
             "files": sealed.file_digests(),
             "bytes": len(sealed.blob),
@@ -213,6 +218,7 @@ class AuditLog:
                 "kind": opened.kind,
                 "peer": opened.sender.fingerprint,
                 "peer_name": opened.sender.name,
+                "peer_card": opened.sender.to_json(),
                 "statement": opened.statement_hash,
                 "files": opened.file_digests(),
                 "bytes": size,
@@ -336,6 +342,27 @@ class _Fail(Exception):
     def __init__(self, index: int, message: str) -> None:
         super().__init__(message)
         self.index = index
+
+
+def embedded_cards(path: Path) -> tuple[IdentityCard | None, dict[str, IdentityCard]]:
+    """The owner card from ``log.created`` and the peer cards of transfer records, as the log
+    itself states them. Untrusted (whoever rewrote the log could rewrite these too): the CLI uses
+    them only when no card is pinned, and says so."""
+    owner: IdentityCard | None = None
+    peers: dict[str, IdentityCard] = {}
+    for index, line, complete in iter_lines(path):
+        if not complete:
+            break
+        try:
+            rec = _parse_line(line, index)
+            if index == 0 and rec["event"] == EV_CREATED:
+                owner = IdentityCard.from_json(rec["details"].get("owner_card"))
+            elif rec["event"] in (EV_SENT, EV_RECEIVED) and "peer_card" in rec["details"]:
+                card = IdentityCard.from_json(rec["details"]["peer_card"])
+                peers[card.fingerprint] = card
+        except ProtocolError:
+            continue
+    return owner, peers
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:

@@ -1,0 +1,340 @@
+"""The compliance report behind ``python -m owner.audit report``: data model and plain renderers.
+
+``build_report`` turns a verified (or partly verified) log into one ``Report`` value; renderers
+for HTML, CSV and JSON are pure functions of it (the terminal renderer lives in the CLI, the only
+place that imports rich). ``RENDERERS`` maps every ``Format`` to its renderer; a test checks the
+mapping is exhaustive. Log content is treated as untrusted text: HTML output escapes everything.
+"""
+from __future__ import annotations
+
+import csv
+import enum
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from protocol.audit import (
+    EV_BLOCKED,
+    EV_CHECKPOINT,
+    EV_COUNTERSIGN,
+    EV_RECEIPT,
+    EV_RECEIVED,
+    EV_REFUSED,
+    EV_SENT,
+    AuditVerdict,
+    iter_lines,
+)
+from protocol import canonical
+from protocol.keys import IdentityCard
+
+
+class Format(enum.Enum):
+    TERMINAL = "terminal"
+    HTML = "html"
+    CSV = "csv"
+    JSON = "json"
+
+
+DEFAULT_PURPOSE = (
+    "Compression (pattern pruning) of the controller's own neural network by an external service, "
+    "so that it runs on mobile devices; the service never receives the training data."
+)
+
+FILE_CATEGORIES = {
+    "program.json": "model computation graph (torch.export, ATen operators; no source code, no stack traces)",
+    "weights.safetensors": "model parameters (weights and buffers)",
+    "constants.safetensors": "model constants",
+    "request.json": "pruning request and input specification (shape, channel order, pixel range, normalisation)",
+    "masks.bin": "pruning masks (one bit per weight)",
+    "report.json": "job report (achieved compression, per-layer error on synthetic inputs, time)",
+    "recipe.json": "retraining recipe (optimiser configuration)",
+}
+
+SECURITY_MEASURES = (
+    "Every transfer is signed (Ed25519, DSSE envelope over an in-toto Statement v1 listing the SHA-256 of "
+    "every file and of every tensor with its dtype and shape); signatures and hashes are verified on the "
+    "raw bytes before anything is parsed.",
+    "Every transfer is encrypted to its single recipient with HPKE (RFC 9180: X25519, HKDF-SHA256, "
+    "AES-256-GCM), bound to the job id and the hash of the request it answers; replayed or re-ordered "
+    "messages are refused.",
+    "The service admits only owners whose identity cards it has registered; the owner pins the "
+    "service's card. Private keys are stored with mode 0600.",
+    "An egress guard checks every outbound payload before it leaves: exactly the model's tensor names, "
+    "dtypes and shapes, no metadata, bytes equal to a fresh serialisation, finite values, bounded size, "
+    "no stack traces of the owner's code; a violation blocks the send and is logged.",
+    "Received archives holding pickled entries are refused; nothing received is unpickled.",
+    "This trail is append-only canonical JSON, hash-chained record to record, with the records as leaves "
+    "of an RFC 9162 Merkle tree and a signed checkpoint after every transfer, countersigned by the "
+    "service, which also returns a signed receipt of exactly what it received.",
+)
+
+PROVES = (
+    "Which artifacts crossed (by SHA-256 of every file and tensor), in which direction, when, between "
+    "which keys, and in which order.",
+    "That the service acknowledged, under its own key, exactly the files it received (receipts) and the "
+    "state of this trail at each transfer (countersigned checkpoints).",
+    "That no record covered by a verified checkpoint was edited, removed, inserted or re-ordered "
+    "afterwards; truncation below a checkpoint held elsewhere (e.g. by the service) is detected.",
+    "Which data facts crossed: only the input specification listed in each request (shape, channel "
+    "order, pixel range, normalisation), and which outbound payloads the egress guard blocked.",
+)
+
+CANNOT_PROVE = (
+    "What the weights encode. A trained model can memorise parts of its training data; membership "
+    "inference and model inversion attacks can recover some of that from the weights alone. Sending "
+    "weights is a disclosure of a function of the personal data, which this trail records but cannot bound.",
+    "Anything done outside this tool: copies made by other software, data sent by other channels, or "
+    "what the service does with the weights after receipt.",
+    "Events after the last signed checkpoint, until the next one (they are chained but not yet signed), "
+    "and completeness against truncation if no checkpoint is held outside this log.",
+    "That the clock times are correct: times are the owner machine's clock, not a trusted timestamp.",
+)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    seq: int
+    time: str
+    direction: str  # "sent" | "received"
+    job_id: str
+    kind: str
+    peer: str
+    peer_name: str
+    statement: str
+    files: dict[str, str]
+    bytes: int
+    receipt: bool = False
+    countersigned: bool = False
+
+
+@dataclass(frozen=True)
+class Report:
+    log_path: str
+    verdict: AuditVerdict
+    owner: IdentityCard | None
+    owner_pinned: bool
+    entity_pinned: bool
+    records: list[dict[str, Any]]
+    transfers: list[Transfer]
+    blocked: list[dict[str, Any]]
+    refused: list[dict[str, Any]]
+    data_facts: list[dict[str, Any]]
+    art30: dict[str, Any]
+    proves: tuple[str, ...] = PROVES
+    cannot_prove: tuple[str, ...] = CANNOT_PROVE
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _valid_records(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    out = []
+    for index, line, complete in iter_lines(path):
+        if (limit is not None and index >= limit) or not complete:
+            break
+        try:
+            out.append(canonical.loads(line))
+        except canonical.CanonicalJSONError:
+            break
+    return out
+
+
+def build_report(
+    path: Path,
+    verdict: AuditVerdict,
+    *,
+    owner: IdentityCard | None,
+    owner_pinned: bool,
+    entity_pinned: bool,
+    purpose: str = DEFAULT_PURPOSE,
+    controller_contact: str | None = None,
+    recipient_location: str | None = None,
+) -> Report:
+    """Collect everything a report shows; only the verified prefix of a broken log is used."""
+    records = _valid_records(Path(path), verdict.first_bad if not verdict.ok else None)
+    transfers: list[Transfer] = []
+    receipts: set[tuple[str, str]] = set()
+    countersigned_upto = 0
+    blocked, refused, facts = [], [], []
+    for rec in records:
+        d = rec.get("details", {})
+        ev = rec.get("event")
+        if ev in (EV_SENT, EV_RECEIVED):
+            transfers.append(
+                Transfer(
+                    seq=rec["seq"], time=rec["time"], direction="sent" if ev == EV_SENT else "received",
+                    job_id=str(d.get("job_id")), kind=str(d.get("kind")), peer=str(d.get("peer")),
+                    peer_name=str(d.get("peer_name", "")), statement=str(d.get("statement")),
+                    files={str(k): str(v) for k, v in (d.get("files") or {}).items()}, bytes=int(d.get("bytes", 0)),
+                )
+            )
+            request = d.get("request")
+            if ev == EV_SENT and isinstance(request, dict) and "input_spec" in request:
+                facts.append({"seq": rec["seq"], "job_id": d.get("job_id"), "input_spec": request["input_spec"],
+                              "prune": request.get("prune")})
+        elif ev == EV_RECEIPT:
+            body = _message_body(d.get("receipt"))
+            receipts.add((str(body.get("job_id")), str(body.get("statement"))))
+        elif ev == EV_COUNTERSIGN:
+            body = _message_body(d.get("countersignature"))
+            if isinstance(body.get("tree_size"), int):
+                countersigned_upto = max(countersigned_upto, body["tree_size"])
+        elif ev == EV_BLOCKED:
+            blocked.append({"seq": rec["seq"], "time": rec["time"], **d})
+        elif ev == EV_REFUSED:
+            refused.append({"seq": rec["seq"], "time": rec["time"], **d})
+    transfers = [
+        Transfer(**{**t.__dict__, "receipt": (t.job_id, t.statement) in receipts, "countersigned": t.seq < countersigned_upto})
+        for t in transfers
+    ]
+    recipients: dict[str, str] = {}
+    categories: set[str] = set()
+    for t in transfers:
+        if t.direction == "sent":
+            recipients[t.peer] = t.peer_name
+            categories.update(FILE_CATEGORIES.get(name, f"file {name}") for name in t.files)
+    art30 = {
+        "controller": {
+            "name": owner.name if owner else None,
+            "key_fingerprint": owner.fingerprint if owner else None,
+            "contact": controller_contact or "not recorded by this tool",
+        },
+        "purposes": purpose,
+        "categories_of_data_subjects": "none: no record about any data subject is transferred",
+        "categories_of_data": sorted(categories) or ["nothing was transferred"],
+        "data_not_transferred": "training images, labels, batches, gradients and data statistics never leave "
+        "the controller; the only facts about the data that cross are the input specifications listed below",
+        "recipients": [{"name": name, "key_fingerprint": fp} for fp, name in sorted(recipients.items())],
+        "transfers": len([t for t in transfers if t.direction == "sent"]),
+        "third_country_transfers": recipient_location or "not recorded by this tool (state the recipient's location)",
+        "security_measures": list(SECURITY_MEASURES),
+    }
+    warnings = list(verdict.warnings)
+    if not owner_pinned:
+        warnings.append("owner key taken from the log itself (pin it with --owner CARD to rule out a rewritten log)")
+    if not entity_pinned:
+        warnings.append("service key taken from the log itself (pin it with --entity CARD)")
+    return Report(
+        log_path=str(path), verdict=verdict, owner=owner, owner_pinned=owner_pinned, entity_pinned=entity_pinned,
+        records=records, transfers=transfers, blocked=blocked, refused=refused, data_facts=facts, art30=art30,
+        warnings=tuple(warnings),
+    )
+
+
+def _message_body(envelope: Any) -> dict[str, Any]:
+    """The (already verified by verify_log) payload body of an embedded envelope, for display."""
+    import base64
+
+    try:
+        payload = canonical.loads(base64.b64decode(envelope["payload"]))
+        return payload["body"] if isinstance(payload.get("body"), dict) else {}
+    except (KeyError, TypeError, ValueError, canonical.CanonicalJSONError):
+        return {}
+
+
+def verdict_line(report: Report) -> str:
+    v = report.verdict
+    if v.ok:
+        return (f"OK: {v.records} records, {v.checkpoints} signed checkpoints, {v.receipts} receipts; "
+                f"first {v.anchored} records signed, first {v.countersigned} countersigned by the entity")
+    return f"FAIL: {v.error}"
+
+
+def report_json(report: Report) -> dict[str, Any]:
+    return {
+        "log": report.log_path,
+        "verdict": report.verdict.to_json(),
+        "warnings": list(report.warnings),
+        "gdpr_art30": report.art30,
+        "data_facts_transferred": report.data_facts,
+        "transfers": [t.__dict__ for t in report.transfers],
+        "egress_blocked": report.blocked,
+        "admissions_refused": report.refused,
+        "what_the_trail_proves": list(report.proves),
+        "what_the_trail_cannot_prove": list(report.cannot_prove),
+        "records": len(report.records),
+    }
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(report_json(report), indent=2, sort_keys=True) + "\n"
+
+
+def render_csv(report: Report) -> str:
+    """One row per record: seq, time, event, job, peer, statement hash, files, details (JSON)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["seq", "time", "event", "job_id", "peer", "statement", "files", "details"])
+    for rec in report.records:
+        d = rec.get("details", {})
+        files = d.get("files") or {}
+        writer.writerow([
+            rec.get("seq"), rec.get("time"), rec.get("event"), d.get("job_id", ""), d.get("peer", ""),
+            d.get("statement", ""), ";".join(f"{k}={v}" for k, v in sorted(files.items())),
+            json.dumps(d, sort_keys=True),
+        ])
+    return buf.getvalue()
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def render_html(report: Report) -> str:
+    v = report.verdict
+    a = report.art30
+    parts = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>blindprune audit report</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem}"
+        "table{border-collapse:collapse;width:100%}td,th{border:1px solid #ccc;padding:.3rem;text-align:left;"
+        "vertical-align:top;font-size:.9rem}.ok{color:#060}.fail{color:#a00}code{word-break:break-all}</style>",
+        "</head><body>",
+        "<h1>Audit report</h1>",
+        f"<p>Log: <code>{_e(report.log_path)}</code></p>",
+        f"<p class={'ok' if v.ok else 'fail'}><strong>{_e(verdict_line(report))}</strong></p>",
+    ]
+    if report.warnings:
+        parts.append("<ul>" + "".join(f"<li>{_e(w)}</li>" for w in report.warnings) + "</ul>")
+    parts.append("<h2>Record of processing (GDPR Art. 30)</h2><table>")
+    rows = [
+        ("Controller", f"{a['controller']['name']} (key {a['controller']['key_fingerprint']}); contact: {a['controller']['contact']}"),
+        ("Purposes of the processing", a["purposes"]),
+        ("Categories of data subjects", a["categories_of_data_subjects"]),
+        ("Categories of data transferred", "; ".join(a["categories_of_data"])),
+        ("Not transferred", a["data_not_transferred"]),
+        ("Recipients", "; ".join(f"{r['name']} (key {r['key_fingerprint']})" for r in a["recipients"]) or "none"),
+        ("Transfers", a["transfers"]),
+        ("Transfers to third countries", a["third_country_transfers"]),
+    ]
+    parts += [f"<tr><th>{_e(k)}</th><td>{_e(val)}</td></tr>" for k, val in rows]
+    parts.append("<tr><th>Security measures</th><td><ul>" + "".join(f"<li>{_e(m)}</li>" for m in a["security_measures"]) + "</ul></td></tr></table>")
+    parts.append("<h2>Transfers</h2><table><tr><th>#</th><th>time</th><th>direction</th><th>job</th><th>peer</th>"
+                 "<th>files (SHA-256)</th><th>bytes</th><th>receipt</th><th>countersigned</th></tr>")
+    for t in report.transfers:
+        files = "<br>".join(f"{_e(n)}: <code>{_e(h)}</code>" for n, h in sorted(t.files.items()))
+        parts.append(
+            f"<tr><td>{t.seq}</td><td>{_e(t.time)}</td><td>{_e(t.direction)}</td><td>{_e(t.job_id)}</td>"
+            f"<td>{_e(t.peer_name)}<br><code>{_e(t.peer[:16])}</code></td><td>{files}</td><td>{t.bytes}</td>"
+            f"<td>{'yes' if t.receipt else 'no'}</td><td>{'yes' if t.countersigned else 'no'}</td></tr>"
+        )
+    parts.append("</table><h2>Data facts that crossed</h2><table><tr><th>#</th><th>job</th><th>input specification</th></tr>")
+    for f in report.data_facts:
+        parts.append(f"<tr><td>{f['seq']}</td><td>{_e(f['job_id'])}</td><td><code>{_e(json.dumps(f['input_spec'], sort_keys=True))}</code></td></tr>")
+    parts.append("</table>")
+    if report.blocked:
+        parts.append("<h2>Blocked by the egress guard</h2><ul>" + "".join(f"<li>{_e(b.get('time'))}: {_e(b.get('reason'))}</li>" for b in report.blocked) + "</ul>")
+    if report.refused:
+        parts.append("<h2>Refused admissions</h2><ul>" + "".join(f"<li>{_e(r.get('time'))}: {_e(r.get('reason'))}</li>" for r in report.refused) + "</ul>")
+    parts.append("<h2>What this trail proves</h2><ul>" + "".join(f"<li>{_e(p)}</li>" for p in report.proves) + "</ul>")
+    parts.append("<h2>What it cannot prove</h2><ul>" + "".join(f"<li>{_e(p)}</li>" for p in report.cannot_prove) + "</ul>")
+    parts.append(f"<p>{len(report.records)} records shown.</p></body></html>\n")
+    return "".join(parts)
+
+
+RENDERERS: dict[Format, Callable[[Report], str] | None] = {
+    Format.TERMINAL: None,  # rendered with rich by the CLI (library code never imports rich)
+    Format.HTML: render_html,
+    Format.CSV: render_csv,
+    Format.JSON: render_json,
+}

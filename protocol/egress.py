@@ -15,14 +15,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-import torch
 
 from . import canonical
 from ._pickles import reject_pickles
-from ._safetensors import FLOAT_DTYPES, parse_header
-from .errors import EgressViolation, ProtocolError
+from .errors import ArtifactError, EgressViolation, ProtocolError
 from .program_guard import check_program
 from .spec import InputSpec, PruneRequest, SpecError
+from .tensors import Schema, check_safetensors, schema_of
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +32,7 @@ REQUEST_FILE = "request.json"
 MODEL_ARTIFACT_FILES = frozenset({PROGRAM_FILE, WEIGHTS_FILE, REQUEST_FILE})
 REQUEST_FIELDS = frozenset({"job_id", "nonce", "prune", "input_spec"})
 
-_TORCH_TO_ST = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-Schema = Mapping[str, tuple[str, tuple[int, ...]]]
-
-
-def schema_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """The egress schema of a model's ``state_dict``: name -> (safetensors dtype, shape)."""
-    out = {}
-    for name, tensor in state_dict.items():
-        if tensor.dtype not in _TORCH_TO_ST:
-            raise EgressViolation(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
-        out[name] = (_TORCH_TO_ST[tensor.dtype], tuple(int(d) for d in tensor.shape))
-    return out
+__all__ = ["EgressGuard", "Schema", "schema_of"]
 
 
 @dataclass(frozen=True)
@@ -128,38 +111,10 @@ class EgressGuard:
             raise EgressViolation("egress blocked: claims too large")
 
     def _check_tensors(self, data: bytes, schema: Schema, what: str) -> None:
-        header = parse_header(data, what=what)
-        meta = header.metadata or {}
-        extra_meta = sorted(set(meta) - self.allowed_metadata)
-        if extra_meta:
-            raise EgressViolation(f"egress blocked: {what} metadata key(s) not allowed: {', '.join(extra_meta)}")
-        extra = sorted(set(header.tensors) - set(schema))
-        missing = sorted(set(schema) - set(header.tensors))
-        if extra:
-            raise EgressViolation(f"egress blocked: tensor(s) not in the model schema: {', '.join(extra[:5])}")
-        if missing:
-            raise EgressViolation(f"egress blocked: schema tensor(s) missing: {', '.join(missing[:5])}")
-        for name, info in sorted(header.tensors.items()):
-            dtype, shape = schema[name]
-            if info.dtype != dtype or info.shape != tuple(shape):
-                raise EgressViolation(
-                    f"egress blocked: tensor {name!r} is {info.dtype}{list(info.shape)}, schema says {dtype}{list(shape)}"
-                )
-        from safetensors.torch import load, save
-
         try:
-            tensors = load(data)
-        except Exception as exc:  # safetensors raises its own (Rust) error type; the header was already checked
-            raise EgressViolation(f"egress blocked: {what} does not load as safetensors: {exc}") from exc
-        for name in sorted(tensors):
-            tensor = tensors[name]
-            if header.tensors[name].dtype in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all()):
-                raise EgressViolation(f"egress blocked: tensor {name!r} holds NaN or infinite values")
-        fresh = save(tensors, metadata=header.metadata or None)
-        if fresh != data:
-            raise EgressViolation(
-                f"egress blocked: {what} bytes differ from a fresh serialisation of their tensors (padding or hidden bytes)"
-            )
+            check_safetensors(data, schema, what=what, allowed_metadata=self.allowed_metadata)
+        except ArtifactError as exc:
+            raise EgressViolation(f"egress blocked: {exc}") from exc
 
     def _check_request(self, data: bytes) -> None:
         request = canonical.loads(data)

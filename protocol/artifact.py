@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from protocol.errors import ArtifactError
+
 PROGRAM_FILE = "program.json"
 WEIGHTS_FILE = "weights.safetensors"
 CONSTANTS_FILE = "constants.safetensors"
@@ -35,10 +37,6 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-class ArtifactError(ValueError):
-    """A model artifact is malformed, unsafe, or does not match what was expected."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:

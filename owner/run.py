@@ -1,0 +1,386 @@
+"""``python -m owner.run --data ./private``: the data owner's whole job, from dense model to final model.
+
+Exports the owner's model, sends it (and nothing else) to the pinned compression entity through
+the owner's own SuperNode and executor, receives pruned weights and the mask, retrains on the
+private data with the mask, evaluates, and writes the final model, a summary and the audit log.
+Settings come from ``owner.toml`` in the working directory (or ``--config``); flags override it.
+Exit 0 on success; 1 with a one-line reason on any failure; 2 on bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path("blindprune-out")
+
+
+@dataclass(frozen=True)
+class OwnerConfig:
+    data: Path
+    model: str
+    entity_card: Path
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: Path | None = None
+    channel_order: str = ""
+    entity: str = "127.0.0.1:9092"
+    keys: Path = Path("owner-keys")
+    rate: float = 8.0
+    skip_layers: tuple[str, ...] = ()
+    recipe: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    train_limit: int | None = None
+    eval_fraction: float = 0.1
+    out: Path = DEFAULT_OUT
+    connect_timeout: float = 30.0
+    timeout: float = 1800.0
+    device: str = "cpu"
+    seed: int = 0
+    tls_ca: Path | None = None
+
+
+class OwnerError(RuntimeError):
+    """The owner's job failed (one line for the user)."""
+
+
+def _fatal(message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    print(f"owner.run: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.lower().replace("x", ",").split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,28,28") from None
+
+
+def _kwargs(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m owner.run", description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, help="TOML settings file (default: ./owner.toml if present)")
+    p.add_argument("--data", type=Path, help="private data folder (ImageFolder tree or FashionMNIST/MNIST/CIFAR10 raw files)")
+    p.add_argument("--model", help="model factory, package.module:function (e.g. torchvision.models:resnet18)")
+    p.add_argument("--model-kwargs", type=_kwargs, help='keyword arguments for the factory, as JSON (e.g. \'{"num_classes": 10}\')')
+    p.add_argument("--weights", type=Path, help="pre-trained weights: .safetensors (or a local .pt state dict)")
+    p.add_argument("--input-shape", type=_shape, help="model input C,H,W (e.g. 1,28,28)")
+    p.add_argument("--mean", type=_floats, help="normalisation mean per channel (e.g. 0.286)")
+    p.add_argument("--std", type=_floats, help="normalisation std per channel (e.g. 0.353)")
+    p.add_argument("--channel-order", choices=["L", "RGB", "BGR"], help="channel order (default L for 1 channel, else RGB)")
+    p.add_argument("--entity", help="entity address host:port (default 127.0.0.1:9092)")
+    p.add_argument("--entity-card", type=Path, help="the entity's identity card to pin (card.json)")
+    p.add_argument("--keys", type=Path, help="owner key folder (created if missing; default ./owner-keys)")
+    p.add_argument("--rate", type=float, help="target conv compression rate (default 8)")
+    p.add_argument("--skip", action="append", dest="skip_layers", metavar="WEIGHT", help="conv weight to leave dense (repeatable)")
+    p.add_argument("--recipe", help="ask the entity for a pruning recipe (default: the entity's)")
+    p.add_argument("--epochs", type=int, help="retraining epochs (default: the entity's recipe)")
+    p.add_argument("--batch-size", type=int, help="retraining batch size (default: the recipe's)")
+    p.add_argument("--train-limit", type=int, help="retrain on at most this many training images")
+    p.add_argument("--eval-fraction", type=float, help="held-out fraction for a single-folder ImageFolder (default 0.1)")
+    p.add_argument("--out", type=Path, help=f"output folder (default ./{DEFAULT_OUT})")
+    p.add_argument("--connect-timeout", type=float, help="seconds to reach the entity and get its offer (default 30)")
+    p.add_argument("--timeout", type=float, help="seconds for the whole exchange with the entity (default 1800)")
+    p.add_argument("--device", help="torch device for retraining (cpu or cuda)")
+    p.add_argument("--seed", type=int, help="seed for data order (default 0)")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate to reach an entity that serves TLS")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    return p
+
+
+_PATH_KEYS = ("data", "weights", "entity_card", "keys", "out", "tls_ca")
+
+
+def load_config(args: argparse.Namespace) -> OwnerConfig:
+    path = args.config or (Path("owner.toml") if Path("owner.toml").is_file() else None)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise OwnerError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise OwnerError(f"config file {path}: {exc}") from None
+        data = dict(raw.get("owner", raw))
+        base = Path(path).resolve().parent
+        for key in _PATH_KEYS:
+            if key in data:
+                data[key] = base / str(data[key])
+    for key in OwnerConfig.__dataclass_fields__:
+        value = getattr(args, key, None)
+        if value is not None:
+            data[key] = value
+    unknown = sorted(set(data) - set(OwnerConfig.__dataclass_fields__))
+    if unknown:
+        raise OwnerError(f"unknown setting(s): {', '.join(unknown)}")
+    for required, flag in (("data", "--data"), ("model", "--model"), ("entity_card", "--entity-card"),
+                           ("input_shape", "--input-shape"), ("mean", "--mean"), ("std", "--std")):
+        if data.get(required) in (None, "", ()):
+            raise OwnerError(f"missing {flag} (or `{required}` in owner.toml)")
+    for key in _PATH_KEYS:
+        if data.get(key) is not None:
+            data[key] = Path(data[key])
+    for key in ("input_shape", "mean", "std", "skip_layers"):
+        if key in data:
+            data[key] = tuple(data[key])
+    return OwnerConfig(**data)
+
+
+def _entity_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OwnerError(f"entity address {text!r} must look like host:port")
+    return host.strip("[]"), int(port)
+
+
+def _wait_reachable(host: str, port: int, timeout: float) -> None:
+    from protocol.flower_processes import port_open
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(host, port):
+            return
+        time.sleep(0.5)
+    raise OwnerError(f"entity at {host}:{port} unreachable within {timeout:.0f} s")
+
+
+def _wait_replies_pushed(log_path: Path, count: int, timeout: float) -> None:
+    """Let the SuperNode push the last reply before it is stopped (a stopped node loses it).
+
+    The SuperNode reports each pushed reply in its log; its runtime API offers no such query.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if log_path.read_text(errors="replace").count("Sent successfully") >= count:
+                return
+        except OSError:
+            return
+        time.sleep(0.2)
+
+
+def run(config: OwnerConfig, console) -> dict[str, Any]:
+    """The whole job; returns the summary (also written to OUT/summary.json)."""
+    import torch
+
+    from owner.client_app import build_client_app
+    from owner.data import load_private_data
+    from owner.executor import ExecutorError, OwnerExecutor
+    from owner.model import build_model, export_model, load_weights
+    from owner.retrain import apply_masks, evaluate, masked_retrain
+    from owner.session import OwnerSession, save_outcome_files
+    from protocol._files import atomic_write
+    from protocol.artifact import save_model_dir
+    from protocol.audit import AuditLog
+    from protocol.flower_processes import ManagedProcess, flower_command, flower_env, free_port
+    from protocol.keys import init_identity, load_card, load_identity
+    from protocol.spec import InputSpec, PruneRequest
+
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    if not config.data.is_dir():
+        raise OwnerError(f"data directory {config.data} does not exist")
+    if not config.entity_card.is_file():
+        raise OwnerError(f"entity card {config.entity_card} does not exist")
+    if config.tls_ca is not None and not config.tls_ca.is_file():
+        raise OwnerError(f"TLS CA file {config.tls_ca} does not exist")
+    host, port = _entity_address(config.entity)
+    channel_order = config.channel_order or ("L" if config.input_shape[0] == 1 else "RGB")
+    spec = InputSpec(tuple(config.input_shape), tuple(config.mean), tuple(config.std), channel_order)  # type: ignore[arg-type]
+    request = PruneRequest(config.rate, tuple(config.skip_layers), config.recipe)
+    entity_card = load_card(config.entity_card)
+    if entity_card.role != "entity":
+        raise OwnerError(f"{config.entity_card} is a {entity_card.role} card, not an entity's")
+    if not (config.keys / "card.json").is_file():
+        init_identity(config.keys, "owner", name=f"owner-{config.keys.resolve().parent.name}")
+        console.print(f"[cyan]owner:[/] created owner keys; register {config.keys / 'card.json'} with the entity")
+    identity = load_identity(config.keys)
+    torch.manual_seed(config.seed)
+
+    model = build_model(config.model, config.model_kwargs)
+    if config.weights is not None:
+        load_weights(model, config.weights)
+    data = load_private_data(config.data, spec, eval_fraction=config.eval_fraction, seed=config.seed)
+    program = export_model(model, spec)
+    _, test_loader = data.loaders(256)
+    with console.status("evaluating the dense model on the held-out split..."):
+        dense_acc = evaluate(model, test_loader, config.device)
+    console.print(f"[cyan]owner:[/] {data.layout}: {len(data.train)} train / {len(data.test)} held-out images; "
+                  f"dense accuracy {dense_acc:.2%}")
+
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    audit = AuditLog.open(out / "audit.jsonl", identity)
+    audit.append("job.started", {
+        "purpose": "compress the owner's model by pattern pruning; retrain locally",
+        "entity": entity_card.fingerprint, "entity_name": entity_card.name, "entity_address": config.entity,
+        "model_factory": config.model, "data_layout": data.layout,
+        "data_stays_local": True, "classes": len(data.classes),
+    })
+    session = OwnerSession(identity, entity_card, program, spec, request, audit)
+    _wait_reachable(host, port, config.connect_timeout)
+
+    runtime_port = free_port()
+    node_cmd = [flower_command("flower-supernode"), "--superlink", f"{host}:{port}", "--isolation", "process",
+                "--host", "127.0.0.1", "--port", str(runtime_port)]
+    node_cmd += ["--root-certificates", str(config.tls_ca)] if config.tls_ca else ["--insecure"]
+    (out / "flwr").mkdir(exist_ok=True)
+    supernode = ManagedProcess("SuperNode", node_cmd, out / "supernode.log", flower_env(out / "flwr"))
+    exchange_start = time.monotonic()
+    try:
+        supernode.start()
+        from protocol.flower_processes import wait_for_port
+
+        wait_for_port(supernode, "127.0.0.1", runtime_port, 30)
+        executor = OwnerExecutor(f"127.0.0.1:{runtime_port}", build_client_app(session), on_fab=session.note_ignored_fab)
+        try:
+            with console.status("exchanging with the entity (model out; pruned weights and mask back)..."):
+                executor.run_until(lambda: session.finished, config.timeout,
+                                   first_task_timeout=config.connect_timeout + 15, alive=supernode.running)
+        except (TimeoutError, ExecutorError) as exc:
+            raise OwnerError(f"{exc} (entity {config.entity}; SuperNode log: {supernode.log_path})") from None
+            _wait_replies_pushed(supernode.log_path, executor.tasks_run, timeout=15)
+        finally:
+            executor.close()
+    finally:
+        supernode.stop()
+    timings["exchange"] = time.monotonic() - exchange_start
+    if session.outcome is None:
+        reason = session.refusal or "the entity closed the job without a result"
+        audit.append("job.failed", {"reason": reason})
+        audit.checkpoint()
+        raise OwnerError(f"job failed: {reason}")
+    outcome = session.outcome
+    save_outcome_files(outcome, out / "received")
+
+    model.load_state_dict(outcome.state_dict)
+    apply_masks(model, outcome.masks)
+    pruned_acc = evaluate(model, test_loader, config.device)
+    recipe = outcome.recipe
+    epochs = recipe.epochs if config.epochs is None else config.epochs
+    batch = config.batch_size or recipe.batch_size
+    train_loader, test_loader = data.loaders(batch, seed=config.seed, train_limit=config.train_limit)
+    history = []
+    retrain_start = time.monotonic()
+    if epochs > 0:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        steps = len(train_loader)
+        with Progress(TextColumn("[cyan]retraining[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=console, transient=True, disable=console.quiet) as bar:
+            task = bar.add_task("epoch 1", total=epochs * steps)
+
+            def on_step(epoch: int, step: int) -> None:
+                bar.update(task, completed=epoch * steps + step + 1, description=f"epoch {epoch + 1}/{epochs}")
+
+            def on_epoch(stats, trained) -> None:
+                acc = evaluate(trained, test_loader, config.device)
+                history.append({"epoch": stats.epoch, "loss": round(stats.loss, 4), "held_out_accuracy": round(acc, 4)})
+                console.print(f"[cyan]owner:[/] epoch {stats.epoch}: loss {stats.loss:.3f}, held-out accuracy {acc:.2%}")
+
+            masked_retrain(model, outcome.masks, train_loader, recipe, epochs=epochs, device=config.device,
+                           on_step=on_step, on_epoch=on_epoch)
+    timings["retrain"] = time.monotonic() - retrain_start
+    model.to("cpu")
+    final_acc = evaluate(model, test_loader)
+    final_program = export_model(model, spec)
+    save_model_dir(out / "final", final_program, outcome.masks)
+    audit.append("retrain.finished", {"epochs": epochs, "images": len(train_loader.dataset), "stayed_local": True})
+    audit.append("model.saved", {"path": str((out / "final").resolve()), "sent_anywhere": False})
+    audit.checkpoint()
+    audit.close()
+    timings["total"] = time.monotonic() - started
+    report = outcome.report
+    summary = {
+        "job_id": outcome.job_id,
+        "entity": entity_card.fingerprint,
+        "recipe": report.get("recipe"),
+        "target_rate": config.rate,
+        "achieved_rate": report.get("achieved_rate"),
+        "accuracy": {"dense": round(dense_acc, 4), "pruned": round(pruned_acc, 4), "retrained": round(final_acc, 4)},
+        "epochs": epochs,
+        "history": history,
+        "bytes_sent": session.bytes_sent,
+        "bytes_received": outcome.bytes_received,
+        "transfers": session.transfers,
+        "ignored_fabs": session.ignored_fabs,
+        "audit_log": str((out / "audit.jsonl").resolve()),
+        "final_model": str((out / "final").resolve()),
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+        "data": {"layout": data.layout, "train_images": len(data.train), "held_out_images": len(data.test)},
+    }
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def print_summary(summary: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    acc = summary["accuracy"]
+    table = Table(title=f"blindprune job {summary['job_id']}", show_header=False)
+    table.add_row("recipe", str(summary["recipe"]))
+    table.add_row("conv compression", f"{summary['achieved_rate']}x (asked {summary['target_rate']}x)")
+    table.add_row("accuracy dense / pruned / retrained", f"{acc['dense']:.2%} / {acc['pruned']:.2%} / {acc['retrained']:.2%}")
+    table.add_row("retraining epochs", str(summary["epochs"]))
+    table.add_row("bytes sent / received", f"{summary['bytes_sent']:,} / {summary['bytes_received']:,}")
+    for t in summary["transfers"]:
+        hashes = ", ".join(f"{k} {v[7:19]}" for k, v in sorted(t["files"].items()))
+        table.add_row(f"{t['direction']}: {t['kind']}", f"{t['tensors']} tensors, {t['bytes']:,} bytes; {hashes}")
+    table.add_row("FAB from the entity", "ignored (never installed or run)" if summary["ignored_fabs"] else "none received")
+    table.add_row("final model", summary["final_model"])
+    table.add_row("audit log", summary["audit_log"])
+    table.add_row("wall time", f"{summary['seconds']['total']:.1f} s")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from rich.console import Console
+
+    from owner.data import DataError
+    from owner.model import ModelError
+    from owner.retrain import MaskError as RetrainMaskError
+    from protocol.errors import ProtocolError
+    from protocol.flower_processes import ProcessError
+    from protocol.spec import SpecError
+
+    console = Console(stderr=True, quiet=args.quiet)
+    try:
+        config = load_config(args)
+        summary = run(config, console)
+    except (OwnerError, DataError, ModelError, SpecError, ProtocolError, ProcessError, RetrainMaskError) as exc:
+        _fatal(str(exc))
+    except KeyboardInterrupt:
+        _fatal("interrupted")
+    print_summary(summary, console)
+    # Machine-readable result on stdout.
+    print(json.dumps({"summary": str((config.out / "summary.json").resolve())}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

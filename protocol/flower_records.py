@@ -1,0 +1,59 @@
+"""How blindprune payloads ride in Flower messages: opaque sealed bytes, fixed record keys.
+
+Everything that crosses is already signed and sealed by the time it reaches Flower, so Flower only
+carries bytes. Large bytes go in an ArrayRecord (Flower chunks arrays, so artifacts of hundreds of
+megabytes cross); small routing facts (job id, fingerprints, status) go in a ConfigRecord.
+Message types follow Flower's ``query.<action>`` convention, one handler per type.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+OFFER = "query.offer"      # entity -> owner: signed offer; reply: sealed model request
+RESULT = "query.result"    # entity -> owner: sealed pruning result; reply: acknowledgement
+REFUSED = "query.refused"  # entity -> owner: the request was refused (reason); reply: acknowledgement
+FINISH = "query.finish"    # entity -> owner: the job is over; reply: goodbye
+
+PAYLOAD_KEY = "payload"
+BLOB_KEY = "sealed"
+FACTS_KEY = "facts"
+
+MAX_BLOB_BYTES = 2 * 1024**3
+
+
+class RecordError(ValueError):
+    """A Flower message does not carry the records blindprune expects."""
+
+
+def pack(facts: Mapping[str, str | int | bytes | bool], blob: bytes | None = None) -> RecordDict:
+    """A RecordDict with routing ``facts`` and, optionally, one opaque ``blob``."""
+    records: dict = {FACTS_KEY: ConfigRecord(dict(facts))}
+    if blob is not None:
+        if len(blob) > MAX_BLOB_BYTES:
+            raise RecordError(f"payload of {len(blob)} bytes exceeds the {MAX_BLOB_BYTES}-byte limit")
+        records[PAYLOAD_KEY] = ArrayRecord({BLOB_KEY: Array(np.frombuffer(blob, dtype=np.uint8).copy())})
+    return RecordDict(records)
+
+
+def facts_of(content: RecordDict) -> dict:
+    """The routing facts of a message (an empty dict if it has none)."""
+    record = content.get(FACTS_KEY) if hasattr(content, "get") else None
+    if record is None:
+        return {}
+    if not isinstance(record, ConfigRecord):
+        raise RecordError(f"record {FACTS_KEY!r} is not a ConfigRecord")
+    return dict(record)
+
+
+def blob_of(content: RecordDict) -> bytes:
+    """The opaque payload of a message."""
+    record = content.get(PAYLOAD_KEY) if hasattr(content, "get") else None
+    if not isinstance(record, ArrayRecord) or BLOB_KEY not in record:
+        raise RecordError("message carries no sealed payload")
+    array = record[BLOB_KEY]
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise RecordError("sealed payload is not a flat byte array")
+    return array.numpy().tobytes()

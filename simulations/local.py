@@ -1,0 +1,330 @@
+"""``python -m simulations.local``: the entity and one or more owners as real processes on 127.0.0.1.
+
+Writes each side's keys and TOML settings into a work folder, registers the owners' cards with
+the entity and pins the entity's card at each owner, starts ``python -m entity.serve`` and then
+``python -m owner.run`` for every owner (one after the other, or side by side), waits with time
+limits, reports, and stops everything it started. ``--demo`` runs the full flow on the embedded
+Fashion-MNIST subset with the shipped pre-trained small VGG (the ``make demo`` target).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.flower_processes import descendants, flower_env, free_port
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class SimulationError(RuntimeError):
+    """A simulated party failed (one line)."""
+
+
+def install_demo_data(target: Path) -> Path:
+    """Unpack the embedded Fashion-MNIST subset into ``target/FashionMNIST/raw`` (the owner's private data)."""
+    raw = target / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in sorted((ASSETS / "FashionMNIST" / "raw").glob("*.gz")):
+        out = raw / gz.name[:-3]
+        if not out.exists():
+            with gzip.open(gz, "rb") as src:
+                out.write_bytes(src.read())
+    return target
+
+
+@dataclass(frozen=True)
+class OwnerPlan:
+    """One simulated owner: its model, data and request."""
+
+    name: str
+    data: Path
+    model: str = "simulations.models:small_vgg"
+    weights: Path | None = ASSETS / "small_vgg.safetensors"
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    mean: tuple[float, ...] = (0.2860,)
+    std: tuple[float, ...] = (0.3530,)
+    rate: float = 8.0
+    epochs: int | None = None
+    train_limit: int | None = None
+    registered: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def write_toml(path: Path, section: str, values: dict[str, Any]) -> None:
+    lines = [f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@dataclass
+class OwnerRun:
+    name: str
+    returncode: int
+    seconds: float
+    summary: dict | None
+    error: str
+    out: Path
+
+
+class LocalDeployment:
+    """An entity service plus owners, all as child processes of this one, on loopback."""
+
+    def __init__(self, work: Path, *, recipe: str | None = None, entity_epochs: int | None = None,
+                 env: dict[str, str] | None = None, start_timeout: float = 120.0):
+        from protocol.keys import init_identity
+
+        self.work = work.resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.entity_home = self.work / "entity-home"
+        self.port = free_port()
+        self.recipe = recipe
+        self.entity_epochs = entity_epochs
+        self.start_timeout = start_timeout
+        self.env = flower_env(self.work / "flwr-cli", env)
+        self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.entity: subprocess.Popen | None = None
+        if not (self.entity_home / "keys" / "card.json").is_file():
+            init_identity(self.entity_home / "keys", "entity", name="blindprune-entity")
+        (self.entity_home / "owners").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def entity_card(self) -> Path:
+        return self.entity_home / "keys" / "card.json"
+
+    @property
+    def events(self) -> Path:
+        return self.entity_home / "events.jsonl"
+
+    def start_entity(self) -> None:
+        values = {"home": str(self.entity_home), "port": self.port, "host": "127.0.0.1",
+                  "recipe": self.recipe or "", "start_timeout": self.start_timeout}
+        if self.entity_epochs is not None:
+            values["epochs"] = self.entity_epochs
+        write_toml(self.work / "entity.toml", "entity", values)
+        log = open(self.work / "entity.log", "ab")
+        self.entity = subprocess.Popen(
+            [sys.executable, "-m", "entity.serve", "--config", str(self.work / "entity.toml")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=self.work,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.entity.poll() is not None:
+                raise SimulationError(f"entity.serve exited ({self.entity.returncode}): {self._entity_log_tail()}")
+            if self._service_started():
+                return
+            time.sleep(0.2)
+        raise SimulationError(f"entity.serve not ready within {self.start_timeout:.0f} s: {self._entity_log_tail()}")
+
+    def _service_started(self) -> bool:
+        try:
+            return any(json.loads(line).get("event") == "service-started" for line in self.events.read_text().splitlines() if line)
+        except (OSError, ValueError):
+            return False
+
+    def _entity_log_tail(self) -> str:
+        try:
+            lines = (self.work / "entity.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no output"
+        return " | ".join(lines[-3:]) or "no output"
+
+    def prepare_owner(self, plan: OwnerPlan) -> Path:
+        """Keys, registration (if planned) and owner.toml for one owner; returns its folder."""
+        from protocol.keys import init_identity
+
+        folder = self.work / plan.name
+        folder.mkdir(parents=True, exist_ok=True)
+        keys = folder / "keys"
+        if not (keys / "card.json").is_file():
+            init_identity(keys, "owner", name=plan.name)
+        if plan.registered:
+            shutil.copyfile(keys / "card.json", self.entity_home / "owners" / f"{plan.name}.json")
+        values: dict[str, Any] = {
+            "data": str(plan.data.resolve()), "model": plan.model,
+            "weights": str(plan.weights) if plan.weights else None,
+            "input_shape": list(plan.input_shape), "mean": list(plan.mean), "std": list(plan.std),
+            "entity": f"127.0.0.1:{self.port}", "entity_card": str(self.entity_card),
+            "keys": str(keys), "rate": plan.rate, "epochs": plan.epochs, "train_limit": plan.train_limit,
+            "out": str(folder / "out"), "connect_timeout": 60.0, "timeout": 900.0,
+        }
+        values.update(plan.extra)
+        write_toml(folder / "owner.toml", "owner", values)
+        return folder
+
+    def start_owner(self, plan: OwnerPlan) -> subprocess.Popen:
+        folder = self.prepare_owner(plan)
+        log = open(folder / "owner.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "owner.run", "--config", str(folder / "owner.toml"), "--quiet"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=folder,
+            start_new_session=True,
+        )
+        log.close()
+        return proc
+
+    def finish_owner(self, plan: OwnerPlan, proc: subprocess.Popen, started: float, timeout: float) -> OwnerRun:
+        folder = self.work / plan.name
+        try:
+            proc.wait(timeout=max(1.0, timeout - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired:
+            _stop_tree(proc)
+            return OwnerRun(plan.name, -1, time.monotonic() - started, None, f"timed out after {timeout:.0f} s", folder / "out")
+        text = (folder / "owner.log").read_text(errors="replace")
+        errors = [ln for ln in text.splitlines() if ln.startswith("owner.run: error:")]
+        summary_path = folder / "out" / "summary.json"
+        summary = json.loads(summary_path.read_text()) if proc.returncode == 0 and summary_path.is_file() else None
+        return OwnerRun(plan.name, proc.returncode, time.monotonic() - started, summary,
+                        errors[-1][len("owner.run: error: "):] if errors else "", folder / "out")
+
+    def run_owner(self, plan: OwnerPlan, timeout: float = 900.0) -> OwnerRun:
+        started = time.monotonic()
+        return self.finish_owner(plan, self.start_owner(plan), started, timeout)
+
+    def run_owners(self, plans: list[OwnerPlan], *, parallel: bool = False, timeout: float = 900.0) -> list[OwnerRun]:
+        if not parallel:
+            return [self.run_owner(plan, timeout) for plan in plans]
+        started = time.monotonic()
+        procs = [(plan, self.start_owner(plan)) for plan in plans]
+        return [self.finish_owner(plan, proc, started, timeout) for plan, proc in procs]
+
+    def stop(self) -> list[int]:
+        """Stop the entity with SIGTERM (as an operator would); return any pids left behind."""
+        if self.entity is None:
+            return []
+        tree = [self.entity.pid] + descendants(self.entity.pid)
+        if self.entity.poll() is None:
+            self.entity.send_signal(signal.SIGTERM)
+            try:
+                self.entity.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _stop_tree(self.entity)
+        time.sleep(0.5)
+        left = [pid for pid in tree if _pid_alive(pid)]
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return left
+
+    def entity_events(self) -> list[dict]:
+        try:
+            return [json.loads(line) for line in self.events.read_text().splitlines() if line.strip()]
+        except OSError:
+            return []
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return b") Z " not in handle.read()
+    except OSError:
+        return False
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    for pid in [proc.pid] + descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _print_report(runs: list[OwnerRun], deployment: LocalDeployment, wall: float, console) -> None:
+    from rich.table import Table
+
+    from owner.run import print_summary
+
+    for run in runs:
+        if run.summary is not None:
+            print_summary(run.summary, console)
+    table = Table(title="local deployment", show_header=True)
+    for column in ("owner", "exit", "seconds", "compression", "dense", "pruned", "retrained", "outcome"):
+        table.add_column(column)
+    for run in runs:
+        s = run.summary or {}
+        acc = s.get("accuracy", {})
+        table.add_row(run.name, str(run.returncode), f"{run.seconds:.1f}", f"{s.get('achieved_rate', '-')}x",
+                      *(f"{acc[k]:.2%}" if k in acc else "-" for k in ("dense", "pruned", "retrained")),
+                      "ok" if run.returncode == 0 else run.error)
+    console.print(table)
+    finished = sum(1 for e in deployment.entity_events() if e.get("event") == "finished")
+    console.print(f"entity: {finished} job(s) finished; events {deployment.events}")
+    console.print(f"wall time {wall:.1f} s; work folder {deployment.work}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.local", description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", action="store_true", help="the full flow on the embedded Fashion-MNIST subset")
+    parser.add_argument("--owners", type=int, default=1, help="number of owners (default 1)")
+    parser.add_argument("--parallel", action="store_true", help="run the owners side by side (default: one after the other)")
+    parser.add_argument("--work", type=Path, default=Path("runs/local"), help="work folder (default runs/local; runs/demo with --demo)")
+    parser.add_argument("--data", type=Path, help="owner data folder (default: the embedded subset)")
+    parser.add_argument("--rate", type=float, default=8.0, help="conv compression rate each owner asks for (default 8)")
+    parser.add_argument("--epochs", type=int, help="retraining epochs at each owner (default: the entity's recipe)")
+    parser.add_argument("--recipe", help="entity pruning recipe (default: the engine's default)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per owner (default 900)")
+    args = parser.parse_args(argv)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if args.owners < 1:
+        parser.error("--owners must be at least 1")
+    work = Path("runs/demo") if args.demo and args.work == Path("runs/local") else args.work
+    if work.exists():
+        shutil.rmtree(work)
+    started = time.monotonic()
+    data = args.data or install_demo_data(work / "private")
+    if not data.is_dir():
+        print(f"simulations.local: error: data folder {data} does not exist", file=sys.stderr)
+        return 1
+    epochs = args.epochs if args.epochs is not None else (2 if args.demo else None)
+    deployment = LocalDeployment(work, recipe=args.recipe)
+    plans = [OwnerPlan(f"owner-{i + 1}", data, rate=args.rate, epochs=epochs) for i in range(args.owners)]
+    for plan in plans:
+        deployment.prepare_owner(plan)
+    runs: list[OwnerRun] = []
+    try:
+        with console.status("starting the entity (SuperLink + ServerApp)..."):
+            deployment.start_entity()
+        console.print(f"entity serving on 127.0.0.1:{deployment.port}")
+        with console.status(f"running {len(plans)} owner(s): export, prune at the entity, retrain locally..."):
+            runs = deployment.run_owners(plans, parallel=args.parallel, timeout=args.timeout)
+    except SimulationError as exc:
+        print(f"simulations.local: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        left = deployment.stop()
+        if left:
+            console.print(f"[red]processes left behind and killed: {left}[/]")
+    _print_report(runs, deployment, time.monotonic() - started, console)
+    return 0 if runs and all(r.returncode == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The owner/entity exchange without Flower: offer -> sealed request -> prune -> sealed result."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entity.jobs import EntityJobs, EntitySettings, EventLog, JobError
+from owner.session import OwnerSession, SessionError
+from protocol.audit import AuditLog, verify_log
+from protocol.errors import AdmissionError, ProtocolError, ReplayError
+from protocol.keys import init_identity
+from protocol.replay import NonceStore
+from protocol.spec import InputSpec, PruneRequest
+
+from .conftest import export_eval
+
+SPEC = InputSpec((1, 28, 28), (0.286,), (0.353,))
+
+
+@pytest.fixture()
+def parties(tmp_path):
+    from simulations.models import small_vgg
+
+    torch.manual_seed(0)
+    entity = init_identity(tmp_path / "entity", "entity", name="entity")
+    owner = init_identity(tmp_path / "owner", "owner", name="owner")
+    registry = {owner.card.fingerprint: owner.card}
+    jobs = EntityJobs(entity, lambda: registry, NonceStore(tmp_path / "nonces.jsonl"),
+                      EventLog(tmp_path / "events.jsonl"), EntitySettings(recipe="oneshot"))
+    program = export_eval(small_vgg())
+    audit = AuditLog.open(tmp_path / "audit.jsonl", owner)
+    session = OwnerSession(owner, entity.card, program, SPEC, PruneRequest(8.0), audit)
+    return jobs, session, registry, tmp_path
+
+
+def test_exchange_delivers_masked_weights_at_the_requested_rate(parties):
+    jobs, session, _, tmp_path = parties
+    offer = jobs.make_offer(node_id=1)
+    request = session.answer_offer(offer.blob, session.entity_card.to_bytes())
+    opened = jobs.open_request(offer, request)
+    result, summary = jobs.prune(offer, opened, request)
+    assert summary["bytes_sent"] == len(result)
+    session.receive_result(result)
+    outcome = session.outcome
+    assert outcome is not None and outcome.report["recipe"] == "oneshot"
+    assert outcome.report["achieved_rate"].startswith("8.0")
+    for name, mask in outcome.masks.items():
+        assert torch.count_nonzero(outcome.state_dict[name][~mask]) == 0
+    session.audit.close()
+    verdict = verify_log(tmp_path / "audit.jsonl", owner=session.identity.card, entity=session.entity_card)
+    assert verdict.ok, verdict
+
+
+def test_replayed_request_is_refused(parties):
+    jobs, session, _, _ = parties
+    offer = jobs.make_offer(node_id=1)
+    request = session.answer_offer(offer.blob, None)
+    jobs.open_request(offer, request)
+    with pytest.raises(ReplayError):
+        jobs.open_request(offer, request)
+
+
+def test_request_for_another_offer_is_refused(parties):
+    jobs, session, _, _ = parties
+    first, second = jobs.make_offer(node_id=1), jobs.make_offer(node_id=2)
+    request = session.answer_offer(first.blob, None)
+    with pytest.raises((ProtocolError, JobError)):
+        jobs.open_request(second, request)
+
+
+def test_unregistered_owner_is_refused(parties):
+    jobs, session, registry, _ = parties
+    registry.clear()
+    offer = jobs.make_offer(node_id=1)
+    request = session.answer_offer(offer.blob, None)
+    with pytest.raises(AdmissionError):
+        jobs.open_request(offer, request)
+
+
+def test_offer_signed_by_another_entity_is_refused(parties, tmp_path):
+    jobs, session, _, _ = parties
+    impostor = init_identity(tmp_path / "impostor", "entity", name="impostor")
+    jobs.identity = impostor
+    offer = jobs.make_offer(node_id=1)
+    with pytest.raises(SessionError, match="verification|card"):
+        session.answer_offer(offer.blob, impostor.card.to_bytes())
+
+
+def test_tampered_result_is_refused_and_second_result_too(parties):
+    jobs, session, _, _ = parties
+    offer = jobs.make_offer(node_id=1)
+    request = session.answer_offer(offer.blob, None)
+    result, _ = jobs.prune(offer, jobs.open_request(offer, request), request)
+    tampered = bytearray(result)
+    tampered[-10] ^= 1
+    with pytest.raises(SessionError, match="verification"):
+        session.receive_result(bytes(tampered))
+    session.receive_result(result)
+    with pytest.raises(SessionError, match="second result"):
+        session.receive_result(result)

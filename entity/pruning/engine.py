@@ -54,10 +54,15 @@ class PruneConfig:
     eval_images: int = 64
     # Least-squares refit (recipe "refit") and ADMM/SLR knobs.
     damping: float = 1e-3
+    refit_choice: str = "obs"  # "obs" (reconstruction error) or "magnitude"
     rescale: bool = True
     batch_size: int = 32
-    admm_iters: int = 100
+    admm_iters: int = 100  # W-steps per rho stage
     admm_lr: float = 1e-3
+    admm_update_every: int = 10  # W-steps between Z/dual updates
+    admm_optimiser: str = "adam"  # "adam" or "sgd"
+    slr_m: float = 300.0
+    slr_r: float = 0.1
     rho_start: float = 1e-4
     rho_stages: int = 4
     rho_growth: float = 10.0
@@ -71,6 +76,12 @@ class PruneConfig:
             raise PruneError(f"pattern library size must be 1..56, got {self.patterns}")
         if self.synthetic not in (None, "uniform", "bn"):
             raise PruneError(f"synthetic must be 'uniform' or 'bn', got {self.synthetic!r}")
+        if self.admm_optimiser not in ("adam", "sgd"):
+            raise PruneError(f"admm_optimiser must be 'adam' or 'sgd', got {self.admm_optimiser!r}")
+        if self.admm_iters < 1 or self.admm_update_every < 1 or self.rho_stages < 1:
+            raise PruneError("admm_iters, admm_update_every and rho_stages must be positive")
+        if self.refit_choice not in ("obs", "magnitude"):
+            raise PruneError(f"refit_choice must be 'obs' or 'magnitude', got {self.refit_choice!r}")
         for key, own in self.layer_rates:
             if not own >= pat.MIN_RATE - 1e-9:
                 raise PruneError(f"rate for {key} must be at least {pat.MIN_RATE}, got {own}")
@@ -160,9 +171,18 @@ def _fraction(x: float) -> str:
     return f"{x:.4f}"
 
 
+def _probe(layer: ConvLayer) -> str:
+    """Where a layer's error is measured: after its BatchNorm if it has one (rescale-invariant)."""
+    return layer.bn.output if layer.bn is not None else layer.node
+
+
 def layer_errors(job: Job, x: torch.Tensor) -> dict[str, float]:
-    """Relative error ||Y_pruned - Y_dense|| / ||Y_dense|| of each pruned conv's output, end to end."""
-    names = {layer.node for layer in job.layers}
+    """Relative error ||Y_pruned - Y_dense|| / ||Y_dense|| of each pruned layer's output, end to end.
+
+    Y is the conv's BatchNorm output when one follows (so rescaling a conv against its BatchNorm
+    does not count as error), else the conv output.
+    """
+    names = {_probe(layer) for layer in job.layers}
     sums = {n: [0.0, 0.0] for n in names}
     with torch.no_grad():
         for chunk in x.split(128):
@@ -171,7 +191,7 @@ def layer_errors(job: Job, x: torch.Tensor) -> dict[str, float]:
             for n in names:
                 sums[n][0] += float((p[n] - d[n]).pow(2).sum())
                 sums[n][1] += float(d[n].pow(2).sum())
-    return {layer.key: (sums[layer.node][0] / max(sums[layer.node][1], 1e-30)) ** 0.5 for layer in job.layers}
+    return {layer.key: (sums[_probe(layer)][0] / max(sums[_probe(layer)][1], 1e-30)) ** 0.5 for layer in job.layers}
 
 
 def prepare(program: torch.export.ExportedProgram, spec: InputSpec, config: PruneConfig,

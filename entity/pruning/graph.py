@@ -37,6 +37,7 @@ class BatchNormRef:
     running_mean: str
     running_var: str
     eps: float
+    output: str  # the node holding the normalised tensor (differs from ``node`` for tuple-valued ops)
 
 
 @dataclass(frozen=True)
@@ -145,13 +146,13 @@ def _follow(node: fx.Node) -> tuple[BatchNormRef | None, bool]:
             training, eps = False, a[6]
         mean, var = _attr_key(a[3]), _attr_key(a[4])
         if not training and mean is not None and var is not None:
-            bn = BatchNormRef(node=user.name, weight=_attr_key(a[1]), bias=_attr_key(a[2]),
-                              running_mean=mean, running_var=var, eps=float(eps))
             tail = user
             if user.target != _aten.batch_norm.default:
-                getitems = list(user.users)
+                getitems = [g for g in user.users if g.op == "call_function" and g.args[1] == 0]
                 if len(getitems) == 1:
                     tail = getitems[0]
+            bn = BatchNormRef(node=user.name, weight=_attr_key(a[1]), bias=_attr_key(a[2]),
+                              running_mean=mean, running_var=var, eps=float(eps), output=tail.name)
     users = list(tail.users)
     relu = len(users) == 1 and users[0].op == "call_function" and users[0].target in _RELU_OPS
     return bn, relu

@@ -279,7 +279,7 @@ def open_bundle(
         raise SealError("sealed bundle is truncated")
     info = _info(kind, job_id, request_hash, sender.fingerprint, recipient.fingerprint)
     try:
-        plain = _SUITE.decrypt(bytes(memoryview(blob)[body_start:]), recipient.sealing_key, info=info)
+        plain = _SUITE.decrypt(memoryview(blob)[body_start:], recipient.sealing_key, info=info)
     except InvalidTag as exc:
         raise SealError(
             "cannot open sealed bundle: tampered bytes, or sealed for another job, request or sender (replayed?)"

@@ -246,3 +246,46 @@ def test_signed_message_round_trip_and_refusals() -> None:
 def test_floats_cannot_be_signed() -> None:
     with pytest.raises(Exception, match="float"):
         sign_message({"acc": 0.5}, kind="report", signer=OWNER)
+
+
+class _Touch:
+    """Pickle payload: creates a marker file when unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _booby_trapped_pt2(marker: str) -> bytes:
+    program = torch.export.export(torch.nn.Linear(3, 2), (torch.randn(1, 3),))
+    clean = io.BytesIO()
+    torch.export.save(program, clean)
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(_Touch(marker), protocol=2))
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(clean.getvalue())) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = inner.getvalue() if info.filename.endswith("sample_inputs/model.pt") else src.read(info)
+            dst.writestr(info.filename, data)
+    return out.getvalue()
+
+
+def test_booby_trapped_export_archive_is_refused_without_running_its_payload(tmp_path) -> None:
+    marker = tmp_path / "payload-ran"
+    archive = _booby_trapped_pt2(str(marker))
+    with pytest.raises(ArtifactError, match="sample_inputs/model.pt:archive/data.pkl"):
+        _seal({"model.pt2": archive})
+    with pytest.raises(ArtifactError, match="data.pkl"):
+        _open(_forge({"model.pt2": archive}))
+    assert not marker.exists()
+
+
+def test_clean_torch_export_archive_is_still_refused_because_it_holds_pickles() -> None:
+    program = torch.export.export(torch.nn.Linear(3, 2), (torch.randn(1, 3),))
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    with pytest.raises(ArtifactError, match="pickle"):
+        _seal({"model.pt2": buf.getvalue()})

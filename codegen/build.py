@@ -46,13 +46,17 @@ def _first_error(text: str) -> str:
     return lines[-1].strip() if lines else "no output"
 
 
-def compile_dir(out_dir: Path, target: Target, *, cc: str | None = None, shared: bool = False) -> Path:
-    """Build the harness (and with ``shared`` the .so) in ``out_dir``; returns the harness path."""
+def compile_dir(out_dir: Path, target: Target, *, cc: str | None = None, shared: bool = False,
+                profile: bool = False) -> Path:
+    """Build the harness (and with ``shared`` the .so) in ``out_dir``; returns the harness path.
+
+    ``profile`` defines BP_PROFILE: the library then accumulates per-layer times (``bp_profile``).
+    """
     missing = target.missing() if cc is None else []
     if missing:
         raise BuildError(f"target {target.name} needs Debian package(s) {', '.join(missing)}")
     compiler = cc or target.cc
-    flags = list(target.cflags)
+    flags = list(target.cflags) + (["-DBP_PROFILE", "-D_POSIX_C_SOURCE=199309L"] if profile else [])
     static = ["-static"] if target.static else []
     cmds = [[compiler, *flags, "-fPIC", "-c", "-o", "bp_model.o", "bp_model.c"],
             [compiler, *flags, "-o", "bp_main", "bp_main.c", "bp_model.o", "-lm", *static]]
@@ -103,6 +107,14 @@ class HostLibrary:
         out = np.empty((n, *self.out_shape), dtype=np.float32)
         self._lib.bp_run(self._model, x.ctypes.data, out.ctypes.data, n)
         return out
+
+    def profile(self) -> list[float]:
+        """Milliseconds spent per layer since the last call (needs a ``profile=True`` build)."""
+        fn = self._lib.bp_profile
+        fn.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
+        buf = (ctypes.c_double * 4096)()
+        n = fn(buf, 4096)
+        return list(buf[:n])
 
     def close(self) -> None:
         if self._model:

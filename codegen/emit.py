@@ -250,24 +250,29 @@ def _conv_src(conv: Conv, inp: FMap, buf: str, vec: int, out_w: int) -> _Src:
 
 
 def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str) -> None:
+    """Copy the input into s column phases (zero outside the map); the column range that reads
+    the map is fixed per phase, so the copy loop is a plain strided gather."""
     s, rows, pitch, _ = src.phase  # type: ignore[misc]
     ph, pw = conv.padding
     c.open(f"for (int ci = 0; ci < {inp.c}; ++ci)")
     c(f"const float *ip = {buf} + {inp.origin} + ci * {inp.plane};")
-    c.open(f"for (int f = 0; f < {s}; ++f)")
-    c.open(f"for (int r = 0; r < {rows}; ++r)")
-    c(f"float *q = scratch + (ci * {s} + f) * {rows * pitch} + r * {pitch};")
-    c(f"const int y = r - {ph};")
-    c.open(f"if (y < 0 || y >= {inp.h})")
-    c(f"memset(q, 0, sizeof(float) * {pitch});")
-    c("continue;")
-    c.close()
-    c.open(f"for (int j = 0; j < {pitch}; ++j)")
-    c(f"const int x = {s} * j + f - {pw};")
-    c(f"q[j] = (x >= 0 && x < {inp.w}) ? ip[y * {inp.pitch} + x] : 0.0f;")
-    c.close()
-    c.close()
-    c.close()
+    for f in range(s):
+        lo = max(0, -(-(pw - f) // s))
+        hi = max(lo, min(pitch, (inp.w - 1 + pw - f) // s + 1))
+        c.open(f"for (int r = 0; r < {rows}; ++r)")
+        c(f"float *restrict q = scratch + (ci * {s} + {f}) * {rows * pitch} + r * {pitch};")
+        c(f"const int y = r - {ph};")
+        c.open(f"if (y < 0 || y >= {inp.h})")
+        c(f"memset(q, 0, sizeof(float) * {pitch});")
+        c("continue;")
+        c.close()
+        c(f"const float *restrict row = ip + y * {inp.pitch} + {f - pw};")
+        if lo:
+            c(f"for (int j = 0; j < {lo}; ++j) q[j] = 0.0f;")
+        c(f"for (int j = {lo}; j < {hi}; ++j) q[j] = row[{s} * j];")
+        if hi < pitch:
+            c(f"for (int j = {hi}; j < {pitch}; ++j) q[j] = 0.0f;")
+        c.close()
     c.close()
 
 
@@ -569,7 +574,8 @@ class Emitter:
             for key in sorted(order):
                 uses = loads[key]
                 off = uses[0][2]
-                c(f"{{ const vf x = ld(s + {off}); {' '.join(f'{a} += x * w{j};' for a, j, _ in uses)} }}")
+                keep = " BP_KEEP(x);" if len(uses) > 1 else ""
+                c(f"{{ vf x = ld(s + {off});{keep} {' '.join(f'{a} += x * w{j};' for a, j, _ in uses)} }}")
 
         if o.reorder:
             for p, taps in enumerate(ps.patterns):
@@ -606,42 +612,52 @@ class Emitter:
 
     # -- other layers
     def pool(self, i: int, layer: Pool) -> None:
+        """Row-wise pooling: each valid (input row, tap column) pair updates a run of outputs whose
+        bounds are computed once per row, so the inner loop has no bounds checks."""
         inp, out = self.fmap(layer.inp, layer), self.fmap(layer.out, layer)
         (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
+        is_max = layer.kind == "max"
         c = self.funcs
         c.open(f"static void layer{i}(bp_model *m)")
         c(f"const float *restrict src = {self.buf(layer.inp)} + {inp.origin};")
         c(f"float *restrict dst = {self.buf(layer.out)} + {out.origin};")
+        # per tap column: the output range whose input column is inside the map
+        lo = [max(0, -(-(pw - kx) // sw)) for kx in range(kw)]
+        hi = [min(out.w, (inp.w - 1 + pw - kx) // sw + 1) for kx in range(kw)]
+        c(f"static const int xlo[{kw}] = {{{', '.join(map(str, lo))}}}, xhi[{kw}] = {{{', '.join(map(str, hi))}}};")
         c.open(f"for (int ch = 0; ch < {out.c}; ++ch)")
         c(f"const float *ip = src + ch * {inp.plane};")
         c.open(f"for (int yo = 0; yo < {out.h}; ++yo)")
-        c.open(f"for (int xo = 0; xo < {out.w}; ++xo)")
-        c(f"const int y0 = yo * {sh} - {ph}, x0 = xo * {sw} - {pw};")
-        if layer.kind == "max":
-            c(f"const int ya = y0 < 0 ? 0 : y0, yz = y0 + {kh} > {inp.h} ? {inp.h} : y0 + {kh};")
-            c(f"const int xa = x0 < 0 ? 0 : x0, xz = x0 + {kw} > {inp.w} ? {inp.w} : x0 + {kw};")
-            c("float v = -INFINITY;")
-            c("for (int y = ya; y < yz; ++y)")
-            c(f"    for (int x = xa; x < xz; ++x) {{ const float t = ip[y * {inp.pitch} + x]; v = (t > v || t != t) ? t : v; }}")
+        c(f"float *restrict d = dst + ch * {out.plane} + yo * {out.pitch};")
+        c(f"const int y0 = yo * {sh} - {ph};")
+        c(f"const int ya = y0 < 0 ? 0 : y0, yz = y0 + {kh} > {inp.h} ? {inp.h} : y0 + {kh};")
+        c(f"for (int xo = 0; xo < {out.w}; ++xo) d[xo] = {'-INFINITY' if is_max else '0.0f'};")
+        c.open("for (int y = ya; y < yz; ++y)")
+        c(f"const float *r = ip + y * {inp.pitch} - {pw};")
+        c.open(f"for (int kx = 0; kx < {kw}; ++kx)")
+        if is_max:
+            c(f"for (int xo = xlo[kx]; xo < xhi[kx]; ++xo) {{ const float t = r[xo * {sw} + kx]; "
+              "d[xo] = t > d[xo] ? t : d[xo]; }")
         else:
-            c(f"int yz = y0 + {kh}, xz = x0 + {kw};")
-            c(f"if (yz > {inp.h + ph}) yz = {inp.h + ph};")
-            c(f"if (xz > {inp.w + pw}) xz = {inp.w + pw};")
-            c("const int pool = (yz - y0) * (xz - x0);")
-            c(f"const int ya = y0 < 0 ? 0 : y0, xa = x0 < 0 ? 0 : x0;")
-            c(f"if (yz > {inp.h}) yz = {inp.h};")
-            c(f"if (xz > {inp.w}) xz = {inp.w};")
-            c("float v = 0.0f;")
-            c("for (int y = ya; y < yz; ++y)")
-            c(f"    for (int x = xa; x < xz; ++x) v += ip[y * {inp.pitch} + x];")
-            if layer.divisor:
-                c(f"v /= {_flt(layer.divisor)};")
-            elif layer.count_include_pad:
-                c("v /= (float)pool;")
-            else:
-                c("v /= (float)((yz - ya) * (xz - xa));")
-        c(f"dst[ch * {out.plane} + yo * {out.pitch} + xo] = v;")
+            c(f"for (int xo = xlo[kx]; xo < xhi[kx]; ++xo) d[xo] += r[xo * {sw} + kx];")
         c.close()
+        c.close()
+        if not is_max:
+            c.open(f"for (int xo = 0; xo < {out.w}; ++xo)")
+            if layer.divisor:
+                c(f"d[xo] /= {_flt(layer.divisor)};")
+            else:
+                c(f"const int x0 = xo * {sw} - {pw};")
+                c(f"int yz2 = y0 + {kh}, xz = x0 + {kw};")
+                c(f"if (yz2 > {inp.h + ph}) yz2 = {inp.h + ph};")
+                c(f"if (xz > {inp.w + pw}) xz = {inp.w + pw};")
+                if layer.count_include_pad:
+                    c("d[xo] /= (float)((yz2 - y0) * (xz - x0));")
+                else:
+                    c("const int xa = x0 < 0 ? 0 : x0;")
+                    c(f"if (xz > {inp.w}) xz = {inp.w};")
+                    c("d[xo] /= (float)((yz - ya) * (xz - xa));")
+            c.close()
         c.close()
         c.close()
         c.close()
@@ -770,6 +786,10 @@ class Emitter:
         c(f"typedef float vfu __attribute__((vector_size({4 * V}), aligned(4), may_alias));")
         c(f"typedef int32_t viu __attribute__((vector_size({4 * V}), aligned(4), may_alias));")
         c("#define BP_INLINE __attribute__((always_inline))")
+        if self.t.vreg:
+            c(f'#define BP_KEEP(v) __asm__("" : "+{self.t.vreg}"(v))')
+        else:
+            c("#define BP_KEEP(v) ((void)0)")
         c("static inline BP_INLINE vf ld(const float *p) { return *(const vfu *)p; }")
         c("static inline BP_INLINE void st(float *p, vf v) { *(vfu *)p = v; }")
         c("static inline BP_INLINE vf bc(float x) { return (vf){0} + x; }")
@@ -785,6 +805,20 @@ class Emitter:
         layouts = self.layouts
         inp = layouts[self.g.input]
         outl = layouts[self.g.output]
+        n_layers = len(self.g.layers)
+        c("#ifdef BP_PROFILE")
+        c("#include <time.h>")
+        c(f"static double bp_prof_ms[{n_layers}];")
+        c("static struct timespec bp_t0;")
+        c("#define BP_TIC() clock_gettime(CLOCK_THREAD_CPUTIME_ID, &bp_t0)")
+        c("#define BP_TOC(i) do { struct timespec t1; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1); "
+          "bp_prof_ms[i] += (t1.tv_sec - bp_t0.tv_sec) * 1e3 + (t1.tv_nsec - bp_t0.tv_nsec) * 1e-6; } while (0)")
+        c(f"int bp_profile(double *ms, int cap) {{ for (int i = 0; i < cap && i < {n_layers}; ++i) "
+          f"{{ ms[i] = bp_prof_ms[i]; bp_prof_ms[i] = 0; }} return {n_layers}; }}")
+        c("#else")
+        c("#define BP_TIC() ((void)0)")
+        c("#define BP_TOC(i) ((void)0)")
+        c("#endif")
         c.open("static void bp_forward(bp_model *m, const float *in, float *out)")
         if isinstance(inp, FMap):
             c(f"for (int ch = 0; ch < {inp.c}; ++ch)")
@@ -794,7 +828,7 @@ class Emitter:
         else:
             c(f"memcpy(m->buf[0], in, sizeof(float) * {inp.n});")
         for i in range(len(self.g.layers)):
-            c(f"layer{i}(m);")
+            c(f"BP_TIC(); layer{i}(m); BP_TOC({i});")
         ob = self.buf(self.g.output)
         if isinstance(outl, FMap):
             c(f"for (int ch = 0; ch < {outl.c}; ++ch)")
@@ -998,7 +1032,12 @@ def _makefile(target: Target) -> str:
 # Cross/NDK builds override CC, e.g.
 #   make CC=aarch64-linux-gnu-gcc
 #   make CC=$ANDROID_NDK_HOME/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android29-clang LDSTATIC=
-CC ?= {target.cc}
+ifeq ($(origin CC),default)
+CC = {target.cc}
+endif
+ifeq ($(origin AR),default)
+AR = {target.ar}
+endif
 CFLAGS ?= {flags}
 LDSTATIC ?={static}
 

@@ -26,6 +26,9 @@ class Target:
     run_prefix: tuple[str, ...]  # how to execute a built binary (emulator)
     static: bool                 # link the harness statically (so an emulator needs no sysroot)
     packages: tuple[tuple[str, str], ...]  # (executable, Debian package) needed to build and run
+    ar: str = "ar"
+    vreg: str = ""               # inline-asm constraint of a vector register: pins a shared load in
+                                 # a register so the compiler cannot fold it into each FMA again
 
     def missing(self) -> list[str]:
         """Debian packages whose executables are absent on this machine."""
@@ -35,14 +38,15 @@ class Target:
 HOST = Target(
     name="host", cc="cc", cflags=("-O3", "-march=native", "-ffp-contract=fast"), vec=8, accumulators=16,
     max_u=4, dense_ob=4, dense_u=3, l1_bytes=24 * 1024, run_prefix=(), static=False,
-    packages=(("cc", "gcc"),),
+    packages=(("cc", "gcc"),), vreg="x",
 )
 
 AARCH64_NEON = Target(
     name="aarch64-neon", cc="aarch64-linux-gnu-gcc",
     cflags=("-O3", "-march=armv8.2-a", "-ffp-contract=fast"), vec=4, accumulators=12, max_u=3,
     dense_ob=4, dense_u=2, l1_bytes=24 * 1024, run_prefix=("qemu-aarch64",), static=True,
-    packages=(("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"), ("qemu-aarch64", "qemu-user")),
+    packages=(("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"), ("qemu-aarch64", "qemu-user")), vreg="w",
+    ar="aarch64-linux-gnu-ar",
 )
 
 TARGETS: dict[str, Target] = {t.name: t for t in (HOST, AARCH64_NEON)}

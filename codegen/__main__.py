@@ -1,0 +1,133 @@
+"""python -m codegen MODEL --target aarch64-neon|host --out DIR
+
+MODEL is a final-model directory (program.json, weights.safetensors, masks.safetensors) as the
+owner writes it. DIR receives bp_model.h, bp_model.c, weights.bin, bp_main.c, a Makefile and a
+README. With --build the library and harness are compiled (cross-compiled for aarch64); with
+--verify N they are also run on N random inputs (aarch64 under qemu-aarch64) and compared with
+PyTorch. Exit 0 ok, 1 error or failed verification, 2 bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from .emit import Generated, Options
+from .ir import CodegenError
+from .targets import TARGETS
+
+_README = """# Generated pattern-sparse model ({target})
+
+Files: `bp_model.h` / `bp_model.c` (the library, self-contained C99 + GCC vector extensions),
+`weights.bin` (compact weights: 64-byte header `BPWEIGHT`, payload size, checksum, then the
+arrays), `bp_main.c` (command-line harness), `Makefile`.
+
+Build and run:
+
+    make                                   # target compiler: {cc}
+    ./bp_main weights.bin input.bin output.bin [REPEAT]
+
+`input.bin` holds n images back to back, each {in_shape} float32 little-endian (NCHW, no header);
+`output.bin` receives n results of {out_shape} float32 little-endian. With REPEAT the batch is run
+REPEAT more times and the median time is printed on stderr.
+
+Android NDK (aarch64, API 29 or newer), from this folder:
+
+    make CC=$ANDROID_NDK_HOME/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android29-clang \\
+         CFLAGS="-O3 -march=armv8.2-a -ffp-contract=fast" LDSTATIC=
+
+then `adb push bp_main weights.bin input.bin /data/local/tmp/` and run it there. Cross-compiling
+on Debian/Ubuntu: `make CC=aarch64-linux-gnu-gcc` (static harness; run with `qemu-aarch64 ./bp_main ...`).
+
+C API (`bp_model.h`): `bp_load(path)`, `bp_run(model, in, out, n)`, `bp_free(model)`.
+
+Layers:
+
+{layers}
+"""
+
+
+def _fatal(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _summary(gen: Generated) -> str:
+    lines = ["| layer | kind | shape (out, in, kh, kw) | stride | out | patterns | kernels | MACs | blocking |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in gen.layers:
+        lines.append(f"| {r.name} | {r.kind} | {r.shape} | {r.stride} | {r.out_hw[0]}x{r.out_hw[1]} | {r.patterns} | "
+                     f"{r.kernels} | {r.macs} | {r.blocking} |")
+    sto = [r.storage for r in gen.layers if r.storage is not None]
+    if sto:
+        dense, csr, comp = sum(s.dense for s in sto), sum(s.csr for s in sto), sum(s.compact for s in sto)
+        lines += ["", f"Pattern-sparse 3x3 weights: compact {comp} bytes, CSR {csr} bytes "
+                      f"({comp / csr:.2f} of CSR), dense {dense} bytes."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m codegen", description="Final model -> pattern-sparse C.")
+    parser.add_argument("model", type=Path, help="final-model directory (program.json, weights, masks)")
+    parser.add_argument("--target", required=True, choices=sorted(TARGETS), help="code generation target")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--no-reorder", action="store_true", help="disable filter kernel reorder")
+    parser.add_argument("--no-compact", action="store_true", help="disable compressed weight storage")
+    parser.add_argument("--no-lre", action="store_true", help="disable load redundancy elimination")
+    parser.add_argument("--build", action="store_true", help="compile the library and harness")
+    parser.add_argument("--verify", type=int, default=0, metavar="N",
+                        help="build, run N random inputs and compare with PyTorch (implies --build)")
+    parser.add_argument("--cc", help="compiler to use instead of the target's default")
+    args = parser.parse_args(argv)
+    if args.verify < 0:
+        parser.error("--verify must be >= 0")
+    target = TARGETS[args.target]
+    options = Options(reorder=not args.no_reorder, compact=not args.no_compact, lre=not args.no_lre)
+
+    # heavy imports after argument parsing so that --help stays fast
+    from protocol.artifact import load_model_dir
+    from protocol.errors import ArtifactError
+
+    from . import build
+    from .emit import generate
+    from .ir import lower
+
+    try:
+        program, masks = load_model_dir(args.model)
+    except (ArtifactError, OSError) as exc:
+        _fatal(f"cannot read model {args.model}: {exc}")
+    try:
+        graph = lower(program, masks)
+        gen = generate(graph, target, options)
+        files = dict(gen.files)
+        files["README.md"] = _README.format(target=target.name, cc=target.cc, in_shape=gen.in_shape,
+                                            out_shape=gen.out_shape, layers=_summary(gen)).encode()
+        build.write_files(files, args.out)
+        print(f"wrote {args.out} ({len(gen.layers)} convs, weights.bin {len(files['weights.bin'])} bytes)",
+              file=sys.stderr)
+        if args.build or args.verify:
+            build.compile_dir(args.out, target, cc=args.cc)
+            print(f"built {args.out / 'bp_main'}", file=sys.stderr)
+        if args.verify:
+            import numpy as np
+            import torch
+
+            x = torch.randn(args.verify, *gen.in_shape, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                ref = program.module()(x).numpy()
+            got, _ = build.run_harness(args.out, target, x.numpy(), gen.out_shape)
+            err = float(np.abs(got - ref).max() / max(1e-12, float(np.abs(ref).max())))
+            if not err <= 1e-4:
+                print(f"FAIL: relative error {err:.2e} against PyTorch", file=sys.stderr)
+                return 1
+            print(f"OK: {args.verify} inputs, relative error {err:.2e} against PyTorch", file=sys.stderr)
+    except CodegenError as exc:
+        _fatal(str(exc))
+    except OSError as exc:
+        _fatal(f"{exc.filename or args.out}: {exc.strerror}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -26,8 +26,13 @@ def build_client_app(session: OwnerSession) -> ClientApp:
         facts = facts_of(msg.content)
         card = facts.get("entity_card")
         try:
-            sealed = session.answer_offer(blob_of(msg.content), card if isinstance(card, bytes) else None)
-        except (SessionError, ProtocolError, RecordError) as exc:
+            offer_blob = blob_of(msg.content)
+        except RecordError as exc:
+            session.refusal = f"the entity's offer is malformed: {exc}"
+            return _decline(msg, session.refusal)
+        try:
+            sealed = session.answer_offer(offer_blob, card if isinstance(card, bytes) else None)
+        except (SessionError, ProtocolError) as exc:
             session.refusal = str(exc)
             return _decline(msg, str(exc))
         return Message(pack({"status": "request", "owner": session.identity.card.fingerprint}, sealed), reply_to=msg)

@@ -1,0 +1,68 @@
+"""Real processes on 127.0.0.1: entity.serve, owners one after the other, refusal, clean shutdown."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from simulations.local import LocalDeployment, OwnerPlan, install_demo_data
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    work = tmp_path_factory.mktemp("local")
+    dep = LocalDeployment(work, recipe="oneshot", start_timeout=120)
+    dep.start_entity()
+    yield dep
+    left = dep.stop()
+    assert left == [], f"entity.serve left processes behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return install_demo_data(tmp_path_factory.mktemp("private"))
+
+
+def _plan(name: str, data: Path, **kw) -> OwnerPlan:
+    return OwnerPlan(name, data, epochs=1, train_limit=512, **kw)
+
+
+def test_two_owners_one_after_the_other_against_one_entity(deployment, data):
+    from protocol.artifact import load_model_dir
+    from protocol.audit import verify_log
+    from protocol.keys import load_card
+
+    runs = deployment.run_owners([_plan("owner-a", data), _plan("owner-b", data, rate=4.0)], timeout=400)
+    for run in runs:
+        assert run.returncode == 0, f"{run.name}: {run.error}"
+        summary = run.summary
+        assert summary["accuracy"]["dense"] > 0.8  # the shipped pre-trained model
+        assert summary["accuracy"]["retrained"] > 0.5
+        assert summary["ignored_fabs"], "the entity's FAB should have been received and ignored"
+        assert summary["bytes_sent"] > 0 and summary["bytes_received"] > 0
+        program, masks = load_model_dir(Path(summary["final_model"]))
+        state = program.state_dict
+        assert masks, "the final model keeps its masks"
+        for name, mask in masks.items():
+            assert torch.count_nonzero(state[name][~mask]) == 0, f"{name} lost its zeros"
+        owner_card = load_card(deployment.work / run.name / "keys" / "card.json")
+        verdict = verify_log(Path(summary["audit_log"]), owner=owner_card, entity=load_card(deployment.entity_card))
+        assert verdict.ok, verdict
+    rates = [float(r.summary["achieved_rate"]) for r in runs]
+    assert rates[0] == pytest.approx(8.0, rel=0.02) and rates[1] == pytest.approx(4.0, rel=0.02)
+    finished = [e for e in deployment.entity_events() if e["event"] == "finished"]
+    assert len(finished) >= 2
+
+
+def test_unregistered_owner_is_refused_on_both_sides(deployment, data):
+    run = deployment.run_owner(_plan("stranger", data, registered=False), timeout=300)
+    assert run.returncode == 1
+    assert "not registered" in run.error or "admission" in run.error.lower() or "unknown sender" in run.error, run.error
+    refused = [e for e in deployment.entity_events() if e["event"] == "refused"]
+    assert refused, "the entity records the refusal"
+    records = [json.loads(line) for line in (run.out / "audit.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "admission.refused" for r in records)

@@ -1044,7 +1044,7 @@ LDSTATIC ?={static}
 all: bp_main libbpmodel.a libbpmodel.so
 
 bp_main: bp_main.c bp_model.c bp_model.h
-\t$(CC) $(CFLAGS) -o $@ bp_main.c bp_model.c -lm$(LDSTATIC)
+\t$(CC) $(CFLAGS) -o $@ bp_main.c bp_model.c -lm $(LDSTATIC)
 
 bp_model.o: bp_model.c bp_model.h
 \t$(CC) $(CFLAGS) -fPIC -c -o $@ bp_model.c

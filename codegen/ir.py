@@ -149,6 +149,8 @@ def _pair(value: object, default: int | None = None) -> tuple[int, int]:
 
 def _shape(node: torch.fx.Node) -> tuple[int, ...]:
     val = node.meta.get("val")
+    if isinstance(val, (list, tuple)) and val:  # multi-output ops: the tensor is output 0
+        val = val[0]
     if val is None or not hasattr(val, "shape"):
         raise CodegenError(f"node {node.name} has no shape metadata")
     dims = []

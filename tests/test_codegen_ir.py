@@ -1,0 +1,155 @@
+"""Lowering, pattern analysis and compact storage (no compiler needed)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from codegen import HOST, UnsupportedOpError, fixtures, lower
+from codegen.emit import checksum64, generate
+from codegen.ir import Add, Conv, Linear
+from codegen.patterns import kernel_patterns, pack, storage_sizes
+from codegen.verify import export
+
+
+def test_batchnorm_is_folded_and_relu_fused():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    fixtures.randomize_batchnorm(model)
+    graph = lower(export(model, (3, 8, 8)))
+    assert len(graph.layers) == 1
+    conv = graph.layers[0]
+    assert isinstance(conv, Conv) and conv.relu
+    bn = model[1]
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
+    np.testing.assert_allclose(conv.weight, model[0].weight.detach().double().numpy() * scale[:, None, None, None],
+                               rtol=1e-6)
+    np.testing.assert_allclose(conv.bias, (bn.bias.detach().double().numpy()
+                                           - bn.running_mean.double().numpy() * scale), rtol=1e-6, atol=1e-9)
+
+
+def test_residual_add_is_fused_into_the_later_conv():
+    from simulations.models import resnet20
+
+    graph = lower(export(resnet20(), (1, 16, 16)))
+    convs = [l for l in graph.layers if isinstance(l, Conv)]
+    assert sum(c.residual is not None for c in convs) == 9
+    assert not any(isinstance(l, Add) for l in graph.layers)
+    assert isinstance(graph.layers[-1], Linear)
+
+
+def test_decomposed_program_lowers_to_the_same_layers():
+    from simulations.models import resnet20
+
+    program = export(resnet20(), (1, 16, 16))
+    a = lower(program)
+    b = lower(program.run_decompositions())
+    assert [type(l).__name__ for l in a.layers] == [type(l).__name__ for l in b.layers]
+    for la, lb in zip(a.layers, b.layers):
+        if isinstance(la, Conv):
+            np.testing.assert_allclose(la.weight, lb.weight)
+            assert (la.relu, la.residual is None, la.stride) == (lb.relu, lb.residual is None, lb.stride)
+
+
+class _Sig(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv(x))
+
+
+def test_unsupported_op_error_names_op_and_node():
+    with pytest.raises(UnsupportedOpError, match=r"unsupported op aten\.sigmoid\.default at node sigmoid"):
+        lower(export(_Sig(), (3, 8, 8)))
+
+
+def test_grouped_conv_is_refused_with_its_node():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(UnsupportedOpError, match="at node conv2d"):
+        lower(export(model, (4, 8, 8)))
+
+
+def test_mask_for_unknown_weight_is_refused():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match="nope.weight"):
+        lower(export(model, (4, 8, 8)), {"nope.weight": torch.ones(4, 4, 3, 3, dtype=torch.bool)})
+
+
+def test_patterns_come_from_the_mask_not_a_fixed_library():
+    mask = np.zeros((3, 4, 3, 3), dtype=bool)
+    mask[0, 0].flat[[4, 0, 1, 2]] = True
+    mask[0, 1].flat[[4, 0, 1, 2]] = True
+    mask[1, 2].flat[[4, 6, 7, 8]] = True
+    mask[2, 3].flat[[4]] = True
+    ps = kernel_patterns(mask)
+    assert ps.patterns[0] == (0, 1, 2, 4)
+    assert set(ps.patterns) == {(0, 1, 2, 4), (4, 6, 7, 8), (4,)}
+    assert (ps.ids >= 0).sum() == 4
+    assert ps.ids[0, 2] == -1
+
+
+def test_pattern_cap_widens_rare_patterns_to_full_kernel():
+    rng = np.random.default_rng(0)
+    mask = rng.random((16, 16, 3, 3)) < 0.5
+    ps = kernel_patterns(mask, max_patterns=6)
+    assert len(ps.patterns) == 6 and tuple(range(9)) in ps.patterns
+    for o, i in zip(*np.nonzero(ps.ids >= 0)):
+        assert set(np.flatnonzero(mask[o, i])) <= set(ps.patterns[ps.ids[o, i]])
+
+
+@pytest.mark.parametrize("reorder", [True, False])
+def test_packing_keeps_every_kernel_and_groups_by_pattern(reorder):
+    torch.manual_seed(0)
+    w = torch.randn(12, 10, 3, 3)
+    mask = fixtures.pattern_mask(w, 6.0)
+    w = (w * mask).double().numpy()
+    ps = kernel_patterns(mask.numpy())
+    sw = pack(w, ps, ci_block=4, reorder=reorder, compact=True)
+    assert len(sw.kci) == int((ps.ids >= 0).sum()) == sw.counts.sum()
+    assert len(sw.weights) == 4 * len(sw.kci)
+    assert sorted(sw.perm.tolist()) == list(range(12))
+    if reorder:  # filters with more kernels first
+        totals = [(ps.ids[o] >= 0).sum() for o in sw.perm]
+        assert totals == sorted(totals, reverse=True)
+        # within a (block, filter) kernels run pattern by pattern: the stored weights follow
+        k = 0
+        for b in range(sw.counts.shape[0]):
+            for f in range(12):
+                for p in range(len(ps.patterns)):
+                    for _ in range(sw.counts[b, f, p]):
+                        c = sw.kci[k]
+                        assert ps.ids[sw.perm[f], c] == p and b * 4 <= c < b * 4 + 4
+                        np.testing.assert_allclose(sw.weights[4 * k:4 * k + 4],
+                                                   w[sw.perm[f], c].reshape(9)[list(ps.patterns[p])], rtol=1e-6)
+                        k += 1
+
+
+def test_compact_storage_is_smaller_than_csr():
+    torch.manual_seed(0)
+    w = torch.randn(64, 64, 3, 3)
+    for rate in (2.25, 6.0, 12.0):
+        mask = fixtures.pattern_mask(w, rate).numpy()
+        rep = storage_sizes(mask, kernel_patterns(mask))
+        assert rep.nonzeros == 4 * rep.kernels
+        assert rep.compact < 0.65 * rep.csr < rep.dense
+
+
+def test_weight_file_checksum_detects_a_flipped_bit():
+    data = bytearray(np.arange(64, dtype=np.float32).tobytes())
+    before = checksum64(bytes(data))
+    data[17] ^= 1
+    assert checksum64(bytes(data)) != before
+
+
+def test_generated_source_names_kernels_and_is_deterministic():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, bias=False)).eval()
+    masks = fixtures.prune_model(model, 6.0)
+    program = export(model, (8, 10, 10))
+    a = generate(lower(program, masks), HOST)
+    b = generate(lower(program, masks), HOST)
+    assert a.files == b.files
+    src = a.files["bp_model.c"].decode()
+    assert "layer0_t" in src and "vector_size(32)" in src

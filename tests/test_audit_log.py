@@ -1,6 +1,7 @@
 """Audit log: hash chain, RFC 9162 checkpoints, countersignatures, receipts, crash safety."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import signal
@@ -239,3 +240,37 @@ def test_killed_writer_leaves_a_valid_prefix(tmp_path: Path) -> None:
     with AuditLog.open(path, owner) as log:
         log.checkpoint()
     assert verify_log(path, owner=owner.card).ok
+
+
+def _corrupt_checkpoint_signature(path: Path, which: int) -> None:
+    """Replace the signature of the ``which``-th checkpoint and re-chain (an attacker without the key)."""
+    recs = [canonical.loads(line) for line in _lines(path)]
+    cps = [r for r in recs if r["event"] == "checkpoint"]
+    env = cps[which]["details"]["checkpoint"]
+    sig = bytearray(base64.b64decode(env["signatures"][0]["sig"]))
+    sig[5] ^= 0x01
+    env["signatures"][0]["sig"] = base64.b64encode(bytes(sig)).decode()
+    prev = "sha256:" + "0" * 64
+    for rec in recs:
+        rec["prev"] = prev
+        prev = "sha256:" + hashlib.sha256(canonical.dumps(rec)).hexdigest()
+    _write(path, [canonical.dumps(r) for r in recs])
+
+
+@pytest.mark.parametrize("every_signature", [True, False])
+def test_quick_and_full_verification_agree_on_honest_and_forged_logs(honest: Path, every_signature: bool) -> None:
+    assert verify_log(honest, owner=OWNER.card, entity=ENTITY.card, every_signature=every_signature).ok
+    _corrupt_checkpoint_signature(honest, 0)
+    verdict = verify_log(honest, owner=OWNER.card, entity=ENTITY.card, every_signature=every_signature)
+    assert not verdict.ok
+    # full mode names the forged checkpoint itself; quick mode catches it at the entity's
+    # countersignature of that checkpoint or, without the entity's card, at the last signed root
+    assert verdict.first_bad == (3 if every_signature else 4)
+    if not every_signature:
+        assert verify_log(honest, owner=OWNER.card, every_signature=False).first_bad == 7
+
+
+def test_quick_verification_checks_the_last_checkpoint_signature(honest: Path) -> None:
+    _corrupt_checkpoint_signature(honest, -1)
+    verdict = verify_log(honest, owner=OWNER.card, every_signature=False)
+    assert not verdict.ok and "does not verify" in verdict.error

@@ -49,7 +49,7 @@ class PruneConfig:
     layer_rates: tuple[tuple[str, float], ...] = ()
     # Synthetic data: "uniform" (the paper) or "bn" (ZeroQ BatchNorm matching); None = recipe default.
     synthetic: str | None = None
-    synthetic_images: int = 512
+    synthetic_images: int = 256
     synthetic_steps: int = 200
     eval_images: int = 64
     # Least-squares refit (recipe "refit") and ADMM/SLR knobs.
@@ -275,15 +275,23 @@ def finalize(job: Job, program: torch.export.ExportedProgram, started: float) ->
 
 
 def prune(program: torch.export.ExportedProgram, spec: InputSpec, config: PruneConfig,
-          progress: Progress | None = None) -> PruneResult:
+          progress: Progress | None = None, *, inputs: torch.Tensor | None = None) -> PruneResult:
     """Prune every prunable 3x3 conv of ``program`` to ``config.rate`` without any real data.
 
     ``progress`` receives plain dict events (``{"event": "layer", "layer": key, ...}``,
     ``{"event": "synthetic", ...}``); the library never renders them itself.
+    ``inputs`` replaces the recipe's synthetic images with given (already normalised) ones: for
+    benchmarks only (real images as an upper bound, or synthetic images made once and reused
+    across rates). The entity never passes it; the report then says ``"synthetic": "supplied"``.
     """
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     job = prepare(program, spec, config, progress)
+    if inputs is not None:
+        if tuple(inputs.shape[1:]) != tuple(spec.shape):
+            raise PruneError(f"supplied inputs have shape {tuple(inputs.shape[1:])}, the spec says {spec.shape}")
+        job._synthetic = inputs.to(job.device)
+        job.notes.update({"synthetic": "supplied", "synthetic_images": int(inputs.shape[0])})
     job.progress({"event": "start", "recipe": config.recipe, "layers": len(job.layers),
                   "target_rate": _fraction(config.rate)})
     with torch.random.fork_rng(devices=[]):

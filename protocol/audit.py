@@ -241,6 +241,14 @@ class AuditLog:
             },
         )
 
+    def record_blocked(self, reason: str, *, job_id: str | None = None) -> dict[str, Any]:
+        """Log an egress block (``EgressGuard(on_violation=log.record_blocked)``)."""
+        return self.append(EV_BLOCKED, {"reason": str(reason), **({"job_id": job_id} if job_id else {})})
+
+    def record_refused(self, reason: str, *, peer: str, job_id: str | None = None) -> dict[str, Any]:
+        """Log a refused admission (on either side: who was refused or refused us, and why)."""
+        return self.append(EV_REFUSED, {"reason": str(reason), "peer": peer, **({"job_id": job_id} if job_id else {})})
+
     def record_countersignature(self, blob: bytes, *, entity: IdentityCard) -> dict[str, Any]:
         """Verify the entity's countersignature of one of this log's checkpoints, then log it."""
         body = verify_message(blob, kind=COUNTERSIGN_KIND, signer=entity)

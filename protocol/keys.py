@@ -142,6 +142,15 @@ class Identity:
         return cls._from_keys(role, name or role, sign_key, seal_key)
 
     @classmethod
+    def from_private_bytes(cls, role: str, name: str, signing: bytes, sealing: bytes) -> "Identity":
+        """An identity from raw 32-byte private keys (golden test vectors, key import)."""
+        if len(signing) != 32 or len(sealing) != 32:
+            raise KeyFileError("private keys must be 32 bytes each")
+        return cls._from_keys(
+            role, name, Ed25519PrivateKey.from_private_bytes(signing), X25519PrivateKey.from_private_bytes(sealing)
+        )
+
+    @classmethod
     def _from_keys(cls, role: str, name: str, sign_key: Ed25519PrivateKey, seal_key: X25519PrivateKey) -> "Identity":
         card = IdentityCard(
             role=role,

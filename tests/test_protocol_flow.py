@@ -67,7 +67,7 @@ def _owner_request(w: World, offer: bytes) -> tuple[bytes, bytes, str]:
                "input_spec": InputSpec(shape=(1, 28, 28), mean=(0.2860,), std=(0.3530,)).to_json()}
     files["request.json"] = canonical.dumps(request)
     guard = EgressGuard(schema=schema_of(model.state_dict()), max_bytes=10_000_000,
-                        on_violation=lambda reason: w.owner_log.append("egress.blocked", {"reason": reason}))
+                        on_violation=w.owner_log.record_blocked)
     guard.check(files, {})
     sealed = seal_bundle_detailed(files, kind="model", job_id=body["job_id"], request_hash=digest(offer),
                                   sender=w.owner, recipient=w.entity.card)
@@ -162,8 +162,8 @@ def test_unregistered_owner_is_refused_with_a_clear_message_and_logged(world: Wo
     assert sender_fingerprint(blob) == world.owner.fingerprint
     with pytest.raises(AdmissionError, match=f"{world.owner.fingerprint[:16]} is not registered") as info:
         _entity_answer(world, offer, blob, checkpoint)
-    world.owner_log.append(EV_REFUSED, {"peer": world.entity.fingerprint, "reason": str(info.value)})
-    assert "\n" not in str(info.value)
+    record = world.owner_log.record_refused(str(info.value), peer=world.entity.fingerprint)
+    assert record["event"] == EV_REFUSED and "\n" not in str(info.value)
 
 
 def test_result_with_nan_weights_is_refused(world: World) -> None:

@@ -46,3 +46,11 @@ def test_torn_last_line_is_ignored_and_corruption_is_refused(tmp_path: Path) -> 
     path.write_bytes(b"garbage\n")
     with pytest.raises(ReplayError, match="corrupt"):
         NonceStore(path)
+
+
+def test_scopes_keep_one_jobs_offer_and_result_apart(tmp_path: Path) -> None:
+    store = NonceStore(tmp_path / "owner.jsonl")
+    store.accept_once("job-1", "n1", scope="offer")
+    store.accept_once("job-1", "n1", scope="result")
+    with pytest.raises(ReplayError, match="offer with this nonce was already accepted"):
+        NonceStore(tmp_path / "owner.jsonl").accept_once("job-1", "n1", scope="offer")

@@ -254,12 +254,20 @@ def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str) -> None
     the map is fixed per phase, so the copy loop is a plain strided gather."""
     s, rows, pitch, _ = src.phase  # type: ignore[misc]
     ph, pw = conv.padding
+    kh, kw = conv.kernel
+    out_h = (inp.h + 2 * ph - kh) // s + 1
+    used_rows = sorted({s * yo + ky for yo in range(out_h) for ky in range(kh)})
+    all_rows = used_rows == list(range(rows))
+    if not all_rows:
+        c(f"static const unsigned char used[{rows}] = {{{', '.join('1' if r in used_rows else '0' for r in range(rows))}}};")
     c.open(f"for (int ci = 0; ci < {inp.c}; ++ci)")
     c(f"const float *ip = {buf} + {inp.origin} + ci * {inp.plane};")
-    for f in range(s):
+    for f in sorted({kx % s for kx in range(kw)}):
         lo = max(0, -(-(pw - f) // s))
         hi = max(lo, min(pitch, (inp.w - 1 + pw - f) // s + 1))
         c.open(f"for (int r = 0; r < {rows}; ++r)")
+        if not all_rows:
+            c("if (!used[r]) continue;")
         c(f"float *restrict q = scratch + (ci * {s} + {f}) * {rows * pitch} + r * {pitch};")
         c(f"const int y = r - {ph};")
         c.open(f"if (y < 0 || y >= {inp.h})")
@@ -358,9 +366,9 @@ class Emitter:
     def dense_conv(self, fname: str, conv: Conv, inp: FMap, out: FMap, res: FMap | None, src: _Src) -> None:
         V = self.V
         cout, cin, kh, kw = conv.weight.shape
-        ob = self.t.dense_ob
         n_vec = -(-out.w // V)
         u = min(self.t.dense_u, n_vec)
+        ob = max(1, min(8, self.t.dense_acc // u, cout))
         masked = out.w % V != 0
         # weights: per output-channel block [ci][tap][ob'] so each tap broadcasts consecutive floats
         w = conv.weight.reshape(cout, cin, kh * kw).astype(np.float32)
@@ -477,6 +485,11 @@ class Emitter:
         c(f"const float *restrict KW = {KW};")
         c(f"const float *restrict BIAS = {BIAS};")
         c(f"const int32_t *restrict PERM = {PERM};")
+        if n_blocks > 1:
+            totals = sw.counts.reshape(n_blocks, cout, -1).sum(axis=2)
+            first = np.array([int(np.argmax(totals[:, f] > 0)) if totals[:, f].any() else n_blocks - 1
+                              for f in range(cout)], dtype=np.uint16)
+            c(f"const uint16_t *restrict FIRST = {self.warr(first, 'const uint16_t')};")
         self._mask_decl(c, out)
         bands = [("loop", out.h - out.h % r, r)] + ([("one", out.h - out.h % r, out.h % r)] if out.h % r else [])
         for kind, a, rr in bands:
@@ -496,21 +509,32 @@ class Emitter:
             c(f"const float *sb = src + yb * {src.rs};")
             c(f"const float *rp = res ? res + o * {res.plane if res else 0} + yb * {res.pitch if res else 0} : NULL;")
             wf = "w" if o.compact else f"KW + o * {cin * 9}"
+            if o.reorder:
+                c(f"const int nk = {' + '.join(f'cnt[{p}]' for p in range(n_pat)) or '0'};")
+            else:
+                c("const int nk = cnt[0];")
+            if n_blocks > 1:
+                # blocks before the filter's first kernel, and empty middle blocks, do nothing
+                c(f"const int first = b == FIRST[f], last = b == {n_blocks - 1};")
+                c("if (b >= FIRST[f] && (nk || first || last)) {")
+                c.depth += 1
+            else:
+                c("const int first = 1, last = 1;")
             for x0, tw, tm in _tiles(n_vec, u, masked):
                 args = [f"op + {x0 * V}", f"sb + {x0 * V}", f"rp ? rp + {x0 * V} : NULL", "cnt", "ci"]
                 if KPAT:
                     args.append("kp")
-                args += [wf, "BIAS[o]", "b == 0", f"b == {n_blocks - 1}"]
+                args += [wf, "BIAS[o]", "first", "last"]
                 if tm:
                     args.append("mk")
                 c(f"{fname}_t{rr}x{tw}{'m' if tm else ''}({', '.join(args)});")
+            if n_blocks > 1:
+                c.close()
             if o.reorder:
-                c(f"const int nk = {' + '.join(f'cnt[{p}]' for p in range(n_pat)) or '0'};")
                 if o.compact:
                     c(f"w += {' + '.join(f'{len(ps.patterns[p])} * cnt[{p}]' for p in range(n_pat)) or '0'};")
                 c(f"ci += nk; cnt += {n_pat};")
             else:
-                c("const int nk = cnt[0];")
                 if o.compact:
                     c.open("for (int k = 0; k < nk; ++k)")
                     c(f"w += BP_PLEN_{fname}[kp[k]];")

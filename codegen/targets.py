@@ -20,8 +20,8 @@ class Target:
     vec: int                     # floats per vector register
     accumulators: int            # output vectors kept in registers by a pattern-sparse tile
     max_u: int                   # vectors along the width in one tile
-    dense_ob: int                # output channels per dense tile
-    dense_u: int                 # width vectors per dense tile
+    dense_acc: int               # accumulators of a dense tile (output channels x width vectors)
+    dense_u: int                 # width vectors per dense tile (at most)
     l1_bytes: int                # input slab budget for input-channel blocking
     run_prefix: tuple[str, ...]  # how to execute a built binary (emulator)
     static: bool                 # link the harness statically (so an emulator needs no sysroot)
@@ -37,14 +37,14 @@ class Target:
 
 HOST = Target(
     name="host", cc="cc", cflags=("-O3", "-march=native", "-ffp-contract=fast"), vec=8, accumulators=16,
-    max_u=4, dense_ob=4, dense_u=3, l1_bytes=24 * 1024, run_prefix=(), static=False,
+    max_u=4, dense_acc=18, dense_u=3, l1_bytes=24 * 1024, run_prefix=(), static=False,
     packages=(("cc", "gcc"),), vreg="x",
 )
 
 AARCH64_NEON = Target(
     name="aarch64-neon", cc="aarch64-linux-gnu-gcc",
     cflags=("-O3", "-march=armv8.2-a", "-ffp-contract=fast"), vec=4, accumulators=12, max_u=3,
-    dense_ob=4, dense_u=2, l1_bytes=24 * 1024, run_prefix=("qemu-aarch64",), static=True,
+    dense_acc=12, dense_u=2, l1_bytes=24 * 1024, run_prefix=("qemu-aarch64",), static=True,
     packages=(("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"), ("qemu-aarch64", "qemu-user")), vreg="w",
     ar="aarch64-linux-gnu-ar",
 )

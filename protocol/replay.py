@@ -54,15 +54,17 @@ class NonceStore:
                 continue
             try:
                 rec = canonical.loads(line)
-                op, scope, job_id, nonce = rec["op"], rec["scope"], rec["job_id"], rec["nonce"]
-                if not all(isinstance(v, str) for v in (op, scope, job_id, nonce)) or op not in ("issue", "use"):
+                op, job_id, nonce = rec["op"], rec["job_id"], rec["nonce"]
+                # lines written before scopes existed carry none: count them as used in every scope
+                scopes = [rec["scope"]] if "scope" in rec else [OFFER_SCOPE, RESULT_SCOPE]
+                if not all(isinstance(v, str) for v in (op, job_id, nonce, *scopes)) or op not in ("issue", "use"):
                     raise TypeError("bad field")
             except (canonical.CanonicalJSONError, KeyError, TypeError) as exc:
                 raise ReplayError(f"nonce store {self._path} is corrupt") from exc
             if op == "issue":
                 self._issued.add((job_id, nonce))
             else:
-                self._used.add((scope, job_id, nonce))
+                self._used.update((scope, job_id, nonce) for scope in scopes)
 
     def _record(self, op: str, scope: str, job_id: str, nonce: str) -> None:
         if self._path is None:

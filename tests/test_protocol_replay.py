@@ -54,3 +54,13 @@ def test_scopes_keep_one_jobs_offer_and_result_apart(tmp_path: Path) -> None:
     store.accept_once("job-1", "n1", scope="result")
     with pytest.raises(ReplayError, match="offer with this nonce was already accepted"):
         NonceStore(tmp_path / "owner.jsonl").accept_once("job-1", "n1", scope="offer")
+
+
+def test_store_written_before_scopes_existed_still_refuses_its_nonces(tmp_path: Path) -> None:
+    path = tmp_path / "old.jsonl"
+    path.write_bytes(b'{"job_id":"job-1","nonce":"n1","op":"issue"}\n{"job_id":"job-1","nonce":"n1","op":"use"}\n')
+    store = NonceStore(path)
+    with pytest.raises(ReplayError):
+        store.redeem("job-1", "n1")
+    with pytest.raises(ReplayError):
+        store.accept_once("job-1", "n1")

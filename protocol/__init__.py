@@ -22,11 +22,20 @@ Modules (one per verb, private helpers underscored):
 * ``replay``: ``NonceStore`` (``issue`` / ``redeem`` on the entity, ``accept_once`` on the owner),
   ``new_job_id``, ``new_nonce``.
 * ``egress``: ``EgressGuard(schema, max_bytes, ...)``, ``.check(files, claims)``, ``schema_of``.
-* ``audit``: ``AuditLog.open/append/checkpoint/record_sent/record_received/
-  record_countersignature/record_receipt``, ``countersign_checkpoint``, ``make_receipt``,
-  ``verify_log`` -> ``AuditVerdict``, ``read_records``. CLI: ``python -m owner.audit``.
+  ``program_guard``: ``strip_program`` (drop the stack traces and module paths torch.export
+  records) and ``check_program`` (the guard's default check of ``program.json``).
+* ``tensors``: ``schema_of``, ``check_safetensors`` (exact schema, finite, no metadata, canonical
+  bytes) and ``check_masks`` for what the owner receives.
+* ``audit``: ``AuditLog.open/append/checkpoint/record_sent/record_received/record_blocked/
+  record_refused/record_countersignature/record_receipt``, ``countersign_checkpoint``,
+  ``make_receipt``, ``verify_log`` -> ``AuditVerdict``, ``read_records``, ``embedded_cards``.
+  CLI: ``python -m owner.audit verify|report``.
+* ``transport``: key material for the Flower TLS and SuperNode-auth deployment options.
 
 Differences from the first API sketch: ``open_bundle`` also takes ``max_bytes``;
-``verify_log`` also takes an optional external ``checkpoint`` (detects truncation below it);
-``AuditLog`` has ``record_*`` helpers so the flow logs transfers in one call each.
+``seal_bundle_detailed`` returns the signed statement with the blob (for ``record_sent``);
+``verify_log`` also takes an optional external ``checkpoint`` (detects truncation below it) and
+``every_signature`` (False: the owner signature of the last checkpoint only); ``NonceStore``
+(``replay``) gives the replay primitives; ``AuditLog`` has ``record_*`` helpers so the flow logs
+each step in one call. ``protocol/FLOW.md`` lists the calls each side makes, in order.
 """

@@ -115,12 +115,13 @@ class AuditLog:
                 cut = data.rfind(b"\n") + 1
                 torn = data[cut:]
                 data = data[:cut]
-                os.ftruncate(fd, cut)
-                os.fsync(fd)
             log = cls(path, identity, fd, "", 0, GENESIS_PREV, Accumulator())
             if data:
-                log._resume(data)
-            else:
+                log._resume(data)  # raises on a broken chain before anything is changed on disk
+            if torn:
+                os.ftruncate(fd, len(data))
+                os.fsync(fd)
+            if not data:
                 log.log_id = "log-" + secrets.token_hex(12)
                 log.append(
                     EV_CREATED,

@@ -274,3 +274,23 @@ def test_quick_verification_checks_the_last_checkpoint_signature(honest: Path) -
     _corrupt_checkpoint_signature(honest, -1)
     verdict = verify_log(honest, owner=OWNER.card, every_signature=False)
     assert not verdict.ok and "does not verify" in verdict.error
+
+
+def test_open_refusing_a_broken_log_leaves_it_untouched(honest: Path) -> None:
+    lines = _lines(honest)
+    lines[1], lines[2] = lines[2], lines[1]
+    broken = b"".join(line + b"\n" for line in lines) + b'{"torn'
+    honest.write_bytes(broken)
+    with pytest.raises(AuditError):
+        AuditLog.open(honest, OWNER)
+    assert honest.read_bytes() == broken
+
+
+def test_log_whose_only_line_is_torn_is_recreated_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"details":{"log_id":"lo')
+    with AuditLog.open(path, OWNER) as log:
+        log.checkpoint()
+    records = read_records(path)
+    assert [r["event"] for r in records] == ["log.created", "log.recovered", "checkpoint"]
+    assert verify_log(path, owner=OWNER.card).ok

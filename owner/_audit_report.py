@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 from protocol.audit import (
     EV_BLOCKED,
-    EV_CHECKPOINT,
     EV_COUNTERSIGN,
     EV_RECEIPT,
     EV_RECEIVED,
@@ -27,7 +26,7 @@ from protocol.audit import (
     AuditVerdict,
     iter_lines,
 )
-from protocol import canonical
+from protocol import _json, canonical
 from protocol.keys import IdentityCard
 
 
@@ -134,7 +133,7 @@ def _valid_records(path: Path, limit: int | None) -> list[dict[str, Any]]:
         if (limit is not None and index >= limit) or not complete:
             break
         try:
-            out.append(canonical.loads(line))
+            out.append(_json.loads(line))
         except canonical.CanonicalJSONError:
             break
     return out
@@ -227,7 +226,7 @@ def _message_body(envelope: Any) -> dict[str, Any]:
     import base64
 
     try:
-        payload = canonical.loads(base64.b64decode(envelope["payload"]))
+        payload = _json.loads(base64.b64decode(envelope["payload"]))
         return payload["body"] if isinstance(payload.get("body"), dict) else {}
     except (KeyError, TypeError, ValueError, canonical.CanonicalJSONError):
         return {}

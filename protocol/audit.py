@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from . import canonical
+from . import _json, canonical
 from ._merkle import Accumulator
 from .errors import AuditError, ProtocolError, SignatureError
 from .keys import Identity, IdentityCard
@@ -204,7 +204,7 @@ class AuditLog:
             "time": _now(),
         }
         blob = sign_message(body, kind=CHECKPOINT_KIND, signer=self.identity)
-        self.append(EV_CHECKPOINT, {"checkpoint": canonical.loads(blob)})
+        self.append(EV_CHECKPOINT, {"checkpoint": _json.loads(blob)})
         return blob
 
     def record_sent(self, sealed: Sealed, *, recipient: IdentityCard, request: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -255,12 +255,12 @@ class AuditLog:
         body = verify_message(blob, kind=COUNTERSIGN_KIND, signer=entity)
         if body.get("log_id") != self.log_id or body.get("owner") != self.identity.fingerprint:
             raise AuditError("countersignature is for another audit log")
-        return self.append(EV_COUNTERSIGN, {"entity": entity.fingerprint, "countersignature": canonical.loads(blob)})
+        return self.append(EV_COUNTERSIGN, {"entity": entity.fingerprint, "countersignature": _json.loads(blob)})
 
     def record_receipt(self, blob: bytes, *, entity: IdentityCard) -> dict[str, Any]:
         """Verify the entity's receipt, then log it."""
         verify_message(blob, kind=RECEIPT_KIND, signer=entity)
-        return self.append(EV_RECEIPT, {"entity": entity.fingerprint, "receipt": canonical.loads(blob)})
+        return self.append(EV_RECEIPT, {"entity": entity.fingerprint, "receipt": _json.loads(blob)})
 
 
 def _read_all(fd: int) -> bytes:
@@ -278,7 +278,7 @@ def _parse_line(line: bytes, index: int) -> dict[str, Any]:
     if len(line) > MAX_RECORD_BYTES:
         raise AuditError(f"{where}: longer than {MAX_RECORD_BYTES} bytes")
     try:
-        rec = canonical.loads(line)
+        rec = _json.loads(line)
     except canonical.CanonicalJSONError as exc:
         raise AuditError(f"{where}: not canonical JSON ({exc})") from exc
     if not isinstance(rec, dict) or set(rec) != {"seq", "time", "event", "details", "prev"}:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 
-from . import canonical
+from . import _json, canonical
 from ._pickles import reject_pickles
 from .errors import ArtifactError, EgressViolation, ProtocolError
 from .program_guard import check_program
@@ -117,7 +117,7 @@ class EgressGuard:
             raise EgressViolation(f"egress blocked: {exc}") from exc
 
     def _check_request(self, data: bytes) -> None:
-        request = canonical.loads(data)
+        request = _json.loads(data)
         if canonical.dumps(request) != data:
             raise EgressViolation("egress blocked: request.json is not in canonical form")
         if not isinstance(request, dict) or set(request) != REQUEST_FIELDS:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import re
 import stat
 import sys
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from . import canonical
+from . import _json, canonical
 from ._dsse import b64d, b64e
 from ._files import atomic_write
 from .errors import AdmissionError, KeyFileError, ProtocolError, SignatureError
@@ -117,7 +116,7 @@ class IdentityCard:
         if len(data) > MAX_CARD_BYTES:
             raise KeyFileError("identity card file too large")
         try:
-            return cls.from_json(canonical.loads(data))
+            return cls.from_json(_json.loads(data))
         except canonical.CanonicalJSONError as exc:
             raise KeyFileError(f"identity card is not valid JSON: {exc}") from exc
 

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from . import canonical
+from . import _json, canonical
 from .errors import MaskError
 
 MAGIC = b"BPMASK1\n"
@@ -58,7 +58,7 @@ def unpack_masks(data: bytes) -> dict[str, torch.Tensor]:
     if n > MAX_HEADER or start + n > len(data):
         raise MaskError("packed mask header length out of bounds")
     try:
-        header = canonical.loads(bytes(data[start : start + n]))
+        header = _json.loads(bytes(data[start : start + n]))
     except canonical.CanonicalJSONError as exc:
         raise MaskError(f"packed mask header malformed: {exc}") from exc
     if not isinstance(header, dict) or set(header) != {"tensors"} or not isinstance(header["tensors"], list):

@@ -16,7 +16,7 @@ import secrets
 import threading
 from pathlib import Path
 
-from . import canonical
+from . import _json, canonical
 from .errors import ReplayError
 
 OFFER_SCOPE = "offer"
@@ -53,7 +53,7 @@ class NonceStore:
             if not line:
                 continue
             try:
-                rec = canonical.loads(line)
+                rec = _json.loads(line)
                 op, job_id, nonce = rec["op"], rec["job_id"], rec["nonce"]
                 # lines written before scopes existed carry none: count them as used in every scope
                 scopes = [rec["scope"]] if "scope" in rec else [OFFER_SCOPE, RESULT_SCOPE]

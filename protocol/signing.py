@@ -15,7 +15,7 @@ import hashlib
 import re
 from typing import Any, Mapping
 
-from . import canonical
+from . import _json, canonical
 from . import _dsse
 from ._pickles import reject_pickles
 from ._safetensors import parse_header, tensor_digests
@@ -69,7 +69,7 @@ def read_message_unchecked(blob: bytes | Mapping[str, Any], *, kind: str, signer
 
 def _message_body(payload: bytes, *, kind: str, signer: IdentityCard) -> dict[str, Any]:
     try:
-        data = canonical.loads(payload)
+        data = _json.loads(payload)
     except canonical.CanonicalJSONError as exc:
         raise SignatureError(f"signed message payload is not canonical JSON: {exc}") from exc
     if not isinstance(data, dict) or set(data) != {"type", "kind", "signer", "body"} or data["type"] != MESSAGE_TYPE:

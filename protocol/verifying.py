@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Mapping
 
-from . import canonical
+from . import _json, canonical
 from . import _dsse
 from ._pickles import reject_pickles
 from ._safetensors import parse_header, tensor_digests
@@ -25,7 +25,7 @@ def verify_statement_envelope(envelope: bytes, signer: IdentityCard) -> dict[str
     env = _dsse.parse(envelope)
     payload = _dsse.verify(env, signer.verify_key(), signer.fingerprint, _dsse.INTOTO_PAYLOAD_TYPE)
     try:
-        statement = canonical.loads(payload)
+        statement = _json.loads(payload)
     except canonical.CanonicalJSONError as exc:
         raise SignatureError(f"signed statement is not canonical JSON: {exc}") from exc
     if (

@@ -22,7 +22,7 @@ from protocol.audit import AuditLog, verify_log
 from protocol.errors import ProtocolError
 from protocol.keys import Identity, IdentityCard
 from protocol.masks import unpack_masks
-from protocol.sealing import _SUITE, BUNDLE_MAGIC, _info, _seal_frames, open_bundle, seal_bundle
+from protocol.sealing import _SUITE, BUNDLE_MAGIC, _info, open_bundle, seal_bundle
 from protocol.signing import digest, sign_message, verify_message
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -161,3 +161,23 @@ def test_mutated_audit_log_gives_a_verdict_never_a_crash(edits: list[tuple[int, 
     verdict = verify_log(path, owner=OWNER.card)
     if data != _GOOD_LOG and not verdict.ok:
         assert verdict.error and "\n" not in verdict.error
+
+
+def test_deeply_nested_json_is_the_clean_error_in_every_parser(tmp_path: Path) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for parse in (
+        lambda: verify_message(deep, kind="offer", signer=ENTITY.card),
+        lambda: IdentityCard.from_bytes(deep[:60_000]),
+        lambda: unpack_masks(b"BPMASK1\n" + struct.pack(">I", 20_000) + deep[:20_000]),
+        lambda: parse_header(struct.pack("<Q", 20_000) + b"[" * 20_000),
+        lambda: _open(_reseal(BUNDLE_MAGIC + struct.pack(">I", len(deep)) + deep + struct.pack(">I", 0))),
+        lambda: _open(b"BPSEAL1\n" + struct.pack(">I", 60_000) + b"[" * 60_000 + b"\0" * 64),
+    ):
+        try:
+            parse()
+        except ProtocolError:
+            pass
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(b"[" * 50_000 + b"\n")
+    verdict = verify_log(path, owner=OWNER.card)
+    assert not verdict.ok and verdict.first_bad == 0

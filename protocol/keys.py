@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from . import _json, canonical
+from ._curves import ed25519_key_is_safe, x25519_key_is_safe
 from ._dsse import b64d, b64e
 from ._files import atomic_write
 from .errors import AdmissionError, KeyFileError, ProtocolError, SignatureError
@@ -62,6 +63,10 @@ class IdentityCard:
             raise KeyFileError(f"identity card name {self.name!r} is not a short plain name")
         if len(self.signing_public) != 32 or len(self.sealing_public) != 32:
             raise KeyFileError("identity card keys must be 32 bytes each (Ed25519, X25519)")
+        if not ed25519_key_is_safe(bytes(self.signing_public)):
+            raise KeyFileError("identity card signing key is not a valid full-order Ed25519 key (weak or malformed)")
+        if not x25519_key_is_safe(bytes(self.sealing_public)):
+            raise KeyFileError("identity card sealing key is a low-order X25519 key (weak)")
 
     @property
     def fingerprint(self) -> str:

@@ -113,3 +113,44 @@ def test_keys_cli_init_show_and_refuse(tmp_path: Path) -> None:
     assert again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
     bad = _cli("init", "--role", "king", "--dir", str(tmp_path / "x"))
     assert bad.returncode == 2
+
+
+SMALL_ORDER_ED25519 = [
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+]
+
+
+@pytest.mark.parametrize("weak", SMALL_ORDER_ED25519)
+def test_card_with_a_small_order_signing_key_is_refused(weak: str) -> None:
+    good = Identity.generate("owner").card
+    with pytest.raises(KeyFileError, match="full-order Ed25519"):
+        IdentityCard("owner", "weak", bytes.fromhex(weak), good.sealing_public)
+
+
+def test_small_order_signing_key_would_accept_a_forged_signature() -> None:
+    """Why the check exists: under such a key one constant signature verifies for about a quarter
+    of all messages, with no private key involved."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    weak = Ed25519PublicKey.from_public_bytes(bytes(32))
+    forged = 0
+    for i in range(32):
+        try:
+            weak.verify(bytes(64), b"message %d" % i)
+            forged += 1
+        except InvalidSignature:
+            pass
+    assert forged > 0
+
+
+def test_card_with_a_low_order_sealing_key_is_refused() -> None:
+    good = Identity.generate("owner").card
+    for weak in ("00" * 32, "01" + "00" * 31, "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"):
+        with pytest.raises(KeyFileError, match="low-order X25519"):
+            IdentityCard("owner", "weak", good.signing_public, bytes.fromhex(weak))

@@ -455,7 +455,7 @@ class Emitter:
         s = conv.stride[0]
         slab_rows = (s * (r - 1) + 3) * (s if s > 1 else 1)
         slab = slab_rows * (src.rs // s if s > 1 else src.rs) * 4
-        cb = max(8, self.t.l1_bytes // max(1, slab))
+        cb = max(32, self.t.l1_bytes // max(1, slab))
         cb = cin if cb >= cin else cb
         sw = pat.pack(conv.weight, ps, cb, reorder=o.reorder, compact=o.compact)
         n_pat = len(ps.patterns)

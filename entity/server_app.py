@@ -119,9 +119,12 @@ class JobLoop:
             return
         job_id = pending.offer.job_id
         if reply.has_error():
+            if pending.stage == "finish":
+                # The owner got the finish message and disconnected before its goodbye was pulled.
+                self.jobs.events.write("finished", job_id=job_id, node_id=pending.node_id, note="owner left before its goodbye")
+                return
             self.jobs.events.write("owner-error", job_id=job_id, node_id=pending.node_id, reason=reply.error.reason)
-            if pending.stage != "finish":
-                self.finish(pending, "error")
+            self.finish(pending, "error")
             return
         if pending.stage == "offer":
             self.on_request(pending, reply)

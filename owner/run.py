@@ -177,6 +177,7 @@ def _wait_replies_pushed(log_path: Path, count: int, timeout: float) -> None:
     while time.monotonic() < deadline:
         try:
             if log_path.read_text(errors="replace").count("Sent successfully") >= count:
+                time.sleep(1.0)  # the entity polls every 0.25 s: let it pull the goodbye
                 return
         except OSError:
             return

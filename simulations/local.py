@@ -255,6 +255,23 @@ def _stop_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _audit_verdict(deployment: LocalDeployment, run: OwnerRun) -> str:
+    """What ``python -m owner.audit verify`` would say about this owner's log."""
+    from protocol.audit import verify_log
+    from protocol.errors import ProtocolError
+    from protocol.keys import load_card
+
+    try:
+        verdict = verify_log(run.out / "audit.jsonl", owner=load_card(deployment.work / run.name / "keys" / "card.json"),
+                             entity=load_card(deployment.entity_card))
+    except ProtocolError as exc:
+        return f"FAILS: {exc}"
+    if not verdict.ok:
+        return f"FAILS at record {verdict.first_bad}: {verdict.error}"
+    return (f"verifies: {verdict.records} records, {verdict.checkpoints} signed checkpoints, "
+            f"{verdict.countersigned} records countersigned by the entity, {verdict.receipts} receipt(s)")
+
+
 def _print_report(runs: list[OwnerRun], deployment: LocalDeployment, wall: float, console) -> None:
     from rich.table import Table
 
@@ -273,8 +290,12 @@ def _print_report(runs: list[OwnerRun], deployment: LocalDeployment, wall: float
                       *(f"{acc[k]:.2%}" if k in acc else "-" for k in ("dense", "pruned", "retrained")),
                       "ok" if run.returncode == 0 else run.error)
     console.print(table)
-    finished = sum(1 for e in deployment.entity_events() if e.get("event") == "finished")
-    console.print(f"entity: {finished} job(s) finished; events {deployment.events}")
+    delivered = sum(1 for e in deployment.entity_events() if e.get("event") == "delivered")
+    refused = sum(1 for e in deployment.entity_events() if e.get("event") == "refused")
+    console.print(f"entity: {delivered} result(s) delivered, {refused} request(s) refused; events {deployment.events}")
+    for run in runs:
+        if run.summary is not None:
+            console.print(f"{run.name}: audit log {_audit_verdict(deployment, run)}")
     console.print(f"wall time {wall:.1f} s; work folder {deployment.work}")
 
 
@@ -304,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simulations.local: error: data folder {data} does not exist", file=sys.stderr)
         return 1
     epochs = args.epochs if args.epochs is not None else (2 if args.demo else None)
+    # The embedded subset has 6,000 training images: smaller batches give retraining enough steps.
+    extra = {"batch_size": 64} if args.demo else {}
     deployment = LocalDeployment(work, recipe=args.recipe)
-    plans = [OwnerPlan(f"owner-{i + 1}", data, rate=args.rate, epochs=epochs) for i in range(args.owners)]
+    plans = [OwnerPlan(f"owner-{i + 1}", data, rate=args.rate, epochs=epochs, extra=extra) for i in range(args.owners)]
     for plan in plans:
         deployment.prepare_owner(plan)
     runs: list[OwnerRun] = []

@@ -28,7 +28,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def _plan(name: str, data: Path, **kw) -> OwnerPlan:
-    return OwnerPlan(name, data, epochs=1, train_limit=512, **kw)
+    return OwnerPlan(name, data, epochs=1, train_limit=3000, extra={"batch_size": 64}, **kw)
 
 
 def test_two_owners_one_after_the_other_against_one_entity(deployment, data):
@@ -41,7 +41,8 @@ def test_two_owners_one_after_the_other_against_one_entity(deployment, data):
         assert run.returncode == 0, f"{run.name}: {run.error}"
         summary = run.summary
         assert summary["accuracy"]["dense"] > 0.8  # the shipped pre-trained model
-        assert summary["accuracy"]["retrained"] > 0.5
+        # One short masked epoch must recover most of what pruning cost.
+        assert summary["accuracy"]["retrained"] > max(0.6, summary["accuracy"]["pruned"] + 0.1)
         assert summary["ignored_fabs"], "the entity's FAB should have been received and ignored"
         assert summary["bytes_sent"] > 0 and summary["bytes_received"] > 0
         program, masks = load_model_dir(Path(summary["final_model"]))

@@ -242,7 +242,10 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
         "model_factory": config.model, "data_layout": data.layout,
         "data_stays_local": True, "classes": len(data.classes),
     })
-    session = OwnerSession(identity, entity_card, program, spec, request, audit)
+    from protocol.replay import NonceStore
+
+    session = OwnerSession(identity, entity_card, program, spec, request, audit,
+                           nonces=NonceStore(config.keys / "seen-nonces.jsonl"))
     _wait_reachable(host, port, config.connect_timeout)
 
     runtime_port = free_port()

@@ -20,6 +20,8 @@ from protocol.egress import EgressGuard, schema_of
 from protocol.errors import EgressViolation, ProtocolError
 from protocol.keys import Identity, IdentityCard
 from protocol.masks import unpack_masks
+from protocol.program_guard import check_program
+from protocol.replay import NonceStore
 from protocol.sealing import open_bundle, seal_bundle_detailed
 from protocol.signing import digest, verify_message
 from protocol.spec import InputSpec, PruneRequest, RetrainRecipe
@@ -58,6 +60,7 @@ class OwnerSession:
     spec: InputSpec
     request: PruneRequest
     audit: AuditLog
+    nonces: NonceStore | None = None
     max_bytes: int = MAX_REQUEST_BYTES
     job_id: str | None = None
     nonce: str | None = None
@@ -94,6 +97,12 @@ class OwnerSession:
             self.audit.append(EV_REFUSED, {"reason": f"offer failed verification: {exc}"})
             raise SessionError(f"the entity's offer failed verification: {exc}") from exc
         self.job_id, self.nonce = str(offer["job_id"]), str(offer["nonce"])
+        if self.nonces is not None:
+            try:
+                self.nonces.accept_once(self.job_id, self.nonce, scope="offer")
+            except ProtocolError as exc:
+                self.audit.record_refused(f"replayed offer: {exc}", peer=self.entity_card.fingerprint, job_id=self.job_id)
+                raise SessionError(f"the entity's offer was seen before (replay): {exc}") from exc
         self.audit.append("offer.received", {"job_id": self.job_id, "entity": self.entity_card.fingerprint,
                                              "offer": digest(offer_blob), "asks_for": list(offer.get("asks_for", []))})
         request = {"job_id": self.job_id, "nonce": self.nonce, "prune": self.request.to_json(), "input_spec": self.spec.to_json()}
@@ -105,7 +114,7 @@ class OwnerSession:
             schema=schema_of(self.program.state_dict),
             max_bytes=self.max_bytes,
             allowed_claims=frozenset(claims),
-            program_check=self._program_is_ours,
+            program_check=self._program_is_ours_and_clean,
             on_violation=lambda reason: self.audit.append(EV_BLOCKED, {"job_id": self.job_id, "reason": reason}),
         )
         guard.check(files, claims)
@@ -121,7 +130,8 @@ class OwnerSession:
                                "files": record["details"]["files"], "tensors": len(self.program.state_dict)})
         return sealed.blob
 
-    def _program_is_ours(self, data: bytes) -> None:
+    def _program_is_ours_and_clean(self, data: bytes) -> None:
+        check_program(data)
         if data != self._artifact[PROGRAM_FILE]:
             raise EgressViolation("egress blocked: program.json differs from this model's own export")
 
@@ -140,6 +150,12 @@ class OwnerSession:
         except ProtocolError as exc:
             self.audit.append(EV_REFUSED, {"job_id": self.job_id, "reason": f"result failed verification: {exc}"})
             raise SessionError(f"the entity's result failed verification: {exc}") from exc
+        if self.nonces is not None and self.nonce is not None:
+            try:
+                self.nonces.accept_once(self.job_id, self.nonce)
+            except ProtocolError as exc:
+                self.audit.record_refused(f"replayed result: {exc}", peer=self.entity_card.fingerprint, job_id=self.job_id)
+                raise SessionError(f"a result for job {self.job_id} was accepted before (replay)") from exc
         self.audit.record_received(opened, size=len(blob))
         try:
             state = load_tensors(opened.files[WEIGHTS_FILE])

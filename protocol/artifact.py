@@ -134,15 +134,23 @@ def load_tensors(data: bytes, *, max_header: int = MAX_HEADER_BYTES) -> dict[str
         raise ArtifactError(f"safetensors: cannot parse ({exc})") from exc
 
 
-def program_to_files(program: torch.export.ExportedProgram) -> dict[str, bytes]:
-    """The artifact files for an exported program: graph JSON, weights, and constants if any."""
+def program_to_files(program: torch.export.ExportedProgram, *, strip: bool = True) -> dict[str, bytes]:
+    """The artifact files for an exported program: graph JSON, weights, and constants if any.
+
+    With ``strip`` (the default) the graph loses its per-node metadata (stack traces with the
+    owner's file paths and source lines, module class names): none of it is needed to rebuild the
+    graph, and all of it describes the owner's code.
+    """
     from torch._export.serde.serialize import serialize
+
+    from protocol.program_guard import strip_program
 
     for name, value in program.constants.items():
         if not isinstance(value, torch.Tensor):
             raise ArtifactError(f"constant {name!r} is a {type(value).__name__}, only tensors can travel")
     serialized = serialize(program)
-    files = {PROGRAM_FILE: serialized.exported_program, WEIGHTS_FILE: dump_tensors(program.state_dict)}
+    graph = strip_program(serialized.exported_program) if strip else serialized.exported_program
+    files = {PROGRAM_FILE: graph, WEIGHTS_FILE: dump_tensors(program.state_dict)}
     if program.constants:
         files[CONSTANTS_FILE] = dump_tensors(program.constants)  # type: ignore[arg-type]
     return files
@@ -190,7 +198,10 @@ def program_from_files(files: Mapping[str, bytes]) -> torch.export.ExportedProgr
         serialized = _bytes_to_dataclass(schema.ExportedProgram, graph_bytes)
     except Exception as exc:
         raise ArtifactError(f"{PROGRAM_FILE} is not a serialized exported program ({type(exc).__name__}: {exc})") from exc
-    parameters = _check_signature_tensors(serialized, state, constants)
+    try:
+        parameters = _check_signature_tensors(serialized, state, constants)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{PROGRAM_FILE} has a malformed signature ({type(exc).__name__}: {exc})") from exc
     state = {k: torch.nn.Parameter(v, requires_grad=v.is_floating_point()) if k in parameters else v for k, v in state.items()}
     try:
         program = ExportedProgramDeserializer().deserialize(serialized, state, constants, None)

@@ -98,3 +98,23 @@ def test_tampered_result_is_refused_and_second_result_too(parties):
     session.receive_result(result)
     with pytest.raises(SessionError, match="second result"):
         session.receive_result(result)
+
+
+def test_restarted_owner_refuses_an_offer_it_already_answered(parties, tmp_path):
+    from protocol.replay import NonceStore
+
+    jobs, session, _, _ = parties
+    offer = jobs.make_offer(node_id=1)
+    store = tmp_path / "seen.jsonl"
+    session.nonces = NonceStore(store)
+    session.answer_offer(offer.blob, None)
+    restarted = OwnerSession(session.identity, session.entity_card, session.program, SPEC, PruneRequest(8.0),
+                             session.audit, nonces=NonceStore(store))
+    with pytest.raises(SessionError, match="replay"):
+        restarted.answer_offer(offer.blob, None)
+
+
+def test_program_that_leaves_carries_no_trace_of_the_owners_code(parties):
+    _, session, _, _ = parties
+    graph = session._artifact["program.json"].decode()
+    assert "stack_trace" not in graph and "nn_module_stack" not in graph and "simulations" not in graph

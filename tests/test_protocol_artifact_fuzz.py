@@ -75,11 +75,6 @@ def test_signature_names_of_the_wrong_type_give_the_clean_error_specific_cases()
             pytest.fail(f"{'.'.join(map(str, path))} = {value!r}: {type(exc).__name__}: {exc}")
 
 
-pytestmark = pytest.mark.xfail(
-    strict=True,
-    reason="artifact.program_from_files lets TypeError escape on ill-typed signature names; "
-    "reported to the lead (remove this marker once it raises ArtifactError)",
-)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

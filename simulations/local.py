@@ -92,7 +92,7 @@ class LocalDeployment:
     """An entity service plus owners, all as child processes of this one, on loopback."""
 
     def __init__(self, work: Path, *, recipe: str | None = None, entity_epochs: int | None = None,
-                 env: dict[str, str] | None = None, start_timeout: float = 120.0):
+                 env: dict[str, str] | None = None, start_timeout: float = 120.0, tls: bool = False):
         from protocol.keys import init_identity
 
         self.work = work.resolve()
@@ -105,6 +105,11 @@ class LocalDeployment:
         self.env = flower_env(self.work / "flwr-cli", env)
         self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
         self.entity: subprocess.Popen | None = None
+        self.tls = None
+        if tls:
+            from protocol.transport import make_tls_files
+
+            self.tls = make_tls_files(self.work / "tls", ["127.0.0.1", "localhost"])
         if not (self.entity_home / "keys" / "card.json").is_file():
             init_identity(self.entity_home / "keys", "entity", name="blindprune-entity")
         (self.entity_home / "owners").mkdir(parents=True, exist_ok=True)
@@ -122,6 +127,8 @@ class LocalDeployment:
                   "recipe": self.recipe or "", "start_timeout": self.start_timeout}
         if self.entity_epochs is not None:
             values["epochs"] = self.entity_epochs
+        if self.tls is not None:
+            values.update(tls_cert=str(self.tls.server_cert), tls_key=str(self.tls.server_key), tls_ca=str(self.tls.ca_cert))
         write_toml(self.work / "entity.toml", "entity", values)
         log = open(self.work / "entity.log", "ab")
         self.entity = subprocess.Popen(
@@ -171,6 +178,8 @@ class LocalDeployment:
             "keys": str(keys), "rate": plan.rate, "epochs": plan.epochs, "train_limit": plan.train_limit,
             "out": str(folder / "out"), "connect_timeout": 60.0, "timeout": 900.0,
         }
+        if self.tls is not None:
+            values["tls_ca"] = str(self.tls.ca_cert)
         values.update(plan.extra)
         write_toml(folder / "owner.toml", "owner", values)
         return folder

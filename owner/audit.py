@@ -34,6 +34,8 @@ def _cards(args: argparse.Namespace) -> tuple[IdentityCard, IdentityCard | None,
         _fatal(f"audit log {log} not found")
     owner = load_card(args.owner) if args.owner else None
     entity = load_card(args.entity) if args.entity else None
+    if owner is not None and entity is not None:
+        return owner, entity, True, True
     embedded_owner, peers = embedded_cards(log)
     if owner is None:
         if embedded_owner is None:

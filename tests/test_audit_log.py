@@ -294,3 +294,20 @@ def test_log_whose_only_line_is_torn_is_recreated_cleanly(tmp_path: Path) -> Non
     records = read_records(path)
     assert [r["event"] for r in records] == ["log.created", "log.recovered", "checkpoint"]
     assert verify_log(path, owner=OWNER.card).ok
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda line: line.replace(b'"event"', b'"event":"x","event"', 1),  # duplicate key
+        lambda line: line.replace(b'"seq":', b'"seq":1.0,"_":', 1),  # a float
+        lambda line: line[:-1] + b',"seq":NaN}',  # NaN
+        lambda line: line.replace(b"{", b"{ ", 1),  # white space
+    ],
+)
+def test_non_canonical_lines_are_refused(honest: Path, edit) -> None:
+    lines = _lines(honest)
+    lines[2] = edit(lines[2])
+    _write(honest, lines)
+    verdict = verify_log(honest, owner=OWNER.card)
+    assert not verdict.ok and verdict.first_bad == 2

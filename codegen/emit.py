@@ -22,7 +22,6 @@ Input channels are processed in blocks sized to keep the band's input slab in L1
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 

@@ -13,7 +13,7 @@ loop): ``(C, H, W)`` feature maps or ``(F,)`` vectors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np

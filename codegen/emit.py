@@ -654,16 +654,26 @@ class Emitter:
         c(f"float *restrict d = dst + ch * {out.plane} + yo * {out.pitch};")
         c(f"const int y0 = yo * {sh} - {ph};")
         c(f"const int ya = y0 < 0 ? 0 : y0, yz = y0 + {kh} > {inp.h} ? {inp.h} : y0 + {kh};")
+        # vertical pass over the window's valid rows into one contiguous row, then the
+        # horizontal (strided) pass: kh + kw sweeps instead of kh * kw
+        c(f"float t[{inp.w}];")
+        c(f"const float *r0 = ip + ya * {inp.pitch};")
+        c(f"for (int x = 0; x < {inp.w}; ++x) t[x] = r0[x];")
+        c.open("for (int y = ya + 1; y < yz; ++y)")
+        c(f"const float *r = ip + y * {inp.pitch};")
+        if is_max:
+            c(f"for (int x = 0; x < {inp.w}; ++x) t[x] = r[x] > t[x] ? r[x] : t[x];")
+        else:
+            c(f"for (int x = 0; x < {inp.w}; ++x) t[x] += r[x];")
+        c.close()
         c(f"for (int xo = 0; xo < {out.w}; ++xo) d[xo] = {'-INFINITY' if is_max else '0.0f'};")
-        c.open("for (int y = ya; y < yz; ++y)")
-        c(f"const float *r = ip + y * {inp.pitch} - {pw};")
+        c(f"const float *tr = t - {pw};")
         c.open(f"for (int kx = 0; kx < {kw}; ++kx)")
         if is_max:
-            c(f"for (int xo = xlo[kx]; xo < xhi[kx]; ++xo) {{ const float t = r[xo * {sw} + kx]; "
-              "d[xo] = t > d[xo] ? t : d[xo]; }")
+            c(f"for (int xo = xlo[kx]; xo < xhi[kx]; ++xo) {{ const float v = tr[xo * {sw} + kx]; "
+              "d[xo] = v > d[xo] ? v : d[xo]; }")
         else:
-            c(f"for (int xo = xlo[kx]; xo < xhi[kx]; ++xo) d[xo] += r[xo * {sw} + kx];")
-        c.close()
+            c(f"for (int xo = xlo[kx]; xo < xhi[kx]; ++xo) d[xo] += tr[xo * {sw} + kx];")
         c.close()
         if not is_max:
             c.open(f"for (int xo = 0; xo < {out.w}; ++xo)")

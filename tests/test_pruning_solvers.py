@@ -153,6 +153,15 @@ def test_every_recipe_hits_the_rate_keeps_its_zeros_and_is_deterministic(program
         assert torch.equal(a.state_dict[key], b.state_dict[key]), key
 
 
+def test_sensitivity_allocation_keeps_the_global_rate_and_moves_kernels(program):
+    base = PruneConfig(rate=12.0, recipe="refit", synthetic="uniform", **FAST)
+    uniform = prune(program, SPEC, base)
+    sens = prune(program, SPEC, PruneConfig(**{**base.__dict__, "allocation": "sensitivity"}))
+    assert sens.report["kept_weights"] == uniform.report["kept_weights"]
+    assert sens.report["allocation"] == "sensitivity"
+    assert [lay["kept_kernels"] for lay in sens.report["layers"]] != [lay["kept_kernels"] for lay in uniform.report["layers"]]
+
+
 def test_rescaling_a_conv_against_its_batchnorm_keeps_the_function(program):
     from types import SimpleNamespace
 

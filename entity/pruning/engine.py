@@ -55,6 +55,7 @@ class PruneConfig:
     # Least-squares refit (recipe "refit") and ADMM/SLR knobs.
     damping: float = 1e-3
     refit_choice: str = "obs"  # "obs" (reconstruction error) or "magnitude"
+    allocation: str = "uniform"  # kernels per layer: "uniform" rate, or "sensitivity" (refit only)
     rescale: bool = True
     batch_size: int = 32
     admm_iters: int = 100  # W-steps per rho stage
@@ -80,6 +81,10 @@ class PruneConfig:
             raise PruneError(f"admm_optimiser must be 'adam' or 'sgd', got {self.admm_optimiser!r}")
         if self.admm_iters < 1 or self.admm_update_every < 1 or self.rho_stages < 1:
             raise PruneError("admm_iters, admm_update_every and rho_stages must be positive")
+        if self.allocation not in ("uniform", "sensitivity"):
+            raise PruneError(f"allocation must be 'uniform' or 'sensitivity', got {self.allocation!r}")
+        if self.allocation == "sensitivity" and self.recipe != "refit":
+            raise PruneError("allocation 'sensitivity' is implemented for the refit recipe only")
         if self.refit_choice not in ("obs", "magnitude"):
             raise PruneError(f"refit_choice must be 'obs' or 'magnitude', got {self.refit_choice!r}")
         for key, own in self.layer_rates:
@@ -263,6 +268,7 @@ def finalize(job: Job, program: torch.export.ExportedProgram, started: float) ->
         "prunable_weights": total,
         "kept_weights": kept,
         "library": [lib.reshape(-1).to(torch.int64).tolist() for lib in job.library],
+        "allocation": job.notes.get("allocation", "uniform"),
         "layers": per_layer,
         "dense_convs": [lay.key for lay in job.all_layers if lay.key not in job.masks],
         "seed": job.config.seed,

@@ -54,12 +54,21 @@ def bn_nodes(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
     return out
 
 
+def _logits_node(gm: fx.GraphModule) -> str:
+    """Name of the node whose value the model returns (its first output)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    first = out.args[0]
+    while isinstance(first, (tuple, list)):
+        first = first[0]
+    return first.name
+
+
 def _tv(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
 def bn_matched_inputs(gm: fx.GraphModule, spec: InputSpec, count: int, seed: int, *, steps: int = 200,
-                      batch_size: int = 128, lr: float = 0.2, tv_weight: float = 0.01,
+                      batch_size: int = 128, lr: float = 0.2, tv_weight: float = 0.01, ce_weight: float = 0.0,
                       device: str | torch.device = "cpu",
                       progress: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, list[float]]:
     """ZeroQ-style synthetic inputs whose BatchNorm statistics match the model's running statistics.
@@ -67,7 +76,9 @@ def bn_matched_inputs(gm: fx.GraphModule, spec: InputSpec, count: int, seed: int
     Images are optimised with Adam (cosine-decayed learning rate) on
     ``sum_bn ||mean_batch - running_mean||^2 + ||std_batch - running_std||^2`` (averaged over
     channels) plus ``tv_weight`` x total variation, clamped to the valid input range after every
-    step. Returns the images and the final matching loss of each batch. Falls back to uniform
+    step. With ``ce_weight`` > 0 (DeepInversion-style) each image is also pushed towards a random
+    class of the model's own output, so batches cover the classes instead of only matching
+    averages. Returns the images and the final matching loss of each batch. Falls back to uniform
     inputs when the model has no BatchNorm (there is nothing to match).
     """
     bns = bn_nodes(gm)
@@ -75,6 +86,9 @@ def bn_matched_inputs(gm: fx.GraphModule, spec: InputSpec, count: int, seed: int
         return uniform_inputs(spec, count, seed, device), []
     targets = [(name, get_tensor(gm, m).float(), get_tensor(gm, v).float().clamp_min(0).sqrt()) for name, m, v in bns]
     want = {f"in:{name}" for name, _, _ in bns}
+    logits_node = _logits_node(gm)
+    if ce_weight > 0:
+        want.add(logits_node)
     lo, hi = input_bounds(spec, device)
     gen = torch.Generator().manual_seed(seed)
     out, losses = [], []
@@ -85,6 +99,10 @@ def bn_matched_inputs(gm: fx.GraphModule, spec: InputSpec, count: int, seed: int
         n = min(batch_size, count - b * batch_size)
         x = torch.randn((n, *spec.shape), generator=gen).to(device)
         x = (x * 0.5 + (lo + hi) / 2).clamp(lo, hi).requires_grad_(True)
+        labels = None
+        if ce_weight > 0:
+            classes = int(record(gm, x[:1].detach(), {logits_node})[logits_node].shape[1])
+            labels = torch.randint(0, classes, (n,), generator=gen).to(device)
         opt = torch.optim.Adam([x], lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         loss_value = math.nan
@@ -100,6 +118,8 @@ def bn_matched_inputs(gm: fx.GraphModule, spec: InputSpec, count: int, seed: int
                 loss = loss + (bm - mean).pow(2).mean() + (bs - std).pow(2).mean()
             match = loss.detach()
             loss = loss + tv_weight * _tv(x)
+            if labels is not None:
+                loss = loss + ce_weight * torch.nn.functional.cross_entropy(seen[logits_node], labels)
             loss.backward()
             opt.step()
             sched.step()

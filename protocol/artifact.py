@@ -9,10 +9,8 @@ plain tensor dicts, so torch never unpickles anything, and every op in it must b
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from protocol._safetensors import MAX_HEADER_BYTES, parse_header
 from protocol.errors import ArtifactError
 
 PROGRAM_FILE = "program.json"
@@ -28,7 +27,6 @@ WEIGHTS_FILE = "weights.safetensors"
 CONSTANTS_FILE = "constants.safetensors"
 MASKS_FILE = "masks.safetensors"
 
-MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_PROGRAM_BYTES = 64 * 1024 * 1024
 
 _DTYPES = {
@@ -59,80 +57,22 @@ def dump_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
     return _st_save(plain)
 
 
-def read_header(data: bytes, *, max_header: int = MAX_HEADER_BYTES) -> dict[str, dict]:
-    """Parse and validate a safetensors header without building any tensor.
-
-    Checks: header length within bounds, JSON object without duplicate keys, known dtypes, integer
-    shapes, offsets that tile the data section exactly (no gaps, overlaps or trailing bytes).
-    Returns {name: {"dtype", "shape", "data_offsets"}} plus "__metadata__" when present.
-    """
-    if len(data) < 8:
-        raise ArtifactError("safetensors: shorter than its 8-byte header length")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > max_header:
-        raise ArtifactError(f"safetensors: header of {n} bytes exceeds the {max_header}-byte limit")
-    if 8 + n > len(data):
-        raise ArtifactError("safetensors: header runs past the end of the file")
-
-    def no_dupes(pairs: list) -> dict:
-        out: dict = {}
-        for key, value in pairs:
-            if key in out:
-                raise ArtifactError(f"safetensors: duplicate header key {key!r}")
-            out[key] = value
-        return out
-
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=no_dupes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"safetensors: header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ArtifactError("safetensors: header is not a JSON object")
-    body = len(data) - 8 - n
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
-                raise ArtifactError("safetensors: __metadata__ must map strings to strings")
-            continue
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise ArtifactError(f"safetensors: entry {name!r} is malformed")
-        dtype = _DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
-        if dtype is None:
-            raise ArtifactError(f"safetensors: entry {name!r} has unsupported dtype {info['dtype']!r}")
-        shape, offsets = info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise ArtifactError(f"safetensors: entry {name!r} has a malformed shape")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise ArtifactError(f"safetensors: entry {name!r} has malformed offsets")
-        start, end = offsets
-        numel = 1
-        for d in shape:
-            numel *= d
-        if not 0 <= start <= end <= body or end - start != numel * dtype.itemsize:
-            raise ArtifactError(f"safetensors: entry {name!r} offsets do not match its dtype and shape")
-        spans.append((start, end, name))
-    spans.sort()
-    position = 0
-    for start, end, name in spans:
-        if start != position:
-            raise ArtifactError(f"safetensors: gap or overlap before entry {name!r}")
-        position = end
-    if position != body:
-        raise ArtifactError(f"safetensors: {body - position} trailing bytes after the last tensor")
-    return header
-
-
 def load_tensors(data: bytes, *, max_header: int = MAX_HEADER_BYTES) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes after validating the header; metadata is refused (nothing rides along)."""
-    header = read_header(data, max_header=max_header)
-    if "__metadata__" in header:
+    """Parse safetensors bytes after validating the header; metadata is refused (nothing rides along).
+
+    The header is checked by :func:`protocol._safetensors.parse_header` (bounded length, no
+    duplicate keys, byte ranges that tile the data exactly) before safetensors builds any tensor.
+    """
+    header = parse_header(data, max_header=max_header)
+    if header.metadata is not None:
         raise ArtifactError("safetensors: metadata is not accepted in a model artifact")
+    for info in header.tensors.values():
+        if info.dtype not in _DTYPES:
+            raise ArtifactError(f"safetensors: tensor {info.name!r} has unsupported dtype {info.dtype}")
     try:
         return dict(_st_load(data))
     except Exception as exc:  # safetensors raises its own error types
         raise ArtifactError(f"safetensors: cannot parse ({exc})") from exc
-
 
 def program_to_files(program: torch.export.ExportedProgram, *, strip: bool = True) -> dict[str, bytes]:
     """The artifact files for an exported program: graph JSON, weights, and constants if any.

@@ -91,7 +91,7 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -158,7 +158,7 @@ class ManagedProcess:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             self.process.poll()
-            tree = [pid for pid in tree if _alive(pid)]
+            tree = [pid for pid in tree if pid_alive(pid)]
             if not tree:
                 break
             time.sleep(0.1)

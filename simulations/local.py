@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.flower_processes import descendants, flower_env, free_port
+from protocol.flower_processes import descendants, flower_env, free_port, pid_alive
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 REPO = Path(__file__).resolve().parents[1]
@@ -232,7 +232,7 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 _stop_tree(self.entity)
         time.sleep(0.5)
-        left = [pid for pid in tree if _pid_alive(pid)]
+        left = [pid for pid in tree if pid_alive(pid)]
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -245,14 +245,6 @@ class LocalDeployment:
             return [json.loads(line) for line in self.events.read_text().splitlines() if line.strip()]
         except OSError:
             return []
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return b") Z " not in handle.read()
-    except OSError:
-        return False
 
 
 def _stop_tree(proc: subprocess.Popen) -> None:

@@ -11,6 +11,7 @@ CLI::
 
     python -m protocol.keys init --role owner|entity --dir DIR [--name NAME]
     python -m protocol.keys show --dir DIR        # or --card FILE
+    python -m protocol.keys register --card OWNER_CARD --owners DIR [--fingerprint HEX]
 """
 from __future__ import annotations
 
@@ -277,6 +278,30 @@ def load_registry(directory: Path, *, role: str | None = "owner") -> dict[str, I
     return registry
 
 
+def register_card(card_path: Path, registry: Path, *, expected_fingerprint: str | None = None) -> tuple[IdentityCard, Path]:
+    """Validate an owner's card and copy it into ``registry`` as ``<fingerprint[:16]>.json``.
+
+    ``expected_fingerprint`` (full or a prefix of at least 16 hex digits, as read out by the owner
+    over another channel) guards against a card swapped in transit.
+    """
+    card = load_card(card_path)
+    if card.role != "owner":
+        raise KeyFileError(f"{card_path}: card role is {card.role}; only owner cards are registered")
+    if expected_fingerprint is not None:
+        expected = expected_fingerprint.strip().lower()
+        if len(expected) < 16 or not card.fingerprint.startswith(expected):
+            raise KeyFileError(f"{card_path}: fingerprint {card.fingerprint[:16]} is not the expected {expected[:16]}")
+    registry = Path(registry)
+    registry.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = registry / f"{card.fingerprint[:16]}.json"
+    if target.exists():
+        if load_card(target) == card:
+            return card, target
+        raise KeyFileError(f"{target} already holds another card")
+    atomic_write(target, card.to_bytes() + b"\n", mode=0o644, overwrite=False)
+    return card, target
+
+
 def admit(fingerprint: str, registry: dict[str, IdentityCard], *, what: str = "owner") -> IdentityCard:
     """The registered card for ``fingerprint``, or ``AdmissionError`` with a message for both sides."""
     card = registry.get(fingerprint)
@@ -311,12 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     src = p_show.add_mutually_exclusive_group(required=True)
     src.add_argument("--dir", type=Path, help="an identity folder")
     src.add_argument("--card", type=Path, help="a card file")
+    p_reg = sub.add_parser("register", help="admit an owner: check its card and copy it into the registry folder")
+    p_reg.add_argument("--card", required=True, type=Path, help="the owner's card.json")
+    p_reg.add_argument("--owners", required=True, type=Path, help="the entity's registry folder (entity.serve --owners)")
+    p_reg.add_argument("--fingerprint", default=None,
+                       help="the fingerprint the owner told you out of band; registration fails if it differs")
     args = parser.parse_args(argv)
     try:
         if args.command == "init":
             identity = init_identity(args.dir, args.role, args.name)
             print(_describe(identity.card))
             print(f"public card: {args.dir / CARD_FILE} (give this file to the other party)")
+        elif args.command == "register":
+            card, path = register_card(args.card, args.owners, expected_fingerprint=args.fingerprint)
+            print(_describe(card))
+            print(f"registered: {path}")
         else:
             card = load_card(args.card) if args.card else load_identity(args.dir).card
             print(_describe(card))

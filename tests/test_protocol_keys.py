@@ -154,3 +154,24 @@ def test_card_with_a_low_order_sealing_key_is_refused() -> None:
     for weak in ("00" * 32, "01" + "00" * 31, "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"):
         with pytest.raises(KeyFileError, match="low-order X25519"):
             IdentityCard("owner", "weak", good.signing_public, bytes.fromhex(weak))
+
+
+def test_register_copies_a_checked_owner_card_into_the_registry(tmp_path: Path) -> None:
+    owner = init_identity(tmp_path / "owner", "owner", "clinic")
+    out = _cli("register", "--card", str(tmp_path / "owner" / CARD_FILE), "--owners", str(tmp_path / "owners"),
+               "--fingerprint", owner.fingerprint[:16])
+    assert out.returncode == 0, out.stderr
+    assert set(load_registry(tmp_path / "owners")) == {owner.fingerprint}
+    again = _cli("register", "--card", str(tmp_path / "owner" / CARD_FILE), "--owners", str(tmp_path / "owners"))
+    assert again.returncode == 0  # idempotent
+
+
+def test_register_refuses_a_wrong_fingerprint_or_an_entity_card(tmp_path: Path) -> None:
+    init_identity(tmp_path / "owner", "owner")
+    init_identity(tmp_path / "entity", "entity")
+    wrong = _cli("register", "--card", str(tmp_path / "owner" / CARD_FILE), "--owners", str(tmp_path / "owners"),
+                 "--fingerprint", "0" * 16)
+    assert wrong.returncode == 1 and "not the expected" in wrong.stderr
+    entity = _cli("register", "--card", str(tmp_path / "entity" / CARD_FILE), "--owners", str(tmp_path / "owners"))
+    assert entity.returncode == 1 and "only owner cards" in entity.stderr
+    assert not (tmp_path / "owners").exists() or not list((tmp_path / "owners").glob("*.json"))

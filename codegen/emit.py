@@ -454,7 +454,12 @@ class Emitter:
         s = conv.stride[0]
         slab_rows = (s * (r - 1) + 3) * (s if s > 1 else 1)
         slab = slab_rows * (src.rs // s if s > 1 else src.rs) * 4
-        cb = max(32, self.t.l1_bytes // max(1, slab))
+        # Measured on the host: stride-1 tiles reuse rows and tolerate a slab in L2, and there
+        # blocks of >= 32 channels (fewer accumulator round trips) won; wide strided tiles touch
+        # about twice the cache lines per FMA and need the slab in L1; one-vector tiles do so little
+        # work per block that large blocks win again.
+        floor = 4 if s > 1 and u > 1 else 32
+        cb = max(floor, self.t.l1_bytes // max(1, slab))
         cb = cin if cb >= cin else cb
         sw = pat.pack(conv.weight, ps, cb, reorder=o.reorder, compact=o.compact)
         n_pat = len(ps.patterns)

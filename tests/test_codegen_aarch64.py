@@ -56,3 +56,14 @@ def test_neon_inner_loops_use_vector_fma(tmp_path):
     asm = subprocess.run([AARCH64_NEON.cc, *AARCH64_NEON.cflags, "-S", "-o", "-", "bp_model.c"], cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout
     assert re.search(r"\bfmla\s+v\d+\.4s", asm)
+
+
+def test_input_channel_blocks_under_qemu_match_pytorch(tmp_path):
+    from tests.test_codegen_host import _Blocked
+
+    torch.manual_seed(6)
+    model = _Blocked().eval()
+    masks = fixtures.prune_model(model, 6.0)
+    result = verify(export(model, (64, 24, 24)), masks, AARCH64_NEON, tmp_path, n=1)
+    assert result.error <= TOL
+    assert any(int(r.blocking.split("cb")[1]) < 64 for r in result.generated.layers)

@@ -173,3 +173,33 @@ def test_batch_of_one_and_many_agree(tmp_path):
     assert (many == torch.cat([torch.from_numpy(o) for o in ones]).numpy()).all()
     with torch.no_grad():
         assert abs(many - model(x).numpy()).max() <= TOL * abs(model(x).numpy()).max()
+
+
+class _Blocked(nn.Module):
+    """Wide enough inputs that input channels are processed in several blocks (s1 and s2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(64, 64, 3, 1, 1, bias=False)
+        self.c2 = nn.Conv2d(64, 32, 3, 2, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.c2(torch.relu(self.c1(x) + x)))
+
+
+def test_input_channel_blocks_with_late_first_kernels_and_empty_blocks_match_pytorch(tmp_path):
+    torch.manual_seed(5)
+    model = _Blocked().eval()
+    masks = fixtures.prune_model(model, 6.0)
+    for key in ("c1.weight", "c2.weight"):
+        m = masks[key]
+        m[0, :40] = False   # first kernels only in a late block
+        m[1] = False        # no kernel at all: bias and epilogue only
+        m[2, 8:] = False    # kernels only in the first block
+        m[3, 10:50] = False  # empty middle blocks
+        with torch.no_grad():
+            dict(model.named_parameters())[key].mul_(m)
+    result = verify(export(model, (64, 40, 40)), masks, HOST, tmp_path, n=2)
+    assert result.error <= TOL
+    blocks = [int(r.blocking.split("cb")[1]) for r in result.generated.layers]
+    assert all(cb < 64 for cb in blocks), blocks  # both convs really run in several blocks

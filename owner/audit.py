@@ -102,15 +102,30 @@ def _render_terminal(report: Report) -> None:
     art.add_row("Third countries", a["third_country_transfers"])
     art.add_row("Security measures", "\n".join(f"- {m}" for m in a["security_measures"]))
     console.print(art)
-    transfers = Table(title="Transfers", expand=True)
-    for col in ("#", "time", "dir", "job", "peer", "files", "bytes", "receipt", "countersigned"):
-        transfers.add_column(col)
+    jobs: dict[str, list] = {}
     for t in report.transfers:
-        transfers.add_row(
-            str(t.seq), t.time, t.direction, t.job_id, t.peer_name, "\n".join(f"{n} {h[7:23]}" for n, h in sorted(t.files.items())),
-            str(t.bytes), "yes" if t.receipt else "no", "yes" if t.countersigned else "no",
-        )
-    console.print(transfers)
+        jobs.setdefault(t.job_id, []).append(t)
+    for job_id, items in jobs.items():
+        table = Table(title=f"Job {job_id} with {items[0].peer_name} ({items[0].peer[:16]})", expand=True)
+        table.add_column("#", justify="right")
+        table.add_column("time", no_wrap=True)
+        table.add_column("direction")
+        table.add_column("files (SHA-256 prefix)", no_wrap=True)
+        table.add_column("bytes", justify="right", no_wrap=True)
+        table.add_column("receipt", no_wrap=True)
+        table.add_column("countersigned", no_wrap=True)
+        for t in items:
+            table.add_row(
+                str(t.seq), t.time, t.direction,
+                "\n".join(f"{n} {h.removeprefix('sha256:')[:12]}" for n, h in sorted(t.files.items())),
+                f"{t.bytes:,}", ("yes" if t.receipt else "no") if t.direction == "sent" else "-",
+                "yes" if t.countersigned else "not yet",
+            )
+        console.print(table)
+    console.print(
+        "receipt: the entity signed for exactly these files; countersigned: a checkpoint covering the record "
+        "was countersigned by the entity", style="dim", markup=False, highlight=False,
+    )
     for fact in report.data_facts:
         console.print(f"data facts sent (job {fact['job_id']}): {fact['input_spec']}", markup=False, highlight=False)
     for blocked in report.blocked:

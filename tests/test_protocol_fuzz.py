@@ -143,7 +143,8 @@ def test_random_bytes_as_masks_cards_or_safetensors_give_only_protocol_errors(da
             pass
 
 
-_LOG_DIR = Path(tempfile.mkdtemp(prefix="fuzz-audit-"))
+_TMP = tempfile.TemporaryDirectory(prefix="fuzz-audit-")  # removed when the test process exits
+_LOG_DIR = Path(_TMP.name)
 _LOG = _LOG_DIR / "audit.jsonl"
 with AuditLog.open(_LOG, OWNER) as _log:
     for _i in range(4):

@@ -44,7 +44,8 @@ DEFAULT_PURPOSE = (
 
 FILE_CATEGORIES = {
     "program.json": "model computation graph (torch.export, ATen operators; no source code, no stack traces)",
-    "weights.safetensors": "model parameters (weights and buffers)",
+    "weights.safetensors": "model parameters and buffers, including BatchNorm running means and variances "
+    "(per-channel aggregate statistics of the training data's activations)",
     "constants.safetensors": "model constants",
     "request.json": "pruning request and input specification (shape, channel order, pixel range, normalisation)",
     "masks.bin": "pruning masks (one bit per weight)",

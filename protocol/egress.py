@@ -31,8 +31,16 @@ PROGRAM_FILE = "program.json"
 REQUEST_FILE = "request.json"
 MODEL_ARTIFACT_FILES = frozenset({PROGRAM_FILE, WEIGHTS_FILE, REQUEST_FILE})
 REQUEST_FIELDS = frozenset({"job_id", "nonce", "prune", "input_spec"})
+# Buffers that count training steps: ``num_batches_tracked`` is epochs x dataset size / batch size,
+# a fact about the private data that pruning never needs. ``redact_counters`` zeroes them.
+DATA_COUNTERS: tuple[str, ...] = ("num_batches_tracked",)
 
-__all__ = ["EgressGuard", "Schema", "schema_of"]
+__all__ = ["DATA_COUNTERS", "EgressGuard", "Schema", "redact_counters", "schema_of"]
+
+
+def redact_counters(state_dict: Mapping[str, Any], suffixes: tuple[str, ...] = DATA_COUNTERS) -> dict[str, Any]:
+    """A copy of ``state_dict`` with every tensor named ``*<suffix>`` replaced by zeros."""
+    return {name: (t.new_zeros(t.shape) if name.endswith(suffixes) else t) for name, t in state_dict.items()}
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class EgressGuard:
     constants_schema: Schema = field(default_factory=dict)
     allowed_metadata: frozenset[str] = frozenset()
     allowed_claims: frozenset[str] = frozenset()
+    zero_tensors: tuple[str, ...] = ()
     max_program_bytes: int = 64 * 1024 * 1024
     max_claims_bytes: int = 64 * 1024
     program_check: Callable[[bytes], None] | None = field(default=check_program, compare=False)
@@ -112,9 +121,15 @@ class EgressGuard:
 
     def _check_tensors(self, data: bytes, schema: Schema, what: str) -> None:
         try:
-            check_safetensors(data, schema, what=what, allowed_metadata=self.allowed_metadata)
+            tensors = check_safetensors(data, schema, what=what, allowed_metadata=self.allowed_metadata)
         except ArtifactError as exc:
             raise EgressViolation(f"egress blocked: {exc}") from exc
+        for name in sorted(tensors):
+            if name.endswith(self.zero_tensors) and self.zero_tensors and bool(tensors[name].any()):
+                raise EgressViolation(
+                    f"egress blocked: {name} is not zero; it counts training batches (a fact about the private data): "
+                    "zero it with protocol.egress.redact_counters before export"
+                )
 
     def _check_request(self, data: bytes) -> None:
         request = _json.loads(data)

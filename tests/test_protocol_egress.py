@@ -191,3 +191,20 @@ def test_custom_program_check_replaces_the_default() -> None:
 
     with pytest.raises(EgressViolation, match="no graphs today"):
         _guard(program_check=no_graph).check(_payload(), {})
+
+
+def test_batch_counters_are_blocked_when_configured_and_redaction_passes() -> None:
+    from protocol.egress import DATA_COUNTERS, redact_counters
+
+    model = _model()
+    model.train()
+    for _ in range(3):
+        model(torch.rand(8, 1, 28, 28))  # num_batches_tracked becomes 3: "trained on 3 batches"
+    state = model.state_dict()
+    guard = _guard(zero_tensors=DATA_COUNTERS)
+    with pytest.raises(EgressViolation, match="1.num_batches_tracked is not zero"):
+        guard.check(_payload(state), {})
+    redacted = redact_counters(state)
+    assert int(redacted["1.num_batches_tracked"]) == 0 and torch.equal(redacted["0.weight"], state["0.weight"])
+    guard.check(_payload(redacted), {})
+    _guard().check(_payload(state), {})  # off unless asked for

@@ -84,7 +84,7 @@ def choose_mask(stats: LayerStats, weight: torch.Tensor, library: torch.Tensor, 
                 damping: float) -> torch.Tensor:
     """OBS-style mask: cheapest pattern per kernel, then the kernels dearest to remove."""
     pattern_cost, kernel_cost = obs_costs(stats, tuple(weight.shape), library, damping)  # type: ignore[arg-type]
-    pattern = pat.project_patterns(weight, library, cost=pattern_cost.float().cpu())
+    pattern = pat.project_patterns(weight.cpu(), library, cost=pattern_cost.float().cpu())
     best = pattern_cost.min(dim=2).values
     gain = (kernel_cost - best).float().cpu()
     kept = pat.connectivity_mask(gain, keep)

@@ -243,7 +243,7 @@ def copy_model(name: str, dense: nn.Module) -> nn.Module:
 # Cells in priority order: the table is filled from the top, so a run cut short still answers the
 # brief's questions first (8x/16x targets, ours vs one-shot, the paper's recipe, the upper bound).
 METHODS: dict[str, tuple[str, dict]] = {
-    "oneshot": ("oneshot", {}), "admm": ("admm", {}), "slr": ("slr", {}), "refit": ("refit", {}),
+    "oneshot": ("oneshot", {}), "admm": ("admm", {}), "slr": ("slr", {}), "refit": ("refit", {"allocation": "uniform"}),
     "refit-sens": ("refit", {"allocation": "sensitivity"}),
 }
 FULL_PLAN: list[tuple[str, float, str, int]] = [

@@ -154,7 +154,7 @@ def test_every_recipe_hits_the_rate_keeps_its_zeros_and_is_deterministic(program
 
 
 def test_sensitivity_allocation_keeps_the_global_rate_and_moves_kernels(program):
-    base = PruneConfig(rate=12.0, recipe="refit", synthetic="uniform", **FAST)
+    base = PruneConfig(rate=12.0, recipe="refit", synthetic="uniform", allocation="uniform", **FAST)
     uniform = prune(program, SPEC, base)
     sens = prune(program, SPEC, PruneConfig(**{**base.__dict__, "allocation": "sensitivity"}))
     assert sens.report["kept_weights"] == uniform.report["kept_weights"]

@@ -55,7 +55,9 @@ class PruneConfig:
     # Least-squares refit (recipe "refit") and ADMM/SLR knobs.
     damping: float = 1e-3
     refit_choice: str = "obs"  # "obs" (reconstruction error) or "magnitude"
-    allocation: str = "uniform"  # kernels per layer: "uniform" rate, or "sensitivity" (refit only)
+    # Kernels per layer: "uniform" rate, "sensitivity" (measured on synthetic data; refit only), or
+    # "auto": sensitivity for refit, uniform otherwise.
+    allocation: str = "auto"
     rescale: bool = True
     batch_size: int = 32
     admm_iters: int = 100  # W-steps per rho stage
@@ -81,8 +83,8 @@ class PruneConfig:
             raise PruneError(f"admm_optimiser must be 'adam' or 'sgd', got {self.admm_optimiser!r}")
         if self.admm_iters < 1 or self.admm_update_every < 1 or self.rho_stages < 1:
             raise PruneError("admm_iters, admm_update_every and rho_stages must be positive")
-        if self.allocation not in ("uniform", "sensitivity"):
-            raise PruneError(f"allocation must be 'uniform' or 'sensitivity', got {self.allocation!r}")
+        if self.allocation not in ("auto", "uniform", "sensitivity"):
+            raise PruneError(f"allocation must be 'auto', 'uniform' or 'sensitivity', got {self.allocation!r}")
         if self.allocation == "sensitivity" and self.recipe != "refit":
             raise PruneError("allocation 'sensitivity' is implemented for the refit recipe only")
         if self.refit_choice not in ("obs", "magnitude"):

@@ -185,7 +185,7 @@ def run_refit(job: Job) -> None:
     cfg = job.config
     x = job.synthetic()
     total = len(job.layers)
-    if cfg.allocation == "sensitivity":
+    if cfg.allocation in ("sensitivity", "auto"):
         job.keep = sensitivity_allocation(job, x)
         job.notes["allocation"] = "sensitivity"
     for i, layer in enumerate(job.layers):

@@ -37,7 +37,7 @@ class Target:
 
 HOST = Target(
     name="host", cc="cc", cflags=("-O3", "-march=native", "-ffp-contract=fast"), vec=8, accumulators=16,
-    max_u=4, dense_acc=18, dense_u=3, l1_bytes=32 * 1024, run_prefix=(), static=False,
+    max_u=4, dense_acc=24, dense_u=4, l1_bytes=32 * 1024, run_prefix=(), static=False,
     packages=(("cc", "gcc"),), vreg="x",
 )
 

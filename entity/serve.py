@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 from protocol.errors import ProtocolError
 from protocol.flower_processes import (
     ManagedProcess,
+    descendants,
     ProcessError,
     flower_command,
     flower_env,
@@ -240,10 +242,24 @@ class EntityService:
         except (ValueError, IndexError, AttributeError):
             return "unknown"
 
+    def serverapp_running(self) -> bool:
+        """Whether a ServerApp process is alive under the SuperLink (a /proc scan, no Flower call)."""
+        if self.superlink is None:
+            return False
+        for pid in descendants(self.superlink.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    if b"flwr-serverapp" in handle.read():
+                        return True
+            except OSError:
+                continue
+        return False
+
     def serverapp_log(self) -> str:
         done = subprocess.run([flower_command("flwr"), "log", str(self.run_id), "entity", "--show"],
                               env=flower_env(self.flwr_home), capture_output=True, text=True, timeout=30)
-        lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout)
+        lines = [" ".join(ln.split()) for ln in text.splitlines() if ln.strip()]
         return " | ".join(lines[-3:])
 
     def stop(self) -> None:
@@ -342,11 +358,10 @@ def main(argv: list[str] | None = None) -> int:
             now = time.monotonic()
             if not seen_start and now - started > config.start_timeout:
                 raise ServeError(f"the entity ServerApp did not start within {config.start_timeout:.0f} s: {service.serverapp_log()}")
-            if now - last_check > 10:
+            if seen_start and now - last_check > 2:
                 last_check = now
-                status = service.run_status()
-                if status.startswith("finished"):
-                    raise ServeError(f"the entity ServerApp stopped ({status}): {service.serverapp_log()}")
+                if not service.serverapp_running():
+                    raise ServeError(f"the entity ServerApp stopped ({service.run_status()}): {service.serverapp_log()}")
             time.sleep(0.2)
         console.print("[cyan]entity:[/] stopping")
         return 0

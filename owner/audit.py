@@ -28,12 +28,17 @@ def _fatal(message: str) -> NoReturn:
     raise SystemExit(1)
 
 
-def _cards(args: argparse.Namespace) -> tuple[IdentityCard, IdentityCard | None, bool, bool]:
+def _cards(args: argparse.Namespace) -> tuple[IdentityCard, IdentityCard | dict[str, IdentityCard], bool, bool]:
     log = Path(args.log)
     if not log.is_file():
         _fatal(f"audit log {log} not found")
     owner = load_card(args.owner) if args.owner else None
-    entity = load_card(args.entity) if args.entity else None
+    pinned = [load_card(path) for path in args.entity or []]
+    entity: IdentityCard | dict[str, IdentityCard] | None = None
+    if len(pinned) == 1:
+        entity = pinned[0]
+    elif pinned:
+        entity = {card.fingerprint: card for card in pinned}
     if owner is not None and entity is not None:
         return owner, entity, True, True
     embedded_owner, peers = embedded_cards(log)
@@ -41,9 +46,9 @@ def _cards(args: argparse.Namespace) -> tuple[IdentityCard, IdentityCard | None,
         if embedded_owner is None:
             _fatal(f"{log} names no owner card; pass --owner CARD")
         owner = embedded_owner
-    if entity is None and len(peers) == 1:
-        entity = next(iter(peers.values()))
-    return owner, entity, args.owner is not None, args.entity is not None
+    if entity is None:
+        entity = peers
+    return owner, entity, args.owner is not None, bool(pinned)
 
 
 def _verify(args: argparse.Namespace) -> tuple[AuditVerdict, IdentityCard, bool, bool]:
@@ -175,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("log", help="the audit log (JSONL)")
         p.add_argument("--owner", type=Path, help="the owner's pinned identity card (card.json)")
-        p.add_argument("--entity", type=Path, help="the entity's pinned identity card")
+        p.add_argument("--entity", type=Path, action="append",
+                       help="an entity's pinned identity card (repeat for an owner that used several entities)")
         p.add_argument("--checkpoint", type=Path, help="a signed checkpoint held outside the log (detects truncation)")
         p.add_argument("--quick", action="store_true",
                        help="verify the owner's signature on the last checkpoint only (earlier ones are covered by its "

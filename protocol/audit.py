@@ -33,7 +33,7 @@ from ._merkle import Accumulator
 from .errors import AuditError, ProtocolError, SignatureError
 from .keys import Identity, IdentityCard
 from .sealing import OpenedBundle, Sealed
-from .signing import digest, read_message_unchecked, sign_message, verify_message
+from .signing import digest, message_signer, read_message_unchecked, sign_message, verify_message
 
 GENESIS_PREV = "sha256:" + "0" * 64
 CHECKPOINT_KIND = "audit-checkpoint"
@@ -427,14 +427,16 @@ def verify_log(
     path: Path,
     *,
     owner: IdentityCard,
-    entity: IdentityCard | None = None,
+    entity: IdentityCard | Mapping[str, IdentityCard] | None = None,
     checkpoint: bytes | None = None,
     every_signature: bool = True,
 ) -> AuditVerdict:
     """Check chain, canonical form, Merkle checkpoints, countersignatures and receipts.
 
-    ``entity``: verify the entity's countersignatures and receipts (without it they are counted
-    as unverified and a warning says so). ``checkpoint``: a signed checkpoint held outside the log
+    ``entity``: the entity card that must have signed every countersignature and receipt, or a
+    mapping fingerprint -> card for an owner that worked with several entities (signatures by an
+    entity not in the mapping are counted as unverified, like all of them when ``entity`` is None,
+    and a warning says so); a receipt must also match a transfer sent to that same entity. ``checkpoint``: a signed checkpoint held outside the log
     (e.g. the one the entity countersigned); the log must contain that tree as a prefix, which
     detects truncation below it. ``every_signature=False`` verifies the owner's signature on the
     last checkpoint only (every checkpoint's tree size and root are still recomputed, and every
@@ -447,6 +449,14 @@ def verify_log(
     if not path.exists():
         return AuditVerdict(False, 0, 0, 0, 0, 0, error=f"audit log {path} not found", first_bad=None)
     warnings: list[str] = []
+    strict = isinstance(entity, IdentityCard)
+    entities: dict[str, IdentityCard] = {} if entity is None or strict else dict(entity)  # type: ignore[arg-type]
+
+    def entity_for(env: Mapping[str, Any]) -> IdentityCard | None:
+        if strict:
+            return entity  # type: ignore[return-value]
+        return entities.get(message_signer(env))
+
     acc = Accumulator()
     prev = GENESIS_PREV
     last_unverified: tuple[int, bytes] | None = None  # the last checkpoint, when only it is verified
@@ -501,10 +511,12 @@ def verify_log(
                     anchored = index
                     pending = 0
                 elif event == EV_COUNTERSIGN:
-                    if entity is None:
+                    env = _envelope(details.get("countersignature"))
+                    signer = entity_for(env)
+                    if signer is None:
                         unverified += 1
                     else:
-                        body = verify_message(_envelope(details.get("countersignature")), kind=COUNTERSIGN_KIND, signer=entity)
+                        body = verify_message(env, kind=COUNTERSIGN_KIND, signer=signer)
                         ref = checkpoints.get(str(body.get("checkpoint")))
                         if ref is None or body.get("tree_size") != ref[0] or body.get("root_hash") != ref[1]:
                             raise _Fail(index, f"{where}: countersignature refers to no checkpoint earlier in this log")
@@ -512,12 +524,14 @@ def verify_log(
                 elif event == EV_SENT:
                     sent[(str(details.get("job_id")), str(details.get("statement")))] = details
                 elif event == EV_RECEIPT:
-                    if entity is None:
+                    env = _envelope(details.get("receipt"))
+                    signer = entity_for(env)
+                    if signer is None:
                         unverified += 1
                     else:
-                        body = verify_message(_envelope(details.get("receipt")), kind=RECEIPT_KIND, signer=entity)
+                        body = verify_message(env, kind=RECEIPT_KIND, signer=signer)
                         match = sent.get((str(body.get("job_id")), str(body.get("statement"))))
-                        if match is None or match.get("files") != body.get("files"):
+                        if match is None or match.get("files") != body.get("files") or match.get("peer") != signer.fingerprint:
                             raise _Fail(index, f"{where}: receipt does not match any transfer sent earlier in this log")
                         receipts += 1
             except (ProtocolError, canonical.CanonicalJSONError) as exc:
@@ -549,7 +563,7 @@ def verify_log(
                 f"log truncated or rewritten: external checkpoint of {size} records does not match", min(count, size), log_id,
             )
     if unverified:
-        warnings.append(f"{unverified} entity signature(s) not verified (no entity card given)")
+        warnings.append(f"{unverified} entity signature(s) not verified (no card given for their signer)")
     if pending:
         warnings.append(f"{pending} record(s) after the last checkpoint are not yet anchored by a signed checkpoint")
     return AuditVerdict(True, count, n_cp, anchored, countersigned, receipts, None, None, log_id, tuple(warnings))

@@ -144,3 +144,10 @@ def test_report_of_a_broken_log_covers_only_the_verified_prefix(trail: Path) -> 
     report = build_report(trail, verdict, owner=OWNER.card, owner_pinned=True, entity_pinned=True)
     assert not verdict.ok and len(report.records) == verdict.first_bad == 3
     assert "FAIL" in render_html(report)
+
+
+def test_verify_accepts_several_entity_cards(trail: Path, tmp_path: Path) -> None:
+    (tmp_path / "other.json").write_bytes(Identity.generate("entity", "other").card.to_bytes())
+    out = _run("verify", str(trail), "--owner", str(trail.parent / "owner.json"),
+               "--entity", str(trail.parent / "entity.json"), "--entity", str(tmp_path / "other.json"))
+    assert out.returncode == 0 and "1 receipts" in out.stdout and out.stderr == ""

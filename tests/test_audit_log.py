@@ -311,3 +311,38 @@ def test_non_canonical_lines_are_refused(honest: Path, edit) -> None:
     _write(honest, lines)
     verdict = verify_log(honest, owner=OWNER.card)
     assert not verdict.ok and verdict.first_bad == 2
+
+
+def test_log_with_two_entities_verifies_with_a_mapping_of_their_cards(tmp_path: Path) -> None:
+    other = Identity.generate("entity", "second-service")
+    path = tmp_path / "audit.jsonl"
+    with AuditLog.open(path, OWNER) as log:
+        _job(log)
+        files = {"a.bin": b"payload"}
+        sealed = seal_bundle_detailed(files, kind="model", job_id="job-2", request_hash=digest(b"o2"), sender=OWNER, recipient=other.card)
+        log.record_sent(sealed, recipient=other.card)
+        cp = log.checkpoint()
+        opened = open_bundle(sealed.blob, kind="model", job_id="job-2", request_hash=digest(b"o2"), recipient=other, senders={OWNER.fingerprint: OWNER.card})
+        log.record_countersignature(countersign_checkpoint(cp, owner=OWNER.card, entity=other), entity=other.card)
+        log.record_receipt(make_receipt(opened, entity=other, job_id="job-2"), entity=other.card)
+        log.checkpoint()
+    both = verify_log(path, owner=OWNER.card, entity={ENTITY.fingerprint: ENTITY.card, other.fingerprint: other.card})
+    assert both.ok and both.receipts == 2 and both.warnings == ()
+    one = verify_log(path, owner=OWNER.card, entity={ENTITY.fingerprint: ENTITY.card})
+    assert one.ok and one.receipts == 1 and any("not verified" in w for w in one.warnings)
+    strict = verify_log(path, owner=OWNER.card, entity=ENTITY.card)
+    assert not strict.ok and "wrong signer" in strict.error
+
+
+def test_receipt_signed_by_an_entity_other_than_the_recipient_is_refused(tmp_path: Path) -> None:
+    other = Identity.generate("entity", "second-service")
+    path = tmp_path / "audit.jsonl"
+    files = {"a.bin": b"payload"}
+    sealed = seal_bundle_detailed(files, kind="model", job_id="job-3", request_hash=digest(b"o"), sender=OWNER, recipient=ENTITY.card)
+    opened = open_bundle(sealed.blob, kind="model", job_id="job-3", request_hash=digest(b"o"), recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card})
+    forged = make_receipt(opened, entity=other, job_id="job-3")  # the other entity signs for what ENTITY received
+    with AuditLog.open(path, OWNER) as log:
+        log.record_sent(sealed, recipient=ENTITY.card)
+        log.record_receipt(forged, entity=other.card)
+    verdict = verify_log(path, owner=OWNER.card, entity={ENTITY.fingerprint: ENTITY.card, other.fingerprint: other.card})
+    assert not verdict.ok and "receipt does not match" in verdict.error

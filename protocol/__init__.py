@@ -12,7 +12,8 @@ Modules (one per verb, private helpers underscored):
   ``SealError``, ``AdmissionError``, ``ReplayError``, ``ArtifactError``, ``MaskError``,
   ``EgressViolation``, ``AuditError``); ``str(e)`` is one line.
 * ``keys``: ``IdentityCard``, ``Identity``, ``init_identity``, ``load_identity``, ``load_card``,
-  ``load_registry``, ``admit``; CLI ``python -m protocol.keys init|show``.
+  ``load_registry``, ``register_card``, ``admit``; CLI ``python -m protocol.keys
+  init|show|register``. Cards with small-order (forgeable) keys are refused.
 * ``signing``: ``sign_message`` / ``verify_message`` (DSSE over canonical JSON), ``digest``
   (``"sha256:<hex>"``, used for request hashes), in-toto statements of bundles.
 * ``sealing``: ``seal_bundle`` (and ``seal_bundle_detailed``, which also returns the signed
@@ -21,7 +22,8 @@ Modules (one per verb, private helpers underscored):
 * ``masks``: ``pack_masks`` / ``unpack_masks`` (bit-packed, canonical, bool tensors out).
 * ``replay``: ``NonceStore`` (``issue`` / ``redeem`` on the entity, ``accept_once`` on the owner),
   ``new_job_id``, ``new_nonce``.
-* ``egress``: ``EgressGuard(schema, max_bytes, ...)``, ``.check(files, claims)``, ``schema_of``.
+* ``egress``: ``EgressGuard(schema, max_bytes, ...)``, ``.check(files, claims)``, ``schema_of``,
+  ``redact_counters`` / ``DATA_COUNTERS`` (BatchNorm batch counters reveal the training-set size).
   ``program_guard``: ``strip_program`` (drop the stack traces and module paths torch.export
   records) and ``check_program`` (the guard's default check of ``program.json``).
 * ``tensors``: ``schema_of``, ``check_safetensors`` (exact schema, finite, no metadata, canonical
@@ -34,7 +36,8 @@ Modules (one per verb, private helpers underscored):
 
 Differences from the first API sketch: ``open_bundle`` also takes ``max_bytes``;
 ``seal_bundle_detailed`` returns the signed statement with the blob (for ``record_sent``);
-``verify_log`` also takes an optional external ``checkpoint`` (detects truncation below it) and
+``verify_log`` takes one entity card or a fingerprint -> card mapping, an optional external
+``checkpoint`` (detects truncation below it) and
 ``every_signature`` (False: the owner signature of the last checkpoint only); ``NonceStore``
 (``replay``) gives the replay primitives; ``AuditLog`` has ``record_*`` helpers so the flow logs
 each step in one call. ``protocol/FLOW.md`` lists the calls each side makes, in order.

@@ -125,12 +125,15 @@ class EntityJobs:
         return opened
 
     def prune(
-        self, offer: Offer, opened: OpenedBundle, request_blob: bytes, progress: Callable[[dict], None] | None = None
+        self, offer: Offer, opened: OpenedBundle, request_blob: bytes, progress: Callable[[dict], None] | None = None,
+        *, checkpoint: bytes | None = None,
     ) -> tuple[bytes, dict]:
         """Prune the opened request's model and seal the result to its owner: (sealed blob, summary).
 
         The result's ``request_hash`` is the hash of the exact request bytes it answers, which the
         owner also holds, so a result cannot be replayed as the answer to another request.
+        ``checkpoint`` is the owner's signed audit checkpoint taken after it recorded this request;
+        the entity countersigns it (a bad one is refused like a bad request).
         """
         from entity.pruning import PruneConfig, prune
 
@@ -160,11 +163,8 @@ class EntityJobs:
             "recipe.json": canonical.dumps(retrain.to_json()),
             "receipt.json": make_receipt(opened, entity=self.identity, job_id=offer.job_id),
         }
-        checkpoint = opened.claims.get("checkpoint")
-        if isinstance(checkpoint, str):
-            files["countersignature.json"] = countersign_checkpoint(
-                checkpoint.encode(), owner=opened.sender, entity=self.identity
-            )
+        if checkpoint:
+            files["countersignature.json"] = countersign_checkpoint(checkpoint, owner=opened.sender, entity=self.identity)
         blob = seal_bundle(
             files, kind=RESULT_KIND, job_id=offer.job_id, request_hash=digest(request_blob),
             sender=self.identity, recipient=opened.sender,

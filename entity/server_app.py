@@ -102,7 +102,9 @@ class JobLoop:
             events.write("pruning", job_id=job_id, **{k: v for k, v in event.items() if k != "event"}, step=event.get("event"))
 
         try:
-            result, summary = self.jobs.prune(pending.offer, opened, blob, progress)
+            checkpoint = facts.get("checkpoint")
+            result, summary = self.jobs.prune(pending.offer, opened, blob, progress,
+                                              checkpoint=checkpoint if isinstance(checkpoint, bytes) else None)
         except (ProtocolError, JobError, ValueError) as exc:
             self.refuse(pending, f"pruning failed: {exc}")
             return

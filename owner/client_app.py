@@ -35,7 +35,8 @@ def build_client_app(session: OwnerSession) -> ClientApp:
         except (SessionError, ProtocolError) as exc:
             session.refusal = str(exc)
             return _decline(msg, str(exc))
-        return Message(pack({"status": "request", "owner": session.identity.card.fingerprint}, sealed), reply_to=msg)
+        facts = {"status": "request", "owner": session.identity.card.fingerprint, "checkpoint": session.sent_checkpoint or b""}
+        return Message(pack(facts, sealed), reply_to=msg)
 
     @app.query("result")
     def result(msg: Message, context: Context) -> Message:

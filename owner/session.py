@@ -16,7 +16,8 @@ import torch
 from protocol import canonical
 from protocol.artifact import PROGRAM_FILE, WEIGHTS_FILE, load_tensors, program_to_files
 from protocol.audit import EV_BLOCKED, EV_REFUSED, AuditLog
-from protocol.egress import EgressGuard, schema_of
+from protocol.artifact import dump_tensors
+from protocol.egress import DATA_COUNTERS, EgressGuard, redact_counters, schema_of
 from protocol.errors import EgressViolation, ProtocolError
 from protocol.keys import Identity, IdentityCard
 from protocol.masks import unpack_masks
@@ -71,13 +72,21 @@ class OwnerSession:
     bytes_sent: int = 0
     ignored_fabs: list[str] = field(default_factory=list)
     transfers: list[dict] = field(default_factory=list)
+    sent_checkpoint: bytes | None = None
 
     def __post_init__(self) -> None:
+        # BatchNorm's num_batches_tracked counts training steps (about the training-set size over
+        # the batch size): a data statistic nobody asked for, so it leaves as zeros.
         self._artifact = program_to_files(self.program)
+        self._artifact[WEIGHTS_FILE] = dump_tensors(redact_counters(self.program.state_dict))
 
     # ---------------------------------------------------------------- offer -> request
     def answer_offer(self, offer_blob: bytes, presented_card: bytes | None) -> bytes:
-        """Verify the entity's signed offer against the pinned card; return the sealed request."""
+        """Verify the entity's signed offer against the pinned card; return the sealed request.
+
+        The signed audit checkpoint taken after recording the request is left in
+        ``sent_checkpoint``; it travels beside the sealed bundle for the entity to countersign.
+        """
         if self.job_id is not None:
             raise SessionError(f"a second offer arrived during job {self.job_id}; refusing it")
         if presented_card is not None:
@@ -108,12 +117,11 @@ class OwnerSession:
         request = {"job_id": self.job_id, "nonce": self.nonce, "prune": self.request.to_json(), "input_spec": self.spec.to_json()}
         files = dict(self._artifact)
         files[REQUEST_FILE] = canonical.dumps(request)
-        checkpoint = self.audit.checkpoint().decode()
-        claims = {"checkpoint": checkpoint}
+        claims: dict[str, Any] = {}
         guard = EgressGuard(
             schema=schema_of(self.program.state_dict),
             max_bytes=self.max_bytes,
-            allowed_claims=frozenset(claims),
+            zero_tensors=DATA_COUNTERS,
             program_check=self._program_is_ours_and_clean,
             on_violation=lambda reason: self.audit.append(EV_BLOCKED, {"job_id": self.job_id, "reason": reason}),
         )
@@ -123,7 +131,8 @@ class OwnerSession:
             sender=self.identity, recipient=self.entity_card, claims=claims,
         )
         record = self.audit.record_sent(sealed, recipient=self.entity_card, request=request)
-        self.audit.checkpoint()
+        # Taken after the transfer is on record, so the entity's countersignature covers it.
+        self.sent_checkpoint = self.audit.checkpoint()
         self.request_blob = sealed.blob
         self.bytes_sent += len(sealed.blob)
         self.transfers.append({"direction": "sent", "kind": REQUEST_KIND, "bytes": len(sealed.blob),

@@ -1,6 +1,8 @@
 """The owner/entity exchange without Flower: offer -> sealed request -> prune -> sealed result."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -38,7 +40,7 @@ def test_exchange_delivers_masked_weights_at_the_requested_rate(parties):
     offer = jobs.make_offer(node_id=1)
     request = session.answer_offer(offer.blob, session.entity_card.to_bytes())
     opened = jobs.open_request(offer, request)
-    result, summary = jobs.prune(offer, opened, request)
+    result, summary = jobs.prune(offer, opened, request, checkpoint=session.sent_checkpoint)
     assert summary["bytes_sent"] == len(result)
     session.receive_result(result)
     outcome = session.outcome
@@ -49,6 +51,26 @@ def test_exchange_delivers_masked_weights_at_the_requested_rate(parties):
     session.audit.close()
     verdict = verify_log(tmp_path / "audit.jsonl", owner=session.identity.card, entity=session.entity_card)
     assert verdict.ok, verdict
+    # The countersigned checkpoint covers the record of the request that was sent.
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    sent = next(r["seq"] for r in records if r["event"] == "transfer.sent")
+    assert verdict.countersigned > sent
+
+
+def test_training_step_counters_leave_as_zeros(parties):
+    from protocol.artifact import load_tensors
+    from simulations.models import small_vgg
+
+    _, session, _, _ = parties
+    model = small_vgg()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.num_batches_tracked.fill_(1876)  # what training on 60,000 images leaves
+    trained = OwnerSession(session.identity, session.entity_card, export_eval(model), SPEC, PruneRequest(8.0), session.audit)
+    counters = [k for k in trained.program.state_dict if k.endswith("num_batches_tracked")]
+    assert counters and all(int(trained.program.state_dict[k]) == 1876 for k in counters)
+    sent = load_tensors(trained._artifact["weights.safetensors"])
+    assert all(int(sent[k]) == 0 for k in counters)
 
 
 def test_replayed_request_is_refused(parties):

@@ -264,7 +264,7 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
         try:
             with console.status("exchanging with the entity (model out; pruned weights and mask back)..."):
                 executor.run_until(lambda: session.finished, config.timeout,
-                                   first_task_timeout=config.connect_timeout + 15, alive=supernode.running)
+                                   first_task_timeout=config.connect_timeout + 60, alive=supernode.running)
         except (TimeoutError, ExecutorError) as exc:
             raise OwnerError(f"{exc} (entity {config.entity}; SuperNode log: {supernode.log_path})") from None
             _wait_replies_pushed(supernode.log_path, executor.tasks_run, timeout=15)

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from protocol.flower_processes import (
     wait_for_port,
 )
 from protocol.keys import init_identity, load_identity, load_registry
+from protocol.settings import SettingsError, merge_settings
 
 DEFAULT_PORT = 9092
 
@@ -86,31 +86,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> ServeConfig:
-    path = args.config or (Path("entity.toml") if Path("entity.toml").is_file() else None)
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ServeError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ServeError(f"config file {path}: {exc}") from None
-        data = dict(data.get("entity", data))
-        base = Path(path).resolve().parent
-        for key in ("home", "owners", "tls_cert", "tls_key", "tls_ca"):
-            if key in data:
-                data[key] = base / str(data[key])
-    for key in ("host", "port", "home", "owners", "recipe", "device", "epochs", "start_timeout", "tls_cert", "tls_key", "tls_ca"):
-        value = getattr(args, key)
-        if value is not None:
-            data[key] = value
-    known = set(ServeConfig.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ServeError(f"unknown setting(s) in config: {', '.join(unknown)}")
-    for key in ("home", "owners", "tls_cert", "tls_key", "tls_ca"):
+    try:
+        data = merge_settings(args, section="entity", default_file="entity.toml", known=ServeConfig.__dataclass_fields__,
+                              path_keys=("home", "owners", "tls_cert", "tls_key", "tls_ca"))
+    except SettingsError as exc:
+        raise ServeError(str(exc)) from None
+    for key in ("home", "owners"):
         if data.get(key) is not None:
-            data[key] = Path(data[key]).resolve()
+            data[key] = data[key].resolve()
     config = ServeConfig(**data)
     if not 0 < config.port < 65536:
         raise ServeError(f"port {config.port} is out of range")

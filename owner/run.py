@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,34 +115,17 @@ _PATH_KEYS = ("data", "weights", "entity_card", "keys", "out", "tls_ca")
 
 
 def load_config(args: argparse.Namespace) -> OwnerConfig:
-    path = args.config or (Path("owner.toml") if Path("owner.toml").is_file() else None)
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise OwnerError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise OwnerError(f"config file {path}: {exc}") from None
-        data = dict(raw.get("owner", raw))
-        base = Path(path).resolve().parent
-        for key in _PATH_KEYS:
-            if key in data:
-                data[key] = base / str(data[key])
-    for key in OwnerConfig.__dataclass_fields__:
-        value = getattr(args, key, None)
-        if value is not None:
-            data[key] = value
-    unknown = sorted(set(data) - set(OwnerConfig.__dataclass_fields__))
-    if unknown:
-        raise OwnerError(f"unknown setting(s): {', '.join(unknown)}")
+    from protocol.settings import SettingsError, merge_settings
+
+    try:
+        data = merge_settings(args, section="owner", default_file="owner.toml", known=OwnerConfig.__dataclass_fields__,
+                              path_keys=_PATH_KEYS)
+    except SettingsError as exc:
+        raise OwnerError(str(exc)) from None
     for required, flag in (("data", "--data"), ("model", "--model"), ("entity_card", "--entity-card"),
                            ("input_shape", "--input-shape"), ("mean", "--mean"), ("std", "--std")):
         if data.get(required) in (None, "", ()):
             raise OwnerError(f"missing {flag} (or `{required}` in owner.toml)")
-    for key in _PATH_KEYS:
-        if data.get(key) is not None:
-            data[key] = Path(data[key])
     for key in ("input_shape", "mean", "std", "skip_layers"):
         if key in data:
             data[key] = tuple(data[key])

@@ -40,7 +40,9 @@ class PruneConfig:
 
     rate: float
     skip_layers: tuple[str, ...] = ()
-    recipe: str = "oneshot"
+    # The measured winner on benchmarks/results/paper_table.md: BN-matched synthetic images, OBS-style
+    # choice, least-squares refit, weight-norm rescale, per-layer rates by sensitivity.
+    recipe: str = "refit"
     patterns: int = 8
     seed: int = 0
     device: str = "cpu"

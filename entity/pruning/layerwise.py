@@ -20,6 +20,10 @@ def pairs(work: fx.GraphModule, dense: fx.GraphModule, layer: ConvLayer, x: torc
     """(input of the conv in ``work``, output of the conv in ``dense``) for chunks of ``x``."""
     with torch.no_grad():
         for part in x.split(chunk):
+            if work is dense:
+                seen = record(dense, part, {f"in:{layer.node}", layer.node}, stop_after=layer.node)
+                yield seen[f"in:{layer.node}"], seen[layer.node]
+                continue
             xin = record(work, part, {f"in:{layer.node}"}, stop_after=layer.node)[f"in:{layer.node}"]
             y = record(dense, part, {layer.node}, stop_after=layer.node)[layer.node]
             yield xin, y

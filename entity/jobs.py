@@ -43,8 +43,9 @@ class EventLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(self, event: str, **fields: Any) -> None:
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event, **fields}
+    def write(self, event: str, fields: Mapping[str, Any] | None = None, **more: Any) -> None:
+        """Append one event; ``fields`` may hold any keys (a pruning progress event's, say)."""
+        record = {**(fields or {}), **more, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event}
         line = json.dumps(record, sort_keys=True, default=str) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -61,6 +62,7 @@ class EntitySettings:
     recipe: str | None = None
     device: str = "cpu"
     epochs: int | None = None
+    # Extra PruneConfig fields the operator sets (e.g. synthetic_images, synthetic_steps).
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -143,7 +145,8 @@ class EntityJobs:
         wanted = PruneRequest.from_json(request["prune"])
         program = program_from_files({k: v for k, v in opened.files.items() if k != REQUEST_FILE})
         recipe = wanted.recipe or self.settings.recipe
-        kwargs: dict[str, Any] = {"rate": wanted.rate, "skip_layers": wanted.skip_layers, "device": self.settings.device}
+        kwargs: dict[str, Any] = {**self.settings.options, "rate": wanted.rate, "skip_layers": wanted.skip_layers,
+                                  "device": self.settings.device}
         if recipe:
             kwargs["recipe"] = recipe
         try:

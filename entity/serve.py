@@ -44,6 +44,8 @@ class ServeConfig:
     recipe: str = ""
     device: str = "cpu"
     epochs: int = -1
+    synthetic_images: int = 0
+    synthetic_steps: int = 0
     start_timeout: float = 60.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -77,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="pruning recipe (default: the engine's benchmark winner)")
     p.add_argument("--device", help="torch device for pruning: cpu or cuda")
     p.add_argument("--epochs", type=int, help="retraining epochs recommended to owners (default: the recipe's)")
+    p.add_argument("--synthetic-images", type=int, help="synthetic images the pruning engine makes per job (default: the engine's)")
+    p.add_argument("--synthetic-steps", type=int, help="optimisation steps per synthetic batch (default: the engine's)")
     p.add_argument("--start-timeout", type=float, help="seconds to wait for the SuperLink and ServerApp (default 60)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate for the SuperLink (enables TLS)")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -95,6 +99,8 @@ def load_config(args: argparse.Namespace) -> ServeConfig:
         if data.get(key) is not None:
             data[key] = data[key].resolve()
     config = ServeConfig(**data)
+    if config.synthetic_images < 0 or config.synthetic_steps < 0:
+        raise ServeError("synthetic images and steps must be positive")
     if not 0 < config.port < 65536:
         raise ServeError(f"port {config.port} is out of range")
     if (config.tls_cert is None) != (config.tls_key is None) or (config.tls_cert and config.tls_ca is None):
@@ -114,6 +120,8 @@ def _app_pyproject(config: ServeConfig) -> str:
         "recipe": config.recipe,
         "device": config.device,
         "epochs": config.epochs,
+        "synthetic_images": config.synthetic_images,
+        "synthetic_steps": config.synthetic_steps,
     }
     lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     return "\n".join([
@@ -260,12 +268,12 @@ def _describe(event: dict) -> str | None:
     if kind == "admitted":
         return f"[{job}] admitted owner {event.get('owner_name')} ({str(event.get('owner'))[:23]}), {event.get('bytes')} bytes"
     if kind == "pruning":
-        step = event.get("step")
+        step = event.get("phase")
         if step == "layer":
             err = event.get("error") or event.get("synthetic_error") or ""
             return f"[{job}] layer {event.get('index', '?')}/{event.get('total', '?')} {event.get('layer', '')} rate {event.get('rate', '')} error {err}"
         if step in ("start", "done", "synthetic"):
-            details = {k: v for k, v in event.items() if k not in ("event", "time", "job_id", "step")}
+            details = {k: v for k, v in event.items() if k not in ("event", "time", "job_id", "phase")}
             return f"[{job}] {step}: {details}"
         return None
     if kind == "pruned":

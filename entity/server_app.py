@@ -38,10 +38,12 @@ def entity_from_config(run_config: dict) -> EntityJobs:
     """Build the entity's job handler from the run configuration written by ``entity.serve``."""
     home = Path(str(run_config["home"]))
     epochs = int(run_config.get("epochs", -1))
+    options = {key: int(run_config[key]) for key in ("synthetic_images", "synthetic_steps") if int(run_config.get(key, 0)) > 0}
     settings = EntitySettings(
         recipe=str(run_config.get("recipe", "")) or None,
         device=str(run_config.get("device", "cpu")),
         epochs=None if epochs < 0 else epochs,
+        options=options,
     )
     return EntityJobs(
         identity=load_identity(home / "keys"),
@@ -99,7 +101,7 @@ class JobLoop:
                      owner_name=opened.sender.name, bytes=len(blob))
 
         def progress(event: dict) -> None:
-            events.write("pruning", job_id=job_id, **{k: v for k, v in event.items() if k != "event"}, step=event.get("event"))
+            events.write("pruning", {**event, "phase": event.get("event"), "job_id": job_id})
 
         try:
             checkpoint = facts.get("checkpoint")

@@ -92,7 +92,8 @@ class LocalDeployment:
     """An entity service plus owners, all as child processes of this one, on loopback."""
 
     def __init__(self, work: Path, *, recipe: str | None = None, entity_epochs: int | None = None,
-                 env: dict[str, str] | None = None, start_timeout: float = 120.0, tls: bool = False):
+                 env: dict[str, str] | None = None, start_timeout: float = 120.0, tls: bool = False,
+                 entity_options: dict[str, Any] | None = None):
         from protocol.keys import init_identity
 
         self.work = work.resolve()
@@ -102,6 +103,7 @@ class LocalDeployment:
         self.recipe = recipe
         self.entity_epochs = entity_epochs
         self.start_timeout = start_timeout
+        self.entity_options = dict(entity_options or {})
         self.env = flower_env(self.work / "flwr-cli", env)
         self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
         self.entity: subprocess.Popen | None = None
@@ -127,6 +129,7 @@ class LocalDeployment:
                   "recipe": self.recipe or "", "start_timeout": self.start_timeout}
         if self.entity_epochs is not None:
             values["epochs"] = self.entity_epochs
+        values.update(self.entity_options)
         if self.tls is not None:
             values.update(tls_cert=str(self.tls.server_cert), tls_key=str(self.tls.server_key), tls_ca=str(self.tls.ca_cert))
         write_toml(self.work / "entity.toml", "entity", values)

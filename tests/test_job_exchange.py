@@ -140,3 +140,21 @@ def test_program_that_leaves_carries_no_trace_of_the_owners_code(parties):
     _, session, _, _ = parties
     graph = session._artifact["program.json"].decode()
     assert "stack_trace" not in graph and "nn_module_stack" not in graph and "simulations" not in graph
+
+
+def test_default_recipe_runs_through_the_job_with_progress_events(parties):
+    """The engine's default recipe (not just one-shot) behind the job interface, events logged."""
+    from entity.pruning import PruneConfig
+
+    jobs, session, _, tmp_path = parties
+    jobs.settings = EntitySettings(options={"synthetic_images": 32, "synthetic_steps": 5})
+    events = []
+    offer = jobs.make_offer(node_id=1)
+    request = session.answer_offer(offer.blob, None)
+    result, summary = jobs.prune(offer, jobs.open_request(offer, request), request,
+                                 lambda e: jobs.events.write("pruning", {**e, "phase": e.get("event")}) or events.append(e))
+    assert summary["recipe"] == PruneConfig.__dataclass_fields__["recipe"].default
+    assert events and all("event" in e for e in events)
+    logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert any(rec["event"] == "pruning" and rec.get("phase") == "done" for rec in logged)
+    session.receive_result(result)

@@ -63,7 +63,7 @@ class PruneConfig:
     rescale: bool = True
     batch_size: int = 32
     admm_iters: int = 100  # W-steps per rho stage
-    admm_lr: float = 1e-3
+    admm_lr: float = 1e-2
     admm_update_every: int = 10  # W-steps between Z/dual updates
     admm_optimiser: str = "adam"  # "adam" or "sgd"
     slr_m: float = 300.0

@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="retraining epochs at each owner (default: the entity's recipe)")
     parser.add_argument("--recipe", help="entity pruning recipe (default: the engine's default)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per owner (default 900)")
+    parser.add_argument("--synthetic-images", type=int, help="synthetic images per job at the entity (default: the engine's; demo 64)")
+    parser.add_argument("--synthetic-steps", type=int, help="optimisation steps per synthetic batch (default: the engine's; demo 50)")
     args = parser.parse_args(argv)
     from rich.console import Console
 
@@ -331,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.epochs if args.epochs is not None else (2 if args.demo else None)
     # The embedded subset has 6,000 training images: smaller batches give retraining enough steps.
     extra = {"batch_size": 64} if args.demo else {}
-    deployment = LocalDeployment(work, recipe=args.recipe)
+    # The demo trades some synthetic-image quality for a run of about three minutes on 2 cores.
+    synthetic = {"synthetic_images": args.synthetic_images or (64 if args.demo else None),
+                 "synthetic_steps": args.synthetic_steps or (50 if args.demo else None)}
+    deployment = LocalDeployment(work, recipe=args.recipe, entity_options={k: v for k, v in synthetic.items() if v})
     plans = [OwnerPlan(f"owner-{i + 1}", data, rate=args.rate, epochs=epochs, extra=extra) for i in range(args.owners)]
     for plan in plans:
         deployment.prepare_owner(plan)

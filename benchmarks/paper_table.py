@@ -288,13 +288,17 @@ def render_markdown(state: dict, quick: bool) -> str:
         "(`owner.retrain`, the entity's recommended recipe: SGD momentum 0.9, lr 0.01 then 0.001 from epoch 3,",
         "batch 256, " + ("a 3,000-image subset" if quick else "full training set") + ", one seed). Conv compression is over all prunable 3x3 convs (the stem",
         "conv and 1x1 shortcuts stay dense). Prune time includes synthetic-image generation, on a shared",
-        "2-core CPU with one thread. A dash means the cell was not run in the time available.", "",
+        "2-core CPU with one thread (load varied: the same refit took 54 s to 129 s). A dash means the cell was",
+        "not run in the time available. \"mean layer err\" is the relative error of each pruned layer's",
+        "(BatchNorm) output, averaged, measured on the method's own inputs (noise, BN-matched or real images):",
+        "it is not comparable across methods. One seed: differences under ~0.5 pp are noise. The dense models",
+        "were trained briefly here (epochs below), so their accuracy is below what longer training reaches.", "",
     ]
     for name, info in state["models"].items():
         cells = [c for c in state["cells"] if c["model"] == name]
         if not cells:
             continue
-        lines += [f"## {name}: dense accuracy {_pct(info['accuracy'])} ({info['epochs']} training epochs)", ""]
+        lines += [f"## {name}: dense accuracy {_pct(info['accuracy'])} ({info['epochs']} training epoch(s))", ""]
         lines += ["| rate | method | K=0 | K=1 | K=3 | prune s | mean layer err |", "|---|---|---|---|---|---|---|"]
         rates = sorted({c["rate"] for c in cells})
         for rate in rates:

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from protocol.errors import ProtocolError
 from protocol.flower_processes import (
@@ -64,7 +64,7 @@ class ServeError(RuntimeError):
     """The service cannot start or keep running (one line for the operator)."""
 
 
-def _fatal(message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+def _fatal(message: str) -> NoReturn:
     print(f"entity.serve: error: {message}", file=sys.stderr)
     raise SystemExit(1)
 

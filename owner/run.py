@@ -12,9 +12,9 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 DEFAULT_OUT = Path("blindprune-out")
 
@@ -51,7 +51,7 @@ class OwnerError(RuntimeError):
     """The owner's job failed (one line for the user)."""
 
 
-def _fatal(message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+def _fatal(message: str) -> NoReturn:
     print(f"owner.run: error: {message}", file=sys.stderr)
     raise SystemExit(1)
 

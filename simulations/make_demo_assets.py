@@ -26,7 +26,7 @@ MEAN, STD = 0.2860, 0.3530
 
 def _read_idx(path: Path) -> np.ndarray:
     data = path.read_bytes()
-    _, _, dtype_code, ndim = data[0], data[1], data[2], data[3]
+    ndim = data[3]
     dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 

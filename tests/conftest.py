@@ -20,6 +20,15 @@ def export_eval(model: torch.nn.Module, shape: tuple[int, ...] = (1, 28, 28)) ->
     return torch.export.export(model.eval(), (torch.randn(2, *shape),), dynamic_shapes=({0: batch},))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread is faster, and CI's two cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def small_vgg_program() -> tuple[torch.nn.Module, torch.export.ExportedProgram]:
     from simulations.models import small_vgg

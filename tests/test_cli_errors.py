@@ -20,7 +20,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def owner_args(tmp_path) -> list[str]:
-    entity = init_identity(tmp_path / "entity", "entity")
+    init_identity(tmp_path / "entity", "entity")
     data = tmp_path / "private"
     (data / "FashionMNIST" / "raw").mkdir(parents=True)
     return ["-m", "owner.run", "--data", str(data), "--model", "simulations.models:small_vgg",

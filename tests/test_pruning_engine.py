@@ -13,13 +13,7 @@ from simulations.models import CifarResNet, SmallVGG
 SPEC = InputSpec(shape=(1, 12, 12), mean=(0.2860,), std=(0.3530,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and CI's two cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _export(model: torch.nn.Module) -> torch.export.ExportedProgram:

@@ -118,8 +118,14 @@ def admm_layer(problem: LayerProblem, weight: torch.Tensor, *, rho: RhoSchedule,
     return problem.project(w)
 
 
-def run_admm(job: Job) -> None:
-    """The recipe: layer by layer in topological order, ADMM then hard prune."""
+LayerSolver = Callable[[LayerProblem, torch.Tensor, RhoSchedule, torch.Generator], torch.Tensor]
+
+
+def run_layer_solver(job: Job, solve: LayerSolver) -> None:
+    """Layer by layer in topological order: ``solve`` each layer's problem, then hard prune.
+
+    Shared by the ADMM and SLR recipes, which differ only in how one layer's weights are solved.
+    """
     cfg = job.config
     x = job.synthetic()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -128,9 +134,7 @@ def run_admm(job: Job) -> None:
         start = time.perf_counter()
         problem = layer_problem(job, layer, x)
         dense_w = job.dense_weight(layer).to(job.device)
-        w = admm_layer(problem, dense_w, rho=schedule, iters=cfg.admm_iters, lr=cfg.admm_lr,
-                       batch_size=cfg.batch_size, update_every=cfg.admm_update_every,
-                       optimiser=cfg.admm_optimiser, gen=gen)
+        w = solve(problem, dense_w, schedule, gen)
         mask = pat.project(w.cpu(), job.library, job.keep[layer.key])
         job.apply(layer, mask, w.detach())
         job.progress({"event": "layer", "layer": layer.key, "index": i, "total": len(job.layers),
@@ -138,6 +142,14 @@ def run_admm(job: Job) -> None:
                       "error": f"{problem.relative_error(w):.4f}",
                       "dense_error": f"{problem.relative_error(dense_w):.4f}",
                       "seconds": f"{time.perf_counter() - start:.2f}"})
+
+
+def run_admm(job: Job) -> None:
+    """The recipe: layer by layer in topological order, ADMM then hard prune."""
+    cfg = job.config
+    run_layer_solver(job, lambda problem, dense_w, schedule, gen: admm_layer(
+        problem, dense_w, rho=schedule, iters=cfg.admm_iters, lr=cfg.admm_lr, batch_size=cfg.batch_size,
+        update_every=cfg.admm_update_every, optimiser=cfg.admm_optimiser, gen=gen))
 
 
 register("admm", run_admm, "uniform",

@@ -9,12 +9,10 @@ That is what makes SLR converge where ADMM's fixed steps oscillate at high compr
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
-from . import patterns as pat
-from .admm import LayerProblem, RhoSchedule, _optimiser, layer_problem
+from .admm import LayerProblem, RhoSchedule, _optimiser, run_layer_solver
 from .engine import Job, register
 
 
@@ -83,22 +81,9 @@ def slr_layer(problem: LayerProblem, weight: torch.Tensor, *, rho: RhoSchedule, 
 def run_slr(job: Job) -> None:
     """The recipe: layer by layer in topological order, SLR then hard prune."""
     cfg = job.config
-    x = job.synthetic()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    schedule = RhoSchedule(cfg.rho_start, cfg.rho_growth, cfg.rho_stages)
-    for i, layer in enumerate(job.layers):
-        start = time.perf_counter()
-        problem = layer_problem(job, layer, x)
-        dense_w = job.dense_weight(layer).to(job.device)
-        w = slr_layer(problem, dense_w, rho=schedule, iters=cfg.admm_iters, lr=cfg.admm_lr,
-                      batch_size=cfg.batch_size, update_every=cfg.admm_update_every,
-                      optimiser=cfg.admm_optimiser, m=cfg.slr_m, r=cfg.slr_r, gen=gen)
-        job.apply(layer, pat.project(w.cpu(), job.library, job.keep[layer.key]), w.detach())
-        job.progress({"event": "layer", "layer": layer.key, "index": i, "total": len(job.layers),
-                      "kept": job.keep[layer.key], "kernels": layer.kernels,
-                      "error": f"{problem.relative_error(w):.4f}",
-                      "dense_error": f"{problem.relative_error(dense_w):.4f}",
-                      "seconds": f"{time.perf_counter() - start:.2f}"})
+    run_layer_solver(job, lambda problem, dense_w, schedule, gen: slr_layer(
+        problem, dense_w, rho=schedule, iters=cfg.admm_iters, lr=cfg.admm_lr, batch_size=cfg.batch_size,
+        update_every=cfg.admm_update_every, optimiser=cfg.admm_optimiser, m=cfg.slr_m, r=cfg.slr_r, gen=gen))
 
 
 register("slr", run_slr, "uniform",

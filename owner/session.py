@@ -14,9 +14,8 @@ from typing import Any
 import torch
 
 from protocol import canonical
-from protocol.artifact import PROGRAM_FILE, WEIGHTS_FILE, load_tensors, program_to_files
+from protocol.artifact import PROGRAM_FILE, WEIGHTS_FILE, dump_tensors, load_tensors, program_to_files
 from protocol.audit import EV_BLOCKED, EV_REFUSED, AuditLog
-from protocol.artifact import dump_tensors
 from protocol.egress import DATA_COUNTERS, EgressGuard, redact_counters, schema_of
 from protocol.errors import EgressViolation, ProtocolError
 from protocol.keys import Identity, IdentityCard

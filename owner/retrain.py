@@ -116,21 +116,32 @@ def masked_retrain(
     device: str | torch.device = "cpu",
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[EpochStats, nn.Module], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> list[EpochStats]:
     """Retrain ``model`` in place with SGD per ``recipe``, keeping masked weights exactly zero.
 
     ``loader`` yields (images, labels) batches and is iterated once per epoch. ``on_step(epoch, step)``
     reports progress; ``on_epoch`` sees the model (masks baked in view) after each epoch, e.g. to
-    evaluate. Returns per-epoch statistics; the masks are squashed into the weights at the end.
+    evaluate. ``teacher`` is the owner's dense model, used when ``recipe.distill`` > 0 (it is
+    required then: a recipe asking for distillation without one is a caller error). Returns
+    per-epoch statistics; the masks are squashed into the weights at the end.
     """
     epochs = recipe.epochs if epochs is None else epochs
+    if recipe.distill > 0 and teacher is None:
+        raise ValueError("the retraining recipe distils from the dense model, but no teacher was given")
     model.to(device)
+    if recipe.distill > 0 and teacher is not None:
+        teacher = teacher.to(device).eval()
     attach_masks(model, masks)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(recipe.milestones), gamma=recipe.gamma)
-    loss_fn = nn.CrossEntropyLoss()
+    per_step = recipe.schedule == "cosine"
+    if per_step:
+        total = max(1, epochs * len(loader))  # type: ignore[arg-type]
+        scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+    else:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(recipe.milestones), gamma=recipe.gamma)
     history: list[EpochStats] = []
     try:
         for epoch in range(epochs):
@@ -141,16 +152,19 @@ def masked_retrain(
                 images, labels = images.to(device), labels.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(images)
-                loss = loss_fn(logits, labels)
+                loss = retrain_loss(logits, labels, recipe, teacher, images)
                 loss.backward()
                 optimizer.step()
                 _reapply(model)
+                if per_step:
+                    scheduler.step()
                 total_loss += float(loss.detach()) * len(labels)
                 correct += int((logits.argmax(1) == labels).sum())
                 seen += len(labels)
                 if on_step is not None:
                     on_step(epoch, step)
-            scheduler.step()
+            if not per_step:
+                scheduler.step()
             stats = EpochStats(epoch + 1, total_loss / max(seen, 1), correct / max(seen, 1), lr)
             history.append(stats)
             if on_epoch is not None:
@@ -159,6 +173,22 @@ def masked_retrain(
         squash_masks(model)
     check_masks(model, masks)
     return history
+
+
+def retrain_loss(logits: torch.Tensor, labels: torch.Tensor, recipe: RetrainRecipe,
+                 teacher: nn.Module | None, images: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, mixed with temperature-scaled KL to the dense teacher when the recipe distils.
+
+    The KL term is multiplied by T^2 so its gradient scale does not shrink with the temperature.
+    """
+    ce = nn.functional.cross_entropy(logits, labels)
+    if recipe.distill <= 0 or teacher is None:
+        return ce
+    with torch.no_grad():
+        target = nn.functional.log_softmax(teacher(images) / recipe.temperature, dim=1)
+    t = recipe.temperature
+    kl = nn.functional.kl_div(nn.functional.log_softmax(logits / t, dim=1), target, reduction="batchmean", log_target=True)
+    return (1 - recipe.distill) * ce + recipe.distill * t * t * kl
 
 
 @torch.no_grad()

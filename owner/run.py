@@ -9,6 +9,7 @@ Exit 0 on success; 1 with a one-line reason on any failure; 2 on bad usage.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -263,10 +264,12 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
     outcome = session.outcome
     save_outcome_files(outcome, out / "received")
 
+    recipe = outcome.recipe
+    # Distillation teaches the pruned model from the owner's own dense one, which stays here.
+    teacher = copy.deepcopy(model).eval() if recipe.distill > 0 else None
     model.load_state_dict(outcome.state_dict)
     apply_masks(model, outcome.masks)
     pruned_acc = evaluate(model, test_loader, config.device)
-    recipe = outcome.recipe
     epochs = recipe.epochs if config.epochs is None else config.epochs
     batch = config.batch_size or recipe.batch_size
     train_loader, test_loader = data.loaders(batch, seed=config.seed, train_limit=config.train_limit)
@@ -289,7 +292,7 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
                 console.print(f"[cyan]owner:[/] epoch {stats.epoch}: loss {stats.loss:.3f}, held-out accuracy {acc:.2%}")
 
             masked_retrain(model, outcome.masks, train_loader, recipe, epochs=epochs, device=config.device,
-                           on_step=on_step, on_epoch=on_epoch)
+                           on_step=on_step, on_epoch=on_epoch, teacher=teacher)
     timings["retrain"] = time.monotonic() - retrain_start
     model.to("cpu")
     final_acc = evaluate(model, test_loader)

@@ -111,12 +111,19 @@ class PruneRequest:
             raise SpecError(f"malformed pruning request: {exc}") from exc
 
 
+SCHEDULES = ("step", "cosine")
+
+
 @dataclass(frozen=True)
 class RetrainRecipe:
     """How the owner should retrain with the mask: configuration, never code.
 
-    SGD with momentum; the learning rate is multiplied by ``gamma`` at each epoch listed in
-    ``milestones``. ``epochs`` may be overridden by the owner (it is the owner's compute).
+    SGD with momentum. ``schedule`` is ``"step"`` (the learning rate is multiplied by ``gamma`` at
+    each epoch listed in ``milestones``) or ``"cosine"`` (per step from ``lr`` down to zero over
+    the whole run, whatever its length, so a 1-epoch run also ends at a small learning rate).
+    ``distill`` > 0 mixes in distillation from the owner's own dense model (Hinton et al.: KL at
+    ``temperature``, weight ``distill``): the dense model never leaves the owner, so this costs
+    no privacy. ``epochs`` may be overridden by the owner (it is the owner's compute).
     """
 
     epochs: int = 3
@@ -126,12 +133,19 @@ class RetrainRecipe:
     milestones: tuple[int, ...] = (2,)
     gamma: float = 0.1
     batch_size: int = 256
+    schedule: str = "step"
+    distill: float = 0.0
+    temperature: float = 4.0
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size <= 0:
             raise SpecError("retraining epochs must be >= 0 and batch size > 0")
         if not (0 < self.lr < 10 and 0 <= self.momentum < 1 and 0 <= self.weight_decay < 1 and 0 < self.gamma <= 1):
             raise SpecError("retraining hyper-parameters out of range")
+        if self.schedule not in SCHEDULES:
+            raise SpecError(f"unknown retraining schedule {self.schedule!r} (known: {', '.join(SCHEDULES)})")
+        if not (0 <= self.distill <= 1 and 0 < self.temperature <= 100):
+            raise SpecError("distillation weight must lie in [0, 1] and temperature in (0, 100]")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -143,6 +157,9 @@ class RetrainRecipe:
             "milestones": list(self.milestones),
             "gamma": _decimal_str(self.gamma, "gamma"),
             "batch_size": self.batch_size,
+            "schedule": self.schedule,
+            "distill": _decimal_str(self.distill, "distill"),
+            "temperature": _decimal_str(self.temperature, "temperature"),
         }
 
     @classmethod
@@ -158,6 +175,9 @@ class RetrainRecipe:
                 milestones=tuple(int(m) for m in data.get("milestones", [])),
                 gamma=float(Decimal(str(data["gamma"]))),
                 batch_size=int(data["batch_size"]),
+                schedule=str(data.get("schedule", "step")),
+                distill=float(Decimal(str(data.get("distill", "0")))),
+                temperature=float(Decimal(str(data.get("temperature", "4")))),
             )
         except (KeyError, TypeError, AttributeError, ValueError, InvalidOperation) as exc:
             raise SpecError(f"malformed retraining recipe: {exc}") from exc

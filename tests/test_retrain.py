@@ -71,3 +71,61 @@ def test_mask_of_wrong_shape_is_refused():
         apply_masks(model, {"features.0.weight": torch.ones(2, 2, dtype=torch.bool)})
     with pytest.raises(MaskError, match="names no"):
         apply_masks(model, {"nothing.weight": torch.ones(2, dtype=torch.bool)})
+
+
+def test_cosine_schedule_ends_near_zero_whatever_the_epoch_count():
+    torch.manual_seed(0)
+    model = small_vgg(num_classes=2)
+    masks = _random_masks(model, keep=0.5)
+    recipe = RetrainRecipe(epochs=2, lr=0.05, schedule="cosine")
+    history = masked_retrain(model, masks, _toy_loader(64, 16), recipe)
+    # Per-step cosine over the whole run: the second of two epochs starts exactly half-way down.
+    assert [h.lr for h in history] == pytest.approx([0.05, 0.025])
+    check_masks(model, masks)
+
+
+def test_distillation_needs_the_dense_teacher_and_keeps_zeros():
+    torch.manual_seed(0)
+    teacher = small_vgg(num_classes=2).eval()
+    model = small_vgg(num_classes=2)
+    model.load_state_dict(teacher.state_dict())
+    masks = _random_masks(model, keep=0.5)
+    recipe = RetrainRecipe(epochs=1, lr=0.05, distill=0.7, temperature=4)
+    with pytest.raises(ValueError, match="teacher"):
+        masked_retrain(model, masks, _toy_loader(), recipe)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    masked_retrain(model, masks, _toy_loader(), recipe, teacher=teacher)
+    check_masks(model, masks)
+    # The teacher is only read, never trained.
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_distillation_loss_pulls_towards_the_teacher():
+    from owner.retrain import retrain_loss
+
+    logits = torch.zeros(4, 3, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[5.0, 0, 0]]).repeat(len(x), 1)
+
+    plain = retrain_loss(logits, labels, RetrainRecipe(), None, torch.zeros(4, 1))
+    mixed = retrain_loss(logits, labels, RetrainRecipe(distill=1.0, temperature=1.0), Fixed(), torch.zeros(4, 1))
+    assert float(plain.detach()) == pytest.approx(float(torch.log(torch.tensor(3.0))))
+    mixed.backward()
+    # Pure distillation: the gradient raises class 0 for every sample, whatever the label.
+    assert bool((logits.grad[:, 0] < 0).all())
+
+
+def test_recipe_round_trips_and_old_recipes_still_parse():
+    from protocol.spec import SpecError
+
+    recipe = RetrainRecipe(epochs=3, lr=0.02, schedule="cosine", distill=0.5, temperature=2, batch_size=128)
+    assert RetrainRecipe.from_json(recipe.to_json()) == recipe
+    old = {k: v for k, v in RetrainRecipe().to_json().items() if k not in ("schedule", "distill", "temperature")}
+    assert RetrainRecipe.from_json(old) == RetrainRecipe()
+    with pytest.raises(SpecError, match="schedule"):
+        RetrainRecipe.from_json({**recipe.to_json(), "schedule": "warp"})
+    with pytest.raises(SpecError, match="distillation"):
+        RetrainRecipe(distill=1.5)

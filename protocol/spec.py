@@ -124,16 +124,21 @@ class RetrainRecipe:
     ``distill`` > 0 mixes in distillation from the owner's own dense model (Hinton et al.: KL at
     ``temperature``, weight ``distill``): the dense model never leaves the owner, so this costs
     no privacy. ``epochs`` may be overridden by the owner (it is the owner's compute).
+
+    The defaults are what won ``benchmarks/paper_table.py``'s retraining comparison (small VGG at
+    16x on Fashion-MNIST, one seed): cosine from 0.05 at batch 64 reached 91.4% after 3 epochs
+    where the earlier step schedule (0.01, x0.1 at epoch 3, batch 256) reached 89.9%, and 89.8-90.1%
+    vs 88.1% after 1 epoch; distillation (weight 0.7) did not help (89.3%), so it is off by default.
     """
 
     epochs: int = 3
-    lr: float = 0.01
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     milestones: tuple[int, ...] = (2,)
     gamma: float = 0.1
-    batch_size: int = 256
-    schedule: str = "step"
+    batch_size: int = 64
+    schedule: str = "cosine"
     distill: float = 0.0
     temperature: float = 4.0
 

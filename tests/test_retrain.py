@@ -36,10 +36,11 @@ def test_pruned_weights_stay_zero_through_every_step():
         check_masks(m, masks)
         seen_steps.append(stats.epoch)
 
-    recipe = RetrainRecipe(epochs=2, lr=0.05, weight_decay=5e-4, milestones=(1,))
-    masked_retrain(model, masks, _toy_loader(), recipe, on_epoch=on_epoch)
+    recipe = RetrainRecipe(epochs=2, lr=0.05, weight_decay=5e-4, milestones=(1,), schedule="step")
+    history = masked_retrain(model, masks, _toy_loader(), recipe, on_epoch=on_epoch)
     check_masks(model, masks)
     assert seen_steps == [1, 2]
+    assert [h.lr for h in history] == pytest.approx([0.05, 0.005])  # the step schedule's milestone
     # State dict keys are plain again (masks squashed) and the kept weights moved.
     assert "features.3.weight" in model.state_dict()
 
@@ -123,8 +124,10 @@ def test_recipe_round_trips_and_old_recipes_still_parse():
 
     recipe = RetrainRecipe(epochs=3, lr=0.02, schedule="cosine", distill=0.5, temperature=2, batch_size=128)
     assert RetrainRecipe.from_json(recipe.to_json()) == recipe
-    old = {k: v for k, v in RetrainRecipe().to_json().items() if k not in ("schedule", "distill", "temperature")}
-    assert RetrainRecipe.from_json(old) == RetrainRecipe()
+    # A recipe from before schedules existed meant the step schedule.
+    old = {"optimizer": "sgd", "epochs": 3, "lr": "0.01", "momentum": "0.9", "weight_decay": "0.0005",
+           "milestones": [2], "gamma": "0.1", "batch_size": 256}
+    assert RetrainRecipe.from_json(old) == RetrainRecipe(lr=0.01, batch_size=256, schedule="step")
     with pytest.raises(SpecError, match="schedule"):
         RetrainRecipe.from_json({**recipe.to_json(), "schedule": "warp"})
     with pytest.raises(SpecError, match="distillation"):

@@ -312,6 +312,7 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
         "achieved_rate": report.get("achieved_rate"),
         "accuracy": {"dense": round(dense_acc, 4), "pruned": round(pruned_acc, 4), "retrained": round(final_acc, 4)},
         "epochs": epochs,
+        "retraining": {**recipe.to_json(), "epochs": epochs, "batch_size": batch},
         "history": history,
         "bytes_sent": session.bytes_sent,
         "bytes_received": outcome.bytes_received,

@@ -138,7 +138,10 @@ def masked_retrain(
     )
     per_step = recipe.schedule == "cosine"
     if per_step:
-        total = max(1, epochs * len(loader))  # type: ignore[arg-type]
+        try:
+            total = max(1, epochs * len(loader))  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError("the cosine schedule needs a loader with a length (batches per epoch)") from None
         scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     else:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(recipe.milestones), gamma=recipe.gamma)

@@ -510,10 +510,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, rate, method, ks in plan:
         done = [c for c in state["cells"] if (c["model"], c["rate"], c["method"]) == (name, rate, method)
                 and _is_current(c, {"epochs": epochs.get(name)})]
-        if done and set(ks) <= set(done[0].get("ks_run", ())):
+        # Only the retraining lengths not yet run; save() merges them into the finished cell.
+        missing = tuple(k for k in ks if not done or k not in done[0].get("ks_run", ()))
+        if not missing:
             continue
         model = dense(name)
-        cell = run_cell(name, model, rate, method, ks, train, test, args.device,
+        cell = run_cell(name, model, rate, method, missing, train, test, args.device,
                         args.synthetic_images, log, cache)
         cell["dense_epochs"] = epochs[name]
         save(cell=cell)

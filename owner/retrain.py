@@ -127,11 +127,11 @@ def masked_retrain(
     per-epoch statistics; the masks are squashed into the weights at the end.
     """
     epochs = recipe.epochs if epochs is None else epochs
-    if recipe.distill > 0 and teacher is None:
-        raise ValueError("the retraining recipe distils from the dense model, but no teacher was given")
-    model.to(device)
-    if recipe.distill > 0 and teacher is not None:
+    if recipe.distill > 0:
+        if teacher is None:
+            raise ValueError("the retraining recipe distils from the dense model, but no teacher was given")
         teacher = teacher.to(device).eval()
+    model.to(device)
     attach_masks(model, masks)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay

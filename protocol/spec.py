@@ -125,10 +125,11 @@ class RetrainRecipe:
     ``temperature``, weight ``distill``): the dense model never leaves the owner, so this costs
     no privacy. ``epochs`` may be overridden by the owner (it is the owner's compute).
 
-    The defaults are what won ``benchmarks/paper_table.py``'s retraining comparison (small VGG at
-    16x on Fashion-MNIST, one seed): cosine from 0.05 at batch 64 reached 91.4% after 3 epochs
-    where the earlier step schedule (0.01, x0.1 at epoch 3, batch 256) reached 89.9%, and 89.8-90.1%
-    vs 88.1% after 1 epoch; distillation (weight 0.7) did not help (89.3%), so it is off by default.
+    The defaults won the retraining comparison recorded in
+    ``benchmarks/results/paper_table_step_recipe.md`` (small VGG at 16x on Fashion-MNIST, one seed):
+    cosine from 0.05 at batch 64 reached 91.4% after 3 epochs where the earlier step schedule
+    (0.01, x0.1 at epoch 3, batch 256) reached 89.9%, and 89.8-90.1% vs 88.1% after 1 epoch;
+    distillation (weight 0.7) did not help (89.3%), so it is off by default.
     """
 
     epochs: int = 3

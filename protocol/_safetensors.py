@@ -118,3 +118,23 @@ def tensor_digests(data: bytes | memoryview, header: Header) -> dict[str, str]:
     """SHA-256 of each tensor's raw little-endian bytes (no copies: hashes memoryview slices)."""
     view = memoryview(data)
     return {name: hashlib.sha256(view[t.start : t.end]).hexdigest() for name, t in header.tensors.items()}
+
+
+TREE_DIGEST = "sha256-safetensors"
+_TREE_LABEL = b"blindprune/safetensors-digest/v1\n"
+
+
+def tree_digest(data: bytes | memoryview, header: Header, digests: dict[str, str]) -> str:
+    """A digest of the whole file computed from its tensor digests, so each byte is hashed once.
+
+    SHA-256 over a label, the 8-byte length and header bytes, then every tensor's SHA-256 (raw
+    32 bytes) in the order their data lies in the file. ``parse_header`` has already checked that
+    header and tensor data tile the file exactly (no gap, overlap or trailing byte), so this
+    commits to every byte of the file as a plain SHA-256 would, and costs one pass over the
+    tensors instead of two (the tensor digests are needed for the statement anyway).
+    """
+    outer = hashlib.sha256(_TREE_LABEL)
+    outer.update(memoryview(data)[: 8 + header.header_len])
+    for info in sorted(header.tensors.values(), key=lambda t: (t.start, t.end, t.name)):
+        outer.update(bytes.fromhex(digests[info.name]))
+    return outer.hexdigest()

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hpke
 from . import _json, canonical
 from .errors import AdmissionError, ArtifactError, ReplayError, SealError
 from .keys import Identity, IdentityCard
-from .signing import FILE_NAME_RE, check_kind, digest, make_statement, sign_statement
+from .signing import FILE_NAME_RE, check_kind, digest, make_statement, sign_statement, subject_digests
 from .verifying import check_statement, verify_statement_envelope
 
 SEAL_MAGIC = b"BPSEAL1\n"
@@ -63,7 +63,7 @@ class OpenedBundle:
         return digest(self.envelope)
 
     def file_digests(self) -> dict[str, str]:
-        return {s["name"]: "sha256:" + s["digest"]["sha256"] for s in self.statement["subject"]}
+        return subject_digests(self.statement["subject"])
 
 
 def _info(kind: str, job_id: str, request_hash: str, sender: str, recipient: str) -> bytes:
@@ -99,7 +99,7 @@ class Sealed:
         return self.statement["predicate"]["job_id"]
 
     def file_digests(self) -> dict[str, str]:
-        return {s["name"]: "sha256:" + s["digest"]["sha256"] for s in self.statement["subject"]}
+        return subject_digests(self.statement["subject"])
 
 
 def seal_bundle(

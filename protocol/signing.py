@@ -5,8 +5,10 @@ Two shapes of signed content:
 * a *message* (``sign_message`` / ``verify_message``): a small canonical-JSON payload with a
   ``kind`` and the signer's fingerprint, e.g. the entity's offer, an audit checkpoint, a receipt;
 * a *statement* (``make_statement``; checked by ``verifying.check_statement``): an in-toto
-  Statement v1 listing every file (SHA-256) and every tensor of every ``*.safetensors`` file
-  (name, dtype, shape, SHA-256), bound to a kind, job id, request hash, sender and recipient.
+  Statement v1 listing every file and every tensor of every ``*.safetensors`` file (name, dtype,
+  shape, SHA-256), bound to a kind, job id, request hash, sender and recipient. A safetensors
+  file's own digest is derived from its header and tensor digests (``sha256-safetensors``, see
+  ``_safetensors.tree_digest``) so that its bytes are hashed once; other files carry SHA-256.
   ``sealing.seal_bundle`` signs it and seals it together with the files.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Mapping
 from . import _json, canonical
 from . import _dsse
 from ._pickles import reject_pickles
-from ._safetensors import parse_header, tensor_digests
+from ._safetensors import TREE_DIGEST, parse_header, tensor_digests, tree_digest
 from .errors import ArtifactError, SignatureError
 from .keys import Identity, IdentityCard
 
@@ -99,15 +101,31 @@ def describe_files(files: Mapping[str, bytes]) -> tuple[list[dict[str, Any]], di
             raise ArtifactError(f"file name {name!r} is not a plain file name")
         data = files[name]
         reject_pickles(name, data)
-        subjects.append({"name": name, "digest": {"sha256": hashlib.sha256(data).hexdigest()}})
-        if name.endswith(".safetensors"):
-            header = parse_header(data, what=name)
-            digests = tensor_digests(data, header)
-            tensors[name] = [
-                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "sha256": digests[t.name]}
-                for t in sorted(header.tensors.values(), key=lambda t: t.name)
-            ]
+        if not name.endswith(".safetensors"):
+            subjects.append({"name": name, "digest": {"sha256": hashlib.sha256(data).hexdigest()}})
+            continue
+        header = parse_header(data, what=name)
+        digests = tensor_digests(data, header)
+        subjects.append({"name": name, "digest": {TREE_DIGEST: tree_digest(data, header, digests)}})
+        tensors[name] = [
+            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "sha256": digests[t.name]}
+            for t in sorted(header.tensors.values(), key=lambda t: t.name)
+        ]
     return subjects, tensors
+
+
+def subject_digests(subjects: list[dict[str, Any]]) -> dict[str, str]:
+    """``name -> "<algorithm>:<hex>"`` for a statement's subjects (what audit records and receipts cite).
+
+    A ``*.safetensors`` file is cited by its ``sha256-safetensors`` digest (``tree_digest``),
+    every other file by its plain SHA-256; statements from older senders cite safetensors files by
+    plain SHA-256 too, and those still read as such.
+    """
+    out = {}
+    for subject in subjects:
+        ((algorithm, value),) = subject["digest"].items()
+        out[subject["name"]] = f"{algorithm}:{value}"
+    return out
 
 
 def make_statement(

@@ -2,8 +2,9 @@
 
 ``check_statement`` verifies the DSSE signature over the statement bytes first, then the
 statement's bindings (kind, job, request, sender, recipient), then that the files present are
-exactly the files listed (naming any extra, missing or changed file), their SHA-256, and for each
-``*.safetensors`` file every tensor's name, dtype, shape and SHA-256 after a strict header parse.
+exactly the files listed (naming any extra, missing or changed file), their digests, and for each
+``*.safetensors`` file every tensor's name, dtype, shape and SHA-256 after a strict header parse
+(the file's own ``sha256-safetensors`` digest is then derived from those, not hashed again).
 Nothing is returned before all of that holds.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Mapping
 from . import _json, canonical
 from . import _dsse
 from ._pickles import reject_pickles
-from ._safetensors import parse_header, tensor_digests
+from ._safetensors import TREE_DIGEST, parse_header, tensor_digests, tree_digest
 from .errors import ArtifactError, ReplayError, SignatureError
 from .keys import IdentityCard
 from .signing import BUNDLE_PREDICATE, FILE_NAME_RE, STATEMENT_TYPE
@@ -64,39 +65,43 @@ def check_statement(
     if pred["sender"] != sender.fingerprint or pred["recipient"] != recipient.fingerprint:
         raise SignatureError("signed statement names another sender or recipient")
 
-    listed: dict[str, str] = {}
+    listed: dict[str, tuple[str, str]] = {}  # name -> (digest algorithm, hex)
     for subject in statement["subject"]:
         if (
             not isinstance(subject, dict)
             or set(subject) != {"name", "digest"}
             or not isinstance(subject["name"], str)
             or not isinstance(subject["digest"], dict)
-            or set(subject["digest"]) != {"sha256"}
-            or not isinstance(subject["digest"]["sha256"], str)
+            or len(subject["digest"]) != 1
         ):
             raise SignatureError("signed statement has a malformed subject")
+        ((algorithm, value),) = subject["digest"].items()
+        allowed = {"sha256", TREE_DIGEST} if subject["name"].endswith(".safetensors") else {"sha256"}
+        if algorithm not in allowed or not isinstance(value, str):
+            raise SignatureError(f"signed statement cites {subject['name']!r} by an unknown digest")
         if subject["name"] in listed:
             raise SignatureError(f"signed statement lists {subject['name']!r} twice")
-        listed[subject["name"]] = subject["digest"]["sha256"]
+        listed[subject["name"]] = (algorithm, value)
     extra = sorted(set(files) - set(listed))
     missing = sorted(set(listed) - set(files))
     if extra:
         raise ArtifactError(f"unlisted file(s) in bundle: {', '.join(extra)}")
     if missing:
         raise ArtifactError(f"file(s) listed but absent: {', '.join(missing)}")
-    for name in sorted(files):
-        if not FILE_NAME_RE.match(name):
-            raise ArtifactError(f"file name {name!r} is not a plain file name")
-        if hashlib.sha256(files[name]).hexdigest() != listed[name]:
-            raise ArtifactError(f"{name}: SHA-256 does not match the signed statement (tampered)")
     tensor_files = {n for n in files if n.endswith(".safetensors")}
     if set(pred["tensors"]) != tensor_files:
         raise SignatureError("signed statement's tensor listings do not match the safetensors files")
     for name in sorted(files):
+        if not FILE_NAME_RE.match(name):
+            raise ArtifactError(f"file name {name!r} is not a plain file name")
         reject_pickles(name, files[name])
+        if listed[name][0] == "sha256" and hashlib.sha256(files[name]).hexdigest() != listed[name][1]:
+            raise ArtifactError(f"{name}: SHA-256 does not match the signed statement (tampered)")
     for name in sorted(tensor_files):
         header = parse_header(files[name], what=name)
         digests = tensor_digests(files[name], header)
+        if listed[name][0] == TREE_DIGEST and tree_digest(files[name], header, digests) != listed[name][1]:
+            raise ArtifactError(f"{name}: digest does not match the signed statement (tampered)")
         entries = pred["tensors"][name]
         if not isinstance(entries, list):
             raise SignatureError(f"{name}: malformed tensor listing")

@@ -3,7 +3,10 @@
 ``build_report`` turns a verified (or partly verified) log into one ``Report`` value; renderers
 for HTML, CSV and JSON are pure functions of it (the terminal renderer lives in the CLI, the only
 place that imports rich). ``RENDERERS`` maps every ``Format`` to its renderer; a test checks the
-mapping is exhaustive. Log content is treated as untrusted text: HTML output escapes everything.
+mapping is exhaustive. Log content is treated as untrusted text (job ids, reasons and error
+text come from the other party): HTML output escapes everything, CSV cells that a spreadsheet
+would run as a formula are neutralised (``csv_cell``), and terminal text goes through
+``printable`` (control characters as visible escapes) and, in the CLI, into rich without markup.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import enum
 import html
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -152,7 +156,8 @@ def build_report(
     recipient_location: str | None = None,
 ) -> Report:
     """Collect everything a report shows; only the verified prefix of a broken log is used."""
-    records = _valid_records(Path(path), verdict.first_bad if not verdict.ok else None)
+    # A failed verdict that locates no broken record verified nothing: show no record then.
+    records = _valid_records(Path(path), None if verdict.ok else (verdict.first_bad or 0))
     transfers: list[Transfer] = []
     receipts: set[tuple[str, str]] = set()
     countersigned_upto = 0
@@ -166,7 +171,7 @@ def build_report(
                     seq=rec["seq"], time=rec["time"], direction="sent" if ev == EV_SENT else "received",
                     job_id=str(d.get("job_id")), kind=str(d.get("kind")), peer=str(d.get("peer")),
                     peer_name=str(d.get("peer_name", "")), statement=str(d.get("statement")),
-                    files={str(k): str(v) for k, v in (d.get("files") or {}).items()}, bytes=int(d.get("bytes", 0)),
+                    files=_files_of(d), bytes=d["bytes"] if type(d.get("bytes")) is int else 0,
                 )
             )
             request = d.get("request")
@@ -211,15 +216,21 @@ def build_report(
         "security_measures": list(SECURITY_MEASURES),
     }
     warnings = list(verdict.warnings)
-    if not owner_pinned:
+    if owner is not None and not owner_pinned:
         warnings.append("owner key taken from the log itself (pin it with --owner CARD to rule out a rewritten log)")
-    if not entity_pinned:
+    if owner is not None and not entity_pinned:
         warnings.append("service key taken from the log itself (pin it with --entity CARD)")
     return Report(
         log_path=str(path), verdict=verdict, owner=owner, owner_pinned=owner_pinned, entity_pinned=entity_pinned,
         records=records, transfers=transfers, blocked=blocked, refused=refused, data_facts=facts, art30=art30,
         warnings=tuple(warnings),
     )
+
+
+def _files_of(details: dict[str, Any]) -> dict[str, str]:
+    """A record's ``files`` as name -> hash strings (anything else, in a hostile log, as none)."""
+    files = details.get("files")
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
 
 
 def _message_body(envelope: Any) -> dict[str, Any]:
@@ -233,12 +244,53 @@ def _message_body(envelope: Any) -> dict[str, Any]:
         return {}
 
 
+def weaker_checks(verdict: AuditVerdict, *, owner_pinned: bool) -> list[str]:
+    """What an OK verdict did not check, so that a weaker check is never read as the full one."""
+    if not verdict.ok:
+        return []
+    weaker = []
+    if not owner_pinned:
+        weaker.append("owner key taken from the log itself (--trust-embedded-cards), a log forged under another key passes")
+    if verdict.checkpoints == 0:
+        weaker.append("no signed checkpoint (--allow-unanchored), only the hash chain was checked")
+    return weaker
+
+
+def verdict_text(verdict: AuditVerdict, *, owner_pinned: bool, where: str | None = None) -> str:
+    """The one OK/FAIL line of ``verify`` and of every report; ``where``: the log path to name."""
+    at = f" {where}:" if where else ""
+    if not verdict.ok:
+        return f"FAIL:{at} {printable(str(verdict.error))}"
+    weaker = weaker_checks(verdict, owner_pinned=owner_pinned)
+    head = f"OK (WEAKER CHECK: {'; '.join(weaker)}):" if weaker else "OK:"
+    return (f"{head}{at} {verdict.records} records, {verdict.checkpoints} signed checkpoints, {verdict.receipts} receipts; "
+            f"first {verdict.anchored} records signed, first {verdict.countersigned} countersigned by the entity")
+
+
 def verdict_line(report: Report) -> str:
-    v = report.verdict
-    if v.ok:
-        return (f"OK: {v.records} records, {v.checkpoints} signed checkpoints, {v.receipts} receipts; "
-                f"first {v.anchored} records signed, first {v.countersigned} countersigned by the entity")
-    return f"FAIL: {v.error}"
+    return verdict_text(report.verdict, owner_pinned=report.owner_pinned)
+
+
+# C0 and C1 controls, DEL, and the invisible or bidirectional format characters that can make a
+# terminal line read differently from its bytes (U+200B..U+200F, U+202A..U+202E, U+2066..U+2069, BOM).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or invisible format character as a visible escape (``\\x1b``),
+    so that log text from the other party cannot drive the reader's terminal."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """One CSV cell, neutralised against formula injection (OWASP): a cell that starts with
+    ``= + - @``, tab or CR would be run by a spreadsheet (``=HYPERLINK(...)`` in a job id the
+    entity chose), so it gets a leading single quote and is shown as text."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def report_json(report: Report) -> dict[str, Any]:
@@ -262,18 +314,18 @@ def render_json(report: Report) -> str:
 
 
 def render_csv(report: Report) -> str:
-    """One row per record: seq, time, event, job, peer, statement hash, files, details (JSON)."""
+    """One row per record: seq, time, event, job, peer, statement hash, files, details (JSON).
+    Every cell goes through ``csv_cell``."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["seq", "time", "event", "job_id", "peer", "statement", "files", "details"])
     for rec in report.records:
         d = rec.get("details", {})
-        files = d.get("files") or {}
-        writer.writerow([
+        writer.writerow([csv_cell(cell) for cell in (
             rec.get("seq"), rec.get("time"), rec.get("event"), d.get("job_id", ""), d.get("peer", ""),
-            d.get("statement", ""), ";".join(f"{k}={v}" for k, v in sorted(files.items())),
+            d.get("statement", ""), ";".join(f"{k}={v}" for k, v in sorted(_files_of(d).items())),
             json.dumps(d, sort_keys=True),
-        ])
+        )])
     return buf.getvalue()
 
 

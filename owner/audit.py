@@ -1,37 +1,53 @@
 """``python -m owner.audit``: verify the owner's audit trail and report it to a compliance officer.
 
-    python -m owner.audit verify LOG [--owner CARD] [--entity CARD] [--checkpoint FILE]
-    python -m owner.audit report LOG [--html | --csv | --json] [-o FILE] [--purpose TEXT] ...
+    python -m owner.audit verify LOG --owner CARD [--entity CARD]... [--checkpoint FILE] [--quick]
+    python -m owner.audit report LOG --owner CARD [--html | --csv | --json] [-o FILE] [--purpose TEXT] ...
 
 ``verify`` exits 0 when the chain, every checkpoint, countersignature and receipt hold, else 1
 with one line naming the first broken record. ``report`` renders the verified trail (terminal via
 rich, or HTML / CSV / JSON) with the GDPR Art. 30 fields and what the trail proves and cannot;
 it exits 1 when verification failed (the report then covers the verified prefix only).
-Without ``--owner`` / ``--entity`` the keys recorded in the log itself are used, with a warning:
-pinning the cards is what rules out a log rewritten wholesale under another key.
+
+No default trust: without ``--owner`` verification fails, because the owner card recorded in the
+log is whatever its writer put there (a log forged wholesale under the forger's key verifies
+against its own card). ``--trust-embedded-cards`` runs that weaker check anyway, and a log with no
+signed checkpoint (nothing signed by the owner, only a hash chain anyone can compute) fails
+unless ``--allow-unanchored``; either way the OK line then says it was a weaker check. Without
+``--entity`` the entity cards the log records are used, with a warning.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from owner._audit_report import RENDERERS, Format, Report, build_report, verdict_line
-from protocol.audit import AuditVerdict, embedded_cards, verify_log
-from protocol.errors import ProtocolError
+from owner._audit_report import RENDERERS, Format, Report, build_report, printable, verdict_line, verdict_text
+from protocol._files import read_regular
+from protocol.audit import MAX_RECORD_BYTES, AuditVerdict, embedded_cards, verify_log
+from protocol.errors import AuditError, ProtocolError
 from protocol.keys import IdentityCard, load_card
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+NO_OWNER = ("no owner card pinned: pass --owner CARD (the card recorded in the log is whatever its writer put there; "
+            "--trust-embedded-cards checks against it anyway, a weaker check)")
 
 
 def _fatal(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {printable(message)}", file=sys.stderr)
     raise SystemExit(1)
 
 
-def _cards(args: argparse.Namespace) -> tuple[IdentityCard, IdentityCard | dict[str, IdentityCard], bool, bool]:
+def _cards(args: argparse.Namespace) -> tuple[IdentityCard | None, IdentityCard | dict[str, IdentityCard], bool, bool]:
+    """(owner, entity cards, owner pinned, entity pinned); owner is None when it is neither
+    pinned nor explicitly trusted from the log (``--trust-embedded-cards``)."""
     log = Path(args.log)
-    if not log.is_file():
+    if not log.exists():
         _fatal(f"audit log {log} not found")
+    if not log.is_file():
+        _fatal(f"audit log {log} is not a regular file; give the path of the log file")
     owner = load_card(args.owner) if args.owner else None
     pinned = [load_card(path) for path in args.entity or []]
     entity: IdentityCard | dict[str, IdentityCard] | None = None
@@ -41,6 +57,8 @@ def _cards(args: argparse.Namespace) -> tuple[IdentityCard, IdentityCard | dict[
         entity = {card.fingerprint: card for card in pinned}
     if owner is not None and entity is not None:
         return owner, entity, True, True
+    if owner is None and not args.trust_embedded_cards:
+        return None, entity or {}, False, bool(pinned)
     embedded_owner, peers = embedded_cards(log)
     if owner is None:
         if embedded_owner is None:
@@ -51,67 +69,71 @@ def _cards(args: argparse.Namespace) -> tuple[IdentityCard, IdentityCard | dict[
     return owner, entity, args.owner is not None, bool(pinned)
 
 
-def _verify(args: argparse.Namespace) -> tuple[AuditVerdict, IdentityCard, bool, bool]:
+def _verify(args: argparse.Namespace) -> tuple[AuditVerdict, IdentityCard | None, bool, bool]:
     owner, entity, owner_pinned, entity_pinned = _cards(args)
+    if owner is None:
+        return AuditVerdict(False, 0, 0, 0, 0, 0, error=NO_OWNER, first_bad=0), None, False, entity_pinned
     checkpoint = None
     if args.checkpoint:
-        try:
-            checkpoint = Path(args.checkpoint).read_bytes()
-        except OSError as exc:
-            _fatal(f"cannot read checkpoint {args.checkpoint}: {exc.strerror}")
-    verdict = verify_log(Path(args.log), owner=owner, entity=entity, checkpoint=checkpoint, every_signature=not args.quick)
+        checkpoint = read_regular(Path(args.checkpoint), limit=MAX_RECORD_BYTES, error=AuditError, what="checkpoint")
+    verdict = verify_log(Path(args.log), owner=owner, entity=entity, checkpoint=checkpoint,
+                         every_signature=not args.quick, allow_unanchored=args.allow_unanchored)
     return verdict, owner, owner_pinned, entity_pinned
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    verdict, _, owner_pinned, entity_pinned = _verify(args)
-    if verdict.ok:
-        print(
-            f"OK: {args.log}: {verdict.records} records, {verdict.checkpoints} signed checkpoints, "
-            f"{verdict.receipts} receipts; first {verdict.anchored} records signed, "
-            f"first {verdict.countersigned} countersigned by the entity"
-        )
-    else:
-        print(f"FAIL: {args.log}: {verdict.error}")
+    verdict, owner, owner_pinned, entity_pinned = _verify(args)
+    print(verdict_text(verdict, owner_pinned=owner_pinned, where=printable(str(args.log))))
     warnings = list(verdict.warnings)
-    if not owner_pinned:
+    if owner is not None and not owner_pinned:
         warnings.append("owner key taken from the log itself; pin it with --owner CARD")
-    if not entity_pinned:
+    if owner is not None and not entity_pinned:
         warnings.append("entity key taken from the log itself; pin it with --entity CARD")
     for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {printable(warning)}", file=sys.stderr)
     return 0 if verdict.ok else 1
 
 
-def _render_terminal(report: Report) -> None:
+def _render_terminal(report: Report, console: "Console | None" = None) -> None:
+    """Render with rich. Every string from the log goes in as a ``Text`` built by ``_t``, never as
+    a str (rich would read ``[...]`` in a str as markup, in table cells and titles too), with
+    control characters shown as visible escapes (rich passes ESC through to the terminal)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
+    def _t(value: object, style: str = "") -> Text:
+        return Text(printable(str(value)), style=style)
+
+    def _lines(values: list[str]) -> Text:  # one cell, one escaped value per line
+        return Text("\n".join(printable(str(value)) for value in values))
+
+    console = console or Console()
     v = report.verdict
-    console.print(f"[bold]Audit report[/bold] {report.log_path}", markup=True, highlight=False)
-    console.print(verdict_line(report), style="bold green" if v.ok else "bold red", markup=False)
+    console.print(Text.assemble(("Audit report", "bold"), " ", _t(report.log_path)), highlight=False)
+    console.print(_t(verdict_line(report), "bold green" if v.ok else "bold red"))
     for warning in report.warnings:
-        console.print(f"warning: {warning}", style="yellow", markup=False)
+        console.print(_t(f"warning: {warning}", "yellow"))
     a = report.art30
     art = Table(title="Record of processing (GDPR Art. 30)", show_header=False, expand=True)
     art.add_column("field", style="bold", no_wrap=True)
     art.add_column("value")
-    art.add_row("Controller", f"{a['controller']['name']} (key {a['controller']['key_fingerprint']}); contact: {a['controller']['contact']}")
-    art.add_row("Purposes", a["purposes"])
-    art.add_row("Data subjects", a["categories_of_data_subjects"])
-    art.add_row("Categories of data", "\n".join(a["categories_of_data"]))
-    art.add_row("Not transferred", a["data_not_transferred"])
-    art.add_row("Recipients", "\n".join(f"{r['name']} ({r['key_fingerprint'][:16]})" for r in a["recipients"]) or "none")
-    art.add_row("Transfers", str(a["transfers"]))
-    art.add_row("Third countries", a["third_country_transfers"])
-    art.add_row("Security measures", "\n".join(f"- {m}" for m in a["security_measures"]))
+    art.add_row("Controller", _t(f"{a['controller']['name']} (key {a['controller']['key_fingerprint']}); contact: {a['controller']['contact']}"))
+    art.add_row("Purposes", _t(a["purposes"]))
+    art.add_row("Data subjects", _t(a["categories_of_data_subjects"]))
+    art.add_row("Categories of data", _lines(a["categories_of_data"]))
+    art.add_row("Not transferred", _t(a["data_not_transferred"]))
+    recipients = [f"{r['name']} ({str(r['key_fingerprint'])[:16]})" for r in a["recipients"]]
+    art.add_row("Recipients", _lines(recipients or ["none"]))
+    art.add_row("Transfers", _t(a["transfers"]))
+    art.add_row("Third countries", _t(a["third_country_transfers"]))
+    art.add_row("Security measures", _lines([f"- {m}" for m in a["security_measures"]]))
     console.print(art)
     jobs: dict[str, list] = {}
     for t in report.transfers:
         jobs.setdefault(t.job_id, []).append(t)
     for job_id, items in jobs.items():
-        table = Table(title=f"Job {job_id} with {items[0].peer_name} ({items[0].peer[:16]})", expand=True)
+        table = Table(title=_t(f"Job {job_id} with {items[0].peer_name} ({items[0].peer[:16]})"), expand=True)
         table.add_column("#", justify="right")
         table.add_column("time", no_wrap=True)
         table.add_column("direction")
@@ -121,9 +143,9 @@ def _render_terminal(report: Report) -> None:
         table.add_column("countersigned", no_wrap=True)
         for t in items:
             table.add_row(
-                str(t.seq), t.time, t.direction,
-                "\n".join(f"{n} {h.removeprefix('sha256:')[:12]}" for n, h in sorted(t.files.items())),
-                f"{t.bytes:,}", ("yes" if t.receipt else "no") if t.direction == "sent" else "-",
+                _t(t.seq), _t(t.time), _t(t.direction),
+                _lines([f"{n} {h.removeprefix('sha256:')[:12]}" for n, h in sorted(t.files.items())]),
+                _t(f"{t.bytes:,}"), ("yes" if t.receipt else "no") if t.direction == "sent" else "-",
                 "yes" if t.countersigned else "not yet",
             )
         console.print(table)
@@ -132,11 +154,11 @@ def _render_terminal(report: Report) -> None:
         "was countersigned by the entity", style="dim", markup=False, highlight=False,
     )
     for fact in report.data_facts:
-        console.print(f"data facts sent (job {fact['job_id']}): {fact['input_spec']}", markup=False, highlight=False)
+        console.print(_t(f"data facts sent (job {fact['job_id']}): {fact['input_spec']}"), highlight=False)
     for blocked in report.blocked:
-        console.print(f"egress blocked {blocked.get('time')}: {blocked.get('reason')}", style="red", markup=False)
+        console.print(_t(f"egress blocked {blocked.get('time')}: {blocked.get('reason')}", "red"), highlight=False)
     for refused in report.refused:
-        console.print(f"admission refused {refused.get('time')}: {refused.get('reason')}", style="red", markup=False)
+        console.print(_t(f"admission refused {refused.get('time')}: {refused.get('reason')}", "red"), highlight=False)
     console.print("[bold]What this trail proves[/bold]")
     for line in report.proves:
         console.print(f"- {line}", markup=False, highlight=False)
@@ -186,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--quick", action="store_true",
                        help="verify the owner's signature on the last checkpoint only (earlier ones are covered by its "
                             "Merkle root); entity signatures are always verified")
+        p.add_argument("--trust-embedded-cards", action="store_true",
+                       help="WEAKER CHECK: without --owner, verify against the owner card the log names itself "
+                            "(a log forged wholesale under another key passes); the OK line says so")
+        p.add_argument("--allow-unanchored", action="store_true",
+                       help="WEAKER CHECK: accept a log with no signed checkpoint yet (only its hash chain, which anyone "
+                            "can compute, is checked); the OK line says so")
     report = sub.choices["report"]
     fmt = report.add_mutually_exclusive_group()
     fmt.add_argument("--html", dest="format", action="store_const", const=Format.HTML.value)

@@ -18,17 +18,20 @@ training data; membership inference can recover some of it), or anything done ou
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import secrets
+import stat
 import time as _time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from . import _json, canonical
+from ._files import read_regular
 from ._merkle import Accumulator
 from .errors import AuditError, ProtocolError, SignatureError
 from .keys import Identity, IdentityCard
@@ -51,6 +54,10 @@ EV_SENT = "transfer.sent"
 EV_RECEIVED = "transfer.received"
 EV_BLOCKED = "egress.blocked"
 EV_REFUSED = "admission.refused"
+# Written only by the AuditLog method that checks them first (``append`` refuses these names):
+# a receipt, countersignature or checkpoint appended unchecked could break the log for good.
+_RESERVED = {EV_CREATED: "open", EV_RECOVERED: "open", EV_CHECKPOINT: "checkpoint",
+             EV_COUNTERSIGN: "record_countersignature", EV_RECEIPT: "record_receipt"}
 
 
 def _now() -> str:
@@ -90,6 +97,10 @@ class AuditLog:
         self._seq = seq
         self._prev = prev
         self._acc = acc
+        # What record_receipt / record_countersignature check against (filled by _note from
+        # every transfer.sent and checkpoint record, also when a log is resumed):
+        self._sent: dict[tuple[str, str], tuple[str, Any, str]] = {}  # (job, statement) -> (kind, files, peer)
+        self._checkpoints: dict[str, tuple[int, str]] = {}  # digest(blob) -> (tree_size, root_hash)
 
     # -------------------------------------------------------------------------------- lifecycle
     @classmethod
@@ -97,12 +108,21 @@ class AuditLog:
         """Create the log, or resume it after checking its chain; a torn last line is recovered.
 
         Holds an exclusive lock on the file until ``close`` so two writers cannot interleave.
+        A symbolic link at ``path`` (dangling or not) is refused and never followed
+        (``O_NOFOLLOW``): whoever can plant one could otherwise make the owner create, or append
+        its trail to, a file of their choosing. A FIFO, device or folder there is refused too.
         """
         path = Path(path)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            # O_NONBLOCK: opening a FIFO or device never waits; it has no effect on a regular file.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError as exc:
+            if exc.errno == errno.ELOOP or path.is_symlink():
+                raise AuditError(f"audit log {path} is a symbolic link; refusing to follow it (give the path of the log file itself)") from exc
             raise AuditError(f"cannot open audit log {path}: {exc.strerror}") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise AuditError(f"audit log {path} is not a regular file; give the path of a plain file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -123,13 +143,13 @@ class AuditLog:
                 os.fsync(fd)
             if not data:
                 log.log_id = "log-" + secrets.token_hex(12)
-                log.append(
+                log._append(
                     EV_CREATED,
                     {"log_id": log.log_id, "owner": identity.fingerprint, "owner_name": identity.card.name,
                      "owner_card": identity.card.to_json()},
                 )
             if torn:
-                log.append(EV_RECOVERED, {"dropped_bytes": len(torn), "dropped_sha256": digest(torn)})
+                log._append(EV_RECOVERED, {"dropped_bytes": len(torn), "dropped_sha256": digest(torn)})
             return log
         except BaseException:
             os.close(fd)
@@ -144,6 +164,8 @@ class AuditLog:
                 if rec["event"] != EV_CREATED or rec["details"].get("owner") != self.identity.fingerprint:
                     raise AuditError(f"audit log {self.path} belongs to another owner or has no log.created record")
                 self.log_id = str(rec["details"]["log_id"])
+            if rec["event"] in (EV_SENT, EV_CHECKPOINT):
+                self._note(rec["event"], rec["details"], index)
             self._prev = _line_hash(line)
             self._acc.append_leaf(line)
             self._seq = index + 1
@@ -170,12 +192,31 @@ class AuditLog:
 
     # -------------------------------------------------------------------------------- appending
     def append(self, event: str, details: Mapping[str, Any]) -> dict[str, Any]:
-        """Append one record durably (one write + fsync) and return it."""
+        """Append one record durably (one write + fsync) and return it.
+
+        The events that ``verify_log`` checks against signatures (checkpoint, countersignature,
+        receipt, log.created, log.recovered) are refused here: they go through the method that
+        checks them first, so no caller can append one that breaks the log.
+        """
+        if isinstance(event, str) and event in _RESERVED:
+            raise AuditError(f"audit event {event!r} is written only by AuditLog.{_RESERVED[event]}; call that instead")
+        return self._append(event, details)
+
+    def _note(self, event: str, details: Mapping[str, Any], index: int) -> None:
+        """Remember what a transfer.sent or checkpoint record (at ``index``, not yet a leaf) commits to."""
+        if event == EV_SENT:
+            key = (str(details.get("job_id")), str(details.get("statement")))
+            self._sent[key] = (str(details.get("kind")), details.get("files"), str(details.get("peer")))
+        elif event == EV_CHECKPOINT:
+            self._checkpoints[digest(_redump(details.get("checkpoint")))] = (index, self.root_hash)
+
+    def _append(self, event: str, details: Mapping[str, Any]) -> dict[str, Any]:
         if self._fd < 0:
             raise AuditError("audit log is closed")
         if not isinstance(event, str) or not event or len(event) > 64:
             raise AuditError(f"audit event name {event!r} must be a short string")
-        record = {"seq": self._seq, "time": _now(), "event": event, "details": dict(details), "prev": self._prev}
+        body = dict(details)
+        record = {"seq": self._seq, "time": _now(), "event": event, "details": body, "prev": self._prev}
         try:
             line = canonical.dumps(record)
         except canonical.CanonicalJSONError as exc:
@@ -189,6 +230,8 @@ class AuditLog:
             os.fsync(self._fd)
         except OSError as exc:
             raise AuditError(f"cannot append to audit log {self.path}: {exc.strerror}") from exc
+        if event in (EV_SENT, EV_CHECKPOINT):
+            self._note(event, body, self._seq)
         self._prev = _line_hash(line)
         self._acc.append_leaf(line)
         self._seq += 1
@@ -204,7 +247,7 @@ class AuditLog:
             "time": _now(),
         }
         blob = sign_message(body, kind=CHECKPOINT_KIND, signer=self.identity)
-        self.append(EV_CHECKPOINT, {"checkpoint": _json.loads(blob)})
+        self._append(EV_CHECKPOINT, {"checkpoint": _json.loads(blob)})
         return blob
 
     def record_sent(self, sealed: Sealed, *, recipient: IdentityCard, request: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -251,21 +294,52 @@ class AuditLog:
         return self.append(EV_REFUSED, {"reason": str(reason), "peer": peer, **({"job_id": job_id} if job_id else {})})
 
     def record_countersignature(self, blob: bytes, *, entity: IdentityCard) -> dict[str, Any]:
-        """Verify the entity's countersignature of one of this log's checkpoints, then log it."""
+        """Verify the entity's countersignature of one of this log's checkpoints, then log it.
+
+        A valid signature is not enough: the countersigned digest must be a checkpoint this log
+        issued, with its tree size and root, or ``verify_log`` would reject the record later and
+        the owner's own log would never verify again. On a mismatch nothing is appended.
+        """
         body = verify_message(blob, kind=COUNTERSIGN_KIND, signer=entity)
         if body.get("log_id") != self.log_id or body.get("owner") != self.identity.fingerprint:
-            raise AuditError("countersignature is for another audit log")
-        return self.append(EV_COUNTERSIGN, {"entity": entity.fingerprint, "countersignature": _json.loads(blob)})
+            raise AuditError("countersignature is for another audit log; not recorded")
+        ref = self._checkpoints.get(str(body.get("checkpoint")))
+        if ref is None:
+            raise AuditError("countersignature is of a checkpoint this audit log never issued; not recorded")
+        if body.get("tree_size") != ref[0] or body.get("root_hash") != ref[1]:
+            raise AuditError(f"countersignature states another tree size or root than checkpoint {ref[0]} of this log; not recorded")
+        if body.get("entity") != entity.fingerprint:
+            raise AuditError(f"countersignature names entity {str(body.get('entity'))[:16]!r}, not its signer {entity.short}; not recorded")
+        return self._append(EV_COUNTERSIGN, {"entity": entity.fingerprint, "countersignature": _json.loads(blob)})
 
     def record_receipt(self, blob: bytes, *, entity: IdentityCard) -> dict[str, Any]:
-        """Verify the entity's receipt, then log it."""
-        verify_message(blob, kind=RECEIPT_KIND, signer=entity)
-        return self.append(EV_RECEIPT, {"entity": entity.fingerprint, "receipt": _json.loads(blob)})
+        """Verify the entity's receipt and check it against what this log recorded as sent, then log it.
+
+        The receipt must name a transfer of this log (job id and statement hash) sent by this
+        owner to ``entity``, with exactly the file hashes that were sent: a receipt the entity
+        signed for something else would otherwise enter the log and make ``verify_log`` fail on
+        it for good. On a mismatch nothing is appended.
+        """
+        body = verify_message(blob, kind=RECEIPT_KIND, signer=entity)
+        job = str(body.get("job_id"))[:64]
+        sent = self._sent.get((str(body.get("job_id")), str(body.get("statement"))))
+        if sent is None:
+            raise AuditError(f"receipt for job {job!r} names a statement this audit log never recorded as sent; not recorded")
+        kind, files, peer = sent
+        if peer != entity.fingerprint:
+            raise AuditError(f"receipt for job {job!r} is signed by {entity.short}, but that transfer was sent to {peer[:16]}; not recorded")
+        if body.get("files") != files:
+            raise AuditError(f"receipt for job {job!r} lists other file hashes than were sent; not recorded")
+        if body.get("kind") != kind:
+            raise AuditError(f"receipt for job {job!r} is for another kind of transfer than was sent; not recorded")
+        if body.get("sender") != self.identity.fingerprint or body.get("received_by") != entity.fingerprint:
+            raise AuditError(f"receipt for job {job!r} names another sender or recipient than this transfer's; not recorded")
+        return self._append(EV_RECEIPT, {"entity": entity.fingerprint, "receipt": _json.loads(blob)})
 
 
 def _read_all(fd: int) -> bytes:
     os.lseek(fd, 0, os.SEEK_SET)
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         chunk = os.read(fd, 1 << 20)
         if not chunk:
@@ -404,8 +478,10 @@ def embedded_cards(path: Path) -> tuple[IdentityCard | None, dict[str, IdentityC
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
-    """(index, line bytes, complete) for each line of the log; the last may be torn."""
-    data = Path(path).read_bytes()
+    """(index, line bytes, complete) for each line of the log; the last may be torn.
+
+    ``AuditError`` if the path is a FIFO, device or folder (read non-blocking, never hangs)."""
+    data = read_regular(Path(path), limit=None, error=AuditError, what="audit log")
     lines = data.split(b"\n")
     for index, line in enumerate(lines[:-1]):
         yield index, line, True
@@ -430,8 +506,14 @@ def verify_log(
     entity: IdentityCard | Mapping[str, IdentityCard] | None = None,
     checkpoint: bytes | None = None,
     every_signature: bool = True,
+    allow_unanchored: bool = False,
 ) -> AuditVerdict:
     """Check chain, canonical form, Merkle checkpoints, countersignatures and receipts.
+
+    A log with no signed checkpoint fails: its hash chain alone is something anyone can compute,
+    so a log fabricated from the owner's public card would otherwise pass. ``allow_unanchored``
+    accepts such a log (one still being written, before its first transfer) after checking the
+    chain only, with a warning saying so. Checkpoints signed by any key but ``owner`` fail.
 
     ``entity``: the entity card that must have signed every countersignature and receipt, or a
     mapping fingerprint -> card for an owner that worked with several entities (signatures by an
@@ -531,7 +613,8 @@ def verify_log(
                     else:
                         body = verify_message(env, kind=RECEIPT_KIND, signer=signer)
                         match = sent.get((str(body.get("job_id")), str(body.get("statement"))))
-                        if match is None or match.get("files") != body.get("files") or match.get("peer") != signer.fingerprint:
+                        if (match is None or match.get("files") != body.get("files") or match.get("peer") != signer.fingerprint
+                                or body.get("sender") != owner.fingerprint):
                             raise _Fail(index, f"{where}: receipt does not match any transfer sent earlier in this log")
                         receipts += 1
             except (ProtocolError, canonical.CanonicalJSONError) as exc:
@@ -545,6 +628,8 @@ def verify_log(
             count = index + 1
     except _Fail as fail:
         return AuditVerdict(False, fail.index, n_cp, anchored, countersigned, receipts, str(fail), fail.index, log_id)
+    except AuditError as exc:  # from iter_lines: not a regular file
+        return AuditVerdict(False, 0, 0, 0, 0, 0, error=str(exc), first_bad=0, log_id=log_id)
     except OSError as exc:
         return AuditVerdict(False, 0, 0, 0, 0, 0, error=f"cannot read {path}: {exc.strerror}", log_id=log_id)
     if count == 0:
@@ -562,6 +647,16 @@ def verify_log(
                 False, count, n_cp, anchored, countersigned, receipts,
                 f"log truncated or rewritten: external checkpoint of {size} records does not match", min(count, size), log_id,
             )
+    if n_cp == 0:
+        if not allow_unanchored:
+            return AuditVerdict(
+                False, count, 0, 0, countersigned, receipts,
+                f"no signed checkpoint: nothing in this log is signed by owner {owner.short}, so anyone holding its "
+                "public card could have written it (--allow-unanchored checks only the hash chain)", 0, log_id,
+            )
+        warnings.append(f"no signed checkpoint: only the hash chain of the {count} record(s) was checked, "
+                        "nothing is signed by the owner (weaker check, --allow-unanchored)")
+        pending = 0
     if unverified:
         warnings.append(f"{unverified} entity signature(s) not verified (no card given for their signer)")
     if pending:

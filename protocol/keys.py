@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from . import _json, canonical
 from ._curves import ed25519_key_is_safe, x25519_key_is_safe
 from ._dsse import b64d, b64e
-from ._files import atomic_write
+from ._files import atomic_write, read_regular
 from .errors import AdmissionError, KeyFileError, ProtocolError, SignatureError
 
 ROLES = ("owner", "entity")
@@ -226,7 +226,7 @@ def _read_private(path: Path) -> bytes:
         raise KeyFileError(f"{path} not found (run: python -m protocol.keys init --dir {path.parent})") from exc
     if stat.S_IMODE(st.st_mode) & 0o077:
         raise KeyFileError(f"{path} is accessible by others (mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it")
-    data = path.read_bytes()
+    data = read_regular(path, limit=64, error=KeyFileError, what="private key")  # a FIFO would hang read_bytes
     if len(data) != 32:
         raise KeyFileError(f"{path} is not a 32-byte private key")
     return data
@@ -245,14 +245,15 @@ def load_identity(directory: Path) -> Identity:
 
 
 def load_card(path: Path) -> IdentityCard:
-    """Load one public identity card; errors name the file."""
+    """Load one public identity card; errors name the file.
+
+    Cards arrive from other parties (and sit in a registry folder anyone with write access can
+    drop files into), so the file must be a regular file of at most ``MAX_CARD_BYTES``: a FIFO or
+    device is refused without blocking, and a card padded to any size is refused after reading
+    ``MAX_CARD_BYTES + 1`` bytes, never read whole.
+    """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise KeyFileError(f"identity card {path} not found") from exc
-    except OSError as exc:
-        raise KeyFileError(f"cannot read identity card {path}: {exc.strerror}") from exc
+    data = read_regular(path, limit=MAX_CARD_BYTES, error=KeyFileError, what="identity card")
     try:
         return IdentityCard.from_bytes(data.strip())
     except KeyFileError as exc:
@@ -264,7 +265,9 @@ def load_registry(directory: Path, *, role: str | None = "owner") -> dict[str, I
 
     A malformed card, or one of the wrong role, is an error naming the file: a registry that
     silently skipped a card would admit fewer parties than its operator believes, and one that
-    admitted a card with the wrong role would confuse owners with entities.
+    admitted a card with the wrong role would confuse owners with entities. A ``*.json`` that is
+    a FIFO, device or folder is such an error too (``load_card`` never blocks on it), so a file
+    planted in the folder cannot hang the entity at startup.
     """
     directory = Path(directory)
     if not directory.is_dir():

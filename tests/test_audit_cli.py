@@ -56,9 +56,13 @@ def test_verify_exits_0_on_an_honest_trail(trail: Path) -> None:
     assert out.stdout.startswith("OK:") and "1 receipts" in out.stdout and out.stderr == ""
 
 
-def test_verify_without_pins_warns_that_keys_come_from_the_log(trail: Path) -> None:
-    out = _run("verify", str(trail))
+def test_verify_without_pins_fails_unless_the_weaker_check_is_named(trail: Path) -> None:
+    refused = _run("verify", str(trail))
+    assert refused.returncode == 1 and refused.stdout.startswith("FAIL:") and "--owner" in refused.stdout
+    assert refused.stdout.count("\n") == 1 and "Traceback" not in refused.stderr
+    out = _run("verify", str(trail), "--trust-embedded-cards")
     assert out.returncode == 0 and "pin it with --owner" in out.stderr
+    assert out.stdout.startswith("OK (WEAKER CHECK: owner key taken from the log itself")
 
 
 def test_verify_exits_1_naming_the_first_broken_record(trail: Path) -> None:

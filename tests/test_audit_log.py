@@ -57,6 +57,14 @@ def _write(path: Path, lines: list[bytes]) -> None:
     path.write_bytes(b"".join(line + b"\n" for line in lines))
 
 
+def _append_unchecked(path: Path, event: str, details: dict) -> None:
+    """Chain one record onto the log by hand, as a writer that skipped AuditLog's checks would."""
+    lines = _lines(path)
+    prev = "sha256:" + hashlib.sha256(lines[-1]).hexdigest()
+    rec = {"seq": len(lines), "time": "2024-01-01T00:00:00Z", "event": event, "details": details, "prev": prev}
+    _write(path, [*lines, canonical.dumps(rec)])
+
+
 def test_merkle_tree_head_matches_rfc9162_definition() -> None:
     leaves = [bytes([i]) * i for i in range(20)]
     acc = Accumulator()
@@ -144,7 +152,8 @@ def test_truncation_below_a_countersigned_checkpoint_is_detected(tmp_path: Path)
         log.checkpoint()
     lines = _lines(path)
     _write(path, lines[:4])  # truncated at a line boundary: the chain alone cannot tell
-    assert verify_log(path, owner=OWNER.card).ok
+    assert not verify_log(path, owner=OWNER.card).ok  # ... but no signed checkpoint is left in it
+    assert verify_log(path, owner=OWNER.card, allow_unanchored=True).ok
     verdict = verify_log(path, owner=OWNER.card, checkpoint=kept)
     assert not verdict.ok and "truncated" in verdict.error
 
@@ -187,8 +196,10 @@ def test_receipt_for_something_never_sent_is_refused(tmp_path: Path) -> None:
     files = {"a.bin": b"hello"}
     sealed = seal_bundle_detailed(files, kind="model", job_id="job-9", request_hash=digest(b"o"), sender=OWNER, recipient=ENTITY.card)
     opened = open_bundle(sealed.blob, kind="model", job_id="job-9", request_hash=digest(b"o"), recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card})
-    with AuditLog.open(path, OWNER) as log:
-        log.record_receipt(make_receipt(opened, entity=ENTITY, job_id="job-9"), entity=ENTITY.card)
+    receipt = make_receipt(opened, entity=ENTITY, job_id="job-9")
+    with AuditLog.open(path, OWNER) as log, pytest.raises(AuditError, match="never recorded as sent"):
+        log.record_receipt(receipt, entity=ENTITY.card)
+    _append_unchecked(path, "receipt", {"entity": ENTITY.fingerprint, "receipt": canonical.loads(receipt)})
     verdict = verify_log(path, owner=OWNER.card, entity=ENTITY.card)
     assert not verdict.ok and "receipt does not match" in verdict.error
 
@@ -235,7 +246,7 @@ def test_killed_writer_leaves_a_valid_prefix(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     owner = load_identity(tmp_path / "k")
-    verdict = verify_log(path, owner=owner.card)
+    verdict = verify_log(path, owner=owner.card, allow_unanchored=True)  # killed before any checkpoint
     assert verdict.ok or "torn" in (verdict.error or "")
     with AuditLog.open(path, owner) as log:
         log.checkpoint()
@@ -343,6 +354,8 @@ def test_receipt_signed_by_an_entity_other_than_the_recipient_is_refused(tmp_pat
     forged = make_receipt(opened, entity=other, job_id="job-3")  # the other entity signs for what ENTITY received
     with AuditLog.open(path, OWNER) as log:
         log.record_sent(sealed, recipient=ENTITY.card)
-        log.record_receipt(forged, entity=other.card)
+        with pytest.raises(AuditError, match="was sent to"):
+            log.record_receipt(forged, entity=other.card)
+    _append_unchecked(path, "receipt", {"entity": other.fingerprint, "receipt": canonical.loads(forged)})
     verdict = verify_log(path, owner=OWNER.card, entity={ENTITY.fingerprint: ENTITY.card, other.fingerprint: other.card})
     assert not verdict.ok and "receipt does not match" in verdict.error

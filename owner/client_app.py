@@ -3,6 +3,10 @@
 ``build_client_app(session)`` is what ``owner.run`` executes through its own executor. The
 module-level ``app`` is what a stock SuperNode would load from the entity's app bundle; it serves
 nothing and says why, because a stock SuperNode runs whatever bundle the server side sends.
+
+Whatever the entity sends, a handler answers: a malformed record, a second offer or a message
+type the owner does not serve is declined with a reason, never an exception that would end the
+owner's run (an exception in a handler fails the task, and the executor with it).
 """
 from __future__ import annotations
 
@@ -10,22 +14,50 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from owner.session import OwnerSession, SessionError
+from protocol.display import printable
 from protocol.errors import ProtocolError
-from protocol.flower_records import RecordError, blob_of, facts_of, pack
+from protocol.flower_records import FINISH, OFFER, REFUSED, RESULT, RecordError, blob_of, facts_of, pack
+
+SERVED = frozenset({OFFER, RESULT, REFUSED, FINISH})
 
 
 def _decline(msg: Message, reason: str) -> Message:
     return Message(pack({"status": "declined", "reason": reason}), reply_to=msg)
 
 
+def _text_fact(msg: Message, key: str, default: str) -> str:
+    """One text fact of a message, or ``default`` when the record is missing, malformed or not text."""
+    try:
+        value = facts_of(msg.content).get(key, default)
+    except RecordError:
+        return default
+    return value if isinstance(value, str) else default
+
+
+class _OwnerClientApp(ClientApp):
+    """A ClientApp that declines message types it does not serve instead of raising.
+
+    A stock ``ClientApp`` raises ``ValueError`` for an unregistered type, which would fail the
+    task and stop the owner's executor: one stray message from the entity would end the job.
+    """
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        kind = message.metadata.message_type
+        if kind not in SERVED:
+            return _decline(message, f"the owner serves only {', '.join(sorted(SERVED))}, not {printable(kind, 64)}")
+        return super().__call__(message, context)
+
+
 def build_client_app(session: OwnerSession) -> ClientApp:
-    app = ClientApp()
+    app = _OwnerClientApp()
 
     @app.query("offer")
     def offer(msg: Message, context: Context) -> Message:
-        facts = facts_of(msg.content)
-        card = facts.get("entity_card")
+        if session.job_id is not None:
+            # The job under way goes on; this offer neither starts another nor becomes its failure reason.
+            return _decline(msg, f"job {session.job_id} is under way; one offer per run")
         try:
+            card = facts_of(msg.content).get("entity_card")
             offer_blob = blob_of(msg.content)
         except RecordError as exc:
             session.refusal = f"the entity's offer is malformed: {exc}"
@@ -33,9 +65,11 @@ def build_client_app(session: OwnerSession) -> ClientApp:
         try:
             sealed = session.answer_offer(offer_blob, card if isinstance(card, bytes) else None)
         except (SessionError, ProtocolError) as exc:
-            session.refusal = str(exc)
-            return _decline(msg, str(exc))
-        facts = {"status": "request", "owner": session.identity.card.fingerprint, "checkpoint": session.sent_checkpoint or b""}
+            session.refusal = printable(exc, 400)
+            return _decline(msg, session.refusal)
+        facts: dict[str, str | int | bytes | bool] = {
+            "status": "request", "owner": session.identity.card.fingerprint, "checkpoint": session.sent_checkpoint or b"",
+        }
         return Message(pack(facts, sealed), reply_to=msg)
 
     @app.query("result")
@@ -43,18 +77,18 @@ def build_client_app(session: OwnerSession) -> ClientApp:
         try:
             ack = session.receive_result(blob_of(msg.content))
         except (SessionError, ProtocolError, RecordError) as exc:
-            session.refusal = str(exc)
-            return Message(pack({"status": "rejected", "reason": str(exc)}), reply_to=msg)
+            session.refusal = printable(exc, 400)
+            return Message(pack({"status": "rejected", "reason": session.refusal}), reply_to=msg)
         return Message(pack(ack), reply_to=msg)
 
     @app.query("refused")
     def refused(msg: Message, context: Context) -> Message:
-        session.refused(str(facts_of(msg.content).get("reason", "no reason given")))
+        session.refused(_text_fact(msg, "reason", "no reason given"))
         return Message(pack({"status": "noted"}), reply_to=msg)
 
     @app.query("finish")
     def finish(msg: Message, context: Context) -> Message:
-        session.finish(str(facts_of(msg.content).get("outcome", "")))
+        session.finish(_text_fact(msg, "outcome", ""))
         return Message(pack({"status": "bye"}), reply_to=msg)
 
     return app

@@ -3,10 +3,16 @@
 Order of every outbound step: build the payload from the model artifact and the request, pass it
 through the egress guard, seal it to the pinned entity card, record the transfer in the audit log
 (with the data facts that crossed), checkpoint, and only then hand the bytes to Flower. Inbound:
-open and verify against the pinned card before anything is parsed, then record it.
+open and verify against the pinned card before anything is parsed, then check the content as
+strictly as the entity checks a request (DESIGN "Threat model": a malicious or broken entity):
+every tensor finite and in the model's schema, BatchNorm variances positive, masks only on 3x3
+convolution weights and only library patterns at the claimed rate, a recipe within the owner's
+limits, bounded JSON. Only a result that passes all of it is recorded as received; a failing one
+is recorded as refused. Text from the entity is escaped (``protocol.display``) before it is kept.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,27 +20,93 @@ from typing import Any
 import torch
 
 from protocol import canonical
-from protocol.artifact import PROGRAM_FILE, WEIGHTS_FILE, dump_tensors, load_tensors, program_to_files
-from protocol.audit import EV_BLOCKED, EV_REFUSED, AuditLog
+from protocol.artifact import PROGRAM_FILE, WEIGHTS_FILE, dump_tensors, program_to_files
+from protocol.audit import COUNTERSIGN_KIND, EV_BLOCKED, EV_REFUSED, RECEIPT_KIND, AuditLog
+from protocol.display import printable
 from protocol.egress import DATA_COUNTERS, EgressGuard, redact_counters, schema_of
-from protocol.errors import EgressViolation, ProtocolError
+from protocol.errors import ArtifactError, EgressViolation, ProtocolError
 from protocol.keys import Identity, IdentityCard
-from protocol.masks import unpack_masks
+from protocol.masks import MaskStats, check_pattern_masks, parse_library, unpack_masks
 from protocol.program_guard import check_program
 from protocol.replay import NonceStore
 from protocol.sealing import open_bundle, seal_bundle_detailed
 from protocol.signing import digest, verify_message
-from protocol.spec import InputSpec, PruneRequest, RetrainRecipe
+from protocol.spec import InputSpec, PruneRequest, RetrainLimits, RetrainRecipe, SpecError
+from protocol.tensors import GraphRoles, check_masks, check_running_vars, check_safetensors, graph_roles
 
 OFFER_KIND = "offer"
 REQUEST_KIND = "model-request"
 RESULT_KIND = "prune-result"
 REQUEST_FILE = "request.json"
+MASKS_BIN = "masks.bin"
+REPORT_FILE = "report.json"
+RECIPE_FILE = "recipe.json"
+RECEIPT_FILE = "receipt.json"
+COUNTERSIGNATURE_FILE = "countersignature.json"
+RESULT_REQUIRED = frozenset({WEIGHTS_FILE, MASKS_BIN, REPORT_FILE, RECIPE_FILE, RECEIPT_FILE})
+RESULT_OPTIONAL = frozenset({COUNTERSIGNATURE_FILE})
 MAX_REQUEST_BYTES = 4 * 1024**3
+# A report lists a few facts per layer; a megabyte is thousands of layers. A recipe is a dozen keys.
+MAX_REPORT_BYTES = 1024 * 1024
+MAX_RECIPE_BYTES = 16 * 1024
+MAX_ID_CHARS = 256
+MAX_ASKS = 16
+REASON_CHARS = 300  # how much of the entity's text a refusal keeps
 
 
 class SessionError(RuntimeError):
-    """The job cannot go on (one line for the user)."""
+    """The job cannot go on (one line for the user; any text from the entity in it is escaped)."""
+
+
+def _short_id(value: Any) -> bool:
+    """A job id or nonce the rest of the protocol accepts (sealing binds them as printable text)."""
+    return isinstance(value, str) and 1 <= len(value) <= MAX_ID_CHARS and value.isprintable()
+
+
+def _entity_json(data: bytes, what: str, limit: int) -> Any:
+    """Parse one JSON file from the entity: bounded size, then ``canonical.loads`` (depth-limited)."""
+    if len(data) > limit:
+        raise ArtifactError(f"{what} is {len(data)} bytes, over the {limit}-byte limit")
+    try:
+        return canonical.loads(data)
+    except canonical.CanonicalJSONError as exc:
+        raise ArtifactError(f"{what} is not valid canonical JSON: {exc}") from None
+
+
+def _check_claimed_rate(claim: Any, stats: MaskStats) -> str:
+    """The report's ``achieved_rate`` if the masks achieve it (within the claim's own rounding)."""
+    from decimal import Decimal, InvalidOperation
+    from fractions import Fraction
+
+    if not isinstance(claim, str) or not 1 <= len(claim) <= 32:
+        raise ArtifactError("report.json: achieved_rate must be a short decimal string")
+    try:
+        dec = Decimal(claim)
+    except InvalidOperation:
+        raise ArtifactError("report.json: achieved_rate is not a decimal number") from None
+    if not dec.is_finite() or dec < 1:
+        raise ArtifactError("report.json: achieved_rate must be a finite rate >= 1")
+    if stats.kept == 0:
+        raise ArtifactError("the masks keep no weight at all")
+    actual = Fraction(stats.total, stats.kept)
+    exponent = dec.as_tuple().exponent
+    half_ulp = Fraction(1, 2) * Fraction(10) ** int(exponent)  # "8.0312" claims +-0.00005
+    if abs(Fraction(dec) - actual) > half_ulp + Fraction(1, 10**9):
+        raise ArtifactError(f"report.json claims an achieved rate of {claim}, the masks achieve {float(actual):.4f} "
+                            f"({stats.total} weights, {stats.kept} kept)")
+    return claim
+
+
+@dataclass(frozen=True)
+class _CheckedResult:
+    """A result that passed every content check, before anything of it is logged."""
+
+    state: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    report: dict[str, Any]
+    recipe: RetrainRecipe
+    recipe_name: str | None
+    achieved_rate: str
 
 
 @dataclass
@@ -48,6 +120,9 @@ class PruneOutcome:
     recipe: RetrainRecipe
     bytes_received: int
     files: dict[str, str]
+    # The only report fields the owner uses or shows, checked: the rest is kept, never shown.
+    recipe_name: str | None = None
+    achieved_rate: str | None = None
 
 
 @dataclass
@@ -62,6 +137,7 @@ class OwnerSession:
     audit: AuditLog
     nonces: NonceStore | None = None
     max_bytes: int = MAX_REQUEST_BYTES
+    limits: RetrainLimits = field(default_factory=RetrainLimits)
     job_id: str | None = None
     nonce: str | None = None
     request_blob: bytes | None = None
@@ -78,6 +154,8 @@ class OwnerSession:
         # the batch size): a data statistic nobody asked for, so it leaves as zeros.
         self._artifact = program_to_files(self.program)
         self._artifact[WEIGHTS_FILE] = dump_tensors(redact_counters(self.program.state_dict))
+        # Read from the owner's own graph, never from what the entity says about it.
+        self._roles: GraphRoles = graph_roles(self.program)
 
     # ---------------------------------------------------------------- offer -> request
     def answer_offer(self, offer_blob: bytes, presented_card: bytes | None) -> bytes:
@@ -92,27 +170,38 @@ class OwnerSession:
             try:
                 presented = IdentityCard.from_bytes(presented_card)
             except ProtocolError as exc:
-                raise SessionError(f"the entity presented a malformed identity card: {exc}") from exc
+                raise SessionError(f"the entity presented a malformed identity card: {printable(exc, REASON_CHARS)}") from exc
             if presented.fingerprint != self.entity_card.fingerprint:
                 self.audit.append(EV_REFUSED, {"reason": "entity card differs from the pinned card",
                                                "presented": presented.fingerprint, "pinned": self.entity_card.fingerprint})
-                raise SessionError(
-                    f"the entity presented card {presented.fingerprint[:23]}..., not the pinned {self.entity_card.fingerprint[:23]}..."
-                )
+                raise SessionError(f"the entity presented card {printable(presented.fingerprint[:23])}..., "
+                                   f"not the pinned {self.entity_card.fingerprint[:23]}...")
         try:
             offer = verify_message(offer_blob, kind=OFFER_KIND, signer=self.entity_card)
         except ProtocolError as exc:
-            self.audit.append(EV_REFUSED, {"reason": f"offer failed verification: {exc}"})
-            raise SessionError(f"the entity's offer failed verification: {exc}") from exc
-        self.job_id, self.nonce = str(offer["job_id"]), str(offer["nonce"])
+            reason = printable(exc, REASON_CHARS)
+            self.audit.append(EV_REFUSED, {"reason": f"offer failed verification: {reason}"})
+            raise SessionError(f"the entity's offer failed verification: {reason}") from exc
+        asks_for = offer.get("asks_for", []) if isinstance(offer, dict) else None
+        problem = None
+        if not isinstance(offer, dict) or not _short_id(offer.get("job_id")) or not _short_id(offer.get("nonce")):
+            problem = f"it lacks a job_id or nonce (each a printable string of 1..{MAX_ID_CHARS} characters)"
+        elif not (isinstance(asks_for, list) and len(asks_for) <= MAX_ASKS
+                  and all(isinstance(a, str) and len(a) <= 200 for a in asks_for)):
+            problem = f"its asks_for is not a list of at most {MAX_ASKS} short strings"
+        if problem is not None:
+            self.audit.append(EV_REFUSED, {"reason": f"malformed offer: {problem}", "offer": digest(offer_blob)})
+            raise SessionError(f"the entity's offer is malformed: {problem}; refusing it")
+        self.job_id, self.nonce = offer["job_id"], offer["nonce"]
         if self.nonces is not None:
             try:
                 self.nonces.accept_once(self.job_id, self.nonce, scope="offer")
             except ProtocolError as exc:
-                self.audit.record_refused(f"replayed offer: {exc}", peer=self.entity_card.fingerprint, job_id=self.job_id)
-                raise SessionError(f"the entity's offer was seen before (replay): {exc}") from exc
+                reason = printable(exc, REASON_CHARS)
+                self.audit.record_refused(f"replayed offer: {reason}", peer=self.entity_card.fingerprint, job_id=self.job_id)
+                raise SessionError(f"the entity's offer was seen before (replay): {reason}") from exc
         self.audit.append("offer.received", {"job_id": self.job_id, "entity": self.entity_card.fingerprint,
-                                             "offer": digest(offer_blob), "asks_for": list(offer.get("asks_for", []))})
+                                             "offer": digest(offer_blob), "asks_for": [printable(a) for a in asks_for]})
         request = {"job_id": self.job_id, "nonce": self.nonce, "prune": self.request.to_json(), "input_spec": self.spec.to_json()}
         files = dict(self._artifact)
         files[REQUEST_FILE] = canonical.dumps(request)
@@ -122,7 +211,7 @@ class OwnerSession:
             max_bytes=self.max_bytes,
             zero_tensors=DATA_COUNTERS,
             program_check=self._program_is_ours_and_clean,
-            on_violation=lambda reason: self.audit.append(EV_BLOCKED, {"job_id": self.job_id, "reason": reason}),
+            on_violation=self._record_blocked,
         )
         guard.check(files, claims)
         sealed = seal_bundle_detailed(
@@ -138,6 +227,9 @@ class OwnerSession:
                                "files": record["details"]["files"], "tensors": len(self.program.state_dict)})
         return sealed.blob
 
+    def _record_blocked(self, reason: str) -> None:
+        self.audit.append(EV_BLOCKED, {"job_id": self.job_id, "reason": reason})
+
     def _program_is_ours_and_clean(self, data: bytes) -> None:
         check_program(data)
         if data != self._artifact[PROGRAM_FILE]:
@@ -145,7 +237,13 @@ class OwnerSession:
 
     # ---------------------------------------------------------------- result
     def receive_result(self, blob: bytes) -> dict[str, str]:
-        """Open and verify the entity's result; record it, its receipt and countersignature."""
+        """Open, verify and check the entity's result; only then record it, its receipt and countersignature.
+
+        Every check of the content runs before the log is touched, so a result that fails one is
+        on record only as refused. The receipt and countersignature are checked again by the audit
+        log as they are appended (they must match this log's transfers and checkpoints); a failure
+        there is a refusal too, recorded after the received transfer, and the log stays valid.
+        """
         if self.job_id is None or self.request_blob is None:
             raise SessionError("a result arrived before any request was sent")
         if self.outcome is not None:
@@ -156,55 +254,85 @@ class OwnerSession:
                 recipient=self.identity, senders={self.entity_card.fingerprint: self.entity_card},
             )
         except ProtocolError as exc:
-            self.audit.append(EV_REFUSED, {"job_id": self.job_id, "reason": f"result failed verification: {exc}"})
-            raise SessionError(f"the entity's result failed verification: {exc}") from exc
+            reason = printable(exc, REASON_CHARS)
+            self.audit.append(EV_REFUSED, {"job_id": self.job_id, "reason": f"result failed verification: {reason}"})
+            raise SessionError(f"the entity's result failed verification: {reason}") from exc
+        try:
+            checked = self._check_result(opened.files)
+        except (ProtocolError, SpecError) as exc:
+            reason = printable(exc, REASON_CHARS)
+            self.audit.append(EV_REFUSED, {"job_id": self.job_id, "reason": f"result content invalid: {reason}"})
+            raise SessionError(f"the entity's result is invalid: {reason}") from exc
         if self.nonces is not None and self.nonce is not None:
             try:
                 self.nonces.accept_once(self.job_id, self.nonce)
             except ProtocolError as exc:
-                self.audit.record_refused(f"replayed result: {exc}", peer=self.entity_card.fingerprint, job_id=self.job_id)
+                self.audit.record_refused(f"replayed result: {printable(exc, REASON_CHARS)}",
+                                          peer=self.entity_card.fingerprint, job_id=self.job_id)
                 raise SessionError(f"a result for job {self.job_id} was accepted before (replay)") from exc
         self.audit.record_received(opened, size=len(blob))
         try:
-            state = load_tensors(opened.files[WEIGHTS_FILE])
-            masks = unpack_masks(opened.files["masks.bin"])
-            report = canonical.loads(opened.files["report.json"])
-            recipe = RetrainRecipe.from_json(canonical.loads(opened.files["recipe.json"]))
-            self.audit.record_receipt(opened.files["receipt.json"], entity=self.entity_card)
-            if "countersignature.json" in opened.files:
-                self.audit.record_countersignature(opened.files["countersignature.json"], entity=self.entity_card)
-        except (KeyError, ProtocolError, ValueError) as exc:
-            self.audit.append(EV_REFUSED, {"job_id": self.job_id, "reason": f"result content invalid: {exc}"})
-            raise SessionError(f"the entity's result is invalid: {exc}") from exc
-        self._check_result(state, masks)
+            self.audit.record_receipt(opened.files[RECEIPT_FILE], entity=self.entity_card)
+            if COUNTERSIGNATURE_FILE in opened.files:
+                self.audit.record_countersignature(opened.files[COUNTERSIGNATURE_FILE], entity=self.entity_card)
+        except ProtocolError as exc:
+            reason = printable(exc, REASON_CHARS)
+            self.audit.append(EV_REFUSED, {"job_id": self.job_id, "reason": f"receipt or countersignature refused: {reason}"})
+            raise SessionError(f"the entity's receipt or countersignature is invalid: {reason}") from exc
         self.audit.checkpoint()
-        self.outcome = PruneOutcome(self.job_id, state, masks, report, recipe, len(blob), dict(opened.file_digests()))
+        self.outcome = PruneOutcome(self.job_id, checked.state, checked.masks, checked.report, checked.recipe, len(blob),
+                                    dict(opened.file_digests()), recipe_name=checked.recipe_name,
+                                    achieved_rate=checked.achieved_rate)
         self.transfers.append({"direction": "received", "kind": RESULT_KIND, "bytes": len(blob),
-                               "files": dict(opened.file_digests()), "tensors": len(state)})
+                               "files": dict(opened.file_digests()), "tensors": len(checked.state)})
         return {"status": "verified"}
 
-    def _check_result(self, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
-        expected = schema_of(self.program.state_dict)
-        got = schema_of(state)
-        if got != expected:
-            diff = sorted(set(expected) ^ set(got)) or sorted(k for k in expected if expected[k] != got.get(k))
-            raise SessionError(f"pruned weights do not match the model's schema (first difference: {diff[:3]})")
-        for name, mask in masks.items():
-            if name not in state or tuple(mask.shape) != tuple(state[name].shape):
-                raise SessionError(f"mask {name!r} does not match a weight of the model")
-            if not torch.isfinite(state[name]).all():
-                raise SessionError(f"pruned weight {name!r} holds non-finite values")
+    def _check_result(self, files: Mapping[str, bytes]) -> _CheckedResult:
+        """Every content check of a verified result; raises ``ProtocolError``/``SpecError``, logs nothing."""
+        missing = sorted(RESULT_REQUIRED - set(files))
+        extra = sorted(set(files) - RESULT_REQUIRED - RESULT_OPTIONAL)
+        if missing:
+            raise ArtifactError(f"the result lacks {', '.join(missing)}")
+        if extra:
+            raise ArtifactError(f"the result holds files the owner does not accept: {', '.join(extra[:5])}")
+        schema = schema_of(self.program.state_dict)
+        # Exactly the model's tensors, dtypes and shapes, every floating-point value finite.
+        state = check_safetensors(files[WEIGHTS_FILE], schema, what="pruned weights")
+        check_running_vars(state, self._roles.running_vars, self.program.state_dict)
+        masks = unpack_masks(files[MASKS_BIN])
+        check_masks(masks, schema)
+        report = _entity_json(files[REPORT_FILE], REPORT_FILE, MAX_REPORT_BYTES)
+        if not isinstance(report, dict):
+            raise ArtifactError("report.json is not a JSON object")
+        library = parse_library(report["library"]) if "library" in report else None
+        stats = check_pattern_masks(masks, self._roles.pattern_convs, library)
+        for name, mask in sorted(masks.items()):
             if torch.count_nonzero(state[name][~mask]):
-                raise SessionError(f"pruned weight {name!r} is nonzero where its mask prunes it")
+                raise ArtifactError(f"pruned weight {name!r} is nonzero where its mask prunes it")
+        achieved = _check_claimed_rate(report.get("achieved_rate"), stats)
+        for key, value in (("prunable_weights", stats.total), ("kept_weights", stats.kept)):
+            if key in report and report[key] != value:
+                raise ArtifactError(f"report.json: {key} is {printable(report[key], 40)}, the masks say {value}")
+        recipe_name = report.get("recipe")
+        if recipe_name is not None and not (isinstance(recipe_name, str) and 1 <= len(recipe_name) <= 64):
+            raise ArtifactError("report.json: recipe must be a name of at most 64 characters")
+        recipe = RetrainRecipe.from_json(_entity_json(files[RECIPE_FILE], RECIPE_FILE, MAX_RECIPE_BYTES))
+        self.limits.check(recipe)
+        # Signatures now; the audit log checks their content against its own records on append.
+        verify_message(files[RECEIPT_FILE], kind=RECEIPT_KIND, signer=self.entity_card)
+        if COUNTERSIGNATURE_FILE in files:
+            verify_message(files[COUNTERSIGNATURE_FILE], kind=COUNTERSIGN_KIND, signer=self.entity_card)
+        return _CheckedResult(state, masks, report, recipe, recipe_name, achieved)
 
     # ---------------------------------------------------------------- refusal / finish
     def refused(self, reason: str) -> None:
-        self.refusal = reason
-        self.audit.append(EV_REFUSED, {"job_id": self.job_id or "", "by": "entity", "reason": reason})
+        """The entity refused the job; its reason is the entity's text, so it is kept escaped."""
+        self.refusal = f"the entity refused the job: {printable(reason, REASON_CHARS)}"
+        self.audit.append(EV_REFUSED, {"job_id": self.job_id or "", "by": "entity", "reason": printable(reason, REASON_CHARS)})
 
     def finish(self, outcome: str) -> None:
         self.finished = True
-        self.audit.append("job.closed", {"job_id": self.job_id or "", "outcome": outcome})
+        self.audit.append("job.closed", {"job_id": self.job_id or "", "outcome": printable(outcome, 64)})
 
     def note_ignored_fab(self, fab_hash: str, size: int) -> None:
         if fab_hash not in self.ignored_fabs:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from .display import printable
+
 
 class SpecError(ValueError):
     """A specification or request is malformed."""
@@ -31,7 +33,16 @@ class InputSpec:
 
     A model sees ``(pixel / (pixel_max - pixel_min) - mean) / std`` per channel, where pixels lie in
     ``[pixel_min, pixel_max]`` (the usual torchvision ``ToTensor`` + ``Normalize``).
+
+    The shape is bounded because the entity allocates synthetic images of it (256 by default):
+    at most ``MAX_CHANNELS`` channels, ``MAX_SIDE`` pixels a side and ``MAX_ELEMENTS`` values
+    (2**20, e.g. 3x512x512 or 1x1024x1024: 1 GiB for 256 float32 images), so a request cannot
+    make the entity allocate more than that before a single check runs.
     """
+
+    MAX_CHANNELS = 16
+    MAX_SIDE = 1024
+    MAX_ELEMENTS = 1 << 20
 
     shape: tuple[int, int, int]
     mean: tuple[float, ...]
@@ -42,8 +53,14 @@ class InputSpec:
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or any((not isinstance(d, int)) or d <= 0 for d in self.shape):
-            raise SpecError(f"input shape must be three positive integers (C, H, W), got {self.shape!r}")
-        channels = self.shape[0]
+            raise SpecError(f"input shape must be three positive integers (C, H, W), got {self.shape!r:.80}")
+        channels, height, width = self.shape
+        if channels > self.MAX_CHANNELS or height > self.MAX_SIDE or width > self.MAX_SIDE:
+            raise SpecError(f"input shape {tuple(self.shape)} exceeds the limit of {self.MAX_CHANNELS} channels and "
+                            f"{self.MAX_SIDE} pixels a side; describe the model's input at a smaller size")
+        if channels * height * width > self.MAX_ELEMENTS:
+            raise SpecError(f"input shape {tuple(self.shape)} has {channels * height * width} values, more than the "
+                            f"limit of {self.MAX_ELEMENTS}; describe the model's input at a smaller size")
         if len(self.mean) != channels or len(self.std) != channels:
             raise SpecError(f"mean and std need {channels} values each (one per channel)")
         if any(float(s) <= 0 for s in self.std):
@@ -144,10 +161,15 @@ class RetrainRecipe:
     temperature: float = 4.0
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if type(getattr(self, name)) is not int:
+                raise SpecError(f"retraining {name} must be an integer, got {getattr(self, name)!r}")
         if self.epochs < 0 or self.batch_size <= 0:
             raise SpecError("retraining epochs must be >= 0 and batch size > 0")
         if not (0 < self.lr < 10 and 0 <= self.momentum < 1 and 0 <= self.weight_decay < 1 and 0 < self.gamma <= 1):
             raise SpecError("retraining hyper-parameters out of range")
+        if len(self.milestones) > MAX_MILESTONES or any(type(m) is not int or m < 0 for m in self.milestones):
+            raise SpecError(f"retraining milestones must be at most {MAX_MILESTONES} epoch numbers >= 0")
         if self.schedule not in SCHEDULES:
             raise SpecError(f"unknown retraining schedule {self.schedule!r} (known: {', '.join(SCHEDULES)})")
         if not (0 <= self.distill <= 1 and 0 < self.temperature <= 100):
@@ -169,21 +191,102 @@ class RetrainRecipe:
         }
 
     @classmethod
-    def from_json(cls, data: Any) -> "RetrainRecipe":
-        try:
-            if data.get("optimizer", "sgd") != "sgd":
-                raise SpecError(f"unsupported optimizer {data.get('optimizer')!r}")
-            return cls(
-                epochs=int(data["epochs"]),
-                lr=float(Decimal(str(data["lr"]))),
-                momentum=float(Decimal(str(data["momentum"]))),
-                weight_decay=float(Decimal(str(data["weight_decay"]))),
-                milestones=tuple(int(m) for m in data.get("milestones", [])),
-                gamma=float(Decimal(str(data["gamma"]))),
-                batch_size=int(data["batch_size"]),
-                schedule=str(data.get("schedule", "step")),
-                distill=float(Decimal(str(data.get("distill", "0")))),
-                temperature=float(Decimal(str(data.get("temperature", "4")))),
-            )
-        except (KeyError, TypeError, AttributeError, ValueError, InvalidOperation) as exc:
-            raise SpecError(f"malformed retraining recipe: {exc}") from exc
+    def from_json(cls, data: Any) -> RetrainRecipe:
+        """Parse a received recipe strictly: exactly the known keys, each of its own JSON type.
+
+        Recipes from before schedules and distillation existed carry no ``schedule``,
+        ``distill`` or ``temperature``; they mean the step schedule without distillation, so
+        those three may be missing. Every other key must be present, and no other key may appear:
+        a recipe the owner does not fully understand is not run.
+        """
+        if not isinstance(data, dict):
+            raise SpecError(f"malformed retraining recipe: expected a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - _RECIPE_REQUIRED - set(_RECIPE_OPTIONAL))
+        if unknown:
+            names = ", ".join(printable(repr(k), 40) for k in unknown[:5])
+            raise SpecError(f"malformed retraining recipe: unknown key(s) {names} (the owner runs only recipes it fully understands)")
+        missing = sorted(_RECIPE_REQUIRED - set(data))
+        if missing:
+            raise SpecError(f"malformed retraining recipe: missing key(s) {', '.join(missing)}")
+        data = {**_RECIPE_OPTIONAL, **data}
+        if data["optimizer"] != "sgd":
+            raise SpecError(f"unsupported optimizer {printable(repr(data['optimizer']), 40)} (only sgd)")
+        milestones = data["milestones"]
+        if not isinstance(milestones, list) or len(milestones) > MAX_MILESTONES:
+            raise SpecError(f"malformed retraining recipe: milestones must be a list of at most {MAX_MILESTONES} integers")
+        if not isinstance(data["schedule"], str) or len(data["schedule"]) > 32:
+            raise SpecError(f"malformed retraining recipe: schedule must be one of {', '.join(SCHEDULES)}")
+        return cls(
+            epochs=_recipe_int(data["epochs"], "epochs"),
+            lr=_recipe_decimal(data["lr"], "lr"),
+            momentum=_recipe_decimal(data["momentum"], "momentum"),
+            weight_decay=_recipe_decimal(data["weight_decay"], "weight_decay"),
+            milestones=tuple(_recipe_int(m, "milestones") for m in milestones),
+            gamma=_recipe_decimal(data["gamma"], "gamma"),
+            batch_size=_recipe_int(data["batch_size"], "batch_size"),
+            schedule=data["schedule"],
+            distill=_recipe_decimal(data["distill"], "distill"),
+            temperature=_recipe_decimal(data["temperature"], "temperature"),
+        )
+
+
+MAX_MILESTONES = 64
+_RECIPE_REQUIRED = frozenset({"optimizer", "epochs", "lr", "momentum", "weight_decay", "milestones", "gamma", "batch_size"})
+# What a recipe from before these keys existed meant.
+_RECIPE_OPTIONAL = {"schedule": "step", "distill": "0", "temperature": "4"}
+_MAX_NUMBER_TEXT = 40
+
+
+def _recipe_int(value: Any, what: str) -> int:
+    if type(value) is not int:
+        raise SpecError(f"malformed retraining recipe: {what} must be an integer, got {type(value).__name__}")
+    return value
+
+
+def _recipe_decimal(value: Any, what: str) -> float:
+    """A fraction as canonical JSON carries it: a decimal string (or an integer), finite."""
+    if type(value) is int:
+        return float(value)
+    if not isinstance(value, str) or len(value) > _MAX_NUMBER_TEXT:
+        raise SpecError(f"malformed retraining recipe: {what} must be a short decimal string")
+    try:
+        dec = Decimal(value)
+    except InvalidOperation:
+        raise SpecError(f"malformed retraining recipe: {what} is not a decimal number") from None
+    if not dec.is_finite():
+        raise SpecError(f"malformed retraining recipe: {what} is not finite")
+    return float(dec)
+
+
+@dataclass(frozen=True)
+class RetrainLimits:
+    """The most retraining the owner runs on the entity's word: the owner's compute, the owner's call.
+
+    A recipe is the entity's suggestion, and the owner's machine runs it next to the private data:
+    without a bound, ``epochs: 1000000`` or ``batch_size: 10**12`` ties the machine up or exhausts
+    its memory. A recipe over a limit is refused on receipt, naming the ``owner.run`` flag (and
+    ``owner.toml`` key) that raises it. The defaults are far above what the retraining comparison
+    needed (3 epochs at batch 64).
+    """
+
+    max_epochs: int = 50
+    max_batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        for name, flag in (("max_epochs", "--max-epochs"), ("max_batch_size", "--max-batch-size")):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise SpecError(f"{flag} must be a positive integer, got {value!r}")
+
+    def check(self, recipe: RetrainRecipe) -> None:
+        """Refuse a recipe over these limits (``SpecError`` naming the flag that raises the limit)."""
+        if recipe.epochs > self.max_epochs:
+            raise SpecError(f"the entity's recipe asks for {recipe.epochs} retraining epochs, over this owner's limit "
+                            f"of {self.max_epochs}; raise it with --max-epochs (max_epochs in owner.toml) to accept")
+        if recipe.batch_size > self.max_batch_size:
+            raise SpecError(f"the entity's recipe asks for batch size {recipe.batch_size}, over this owner's limit "
+                            f"of {self.max_batch_size}; raise it with --max-batch-size (max_batch_size in owner.toml) to accept")
+        late = [m for m in recipe.milestones if m > self.max_epochs]
+        if late:
+            raise SpecError(f"the entity's recipe has a learning-rate milestone at epoch {late[0]}, past this owner's "
+                            f"limit of {self.max_epochs} epochs; raise it with --max-epochs (max_epochs in owner.toml) to accept")

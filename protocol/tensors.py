@@ -5,10 +5,17 @@ A *schema* maps tensor name -> (safetensors dtype, shape), e.g. ``schema_of(mode
 no metadata beyond an allow-list, finite floating-point values, and bytes equal to a fresh
 serialisation of its tensors. The owner runs it on pruned weights it receives (wrong shapes, NaN
 weights and extra tensors are refused there too), the egress guard on what it sends.
+
+``graph_roles`` reads from the exported program's graph (not from tensor names, which the model's
+author chose) which stored tensors are 3x3 group-1 convolution weights (the only ones a pattern
+mask may touch) and which are BatchNorm running variances (which must stay positive: a negative
+one makes the normalisation divide by the square root of a negative number).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -78,3 +85,78 @@ def check_masks(masks: Mapping[str, torch.Tensor], schema: Schema) -> None:
             raise MaskError(f"mask {name!r} names no tensor of the model")
         if tuple(masks[name].shape) != tuple(schema[name][1]):
             raise MaskError(f"mask {name!r} has shape {list(masks[name].shape)}, the weight is {list(schema[name][1])}")
+
+
+_CONV_OPS = frozenset({"conv2d", "convolution", "_convolution"})
+
+
+@dataclass(frozen=True)
+class GraphRoles:
+    """What the graph does with each stored tensor (state_dict keys)."""
+
+    pattern_convs: frozenset[str]  # used only as the weight of 3x3, groups=1, non-transposed convolutions
+    running_vars: frozenset[str]  # passed as ``running_var`` to a batch-norm op
+
+
+def _bound_args(node: Any) -> dict[str, Any]:
+    """A call's arguments by schema name (positional and keyword alike)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return {}
+    names = [a.name for a in schema.arguments]
+    bound = dict(zip(names, node.args, strict=False))  # trailing defaulted arguments may be left out
+    bound.update(node.kwargs)
+    return bound
+
+
+def graph_roles(program: torch.export.ExportedProgram) -> GraphRoles:
+    """Find the pattern-prunable conv weights and the BatchNorm running variances from the graph.
+
+    A weight counts as pattern-prunable only if every use of it in the graph is as the ``weight``
+    of a 2-D convolution with a (O, I, 3, 3) kernel, ``groups`` 1 and not transposed: the same rule
+    the entity's engine prunes by, read here independently of the entity's code.
+    """
+    signature = program.graph_signature
+    key_of = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    state = program.state_dict
+    conv_uses: set[str] = set()
+    other_uses: set[str] = set()
+    running_vars: set[str] = set()
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        bound = _bound_args(node)
+        packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        as_weight = None
+        if packet in _CONV_OPS:
+            weight = bound.get("weight")
+            key = key_of.get(getattr(weight, "name", None))
+            shape = tuple(state[key].shape) if key in state else ()
+            if (key is not None and len(shape) == 4 and shape[2:] == (3, 3) and int(bound.get("groups", 1) or 1) == 1
+                    and not bound.get("transposed", False)):
+                conv_uses.add(key)
+                as_weight = weight
+        var = bound.get("running_var")
+        if var is not None and key_of.get(getattr(var, "name", None)) is not None:
+            running_vars.add(key_of[var.name])
+        for arg in node.all_input_nodes:
+            if arg is not as_weight and arg.name in key_of:
+                other_uses.add(key_of[arg.name])
+    return GraphRoles(pattern_convs=frozenset(conv_uses - other_uses), running_vars=frozenset(running_vars))
+
+
+def check_running_vars(tensors: Mapping[str, torch.Tensor], names: frozenset[str],
+                       own: Mapping[str, torch.Tensor]) -> None:
+    """Every BatchNorm running variance in ``names`` positive, or equal to the owner's ``own`` value.
+
+    The owner's own model is the one exception: a variance it already had (a dead channel's 0)
+    comes back as it left.
+    """
+    for name in sorted(names):
+        value = tensors[name]
+        if not value.is_floating_point():
+            raise ArtifactError(f"BatchNorm running variance {name!r} is not a floating-point tensor")
+        bad = (value <= 0) & (value != own[name].to(value.dtype))
+        if bool(bad.any()):
+            raise ArtifactError(f"BatchNorm running variance {name!r} holds {int(bad.sum())} value(s) <= 0 "
+                                f"(the smallest {float(value.min()):.3g}); variances must be positive")

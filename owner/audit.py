@@ -25,19 +25,20 @@ from typing import TYPE_CHECKING, NoReturn
 from owner._audit_report import RENDERERS, Format, Report, build_report, printable, verdict_line, verdict_text
 from protocol._files import read_regular
 from protocol.audit import MAX_RECORD_BYTES, AuditVerdict, embedded_cards, verify_log
-from protocol.errors import AuditError, ProtocolError
+from protocol.cli import fatal, run_cli
+from protocol.errors import AuditError
 from protocol.keys import IdentityCard, load_card
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+PROG = "owner.audit"
 NO_OWNER = ("no owner card pinned: pass --owner CARD (the card recorded in the log is whatever its writer put there; "
             "--trust-embedded-cards checks against it anyway, a weaker check)")
 
 
 def _fatal(message: str) -> NoReturn:
-    print(f"error: {printable(message)}", file=sys.stderr)
-    raise SystemExit(1)
+    fatal(PROG, message)
 
 
 def _cards(args: argparse.Namespace) -> tuple[IdentityCard | None, IdentityCard | dict[str, IdentityCard], bool, bool]:
@@ -225,12 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--contact", default=None, help="controller's contact details (Art. 30(1)(a))")
     report.add_argument("--recipient-location", default=None, help="where the recipient processes (third-country transfers)")
     args = parser.parse_args(argv)
-    try:
-        return _cmd_verify(args) if args.command == "verify" else _cmd_report(args)
-    except ProtocolError as exc:
-        _fatal(str(exc))
-    except OSError as exc:
-        _fatal(f"{exc.filename or args.log}: {exc.strerror}")
+    return run_cli(PROG, lambda: _cmd_verify(args) if args.command == "verify" else _cmd_report(args))
 
 
 if __name__ == "__main__":

@@ -319,11 +319,6 @@ def admit(fingerprint: str, registry: dict[str, IdentityCard], *, what: str = "o
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _fatal(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(1)
-
-
 def _describe(card: IdentityCard) -> str:
     return f"{card.role} {card.name!r}\nfingerprint {card.fingerprint}"
 
@@ -345,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p_reg.add_argument("--fingerprint", default=None,
                        help="the fingerprint the owner told you out of band; registration fails if it differs")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         if args.command == "init":
             identity = init_identity(args.dir, args.role, args.name)
             print(_describe(identity.card))
@@ -357,9 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             card = load_card(args.card) if args.card else load_identity(args.dir).card
             print(_describe(card))
-    except ProtocolError as exc:
-        _fatal(str(exc))
-    return 0
+        return 0
+
+    from .cli import run_cli
+
+    return run_cli("protocol.keys", body)
 
 
 if __name__ == "__main__":

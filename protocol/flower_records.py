@@ -7,6 +7,7 @@ Message types follow Flower's ``query.<action>`` convention, one handler per typ
 """
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,6 +23,7 @@ BLOB_KEY = "sealed"
 FACTS_KEY = "facts"
 
 MAX_BLOB_BYTES = 2 * 1024**3
+NPY_STYPE = "numpy.ndarray"  # how Flower serialises an Array made from a NumPy array
 
 
 class RecordError(ValueError):
@@ -49,11 +51,41 @@ def facts_of(content: RecordDict) -> dict:
 
 
 def blob_of(content: RecordDict) -> bytes:
-    """The opaque payload of a message."""
+    """The opaque payload of a message.
+
+    The array's bytes are the ``.npy`` image Flower made of it; its header is read here and checked
+    against the data's length rather than handed to ``np.load``, which would first allocate
+    whatever size the (other party's) header claims.
+    """
     record = content.get(PAYLOAD_KEY) if hasattr(content, "get") else None
     if not isinstance(record, ArrayRecord) or BLOB_KEY not in record:
         raise RecordError("message carries no sealed payload")
     array = record[BLOB_KEY]
-    if array.dtype != "uint8" or len(array.shape) != 1:
+    if array.stype != NPY_STYPE or array.dtype != "uint8" or len(array.shape) != 1:
         raise RecordError("sealed payload is not a flat byte array")
-    return array.numpy().tobytes()
+    return _npy_bytes(array.data)
+
+
+def _npy_bytes(data: bytes) -> bytes:
+    """The contents of a one-dimensional uint8 ``.npy`` image, or ``RecordError``."""
+    if not isinstance(data, bytes):
+        raise RecordError("sealed payload is not a flat byte array")
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"npy version {version}")
+    except (ValueError, TypeError, SyntaxError, RecursionError) as exc:
+        raise RecordError("sealed payload is not a valid byte array (bad array header)") from exc
+    if dtype != np.dtype(np.uint8) or len(shape) != 1:
+        raise RecordError("sealed payload is not a flat byte array")
+    offset = stream.tell()
+    if shape[0] > MAX_BLOB_BYTES:
+        raise RecordError(f"payload of {shape[0]} bytes exceeds the {MAX_BLOB_BYTES}-byte limit")
+    if shape[0] != len(data) - offset:
+        raise RecordError("sealed payload's length does not match its array header (truncated or padded)")
+    return data[offset:]

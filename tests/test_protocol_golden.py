@@ -1,25 +1,34 @@
 """Golden vectors: the wire formats are stable, and our Merkle tree is RFC 9162's.
 
 The identities come from fixed seeds; Ed25519 signatures are deterministic, so a signed message
-and a packed mask must reproduce byte for byte. HPKE is randomised, so the sealed bundle and the
-audit log are golden *inputs*: bytes written by this version that every later version must still
-open and verify. If a format change is intended, regenerate the constants and say so in the commit.
+and a packed mask must reproduce byte for byte (``golden/vectors.json``). HPKE is randomised, so
+sealed bundles and audit logs are golden *inputs* (``golden/compat/``): bytes written by earlier
+versions that every later version must still open and verify. ``pytest --update-goldens``
+rewrites ``vectors.json`` from this version and adds this version's own bundle and log to
+``compat/`` (older ones are never rewritten); say so in the commit when a format changes.
 """
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
+import json
 from pathlib import Path
 
+import pytest
 import torch
-from safetensors.torch import load
+from safetensors.torch import load, save
 
 from protocol._merkle import root_of
-from protocol.audit import verify_log
+from protocol.audit import AuditLog, countersign_checkpoint, verify_log
 from protocol.keys import Identity
 from protocol.masks import pack_masks, unpack_masks
-from protocol.sealing import open_bundle
+from protocol.sealing import open_bundle, seal_bundle
 from protocol.signing import digest, sign_message, verify_message
+
+GOLDEN = Path(__file__).parent / "golden"
+VECTORS = GOLDEN / "vectors.json"
+COMPAT = GOLDEN / "compat"
 
 
 def _ident(role: str, name: str, tag: bytes) -> Identity:
@@ -28,95 +37,51 @@ def _ident(role: str, name: str, tag: bytes) -> Identity:
 
 OWNER = _ident("owner", "golden-owner", b"owner")
 ENTITY = _ident("entity", "golden-entity", b"entity")
+MASKS = {"a.weight": torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool), "b": torch.tensor([True] * 9)}
+REQUEST_HASH = digest(b"golden offer")
 
-OWNER_FP = "1f59b9978485c5c7ab82ac77a38082f3ab445e54666758a7faa30536c2ac7f2b"
-ENTITY_FP = "d2a0aec9ece4ed23777b67a980ca1a9727275471c3cf96e614d7137fd53eb8d9"
-MESSAGE = (
-    "{\"payload\":\"eyJib2R5Ijp7ImpvYl9pZCI6ImpvYi1nb2xkZW4iLCJuIjo3LCJub25jZSI6IjAwMDAwMDAwMDAwMDAwMDAw"
-    "MDAwMDAwMDAwMDAwMDAwIn0sImtpbmQiOiJvZmZlciIsInNpZ25lciI6ImQyYTBhZWM5ZWNlNGVkMjM3NzdiNjdhOTgwY2Ex"
-    "YTk3MjcyNzU0NzFjM2NmOTZlNjE0ZDcxMzdmZDUzZWI4ZDkiLCJ0eXBlIjoiYmxpbmRwcnVuZS9tZXNzYWdlL3YxIn0=\",\"p"
-    "ayloadType\":\"application/vnd.blindprune.message+json\",\"signatures\":[{\"keyid\":\"d2a0aec9ece4ed2377"
-    "7b67a980ca1a9727275471c3cf96e614d7137fd53eb8d9\",\"sig\":\"7iWhtlXKbmkaycrD/0CPbpVgzeR1QoLQLD5VvKmX0"
-    "R+3sWRIV8JInj7FC2ZQ/ARdHRMbDA/6ZNqfxglekRthBg==\"}]}"
-)
-MASK_HEX = (
-    "42504d41534b310a000000747b2274656e736f7273223a5b7b226e616d65223a22612e776569676874222c226e627974"
-    "6573223a312c226f6666736574223a302c227368617065223a5b322c335d7d2c7b226e616d65223a2262222c226e6279"
-    "746573223a322c226f6666736574223a312c227368617065223a5b395d7d5d7dacff80"
-)
-SEALED_B64 = (
-    "QlBTRUFMMQoAAAFceyJqb2JfaWQiOiJqb2ItZ29sZGVuIiwia2luZCI6Im1vZGVsIiwicmVjaXBpZW50IjoiZDJhMGFlYzll"
-    "Y2U0ZWQyMzc3N2I2N2E5ODBjYTFhOTcyNzI3NTQ3MWMzY2Y5NmU2MTRkNzEzN2ZkNTNlYjhkOSIsInJlcXVlc3RfaGFzaCI6"
-    "InNoYTI1NjpkODI0ODUyNWJjZmFmYjY3NTkyNzM1MTI1NjAwNmRiNjAzOWZiOGQzZDU3ODI1NWNlNzdjNzFiZTNiZDU5NTc1"
-    "Iiwic2VuZGVyIjoiMWY1OWI5OTc4NDg1YzVjN2FiODJhYzc3YTM4MDgyZjNhYjQ0NWU1NDY2Njc1OGE3ZmFhMzA1MzZjMmFj"
-    "N2YyYiIsInN1aXRlIjoiREhLRU0oWDI1NTE5LEhLREYtU0hBMjU2KS9IS0RGLVNIQTI1Ni9BRVMtMjU2LUdDTSIsInYiOjF9"
-    "vNO1QWjVgBNM/eetQCtMoiOEbI9F54gIebl/YIU3oXMlD/OPVVzWUq3UhqiH/gm4GRLT7T/Cc1Y4Qqgl2nsiThZSLOeB+r9+"
-    "+IBxPJjBqKhlc4OOJPFPr0ikKapQlBjVHDxfQEEFb5AHkd+Cykxxkp3nnOKIj9L6BzJpng2qsSyQOCEOGFdEIrZvGhyC3jSQ"
-    "yoTzACmRo2COEsXi4XTBxuAqAPqN0X0DHFL45J6Ev7EtUF8iRM0qrdF//075dWqe4LLfCLNg+TQQDP8COU1+ja1gAtb7PtDV"
-    "NcMvv1L4JsgLkall+SESHB6dc4qwD6Q/rwmhrOa99JysgzwooUdi33sIDpJtItP6Ul9pSx30fHOF4yasqmBA1S1bquLgA8aM"
-    "kpbaJHbhT2eyWk/Ft2Wb3RWnBuVYCnPtmoKCVPnvFTOp294tpkEQr1M2/7gFedRXRthpNE4TeZ6ii4GXkwwgJwYmhbDBvl6I"
-    "UOghc+GikIJBxdqOh5uSEhO5U9iN+QoClEmsYnuxoIZ1PCv+vr7Vj75HMgQSOchrp6GXwAqsNNGkGaRgQAqMtjoaPNdnHVTY"
-    "Lnjl5IORdCMDUe5d7leA0zZTQoBawY2KUAH1TB/OCgjjDoBuul4PXTE5++T5mdjGjuYxxtUhz0TVTaeWuCbpCzy8XeoSTub8"
-    "KBa4Et9wYJ9LJvXN5sbJytuMTbSk7rMBi60PW7iGy2dT0DAMH6SddEsrnwyHKH+JR6gJijdPoRLY4Oex9UpI82Fe1suF2O6L"
-    "/NrPKAfCt9+4Q1cMwqcxUigYW2wVjVQQazEKRXzzi0QBo2RIx2P/94itfM2HdRyChWlHPGZILH4afaWxuBHtudZPUfSqqHts"
-    "1OY70a0ZuBJEu/Z5XN3wJqDhGvYRq/15RAdnlQty1iAo8vVYH1QPeCenkBJqkEe2544m5tCg6QB7r7dmkC2/ALoYoI2MeDQz"
-    "1k3tO32kFqbfJz+nLFRL8juoIF2zEYCCztgFfK6n5/wDVaOW3ztXLJrtRrO2GVh9OIHffSOEuATVWul7nq13ucq92ZYKC9vg"
-    "CT/DmrVhBXLUWJqMlwHvv0HgDFY4CC25h5laKXGtDeDIAMHQoHj/uVWuL0QuQb9HMd6wmObVg2qeaLV7FsQ2WZhzEqiWgcwP"
-    "1LLTCfg3jDPeqt6wsIEC8ey4LcIaJLqR6bsd9a9Hf4pHRqSGETSSn3nvab67p/2x30q4EjpotKWLA3CamzlLy8afmW+Wx1eE"
-    "QNEoM5dm/e082RqZXo1HSCv6nNk63l+YaS+gj0gPcYYPx/kRMmhl39QW2/n47vPF82YZjqirEYuJTLInWV99bFN/uqkyXuRu"
-    "d/mWPR5jM+QBJsObO7sVC6qFoNzQcMgQtsBBMW47Lm0v3f/y2ku+hFGUqYXV6p0BypMM00IQI7yP53kmqaRFGiCBOlOs450R"
-    "tXLy8v3/rVJ9maRHqGt/AqmS9DicGDEwYj9rQJbIA+Mx+9OhSUleG/X9/yLbhsfi5L0bMySfQeXYj0kiWjq4newxJAT1WD8x"
-    "opTVqPlH4Jn4SwHvlITn6Taaex+4vit6Ofhpo4aIrwFQW21IMB6YtQsLBQxzMf+oWTX0vmmkwlEuO5zuDkGpSnjGk7O2g0kQ"
-    "0TIRSwwWptbM8JROzmMKi4yfY5yDsy+vHV7lDA7OcZ92Juuh86mR2AlezHdgTFpXPheKACgpeK7ih0wMwfdRiswlRSII55O2"
-    "HXnO6DUPzVOwJXkzLY33zSLZChEmCAI+MB8BOzdRPgCWdr/ToAx958y+8+rOdYrK7Sq+b7I5ZbUIGs0PMK/iE7/Uzakd7N/q"
-    "kKPeFZGbO4lQaWTxgnKtnZKGg6w4C3HhSINkiaXgVbR/AuA6M1ryj75iMbOQChqAVJERkEqpf4MglPAwr3lSevrvJve3018L"
-    "/3p4LoigB8ZeNG/hciOf4Attvu2NKyxlynE/8rWFTqaV3PdSAWQGWX4ZI4+SesxW7vJhWHpXbO+wRZxcJxk+igSBD6L7ofIb"
-    "FyJ/JHFb5fqYGSvsARkOdKMivbJjhQ=="
-)
-LOG_B64 = (
-    "eyJkZXRhaWxzIjp7ImxvZ19pZCI6ImxvZy1lMzk2MDQ5OGQ1MjI1ZDdiYzZiNzk4OWUiLCJvd25lciI6IjFmNTliOTk3ODQ4"
-    "NWM1YzdhYjgyYWM3N2EzODA4MmYzYWI0NDVlNTQ2NjY3NThhN2ZhYTMwNTM2YzJhYzdmMmIiLCJvd25lcl9jYXJkIjp7ImZp"
-    "bmdlcnByaW50IjoiMWY1OWI5OTc4NDg1YzVjN2FiODJhYzc3YTM4MDgyZjNhYjQ0NWU1NDY2Njc1OGE3ZmFhMzA1MzZjMmFj"
-    "N2YyYiIsIm5hbWUiOiJnb2xkZW4tb3duZXIiLCJyb2xlIjoib3duZXIiLCJzZWFsaW5nX3B1YmxpYyI6InpOVnVMWjFTMU9G"
-    "NG1JYldENFdSMFRvK0hSdi9JRDJCeHFWWXRUc1pRalE9Iiwic2lnbmluZ19wdWJsaWMiOiJUeUdETmh2dHRNVWl4SDZTeUQ5"
-    "dCtURzl1dk10RlQrTzdwdVVHblQxNlNZPSIsInR5cGUiOiJibGluZHBydW5lL2lkZW50aXR5LWNhcmQvdjEifSwib3duZXJf"
-    "bmFtZSI6ImdvbGRlbi1vd25lciJ9LCJldmVudCI6ImxvZy5jcmVhdGVkIiwicHJldiI6InNoYTI1NjowMDAwMDAwMDAwMDAw"
-    "MDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwIiwic2VxIjowLCJ0aW1lIjoiMjAy"
-    "Ni0xMS0yMVQwNzozODoyN1oifQp7ImRldGFpbHMiOnsiam9iX2lkIjoiam9iLWdvbGRlbiJ9LCJldmVudCI6ImpvYi5zdGFy"
-    "dGVkIiwicHJldiI6InNoYTI1Njo1MzliMjFjN2U4M2VlMzMwMjIzZjk3MDdlYzk2OTcwODc2YmViN2ZmZGZhOTYzODhhZDhl"
-    "Y2FhMGViNWZlMWY0Iiwic2VxIjoxLCJ0aW1lIjoiMjAyNi0xMS0yMVQwNzozODoyN1oifQp7ImRldGFpbHMiOnsiY2hlY2tw"
-    "b2ludCI6eyJwYXlsb2FkIjoiZXlKaWIyUjVJanA3SW14aGMzUmZjbVZqYjNKa0lqb2ljMmhoTWpVMk9tRmhPR0V4WXpsbU9H"
-    "WXhNVEl4TW1NeU1UVmpNVGcyWm1Fd05UQTVaVEpqTm1FNE1XSTRNR0UyWW1NMFkyTXhZVFpoTldabE1ETXdZMkprTnpRek0y"
-    "WWlMQ0pzYjJkZmFXUWlPaUpzYjJjdFpUTTVOakEwT1Roa05USXlOV1EzWW1NMllqYzVPRGxsSWl3aWNtOXZkRjlvWVhOb0lq"
-    "b2ljMmhoTWpVMk9qQTBNRGc1WldGa05USm1ZalUwWldFNE1HTXdZVEV3TVRGa1l6ZGpOMkZoTldFd1l6UmhOVEl6WkRBek1t"
-    "WmxZemMxTTJZMVpEQXpNVGxqTWpWaU5UVWlMQ0owYVcxbElqb2lNakF5TmkweE1TMHlNVlF3Tnpvek9Eb3lOMW9pTENKMGNt"
-    "VmxYM05wZW1VaU9qSjlMQ0pyYVc1a0lqb2lZWFZrYVhRdFkyaGxZMnR3YjJsdWRDSXNJbk5wWjI1bGNpSTZJakZtTlRsaU9U"
-    "azNPRFE0TldNMVl6ZGhZamd5WVdNM04yRXpPREE0TW1ZellXSTBORFZsTlRRMk5qWTNOVGhoTjJaaFlUTXdOVE0yWXpKaFl6"
-    "ZG1NbUlpTENKMGVYQmxJam9pWW14cGJtUndjblZ1WlM5dFpYTnpZV2RsTDNZeEluMD0iLCJwYXlsb2FkVHlwZSI6ImFwcGxp"
-    "Y2F0aW9uL3ZuZC5ibGluZHBydW5lLm1lc3NhZ2UranNvbiIsInNpZ25hdHVyZXMiOlt7ImtleWlkIjoiMWY1OWI5OTc4NDg1"
-    "YzVjN2FiODJhYzc3YTM4MDgyZjNhYjQ0NWU1NDY2Njc1OGE3ZmFhMzA1MzZjMmFjN2YyYiIsInNpZyI6InVHMUsvM0toRzZI"
-    "bDZUREFjeDA1TjNmaHhCY3JCZi9hYWoweWk0OTRodk5QaUU5a0VUbkxNcENIczFNZHd0d2FoRWE2R1lMODJqazdHZDdQZ0FG"
-    "RUR3PT0ifV19fSwiZXZlbnQiOiJjaGVja3BvaW50IiwicHJldiI6InNoYTI1NjphYThhMWM5ZjhmMTEyMTJjMjE1YzE4NmZh"
-    "MDUwOWUyYzZhODFiODBhNmJjNGNjMWE2YTVmZTAzMGNiZDc0MzNmIiwic2VxIjoyLCJ0aW1lIjoiMjAyNi0xMS0yMVQwNzoz"
-    "ODoyN1oifQp7ImRldGFpbHMiOnsiY291bnRlcnNpZ25hdHVyZSI6eyJwYXlsb2FkIjoiZXlKaWIyUjVJanA3SW1Ob1pXTnJj"
-    "RzlwYm5RaU9pSnphR0V5TlRZNk1qUmtPV1V3TW1SbU1HSmxNbUkyWXpsaE5qUTBPV1ZpTnpVeVlqQmpOV1UyTURNMVkyVTJP"
-    "RFUyTldJek9XVXhabU5rWXpneVl6SXdZbUl3WlRBeE5TSXNJbVZ1ZEdsMGVTSTZJbVF5WVRCaFpXTTVaV05sTkdWa01qTTNO"
-    "emRpTmpkaE9UZ3dZMkV4WVRrM01qY3lOelUwTnpGak0yTm1PVFpsTmpFMFpEY3hNemRtWkRVelpXSTRaRGtpTENKc2IyZGZh"
-    "V1FpT2lKc2IyY3RaVE01TmpBME9UaGtOVEl5TldRM1ltTTJZamM1T0RsbElpd2liM2R1WlhJaU9pSXhaalU1WWprNU56ZzBP"
-    "RFZqTldNM1lXSTRNbUZqTnpkaE16Z3dPREptTTJGaU5EUTFaVFUwTmpZMk56VTRZVGRtWVdFek1EVXpObU15WVdNM1pqSmlJ"
-    "aXdpY205dmRGOW9ZWE5vSWpvaWMyaGhNalUyT2pBME1EZzVaV0ZrTlRKbVlqVTBaV0U0TUdNd1lURXdNVEZrWXpkak4yRmhO"
-    "V0V3WXpSaE5USXpaREF6TW1abFl6YzFNMlkxWkRBek1UbGpNalZpTlRVaUxDSjBhVzFsSWpvaU1qQXlOaTB4TVMweU1WUXdO"
-    "em96T0RveU4xb2lMQ0owY21WbFgzTnBlbVVpT2pKOUxDSnJhVzVrSWpvaVlYVmthWFF0WTI5MWJuUmxjbk5wWjI1aGRIVnla"
-    "U0lzSW5OcFoyNWxjaUk2SW1ReVlUQmhaV001WldObE5HVmtNak0zTnpkaU5qZGhPVGd3WTJFeFlUazNNamN5TnpVME56RmpN"
-    "Mk5tT1RabE5qRTBaRGN4TXpkbVpEVXpaV0k0WkRraUxDSjBlWEJsSWpvaVlteHBibVJ3Y25WdVpTOXRaWE56WVdkbEwzWXhJ"
-    "bjA9IiwicGF5bG9hZFR5cGUiOiJhcHBsaWNhdGlvbi92bmQuYmxpbmRwcnVuZS5tZXNzYWdlK2pzb24iLCJzaWduYXR1cmVz"
-    "IjpbeyJrZXlpZCI6ImQyYTBhZWM5ZWNlNGVkMjM3NzdiNjdhOTgwY2ExYTk3MjcyNzU0NzFjM2NmOTZlNjE0ZDcxMzdmZDUz"
-    "ZWI4ZDkiLCJzaWciOiJjQlVSUGlCc2gzSWppL0JiOEgrZzRNUTUvYzd2NkE3dzJDcTd1MGIvRnNUbXVDcTh6aUZWTlNDMEEv"
-    "dGIvZ1pacDBvWkJZNCtKbU5kZXhjUHZ4c1dCQT09In1dfSwiZW50aXR5IjoiZDJhMGFlYzllY2U0ZWQyMzc3N2I2N2E5ODBj"
-    "YTFhOTcyNzI3NTQ3MWMzY2Y5NmU2MTRkNzEzN2ZkNTNlYjhkOSJ9LCJldmVudCI6ImNvdW50ZXJzaWduYXR1cmUiLCJwcmV2"
-    "Ijoic2hhMjU2Ojc1YjdkOTQ5Y2Y3MDA1YTQ3MjVhNmE3OGNlZDY0YjNlYjNlOThkOGQ1NDE0YTRlOGE5MmI0NDg4NDgxMWVk"
-    "YjYiLCJzZXEiOjMsInRpbWUiOiIyMDI2LTExLTIxVDA3OjM4OjI3WiJ9Cg=="
-)
+
+def _signed_message() -> bytes:
+    return sign_message({"job_id": "job-golden", "nonce": "00" * 16, "n": 7}, kind="offer", signer=ENTITY)
+
+
+def _sealed_bundle() -> bytes:
+    files = {"request.json": b'{"job_id":"job-golden"}', "weights.safetensors": save({"w": torch.arange(4, dtype=torch.float32)})}
+    return seal_bundle(files, kind="model", job_id="job-golden", request_hash=REQUEST_HASH, sender=OWNER,
+                       recipient=ENTITY.card, claims={"k": "v"})
+
+
+def _audit_log(path: Path) -> bytes:
+    with AuditLog.open(path, OWNER) as log:
+        log.append("job.started", {"job_id": "job-golden"})
+        checkpoint = log.checkpoint()
+        log.record_countersignature(countersign_checkpoint(checkpoint, owner=OWNER.card, entity=ENTITY), entity=ENTITY.card)
+    return path.read_bytes()
+
+
+def _vectors() -> dict[str, str]:
+    return json.loads(VECTORS.read_text())
+
+
+def _compat(kind: str) -> list[Path]:
+    found = sorted(COMPAT.glob(f"{kind}-*.b64"))
+    assert found, f"no golden {kind} in {COMPAT}"
+    return found
+
+
+def test_update_goldens(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Only with ``--update-goldens``: regenerate the vectors, add this version's compat inputs."""
+    if not request.config.getoption("--update-goldens"):
+        pytest.skip("golden files are regenerated only with --update-goldens")
+    vectors = {"owner_fingerprint": OWNER.fingerprint, "entity_fingerprint": ENTITY.fingerprint,
+               "signed_message": _signed_message().decode(), "packed_masks_hex": pack_masks(MASKS).hex()}
+    VECTORS.write_text(json.dumps(vectors, indent=2, sort_keys=True) + "\n")
+    today = datetime.date.today().isoformat()
+    for kind, data in (("sealed-bundle", _sealed_bundle()), ("audit-log", _audit_log(tmp_path / "audit.jsonl"))):
+        target = COMPAT / f"{kind}-{today}.b64"
+        if not target.exists():
+            target.write_text(base64.b64encode(data).decode() + "\n")
+
 
 # RFC 6962 / 9162 reference vectors (certificate-transparency merkle_tree_test): tree heads over
 # the first n of these leaves.
@@ -141,32 +106,45 @@ def test_merkle_tree_heads_match_the_rfc_reference_vectors() -> None:
 
 
 def test_fingerprints_are_stable() -> None:
-    assert OWNER.fingerprint == OWNER_FP and ENTITY.fingerprint == ENTITY_FP
+    vectors = _vectors()
+    assert OWNER.fingerprint == vectors["owner_fingerprint"] and ENTITY.fingerprint == vectors["entity_fingerprint"]
 
 
 def test_signed_message_is_byte_for_byte_stable() -> None:
-    blob = sign_message({"job_id": "job-golden", "nonce": "00" * 16, "n": 7}, kind="offer", signer=ENTITY)
-    assert blob.decode() == MESSAGE
-    assert verify_message(MESSAGE.encode(), kind="offer", signer=ENTITY.card)["n"] == 7
+    golden = _vectors()["signed_message"]
+    assert _signed_message().decode() == golden
+    assert verify_message(golden.encode(), kind="offer", signer=ENTITY.card)["n"] == 7
 
 
 def test_packed_masks_are_byte_for_byte_stable() -> None:
-    masks = {"a.weight": torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool), "b": torch.tensor([True] * 9)}
-    assert pack_masks(masks).hex() == MASK_HEX
-    assert torch.equal(unpack_masks(bytes.fromhex(MASK_HEX))["a.weight"], masks["a.weight"])
+    golden = _vectors()["packed_masks_hex"]
+    assert pack_masks(MASKS).hex() == golden
+    assert torch.equal(unpack_masks(bytes.fromhex(golden))["a.weight"], MASKS["a.weight"])
 
 
-def test_golden_sealed_bundle_still_opens() -> None:
-    opened = open_bundle(base64.b64decode(SEALED_B64), kind="model", job_id="job-golden", request_hash=digest(b"golden offer"),
+@pytest.mark.parametrize("path", _compat("sealed-bundle"), ids=lambda p: p.stem)
+def test_golden_sealed_bundle_still_opens(path: Path) -> None:
+    opened = open_bundle(base64.b64decode(path.read_text()), kind="model", job_id="job-golden", request_hash=REQUEST_HASH,
                          recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card})
     assert opened.files["request.json"] == b'{"job_id":"job-golden"}'
     assert torch.equal(load(opened.files["weights.safetensors"])["w"], torch.arange(4, dtype=torch.float32))
     assert dict(opened.claims) == {"k": "v"}
 
 
-def test_golden_audit_log_still_verifies(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    path.write_bytes(base64.b64decode(LOG_B64))
-    verdict = verify_log(path, owner=OWNER.card, entity=ENTITY.card)
+@pytest.mark.parametrize("path", _compat("audit-log"), ids=lambda p: p.stem)
+def test_golden_audit_log_still_verifies(path: Path, tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(base64.b64decode(path.read_text()))
+    verdict = verify_log(log, owner=OWNER.card, entity=ENTITY.card)
     assert verdict.ok, verdict.error
     assert (verdict.records, verdict.checkpoints, verdict.countersigned) == (4, 1, 2)
+
+
+def test_this_versions_bundle_and_log_open_like_the_golden_ones(tmp_path: Path) -> None:
+    """What ``--update-goldens`` would add is itself valid (so the flag never stores a broken input)."""
+    opened = open_bundle(_sealed_bundle(), kind="model", job_id="job-golden", request_hash=REQUEST_HASH,
+                         recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card})
+    assert dict(opened.claims) == {"k": "v"}
+    _audit_log(tmp_path / "audit.jsonl")
+    verdict = verify_log(tmp_path / "audit.jsonl", owner=OWNER.card, entity=ENTITY.card)
+    assert verdict.ok and (verdict.records, verdict.checkpoints, verdict.countersigned) == (4, 1, 2)

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from ._json import JSONDepthError, check_depth
 from .errors import ArtifactError
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -70,7 +71,10 @@ def parse_header(data: bytes | memoryview, *, what: str = "safetensors file", ma
         return out
 
     try:
+        check_depth(raw)
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=no_dupes)
+    except JSONDepthError as exc:
+        raise ArtifactError(f"{what}: safetensors header: {exc}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{what}: safetensors header is not valid JSON") from exc
     if not isinstance(obj, dict):

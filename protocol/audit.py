@@ -357,6 +357,7 @@ def _fast_loads(line: bytes, where: str) -> Any:
     re-encodes to different bytes), which ``canonical.loads``' per-object Python hook would
     otherwise do ten thousand times over on a large log."""
     try:
+        _json.check_depth(line)  # a JSONDepthError is a ValueError
         return json.loads(line.decode("utf-8"), parse_float=_no_float, parse_constant=_no_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise AuditError(f"{where}: not canonical JSON ({str(exc).splitlines()[0][:80]})") from exc

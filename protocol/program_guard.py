@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+from ._json import JSONDepthError, check_depth
 from .errors import EgressViolation
 
 NODE_METADATA_ALLOWED: frozenset[str] = frozenset()
@@ -35,7 +36,10 @@ def _parse(data: bytes) -> Any:
     if len(data) > MAX_PROGRAM_BYTES:
         raise EgressViolation(f"egress blocked: program.json exceeds {MAX_PROGRAM_BYTES} bytes")
     try:
+        check_depth(data)
         return json.loads(data.decode("utf-8"), object_pairs_hook=no_dupes, parse_constant=no_constant)
+    except JSONDepthError as exc:
+        raise EgressViolation(f"egress blocked: program.json: {exc}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise EgressViolation("egress blocked: program.json is not valid JSON") from exc
 

@@ -105,3 +105,32 @@ def test_deep_sealed_bundle_header_is_a_seal_error() -> None:
     blob = SEAL_MAGIC + struct.pack(">I", len(header)) + header + b"\0" * 64
     with pytest.raises(SealError, match="nests deeper"):
         open_bundle(blob, kind="model-request", job_id="job-1", request_hash="0" * 64, recipient=ENTITY, senders={})
+
+
+def test_deep_safetensors_header_is_an_artifact_error() -> None:
+    import struct
+
+    from protocol._safetensors import parse_header
+    from protocol.errors import ArtifactError
+
+    header = b'{"__metadata__":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(ArtifactError, match="nests deeper"):
+        parse_header(struct.pack("<Q", len(header)) + header)
+
+
+def test_deep_program_json_is_an_egress_block() -> None:
+    from protocol.errors import EgressViolation
+    from protocol.program_guard import check_program
+
+    with pytest.raises(EgressViolation, match="nests deeper"):
+        check_program(b"[" * 5000 + b"]" * 5000)
+
+
+def test_deep_audit_line_fails_verification_cleanly(tmp_path) -> None:
+    from protocol.audit import verify_log
+    from protocol.keys import Identity
+
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    verdict = verify_log(log, owner=Identity.generate("owner").card)
+    assert not verdict.ok and "nests deeper" in (verdict.error or "")

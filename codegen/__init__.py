@@ -2,9 +2,17 @@
 
 Pipeline: :func:`ir.lower` turns the owner's exported program (ATen graph) and pruning masks into
 fused layers (BatchNorm folded into convs, ReLU and residual adds fused); :mod:`patterns` finds each
-3x3 layer's kernel patterns, reorders filters and packs compact weights; :mod:`emit` renders C with
-GCC vector types for a :mod:`targets` entry; :mod:`build` writes, compiles and runs it.
+3x3 layer's kernel patterns, reorders filters and packs compact weights; :mod:`emit` renders C for a
+:mod:`targets` entry (vector width and intrinsic spellings are data there), taking its register
+tiles from the one table in :mod:`kernels` and its fixed text from ``templates/*.in``;
+:mod:`build` writes, compiles and runs it.
 ``python -m codegen MODEL --target aarch64-neon|host --out DIR`` is the command-line front end.
+
+Adding a target: a :class:`~codegen.targets.Target` entry in ``targets.py`` (toolchain, register
+budget) with a :class:`~codegen.targets.VectorIsa` (width, name; spellings and a prelude template in
+``templates/`` only for a vector flavour other than GCC vector extensions). Its kernel registry and
+kernel names follow from that data; its tests run the registry through ``check_registered_tiles``
+(tests/test_codegen_host.py), as the aarch64 tests do.
 """
 from __future__ import annotations
 

@@ -17,36 +17,6 @@ from .emit import Generated, Options
 from .ir import CodegenError
 from .targets import TARGETS
 
-_README = """# Generated pattern-sparse model ({target})
-
-Files: `bp_model.h` / `bp_model.c` (the library, self-contained C99 + GCC vector extensions),
-`weights.bin` (compact weights: 64-byte header `BPWEIGHT`, payload size, checksum, then the
-arrays), `bp_main.c` (command-line harness), `Makefile`.
-
-Build and run:
-
-    make                                   # target compiler: {cc}
-    ./bp_main weights.bin input.bin output.bin [REPEAT]
-
-`input.bin` holds n images back to back, each {in_shape} float32 little-endian (NCHW, no header);
-`output.bin` receives n results of {out_shape} float32 little-endian. With REPEAT the batch is run
-REPEAT more times and the median time is printed on stderr.
-
-Android NDK (aarch64, API 29 or newer), from this folder:
-
-    make CC=$ANDROID_NDK_HOME/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android29-clang \\
-         CFLAGS="-O3 -march=armv8.2-a -ffp-contract=fast" LDSTATIC=
-
-then `adb push bp_main weights.bin input.bin /data/local/tmp/` and run it there. Cross-compiling
-on Debian/Ubuntu: `make CC=aarch64-linux-gnu-gcc` (static harness; run with `qemu-aarch64 ./bp_main ...`).
-
-C API (`bp_model.h`): `bp_load(path)`, `bp_run(model, in, out, n)`, `bp_free(model)`.
-
-Layers:
-
-{layers}
-"""
-
 
 def _fatal(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
@@ -92,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import build
     from .emit import generate
     from .ir import lower
+    from .templates import render
 
     try:
         program, masks = load_model_dir(args.model)
@@ -101,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         graph = lower(program, masks)
         gen = generate(graph, target, options)
         files = dict(gen.files)
-        files["README.md"] = _README.format(target=target.name, cc=target.cc, in_shape=gen.in_shape,
-                                            out_shape=gen.out_shape, layers=_summary(gen)).encode()
+        files["README.md"] = render("README.md.in", TARGET=target.name, CC=target.cc, IN_SHAPE=gen.in_shape,
+                                    OUT_SHAPE=gen.out_shape, LAYERS=_summary(gen)).encode()
         build.write_files(files, args.out)
         print(f"wrote {args.out} ({len(gen.layers)} convs, weights.bin {len(files['weights.bin'])} bytes)",
               file=sys.stderr)

@@ -1,7 +1,11 @@
 """Layer IR -> a self-contained C library: header, source, compact weight blob, harness, Makefile.
 
-One linear pass over the layers renders each one from a small set of templates; everything a
-target changes (vector width, register budget, blocking) is data in :class:`~codegen.targets.Target`.
+One linear pass over the layers renders each one (a dict from layer type to method, like
+tinygrad's renderer); the fixed text (runtime, harness, header, Makefile, the vector prelude) lives
+in ``templates/*.in``. Everything a target changes is data: vector width and the C spelling of
+every vector operation in :class:`~codegen.targets.VectorIsa`, register budget and blocking in
+:class:`~codegen.targets.Target`; the register tiles a conv may use, and their names, come from
+the one table in :mod:`codegen.kernels`.
 
 Memory layout, kept between layers: each feature map is stored as zero-bordered channel planes
 whose row pitch is a multiple of the vector width. The border (as wide as the largest padding of
@@ -27,10 +31,12 @@ from typing import Callable
 
 import numpy as np
 
+from . import kernels as kr
 from . import patterns as pat
 from .ir import (AdaptiveAvgPool, Add, CodegenError, Conv, Flatten, Graph, Layer, Linear, Pool, Relu,
                  layer_inputs)
-from .targets import Target
+from .targets import Target, VectorIsa
+from .templates import render as render_template
 
 WEIGHT_MAGIC = b"BPWEIGHT"
 HEADER_BYTES = 64
@@ -130,6 +136,7 @@ class LayerReport:
     macs: int
     storage: pat.StorageReport | None
     blocking: str
+    tiles: tuple[str, ...] = ()  # registry names (codegen.kernels) of the register tiles it uses
 
 
 @dataclass(frozen=True)
@@ -283,26 +290,16 @@ def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str) -> None
     c.close()
 
 
-def _tiles(n_vec: int, u: int, masked: bool) -> list[tuple[int, int, bool]]:
-    """(first vector, vectors, masked) for a row of n_vec vectors in tiles of u."""
-    out = []
-    x = 0
-    while x < n_vec:
-        w = min(u, n_vec - x)
-        out.append((x, w, masked and x + w == n_vec))
-        x += w
-    return out
-
-
-def _epilogue(c: _C, accs: list[tuple[str, str, str | None]], relu: bool, mask: Callable[[str], bool]) -> None:
+def _epilogue(c: _C, isa: VectorIsa, accs: list[tuple[str, str, str | None]], relu: bool,
+              mask: Callable[[str], bool]) -> None:
     """accs: (acc name, output address, residual address or None)."""
     for name, _, raddr in accs:
         if raddr is not None:
-            c(f"{name} += ld({raddr});")
+            c(isa.add.format(acc=name, a=isa.load.format(p=raddr)))
         if relu:
-            c(f"{name} = relu({name});")
+            c(isa.relu.format(v=name))
         if mask(name):
-            c(f"{name} = (vf)((vi){name} & mk);")
+            c(isa.mask.format(v=name, m="mk"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +320,7 @@ class Emitter:
         self.reports: list[LayerReport] = []
         self.scratch = 0
         self.V = target.vec
+        self.isa = target.isa
         self.prelude: list[str] = []
 
     # -- helpers
@@ -360,14 +358,13 @@ class Emitter:
     def _mask_decl(self, c: _C, out: FMap) -> None:
         rem = out.w % self.V
         if rem:
-            c(f"const vi mk = *(const viu *)(bp_lane_mask + {self.V - rem});")
+            c(f"const {self.isa.vi} mk = {self.isa.load_mask.format(p=f'bp_lane_mask + {self.V - rem}')};")
 
     def dense_conv(self, fname: str, conv: Conv, inp: FMap, out: FMap, res: FMap | None, src: _Src) -> None:
-        V = self.V
+        V, isa = self.V, self.isa
         cout, cin, kh, kw = conv.weight.shape
         n_vec = -(-out.w // V)
-        u = min(self.t.dense_u, n_vec)
-        ob = max(1, min(8, self.t.dense_acc // u, cout))
+        ob, u = kr.dense_blocking(self.t, cout, n_vec)
         masked = out.w % V != 0
         # weights: per output-channel block [ci][tap][ob'] so each tap broadcasts consecutive floats
         w = conv.weight.reshape(cout, cin, kh * kw).astype(np.float32)
@@ -376,27 +373,29 @@ class Emitter:
         W = self.warr(packed, "const float")
         B = self.warr(conv.bias.astype(np.float32), "const float")
         c = self.funcs
-        variants = sorted({(n, tw, tm) for _, n in blocks for _, tw, tm in _tiles(n_vec, u, masked)})
+        variants = sorted({(n, tw, tm) for _, n in blocks for _, tw, tm in kr.row_tiles(n_vec, u, masked)})
+        tiles = {v: kr.lookup(self.t, kr.DENSE, *v) for v in variants}
+        symbol = {v: k.symbol(fname, f"{kh}x{kw}") for v, k in tiles.items()}
         for n, tw, tm in variants:
-            c.open(f"static inline BP_INLINE void {fname}_t{n}x{tw}{'m' if tm else ''}(float *restrict op, "
+            c.open(f"static inline BP_INLINE void {symbol[n, tw, tm]}(float *restrict op, "
                    f"const float *restrict sb, const float *restrict rp, const float *restrict w, "
-                   f"const float *restrict bias{', vi mk' if tm else ''})")
+                   f"const float *restrict bias{f', {isa.vi} mk' if tm else ''})")
             accs = [(f"a{o}_{v}", f"op + {o * out.plane + v * V}",
                      f"rp + {o * res.plane + v * V}" if res is not None else None) for o in range(n) for v in range(tw)]
             for o in range(n):
-                c(f"vf {', '.join(f'a{o}_{v} = bc(bias[{o}])' for v in range(tw))};")
+                c(f"{isa.vf} {', '.join(f'a{o}_{v} = ' + isa.bcast.format(x=f'bias[{o}]') for v in range(tw))};")
             c.open(f"for (int ci = 0; ci < {cin}; ++ci, sb += {src.cs}, w += {kh * kw * n})")
             for t, off in enumerate(src.taps):
                 c.open("")
-                c(f"const vf {', '.join(f'x{v} = ld(sb + {off + v * V})' for v in range(tw))};")
+                c(f"const {isa.vf} {', '.join(f'x{v} = ' + isa.load.format(p=f'sb + {off + v * V}') for v in range(tw))};")
                 for o in range(n):
-                    c(f"const vf w{o} = bc(w[{t * n + o}]);")
-                    c(" ".join(f"a{o}_{v} += x{v} * w{o};" for v in range(tw)))
+                    c(f"const {isa.vf} w{o} = {isa.bcast.format(x=f'w[{t * n + o}]')};")
+                    c(" ".join(isa.fma.format(acc=f"a{o}_{v}", a=f"x{v}", b=f"w{o}") for v in range(tw)))
                 c.close()
             c.close()
-            _epilogue(c, accs, conv.relu, lambda name, tw=tw, tm=tm: tm and name.endswith(f"_{tw - 1}"))
+            _epilogue(c, isa, accs, conv.relu, lambda name, tw=tw, tm=tm: tm and name.endswith(f"_{tw - 1}"))
             for name, addr, _ in accs:
-                c(f"st({addr}, {name});")
+                c(isa.store.format(p=addr, v=name))
             c.close()
         c.open(f"static void {fname}(bp_model *m)")
         c("const float *src = " + (src.base if src.phase is None else "m->scratch") + ";")
@@ -429,8 +428,8 @@ class Emitter:
             c(f"float *op = dst + {start} * {out.plane} + yo * {out.pitch};")
             c(f"const float *sb = src + yo * {src.rs};")
             c(f"const float *rp = res ? res + {start} * {res.plane if res else 0} + yo * {res.pitch if res else 0} : NULL;")
-            for x0, tw, tm in _tiles(n_vec, u, masked):
-                c(f"{fname}_t{n}x{tw}{'m' if tm else ''}(op + {x0 * V}, sb + {x0 * V}, rp ? rp + {x0 * V} : NULL, "
+            for x0, tw, tm in kr.row_tiles(n_vec, u, masked):
+                c(f"{symbol[n, tw, tm]}(op + {x0 * V}, sb + {x0 * V}, rp ? rp + {x0 * V} : NULL, "
                   f"wb, B + {start}{', mk' if tm else ''});")
             c.close()
             c.close()
@@ -438,18 +437,15 @@ class Emitter:
         c()
         self.reports.append(LayerReport(conv.name, "dense", (cout, cin, kh, kw), conv.stride[0], (out.h, out.w), 0,
                                         int(conv.mask.reshape(cout, cin, -1).any(-1).sum()),
-                                        int(conv.mask.sum()) * out.h * out.w, None, f"ob{ob} u{u}"))
+                                        int(conv.mask.sum()) * out.h * out.w, None, f"ob{ob} u{u}",
+                                        tuple(k.name for k in tiles.values())))
 
     def sparse_conv(self, fname: str, conv: Conv, inp: FMap, out: FMap, res: FMap | None, src: _Src) -> None:
         V, o = self.V, self.o
         cout, cin = conv.weight.shape[:2]
         ps = pat.kernel_patterns(conv.mask, o.max_patterns)
         n_vec = -(-out.w // V)
-        if o.lre:
-            u = min(self.t.max_u, n_vec)
-            r = max(1, min(out.h, self.t.accumulators // u))
-        else:
-            u, r = 1, 1
+        r, u = kr.sparse_blocking(self.t, out.h, n_vec, o.lre)
         masked = out.w % V != 0
         s = conv.stride[0]
         slab_rows = (s * (r - 1) + 3) * (s if s > 1 else 1)
@@ -472,9 +468,11 @@ class Emitter:
         PERM = self.warr(sw.perm.astype(np.int32), "const int32_t")
         c = self.funcs
         rows_variants = [r] + ([out.h % r] if out.h % r else [])
-        variants = sorted({(rr, tw, tm) for rr in rows_variants for _, tw, tm in _tiles(n_vec, u, masked)})
+        variants = sorted({(rr, tw, tm) for rr in rows_variants for _, tw, tm in kr.row_tiles(n_vec, u, masked)})
+        tiles = {v: kr.lookup(self.t, kr.SPARSE, *v) for v in variants}
+        symbol = {v: k.symbol(fname, f"_p{n_pat}") for v, k in tiles.items()}
         for rr, tw, tm in variants:
-            self._sparse_tile(fname, rr, tw, tm, ps, src, out, res, conv.relu)
+            self._sparse_tile(symbol[rr, tw, tm], rr, tw, tm, ps, src, out, res, conv.relu)
         c.open(f"static void {fname}(bp_model *m)")
         c(f"const float *src = {src.base if src.phase is None else 'm->scratch'};")
         if src.phase is not None:
@@ -524,14 +522,14 @@ class Emitter:
                 c.depth += 1
             else:
                 c("const int first = 1, last = 1;")
-            for x0, tw, tm in _tiles(n_vec, u, masked):
+            for x0, tw, tm in kr.row_tiles(n_vec, u, masked):
                 args = [f"op + {x0 * V}", f"sb + {x0 * V}", f"rp ? rp + {x0 * V} : NULL", "cnt", "ci"]
                 if KPAT:
                     args.append("kp")
                 args += [wf, "BIAS[o]", "first", "last"]
                 if tm:
                     args.append("mk")
-                c(f"{fname}_t{rr}x{tw}{'m' if tm else ''}({', '.join(args)});")
+                c(f"{symbol[rr, tw, tm]}({', '.join(args)});")
             if n_blocks > 1:
                 c.close()
             if o.reorder:
@@ -556,36 +554,36 @@ class Emitter:
         self.reports.append(LayerReport(conv.name, "sparse3x3", (cout, cin, 3, 3), s, (out.h, out.w), n_pat, kernels,
                                         int(sum(len(ps.patterns[p]) * int(n) for p, n in enumerate(ps.count())))
                                         * out.h * out.w, pat.storage_sizes(conv.mask, ps),
-                                        f"r{r} u{u} cb{cb}"))
+                                        f"r{r} u{u} cb{cb}", tuple(k.name for k in tiles.values())))
 
-    def _sparse_tile(self, fname: str, rr: int, tw: int, tm: bool, ps: pat.PatternSet, src: _Src, out: FMap,
+    def _sparse_tile(self, symbol: str, rr: int, tw: int, tm: bool, ps: pat.PatternSet, src: _Src, out: FMap,
                      res: FMap | None, relu: bool) -> None:
-        V, o, c = self.V, self.o, self.funcs
+        V, o, c, isa = self.V, self.o, self.funcs, self.isa
         params = ["float *restrict op", "const float *restrict sb", "const float *restrict rp",
                   "const uint16_t *restrict cnt", "const uint16_t *restrict ci"]
         if not o.reorder:
             params.append("const uint8_t *restrict kp")
         params += ["const float *restrict w", "float bias", "int first", "int last"]
         if tm:
-            params.append("vi mk")
-        c.open(f"static inline BP_INLINE void {fname}_t{rr}x{tw}{'m' if tm else ''}({', '.join(params)})")
+            params.append(f"{isa.vi} mk")
+        c.open(f"static inline BP_INLINE void {symbol}({', '.join(params)})")
         accs = [(f"a{y}_{v}", f"op + {y * out.pitch + v * V}",
                  f"rp + {y * res.pitch + v * V}" if res is not None else None) for y in range(rr) for v in range(tw)]
-        c(f"vf {', '.join(a for a, _, _ in accs)};")
+        c(f"{isa.vf} {', '.join(a for a, _, _ in accs)};")
         c.open("if (first)")
         for a, _, _ in accs:
-            c(f"{a} = bc(bias);")
+            c(f"{a} = {isa.bcast.format(x='bias')};")
         c.close()
         c.open("else")
         for a, addr, _ in accs:
-            c(f"{a} = ld({addr});")
+            c(f"{a} = {isa.load.format(p=addr)};")
         c.close()
 
         def body(p: int, wexpr: Callable[[int, int], str]) -> None:
             taps = ps.patterns[p]
             c("const float *s = sb + (int)ci[0] * " + str(src.cs) + ";")
             for j, t in enumerate(taps):
-                c(f"const vf w{j} = bc({wexpr(j, t)});")
+                c(f"const {isa.vf} w{j} = {isa.bcast.format(x=wexpr(j, t))};")
             loads: dict[int, list[tuple[str, int]]] = {}
             order: list[int] = []
             n = 0
@@ -602,8 +600,9 @@ class Emitter:
             for key in sorted(order):
                 uses = loads[key]
                 off = uses[0][2]
-                keep = " BP_KEEP(x);" if len(uses) > 1 else ""
-                c(f"{{ vf x = ld(s + {off});{keep} {' '.join(f'{a} += x * w{j};' for a, j, _ in uses)} }}")
+                keep = " " + isa.keep.format(v="x") if len(uses) > 1 else ""
+                fmas = " ".join(isa.fma.format(acc=a, a="x", b=f"w{j}") for a, j, _ in uses)
+                c(f"{{ {isa.vf} x = {isa.load.format(p=f's + {off}')};{keep} {fmas} }}")
 
         if o.reorder:
             for p, taps in enumerate(ps.patterns):
@@ -632,10 +631,10 @@ class Emitter:
             c.close()
             c.close()
         c.open("if (last)")
-        _epilogue(c, accs, relu, lambda name: tm and name.endswith(f"_{tw - 1}"))
+        _epilogue(c, isa, accs, relu, lambda name: tm and name.endswith(f"_{tw - 1}"))
         c.close()
         for a, addr, _ in accs:
-            c(f"st({addr}, {a});")
+            c(isa.store.format(p=addr, v=a))
         c.close()
 
     # -- other layers
@@ -753,11 +752,13 @@ class Emitter:
         c(f"float *restrict y = {self.buf(layer.out)};")
         c(f"const float *restrict W = {W};")
         c(f"const float *restrict B = {B};")
+        isa = self.isa
         c.open(f"for (int j = 0; j < {n_out}; ++j)")
-        c("vf acc = {0};")
-        c(f"for (int i = 0; i < {stride}; i += {V}) acc += ld(W + j * {stride} + i) * ld(x + i);")
+        c(f"{isa.vf} acc = {isa.zero.format()};")
+        fma = isa.fma.format(acc="acc", a=isa.load.format(p=f"W + j * {stride} + i"), b=isa.load.format(p="x + i"))
+        c(f"for (int i = 0; i < {stride}; i += {V}) {fma}")
         c("float v = B[j];")
-        c(f"for (int l = 0; l < {V}; ++l) v += acc[l];")
+        c(isa.hsum.format(n=V, s="v", v="acc"))
         c(f"y[j] = {'v > 0.0f ? v : 0.0f' if layer.relu else 'v'};")
         c.close()
         c.close()
@@ -803,60 +804,20 @@ class Emitter:
         in_shape = self.g.shapes[self.g.input]
         out_shape = self.g.shapes[self.g.output]
         files = {
-            "bp_model.h": _header(in_shape, out_shape).encode(),
+            "bp_model.h": render_header(in_shape, out_shape).encode(),
             "bp_model.c": self._source(payload, digest).encode(),
-            "bp_main.c": _HARNESS.encode(),
-            "Makefile": _makefile(self.t).encode(),
+            "bp_main.c": render_template("bp_main.c.in").encode(),
+            "Makefile": render_makefile(self.t).encode(),
             "weights.bin": WEIGHT_MAGIC + len(payload).to_bytes(8, "little") + digest.to_bytes(8, "little")
             + b"\0" * (HEADER_BYTES - 24) + payload,
         }
         return Generated(files, tuple(self.reports), in_shape, out_shape)
 
-    def _source(self, payload: bytes, digest: int) -> str:
-        V = self.V
+    def _forward(self) -> str:
+        """``bp_forward``: copy one image into the bordered input, run the layers, copy out."""
         c = _C()
-        c("/* Generated by blindprune codegen (python -m codegen). Do not edit. */")
-        c(f"/* target: {self.t.name}; options: {self.o} */")
-        c("#include <math.h>\n#include <stdint.h>\n#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>")
-        c('#include "bp_model.h"')
-        c(f"typedef float vf __attribute__((vector_size({4 * V})));")
-        c(f"typedef int32_t vi __attribute__((vector_size({4 * V})));")
-        c(f"typedef float vfu __attribute__((vector_size({4 * V}), aligned(4), may_alias));")
-        c(f"typedef int32_t viu __attribute__((vector_size({4 * V}), aligned(4), may_alias));")
-        c("#define BP_INLINE __attribute__((always_inline))")
-        if self.t.vreg:
-            c(f'#define BP_KEEP(v) __asm__("" : "+{self.t.vreg}"(v))')
-        else:
-            c("#define BP_KEEP(v) ((void)0)")
-        c("static inline BP_INLINE vf ld(const float *p) { return *(const vfu *)p; }")
-        c("static inline BP_INLINE void st(float *p, vf v) { *(vfu *)p = v; }")
-        c("static inline BP_INLINE vf bc(float x) { return (vf){0} + x; }")
-        c("static inline BP_INLINE vf relu(vf v) { const vf z = {0}; return (vf)((vi)v & (vi)(v > z)); }")
-        c(f"static const int32_t bp_lane_mask[{2 * V}] = {{{', '.join(['-1'] * V + ['0'] * V)}}};")
-        c(f"#define BP_NBUF {len(self.buffer_sizes)}")
-        c("struct bp_model { unsigned char *w; float *arena; float *buf[BP_NBUF]; float *scratch; };")
-        for line in self.prelude:
-            c(line)
-        c()
-        text = c.text() + self.funcs.text()
-        c = _C()
-        layouts = self.layouts
-        inp = layouts[self.g.input]
-        outl = layouts[self.g.output]
-        n_layers = len(self.g.layers)
-        c("#ifdef BP_PROFILE")
-        c("#include <time.h>")
-        c(f"static double bp_prof_ms[{n_layers}];")
-        c("static struct timespec bp_t0;")
-        c("#define BP_TIC() clock_gettime(CLOCK_THREAD_CPUTIME_ID, &bp_t0)")
-        c("#define BP_TOC(i) do { struct timespec t1; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1); "
-          "bp_prof_ms[i] += (t1.tv_sec - bp_t0.tv_sec) * 1e3 + (t1.tv_nsec - bp_t0.tv_nsec) * 1e-6; } while (0)")
-        c(f"int bp_profile(double *ms, int cap) {{ for (int i = 0; i < cap && i < {n_layers}; ++i) "
-          f"{{ ms[i] = bp_prof_ms[i]; bp_prof_ms[i] = 0; }} return {n_layers}; }}")
-        c("#else")
-        c("#define BP_TIC() ((void)0)")
-        c("#define BP_TOC(i) ((void)0)")
-        c("#endif")
+        inp = self.layouts[self.g.input]
+        outl = self.layouts[self.g.output]
         c.open("static void bp_forward(bp_model *m, const float *in, float *out)")
         if isinstance(inp, FMap):
             c(f"for (int ch = 0; ch < {inp.c}; ++ch)")
@@ -876,228 +837,39 @@ class Emitter:
         else:
             c(f"memcpy(out, {ob}, sizeof(float) * {outl.n});")
         c.close()
-        c()
+        return c.text()
+
+    def _source(self, payload: bytes, digest: int) -> str:
+        """bp_model.c: prologue (vector prelude, tables), the layer functions, then the entry."""
         offsets = []
         total = 0
         for size in self.buffer_sizes:
             offsets.append(total)
             total += _round_up(size, 16)
         scratch = _round_up(self.scratch, 16)
-        c(f"static const size_t bp_buf_offset[BP_NBUF] = {{{', '.join(map(str, offsets))}}};")
-        c(_RUNTIME.replace("@TOTAL@", str(total + scratch)).replace("@SCRATCH@", str(total))
-          .replace("@PAYLOAD@", str(len(payload))).replace("@DIGEST@", f"0x{digest:016x}ULL"))
-        return text + c.text()
+        return render_template("bp_model.c.in", TARGET=self.t.name, OPTIONS=self.o, VECTOR=render_vector_prelude(self.isa),
+                      NBUF=len(self.buffer_sizes), TABLES="\n".join(self.prelude), LAYERS=self.funcs.text(),
+                      N_LAYERS=len(self.g.layers), FORWARD=self._forward(), BUF_OFFSETS=", ".join(map(str, offsets)),
+                      PAYLOAD=len(payload), DIGEST=f"0x{digest:016x}ULL", TOTAL=total + scratch, SCRATCH=total)
 
 
-def _header(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> str:
-    in_size = int(np.prod(in_shape))
-    out_size = int(np.prod(out_shape))
-    dims = ", ".join(map(str, in_shape))
-    odims = ", ".join(map(str, out_shape))
-    return f"""/* Generated by blindprune codegen. Inference of one model; see README.md. */
-#ifndef BP_MODEL_H
-#define BP_MODEL_H
-#include <stddef.h>
-#ifdef __cplusplus
-extern "C" {{
-#endif
-
-/* one image: ({dims}) float32, row-major; one result: ({odims}) float32 */
-#define BP_INPUT_SIZE {in_size}
-#define BP_OUTPUT_SIZE {out_size}
-
-typedef struct bp_model bp_model;
-
-/* Load the weight file written by the generator; NULL (and a message on stderr) if it does not
-   belong to this model or cannot be read. */
-bp_model *bp_load(const char *weights_path);
-/* Run n images: in holds n * BP_INPUT_SIZE floats, out receives n * BP_OUTPUT_SIZE floats.
-   Not thread-safe per model (activations live in the model); returns 0. */
-int bp_run(bp_model *m, const float *in, float *out, int n);
-void bp_free(bp_model *m);
-int bp_input_size(void);
-int bp_output_size(void);
-
-#ifdef __cplusplus
-}}
-#endif
-#endif
-"""
+def render_vector_prelude(isa: VectorIsa) -> str:
+    """The vector types and helpers of ``isa`` (its prelude template), with its lane-mask table."""
+    keep = f'__asm__("" : "+{isa.vreg}"(v))' if isa.vreg else "((void)0)"
+    return render_template(isa.prelude, VBYTES=4 * isa.vec, KEEP=keep, MASK_LEN=2 * isa.vec,
+                  LANE_MASK=", ".join(["-1"] * isa.vec + ["0"] * isa.vec))
 
 
-_RUNTIME = r"""
-static uint64_t bp_checksum(const unsigned char *p, size_t n)
-{
-    uint64_t h = 0;
-    for (size_t i = 0; i + 8 <= n; i += 8) {
-        uint64_t w;
-        memcpy(&w, p + i, 8);
-        h += (w + (uint64_t)(i / 8) * 0x9e3779b97f4a7c15ULL) * 0x100000001b3ULL;
-    }
-    return h;
-}
-
-static void *bp_alloc(size_t bytes)
-{
-    void *p = NULL;
-    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
-    memset(p, 0, bytes);
-    return p;
-}
-
-bp_model *bp_load(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) { fprintf(stderr, "bp_load: cannot open %s\n", path); return NULL; }
-    unsigned char head[64];
-    uint64_t size = 0, digest = 0;
-    if (fread(head, 1, 64, f) != 64 || memcmp(head, "BPWEIGHT", 8) != 0) {
-        fprintf(stderr, "bp_load: %s is not a blindprune weight file\n", path); fclose(f); return NULL;
-    }
-    memcpy(&size, head + 8, 8);
-    memcpy(&digest, head + 16, 8);
-    if (size != (uint64_t)@PAYLOAD@ || digest != @DIGEST@) {
-        fprintf(stderr, "bp_load: %s belongs to another model\n", path); fclose(f); return NULL;
-    }
-    bp_model *m = calloc(1, sizeof *m);
-    if (!m) { fclose(f); return NULL; }
-    m->w = bp_alloc(@PAYLOAD@);
-    m->arena = bp_alloc(sizeof(float) * (size_t)@TOTAL@);
-    if (!m->w || !m->arena || fread(m->w, 1, @PAYLOAD@, f) != (size_t)@PAYLOAD@
-        || bp_checksum(m->w, @PAYLOAD@) != @DIGEST@) {
-        fprintf(stderr, "bp_load: %s is truncated or corrupt\n", path);
-        fclose(f); bp_free(m); return NULL;
-    }
-    fclose(f);
-    for (int i = 0; i < BP_NBUF; ++i) m->buf[i] = m->arena + bp_buf_offset[i];
-    m->scratch = m->arena + @SCRATCH@;
-    return m;
-}
-
-void bp_free(bp_model *m)
-{
-    if (!m) return;
-    free(m->w);
-    free(m->arena);
-    free(m);
-}
-
-int bp_run(bp_model *m, const float *in, float *out, int n)
-{
-    for (int i = 0; i < n; ++i)
-        bp_forward(m, in + (size_t)i * BP_INPUT_SIZE, out + (size_t)i * BP_OUTPUT_SIZE);
-    return 0;
-}
-
-int bp_input_size(void) { return BP_INPUT_SIZE; }
-int bp_output_size(void) { return BP_OUTPUT_SIZE; }
-"""
-
-_HARNESS = r"""/* Command-line harness: bp_main WEIGHTS INPUT OUTPUT [REPEAT]
-   INPUT: n * BP_INPUT_SIZE float32 little-endian (n images, NCHW, no header); OUTPUT: the same
-   for the results. With REPEAT > 0 the whole batch is run REPEAT more times and the median time
-   per batch is printed to stderr in milliseconds. Exit 0 ok, 1 error. */
-#define _POSIX_C_SOURCE 199309L
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-#include "bp_model.h"
-
-static int cmp(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-int main(int argc, char **argv)
-{
-    if (argc < 4 || argc > 5) {
-        fprintf(stderr, "usage: %s WEIGHTS INPUT OUTPUT [REPEAT]\n", argv[0]);
-        return 1;
-    }
-    bp_model *m = bp_load(argv[1]);
-    if (!m) return 1;
-    FILE *f = fopen(argv[2], "rb");
-    if (!f) { fprintf(stderr, "error: cannot open %s\n", argv[2]); return 1; }
-    fseek(f, 0, SEEK_END);
-    long bytes = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    long per = (long)sizeof(float) * BP_INPUT_SIZE;
-    if (bytes <= 0 || bytes % per) {
-        fprintf(stderr, "error: %s holds %ld bytes, not a multiple of one input (%ld)\n", argv[2], bytes, per);
-        return 1;
-    }
-    int n = (int)(bytes / per);
-    float *in = malloc((size_t)bytes), *out = malloc(sizeof(float) * (size_t)n * BP_OUTPUT_SIZE);
-    if (!in || !out || fread(in, 1, (size_t)bytes, f) != (size_t)bytes) {
-        fprintf(stderr, "error: cannot read %s\n", argv[2]);
-        return 1;
-    }
-    fclose(f);
-    bp_run(m, in, out, n);
-    int repeat = argc == 5 ? atoi(argv[4]) : 0;
-    if (repeat > 0) {
-        double *t = malloc(sizeof(double) * (size_t)repeat);
-        for (int r = 0; r < repeat; ++r) {
-            struct timespec a, b;
-            clock_gettime(CLOCK_MONOTONIC, &a);
-            bp_run(m, in, out, n);
-            clock_gettime(CLOCK_MONOTONIC, &b);
-            t[r] = (b.tv_sec - a.tv_sec) * 1e3 + (b.tv_nsec - a.tv_nsec) * 1e-6;
-        }
-        qsort(t, (size_t)repeat, sizeof(double), cmp);
-        fprintf(stderr, "median %.4f ms per batch of %d\n", t[repeat / 2], n);
-        free(t);
-    }
-    FILE *g = fopen(argv[3], "wb");
-    if (!g || fwrite(out, sizeof(float), (size_t)n * BP_OUTPUT_SIZE, g) != (size_t)n * BP_OUTPUT_SIZE) {
-        fprintf(stderr, "error: cannot write %s\n", argv[3]);
-        return 1;
-    }
-    fclose(g);
-    bp_free(m);
-    free(in);
-    free(out);
-    return 0;
-}
-"""
+def render_header(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> str:
+    """bp_model.h: the C API and the per-image sizes."""
+    return render_template("bp_model.h.in", IN_DIMS=", ".join(map(str, in_shape)), OUT_DIMS=", ".join(map(str, out_shape)),
+                  IN_SIZE=int(np.prod(in_shape)), OUT_SIZE=int(np.prod(out_shape)))
 
 
-def _makefile(target: Target) -> str:
-    flags = " ".join(target.cflags)
-    static = " -static" if target.static else ""
-    return f"""# Generated for target {target.name}. `make` builds the harness and the libraries.
-# Cross/NDK builds override CC, e.g.
-#   make CC=aarch64-linux-gnu-gcc
-#   make CC=$ANDROID_NDK_HOME/toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android29-clang LDSTATIC=
-ifeq ($(origin CC),default)
-CC = {target.cc}
-endif
-ifeq ($(origin AR),default)
-AR = {target.ar}
-endif
-CFLAGS ?= {flags}
-LDSTATIC ?={static}
-
-all: bp_main libbpmodel.a libbpmodel.so
-
-bp_main: bp_main.c bp_model.c bp_model.h
-\t$(CC) $(CFLAGS) -o $@ bp_main.c bp_model.c -lm $(LDSTATIC)
-
-bp_model.o: bp_model.c bp_model.h
-\t$(CC) $(CFLAGS) -fPIC -c -o $@ bp_model.c
-
-libbpmodel.a: bp_model.o
-\t$(AR) rcs $@ bp_model.o
-
-libbpmodel.so: bp_model.o
-\t$(CC) -shared -o $@ bp_model.o -lm
-
-clean:
-\trm -f bp_main bp_model.o libbpmodel.a libbpmodel.so
-
-.PHONY: all clean
-"""
+def render_makefile(target: Target) -> str:
+    """Makefile building the harness and both libraries with the target's toolchain."""
+    return render_template("Makefile.in", TARGET=target.name, CC=target.cc, AR=target.ar, CFLAGS=" ".join(target.cflags),
+                  LDSTATIC=" -static" if target.static else "")
 
 
 def generate(graph: Graph, target: Target, options: Options = Options()) -> Generated:

@@ -4,11 +4,18 @@ The entity's real pruner (data-free ADMM/SLR) lives in ``entity/``; codegen only
 whose 3x3 convs have the same *structure* as its output: a library of ``n_patterns`` 4-entry
 patterns (centre + 3 neighbours), one per kept kernel, and whole kernels removed so that the conv
 compression rate is ``9/4 / kept-kernel fraction``. Magnitude projection gives exactly that.
+:func:`kernel_probe` builds the models that check every instance of the kernel registry.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from .kernels import DENSE, SPARSE, Kernel
+from .targets import Target
 
 NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)
 
@@ -78,3 +85,67 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
                 module.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
                 module.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 module.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A model exercising registered kernels, and the tile each of its convs must use."""
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    shape: tuple[int, ...]    # per-image input shape
+    tiles: tuple[str, ...]    # expected LayerReport.tiles of each conv, one registry name each
+
+
+def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, seed: int = 0) -> Probe:
+    """A chain model whose convs use exactly the register tiles ``kernels``, in order.
+
+    Why: the kernel registry's instances are checked against PyTorch through the real emitter,
+    one compile per chain instead of one per instance. Each link is an adaptive average pool to
+    the size that makes the blocking rules pick the tile, then a 3x3 conv with padding 1:
+    pattern-pruned (two patterns, to keep the C small) for a sparse tile of ``rows`` output rows
+    x ``vecs`` vectors, unpruned for a dense tile of ``rows`` output channels. A masked tile ends
+    in a partial vector (its length varies with ``rows``) and its conv is followed by a second
+    one of the same tile that reads it directly, so lanes the mask must zero are read back through
+    the right padding. Weights are rescaled so every conv's output has unit deviation, keeping a
+    deep chain well inside float32.
+    """
+    g = torch.Generator().manual_seed(seed)
+    v = target.vec
+    links: list[nn.Module] = []
+    masks: dict[str, torch.Tensor] = {}
+    tiles: list[str] = []
+    cin = channels
+    for k in kernels:
+        width = k.vecs * v if not k.masked else (k.vecs - 1) * v + 1 + k.rows % (v - 1)
+        if k.op == SPARSE:
+            size, cout = (k.rows, width), channels
+        elif k.op == DENSE:
+            size, cout = (1 + k.rows % 3, width), k.rows
+        else:
+            raise ValueError(f"no probe for kernel op {k.op}")
+        links.append(nn.AdaptiveAvgPool2d(size))
+        for _ in range(2 if k.masked else 1):
+            conv = nn.Conv2d(cin, cout, 3, 1, 1, bias=True)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+                conv.bias.copy_(torch.randn(cout, generator=g) * 0.1)  # type: ignore[union-attr]
+                if k.op == SPARSE:
+                    mask = pattern_mask(conv.weight, 6.0, n_patterns=2)
+                    conv.weight.mul_(mask)
+                    masks[f"{len(links)}.weight"] = mask
+            links.append(conv)
+            tiles.append(k.name)
+            cin = cout
+    model = nn.Sequential(*links).eval()
+    shape = (channels, 9, 9)
+    x = torch.randn(4, *shape, generator=g)
+    with torch.no_grad():
+        for link in model:
+            x = link(x)
+            if isinstance(link, nn.Conv2d):
+                scale = float(x.std()) or 1.0
+                link.weight.div_(scale)
+                link.bias.div_(scale)  # type: ignore[union-attr]
+                x = x / scale
+    return Probe(model, masks, shape, tuple(tiles))

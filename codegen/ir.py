@@ -13,8 +13,10 @@ loop): ``(C, H, W)`` feature maps or ``(F,)`` vectors.
 """
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -164,19 +166,6 @@ def _shape(node: torch.fx.Node) -> tuple[int, ...]:
     return tuple(dims)
 
 
-_CONV = {"aten.conv2d.default", "aten.convolution.default"}
-_BN = {"aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default"}
-_RELU = {"aten.relu.default", "aten.relu_.default"}
-_ADD = {"aten.add.Tensor", "aten.add_.Tensor"}
-_MAXPOOL = {"aten.max_pool2d.default", "aten.max_pool2d_with_indices.default"}
-_AVGPOOL = {"aten.avg_pool2d.default"}
-_ADAPTIVE = {"aten.adaptive_avg_pool2d.default", "aten._adaptive_avg_pool2d.default"}
-_FLATTEN = {"aten.flatten.using_ints", "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"}
-_IDENTITY = {"aten.dropout.default", "aten.dropout_.default", "aten.clone.default", "aten.contiguous.default",
-             "aten.alias.default", "aten.detach.default", "aten.detach_.default"}
-_TRANSPOSE = {"aten.permute.default", "aten.t.default", "aten.transpose.int"}
-
-
 @dataclass
 class _Conv:  # mutable while lowering
     name: str
@@ -189,6 +178,32 @@ class _Conv:  # mutable while lowering
     padding: tuple[int, int]
     relu: bool = False
     residual: str | None = None
+
+
+@dataclass
+class _Linear:
+    name: str
+    inp: str
+    out: str
+    weight: np.ndarray
+    bias: np.ndarray
+    relu: bool = False
+
+
+@dataclass
+class _Add:
+    name: str
+    a: str
+    b: str
+    out: str
+    relu: bool = False
+
+
+@dataclass
+class _Relu:
+    name: str
+    inp: str
+    out: str
 
 
 def _params(program: torch.export.ExportedProgram) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
@@ -220,250 +235,353 @@ def _params(program: torch.export.ExportedProgram) -> tuple[dict[str, np.ndarray
     return arrays, keys, user_inputs[0]
 
 
-def lower(program: torch.export.ExportedProgram, masks: Mapping[str, torch.Tensor] | None = None) -> Graph:
-    """Lower an exported program (eval mode, dynamic batch) to fused layers.
-
-    BatchNorm is folded into the preceding conv, ReLU into its producer when that producer has no
-    other user, and a residual add into the later of its conv operands.
-    """
-    masks = dict(masks or {})
-    arrays, keys, user_input = _params(program)
-    graph = program.graph
-    shapes: dict[str, tuple[int, ...]] = {}
-    alias: dict[str, str] = {}  # node name -> tensor name it forwards
-    consts: dict[str, np.ndarray] = dict(arrays)
-    layers: list[object] = []
-    producer: dict[str, object] = {}
-    used_masks: set[str] = set()
-
-    def val(arg: object, node: torch.fx.Node) -> str:
-        if not isinstance(arg, torch.fx.Node):
-            raise CodegenError(f"node {node.name}: expected a tensor argument, got {arg!r}")
-        name = alias.get(arg.name, arg.name)
-        if name not in shapes:
-            raise CodegenError(f"node {node.name}: argument {arg.name} is not an activation")
-        return name
-
-    def const(arg: object, node: torch.fx.Node) -> np.ndarray | None:
-        if arg is None:
-            return None
-        if not isinstance(arg, torch.fx.Node) or arg.name not in consts:
-            raise CodegenError(f"node {node.name}: expected a weight argument, got {arg}")
-        return consts[arg.name]
-
+def _output_arg(graph: torch.fx.Graph) -> object:
     out_node = next(n for n in graph.nodes if n.op == "output")
     out_args = out_node.args[0]
     if isinstance(out_args, (list, tuple)):
         if len(out_args) != 1:
             raise CodegenError(f"expected exactly one output, got {len(out_args)}")
-        out_arg = out_args[0]
-    else:
-        out_arg = out_args
+        return out_args[0]
+    return out_args
 
-    for node in graph.nodes:
+
+class _Lowering:
+    """State of one pass over the graph, shared by the per-op lowering functions.
+
+    ``shapes`` holds every activation seen so far, ``alias`` the nodes that forward another
+    tensor (views, dropout, getitem), ``consts`` weights by placeholder name, ``producer`` the
+    (still mutable) layer writing each tensor, so that BatchNorm and ReLU can fuse into it.
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram, masks: Mapping[str, torch.Tensor] | None) -> None:
+        self.masks = dict(masks or {})
+        arrays, self.keys, self.user_input = _params(program)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.alias: dict[str, str] = {}
+        self.consts: dict[str, np.ndarray] = dict(arrays)
+        self.layers: list[object] = []
+        self.producer: dict[str, object] = {}
+        self.used_masks: set[str] = set()
+        self.out_arg = _output_arg(program.graph)
+
+    def val(self, arg: object, node: torch.fx.Node) -> str:
+        """The activation an argument names (through aliases)."""
+        if not isinstance(arg, torch.fx.Node):
+            raise CodegenError(f"node {node.name}: expected a tensor argument, got {arg!r}")
+        name = self.alias.get(arg.name, arg.name)
+        if name not in self.shapes:
+            raise CodegenError(f"node {node.name}: argument {arg.name} is not an activation")
+        return name
+
+    def const(self, arg: object, node: torch.fx.Node) -> np.ndarray | None:
+        """The weight an argument names (None for an absent optional one)."""
+        if arg is None:
+            return None
+        if not isinstance(arg, torch.fx.Node) or arg.name not in self.consts:
+            raise CodegenError(f"node {node.name}: expected a weight argument, got {arg}")
+        return self.consts[arg.name]
+
+    def mask(self, w_node: object, weight: np.ndarray) -> np.ndarray:
+        """The pruning mask of a conv weight (its nonzeros when the owner sent none)."""
+        key = self.keys.get(w_node.name, w_node.name)  # type: ignore[attr-defined]
+        if key in self.masks:
+            mask = self.masks[key].detach().cpu().numpy().astype(bool)
+            self.used_masks.add(key)
+            if mask.shape != weight.shape:
+                raise CodegenError(f"mask {key} has shape {mask.shape}, weight has {weight.shape}")
+            return mask
+        return weight != 0
+
+    def absorb(self, x: str, node: torch.fx.Node, prev: _Conv | _Linear | _Add) -> None:
+        """``prev``, the producer of ``x``, now also computes ``node`` and writes its tensor."""
+        prev.out = node.name
+        self.producer.pop(x)
+        self.producer[node.name] = prev
+        self.shapes[node.name] = _shape(node)
+
+    def add(self, node: torch.fx.Node, layer: object) -> None:
+        self.shapes[node.name] = _shape(node)
+        self.layers.append(layer)
+        self.producer[node.name] = layer
+
+    def graph(self) -> Graph:
+        """Residual fusion over the whole list, then the frozen, checked graph."""
+        if not isinstance(self.out_arg, torch.fx.Node):
+            raise CodegenError("the model output is not a tensor")
+        output_name = self.alias.get(self.out_arg.name, self.out_arg.name)
+        unknown = set(self.masks) - self.used_masks
+        if unknown:
+            raise CodegenError(f"mask {sorted(unknown)[0]} does not belong to any convolution weight")
+        # final output names: layers record their (possibly fused) output in .out
+        final = _fuse_residuals(self.layers)
+        final_layers = tuple(_freeze(l) for l in final)
+        produced = {l.out for l in final_layers}
+        if output_name not in produced and output_name != self.user_input:
+            raise CodegenError(f"model output {output_name} is not produced by any layer")
+        return Graph(self.user_input, output_name, final_layers, dict(self.shapes))
+
+
+# --------------------------------------------------------------------------------------------
+# one function per op: (state, node, args, kwargs) -> a new layer, or None when the node only
+# forwarded a tensor or fused into its producer
+
+
+Args = list[Any]
+Kwargs = dict[str, Any]
+
+
+def _skip(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> None:
+    return None
+
+
+def _getitem(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> None:
+    src = args[0]
+    if isinstance(src, torch.fx.Node) and (src.name in lw.shapes or src.name in lw.alias):
+        if args[1] != 0:
+            raise UnsupportedOpError(f"unsupported use of output {args[1]} of {src.name} at node {node.name}")
+        lw.alias[node.name] = lw.alias.get(src.name, src.name)
+        return None
+    raise UnsupportedOpError(f"unsupported getitem at node {node.name}")
+
+
+def _transpose_weight(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> None:
+    """Transposes of a weight are folded into the constant; of an activation, refused."""
+    if isinstance(args[0], torch.fx.Node) and args[0].name in lw.consts:
+        lw.consts[node.name] = lw.consts[args[0].name].T
+        return None
+    raise UnsupportedOpError(f"unsupported op {node.target} at node {node.name}")
+
+
+def _identity(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> None:
+    lw.alias[node.name] = lw.val(args[0], node)
+
+
+def _conv(lw: _Lowering, node: torch.fx.Node, x: str, w_node: object, weight: np.ndarray | None, bias: np.ndarray | None,
+          stride: object, padding: object, dilation: object, transposed: object, groups: object) -> _Conv:
+    if isinstance(padding, str):
+        raise UnsupportedOpError(f"unsupported conv padding mode {padding!r} at node {node.name}")
+    if transposed or groups != 1 or _pair(dilation) != (1, 1) or weight is None or weight.ndim != 4:
+        raise UnsupportedOpError(f"unsupported convolution (transposed, grouped or dilated) at node {node.name}")
+    mask = lw.mask(w_node, weight)
+    w = np.where(mask, weight, 0.0)
+    b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
+    return _Conv(node.name, x, node.name, w, b, mask, _pair(stride), _pair(padding))
+
+
+def _conv2d(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Conv:
+    """``aten.conv2d`` (export IR): optional arguments by position or keyword."""
+    x = lw.val(args[0], node)
+    weight = lw.const(args[1], node)
+    bias = lw.const(args[2] if len(args) > 2 else kwargs.get("bias"), node)
+    names = ("stride", "padding", "dilation", "groups")
+    given = dict(zip(names, args[3:]))
+    given.update({k: v for k, v in kwargs.items() if k in names})
+    return _conv(lw, node, x, args[1], weight, bias, given.get("stride", 1), given.get("padding", 0),
+                 given.get("dilation", 1), False, given.get("groups", 1))
+
+
+def _convolution(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Conv:
+    """``aten.convolution`` (core ATen): every argument positional."""
+    x = lw.val(args[0], node)
+    weight = lw.const(args[1], node)
+    bias = lw.const(args[2] if len(args) > 2 else kwargs.get("bias"), node)
+    stride, padding, dilation, transposed, _, groups = args[3:9]
+    return _conv(lw, node, x, args[1], weight, bias, stride, padding, dilation, transposed, groups)
+
+
+def _fold_batch_norm(lw: _Lowering, node: torch.fx.Node, x: str, gamma: np.ndarray | None, beta: np.ndarray | None,
+                     mean: np.ndarray | None, var: np.ndarray | None, eps: float) -> None:
+    """Scale and shift the producing conv's weights; a BatchNorm elsewhere is refused."""
+    c = lw.shapes[x][0]
+    gamma = np.ones(c) if gamma is None else gamma
+    beta = np.zeros(c) if beta is None else beta
+    scale = gamma / np.sqrt(var + eps)  # type: ignore[operator]
+    shift = beta - mean * scale  # type: ignore[operator]
+    prev = lw.producer.get(x)
+    source = node.args[0]
+    if isinstance(prev, _Conv) and not prev.relu and prev.residual is None and len(source.users) == 1:  # type: ignore[union-attr]
+        prev.weight = prev.weight * scale[:, None, None, None]
+        prev.bias = prev.bias * scale + shift
+        lw.absorb(x, node, prev)
+        return None
+    raise UnsupportedOpError(f"unsupported batch norm not preceded by a conv at node {node.name}")
+
+
+def _batch_norm(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> None:
+    x = lw.val(args[0], node)
+    gamma, beta, mean, var = (lw.const(a, node) for a in args[1:5])
+    if args[5]:
+        raise CodegenError(f"node {node.name}: batch norm in training mode; export the model in eval mode")
+    return _fold_batch_norm(lw, node, x, gamma, beta, mean, var, float(args[7]))
+
+
+def _batch_norm_no_training(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> None:
+    x = lw.val(args[0], node)
+    gamma, beta, mean, var = (lw.const(a, node) for a in args[1:5])
+    return _fold_batch_norm(lw, node, x, gamma, beta, mean, var, float(args[6]))
+
+
+def _relu(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Relu | None:
+    """Fused into its producer when nothing else reads the producer's output."""
+    x = lw.val(args[0], node)
+    prev = lw.producer.get(x)
+    if isinstance(prev, (_Conv, _Linear, _Add)) and not prev.relu and len(args[0].users) == 1 and args[0] is not lw.out_arg:
+        prev.relu = True
+        lw.absorb(x, node, prev)
+        return None
+    return _Relu(node.name, x, node.name)
+
+
+def _add(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Add:
+    if kwargs.get("alpha", 1) != 1:
+        raise UnsupportedOpError(f"unsupported add with alpha at node {node.name}")
+    a, b = lw.val(args[0], node), lw.val(args[1], node)
+    if lw.shapes[a] != lw.shapes[b]:
+        raise UnsupportedOpError(f"unsupported broadcasting add at node {node.name}")
+    return _Add(node.name, a, b, node.name)
+
+
+def _window(lw: _Lowering, node: torch.fx.Node, args: Args,
+            kwargs: Kwargs) -> tuple[str, tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(input, kernel, stride, padding) of a pooling node; the stride defaults to the kernel."""
+    x = lw.val(args[0], node)
+    kernel = _pair(args[1])
+    stride = _pair(args[2] if len(args) > 2 else kwargs.get("stride"), None) if (len(args) > 2 and args[2]) or kwargs.get("stride") else kernel
+    padding = _pair(args[3] if len(args) > 3 else kwargs.get("padding", 0))
+    return x, kernel, stride, padding
+
+
+def _max_pool(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> Pool:
+    x, kernel, stride, padding = _window(lw, node, args, kwargs)
+    dilation = _pair(args[4] if len(args) > 4 else kwargs.get("dilation", 1))
+    if dilation != (1, 1):
+        raise UnsupportedOpError(f"unsupported dilated max pooling at node {node.name}")
+    ceil = bool(args[5] if len(args) > 5 else kwargs.get("ceil_mode", False))
+    return Pool(node.name, x, node.name, "max", kernel, stride, padding, ceil)
+
+
+def _avg_pool(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> Pool:
+    x, kernel, stride, padding = _window(lw, node, args, kwargs)
+    ceil = bool(args[4] if len(args) > 4 else kwargs.get("ceil_mode", False))
+    include = bool(args[5] if len(args) > 5 else kwargs.get("count_include_pad", True))
+    divisor = args[6] if len(args) > 6 else kwargs.get("divisor_override")
+    return Pool(node.name, x, node.name, "avg", kernel, stride, padding, ceil, include, divisor)
+
+
+def _adaptive_avg_pool(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> AdaptiveAvgPool:
+    x = lw.val(args[0], node)
+    out_shape = _shape(node)
+    return AdaptiveAvgPool(node.name, x, node.name, (out_shape[1], out_shape[2]))
+
+
+def _mean(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> AdaptiveAvgPool | Flatten:
+    """A global mean over H and W: a 1x1 adaptive pool (then a flatten unless keepdim)."""
+    x = lw.val(args[0], node)
+    dims = sorted(d % 4 for d in args[1])
+    keep = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+    if dims != [2, 3] or len(lw.shapes[x]) != 3:
+        raise UnsupportedOpError(f"unsupported mean over dims {args[1]} at node {node.name}")
+    if keep:
+        return AdaptiveAvgPool(node.name, x, node.name, (1, 1))
+    pooled = node.name + "_pool"
+    lw.shapes[pooled] = (lw.shapes[x][0], 1, 1)
+    lw.layers.append(AdaptiveAvgPool(node.name, x, pooled, (1, 1)))
+    return Flatten(node.name + "_flatten", pooled, node.name)
+
+
+def _flatten(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> Flatten | None:
+    """A view that keeps the shape is an alias; one to a vector is a flatten; others are refused."""
+    x = lw.val(args[0], node)
+    out_shape = _shape(node)
+    if out_shape == lw.shapes[x]:
+        lw.alias[node.name] = x
+        return None
+    if len(out_shape) != 1 or int(np.prod(lw.shapes[x])) != out_shape[0]:
+        raise UnsupportedOpError(f"unsupported reshape {lw.shapes[x]} -> {out_shape} at node {node.name}")
+    return Flatten(node.name, x, node.name)
+
+
+def _dense(lw: _Lowering, node: torch.fx.Node, x: str, weight: np.ndarray | None, bias: np.ndarray | None) -> _Linear:
+    assert weight is not None
+    if len(lw.shapes[x]) != 1:
+        raise UnsupportedOpError(f"unsupported linear on a {len(lw.shapes[x]) + 1}-d tensor at node {node.name}")
+    b = np.zeros(weight.shape[0]) if bias is None else bias
+    return _Linear(node.name, x, node.name, weight, b)
+
+
+def _linear(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Linear:
+    x = lw.val(args[0], node)
+    weight = lw.const(args[1], node)
+    bias = lw.const(args[2] if len(args) > 2 else kwargs.get("bias"), node)
+    return _dense(lw, node, x, weight, bias)
+
+
+def _addmm(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Linear:
+    """``bias + x @ W.T`` as core ATen writes a linear layer (``W.T`` folded by _transpose_weight)."""
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+        raise UnsupportedOpError(f"unsupported addmm with alpha/beta at node {node.name}")
+    bias = lw.const(args[0], node)
+    x = lw.val(args[1], node)
+    weight = lw.const(args[2], node).T  # type: ignore[union-attr]
+    return _dense(lw, node, x, weight, bias)
+
+
+Lowering = Callable[[_Lowering, torch.fx.Node, Args, Kwargs], object]
+
+# op overload name -> lowering (both the export IR and the core-ATen spelling of each layer)
+LOWERINGS: Mapping[str, Lowering] = {
+    "aten.sym_size.int": _skip,
+    str(operator.getitem): _getitem,
+    **dict.fromkeys(("aten.permute.default", "aten.t.default", "aten.transpose.int"), _transpose_weight),
+    **dict.fromkeys(("aten.dropout.default", "aten.dropout_.default", "aten.clone.default", "aten.contiguous.default",
+                     "aten.alias.default", "aten.detach.default", "aten.detach_.default"), _identity),
+    "aten.conv2d.default": _conv2d,
+    "aten.convolution.default": _convolution,
+    "aten.batch_norm.default": _batch_norm,
+    "aten._native_batch_norm_legit_no_training.default": _batch_norm_no_training,
+    "aten.relu.default": _relu,
+    "aten.relu_.default": _relu,
+    "aten.add.Tensor": _add,
+    "aten.add_.Tensor": _add,
+    "aten.max_pool2d.default": _max_pool,
+    "aten.max_pool2d_with_indices.default": _max_pool,
+    "aten.avg_pool2d.default": _avg_pool,
+    "aten.adaptive_avg_pool2d.default": _adaptive_avg_pool,
+    "aten._adaptive_avg_pool2d.default": _adaptive_avg_pool,
+    "aten.mean.dim": _mean,
+    **dict.fromkeys(("aten.flatten.using_ints", "aten.view.default", "aten.reshape.default",
+                     "aten._unsafe_view.default"), _flatten),
+    "aten.linear.default": _linear,
+    "aten.addmm.default": _addmm,
+}
+
+
+def lower(program: torch.export.ExportedProgram, masks: Mapping[str, torch.Tensor] | None = None) -> Graph:
+    """Lower an exported program (eval mode, dynamic batch) to fused layers.
+
+    Each node goes to its op's function in :data:`LOWERINGS`; an op not listed there raises
+    :class:`UnsupportedOpError` naming the op and the node. BatchNorm is folded into the preceding
+    conv, ReLU into its producer when that producer has no other user, and a residual add into the
+    later of its conv operands.
+    """
+    lw = _Lowering(program, masks)
+    for node in program.graph.nodes:
         if node.op == "placeholder":
-            if node.name == user_input:
-                shapes[node.name] = _shape(node)
+            if node.name == lw.user_input:
+                lw.shapes[node.name] = _shape(node)
             continue
         if node.op == "output":
             continue
         if node.op != "call_function":
             raise UnsupportedOpError(f"unsupported node kind {node.op} at node {node.name}")
         target = str(node.target)
-        args = list(node.args)
-        kwargs = dict(node.kwargs)
-        if target == "aten.sym_size.int":
-            continue
-        if target == "<built-in function getitem>":
-            src = args[0]
-            if isinstance(src, torch.fx.Node) and (src.name in shapes or src.name in alias):
-                if args[1] != 0:
-                    raise UnsupportedOpError(f"unsupported use of output {args[1]} of {src.name} at node {node.name}")
-                alias[node.name] = alias.get(src.name, src.name)
-                continue
-            raise UnsupportedOpError(f"unsupported getitem at node {node.name}")
-        if target in _TRANSPOSE and isinstance(args[0], torch.fx.Node) and args[0].name in consts:
-            consts[node.name] = consts[args[0].name].T
-            continue
-        if target in _IDENTITY:
-            alias[node.name] = val(args[0], node)
-            continue
-
-        if target in _CONV:
-            x = val(args[0], node)
-            w_node = args[1]
-            weight = const(w_node, node)
-            bias = const(args[2] if len(args) > 2 else kwargs.get("bias"), node)
-            if target == "aten.conv2d.default":
-                names = ("stride", "padding", "dilation", "groups")
-                given = dict(zip(names, args[3:]))
-                given.update({k: v for k, v in kwargs.items() if k in names})
-                stride, padding = given.get("stride", 1), given.get("padding", 0)
-                dilation, groups, transposed = given.get("dilation", 1), given.get("groups", 1), False
-            else:
-                stride, padding, dilation, transposed, _, groups = args[3:9]
-            if isinstance(padding, str):
-                raise UnsupportedOpError(f"unsupported conv padding mode {padding!r} at node {node.name}")
-            if transposed or groups != 1 or _pair(dilation) != (1, 1) or weight is None or weight.ndim != 4:
-                raise UnsupportedOpError(f"unsupported convolution (transposed, grouped or dilated) at node {node.name}")
-            key = keys.get(w_node.name, w_node.name)  # type: ignore[union-attr]
-            if key in masks:
-                mask = masks[key].detach().cpu().numpy().astype(bool)
-                used_masks.add(key)
-                if mask.shape != weight.shape:
-                    raise CodegenError(f"mask {key} has shape {mask.shape}, weight has {weight.shape}")
-            else:
-                mask = weight != 0
-            w = np.where(mask, weight, 0.0)
-            b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
-            layer = _Conv(node.name, x, node.name, w, b, mask, _pair(stride), _pair(padding))
-        elif target in _BN:
-            x = val(args[0], node)
-            if target == "aten.batch_norm.default":
-                gamma, beta, mean, var = (const(a, node) for a in args[1:5])
-                if args[5]:
-                    raise CodegenError(f"node {node.name}: batch norm in training mode; export the model in eval mode")
-                eps = float(args[7])
-            else:
-                gamma, beta, mean, var = (const(a, node) for a in args[1:5])
-                eps = float(args[6])
-            c = shapes[x][0]
-            gamma = np.ones(c) if gamma is None else gamma
-            beta = np.zeros(c) if beta is None else beta
-            scale = gamma / np.sqrt(var + eps)
-            shift = beta - mean * scale
-            prev = producer.get(x)
-            if isinstance(prev, _Conv) and not prev.relu and prev.residual is None and len(args[0].users) == 1:
-                prev.weight = prev.weight * scale[:, None, None, None]
-                prev.bias = prev.bias * scale + shift
-                prev.out = node.name
-                producer.pop(x)
-                producer[node.name] = prev
-                shapes[node.name] = _shape(node)
-                continue
-            raise UnsupportedOpError(f"unsupported batch norm not preceded by a conv at node {node.name}")
-        elif target in _RELU:
-            x = val(args[0], node)
-            prev = producer.get(x)
-            if isinstance(prev, (_Conv, _Linear, _Add)) and not prev.relu and len(args[0].users) == 1 and args[0] is not out_arg:
-                prev.relu = True
-                prev.out = node.name
-                producer.pop(x)
-                producer[node.name] = prev
-                shapes[node.name] = _shape(node)
-                continue
-            layer = _Relu(node.name, x, node.name)
-        elif target in _ADD:
-            if kwargs.get("alpha", 1) != 1:
-                raise UnsupportedOpError(f"unsupported add with alpha at node {node.name}")
-            a, b = val(args[0], node), val(args[1], node)
-            if shapes[a] != shapes[b]:
-                raise UnsupportedOpError(f"unsupported broadcasting add at node {node.name}")
-            layer = _Add(node.name, a, b, node.name)
-        elif target in _MAXPOOL or target in _AVGPOOL:
-            x = val(args[0], node)
-            kernel = _pair(args[1])
-            stride = _pair(args[2] if len(args) > 2 else kwargs.get("stride"), None) if (len(args) > 2 and args[2]) or kwargs.get("stride") else kernel
-            padding = _pair(args[3] if len(args) > 3 else kwargs.get("padding", 0))
-            if target in _MAXPOOL:
-                dilation = _pair(args[4] if len(args) > 4 else kwargs.get("dilation", 1))
-                if dilation != (1, 1):
-                    raise UnsupportedOpError(f"unsupported dilated max pooling at node {node.name}")
-                ceil = bool(args[5] if len(args) > 5 else kwargs.get("ceil_mode", False))
-                layer = Pool(node.name, x, node.name, "max", kernel, stride, padding, ceil)
-            else:
-                ceil = bool(args[4] if len(args) > 4 else kwargs.get("ceil_mode", False))
-                include = bool(args[5] if len(args) > 5 else kwargs.get("count_include_pad", True))
-                divisor = args[6] if len(args) > 6 else kwargs.get("divisor_override")
-                layer = Pool(node.name, x, node.name, "avg", kernel, stride, padding, ceil, include, divisor)
-        elif target in _ADAPTIVE:
-            x = val(args[0], node)
-            out_shape = _shape(node)
-            layer = AdaptiveAvgPool(node.name, x, node.name, (out_shape[1], out_shape[2]))
-        elif target == "aten.mean.dim":
-            x = val(args[0], node)
-            dims = sorted(d % 4 for d in args[1])
-            keep = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
-            if dims != [2, 3] or len(shapes[x]) != 3:
-                raise UnsupportedOpError(f"unsupported mean over dims {args[1]} at node {node.name}")
-            if keep:
-                layer = AdaptiveAvgPool(node.name, x, node.name, (1, 1))
-            else:
-                pooled = node.name + "_pool"
-                shapes[pooled] = (shapes[x][0], 1, 1)
-                layers.append(AdaptiveAvgPool(node.name, x, pooled, (1, 1)))
-                layer = Flatten(node.name + "_flatten", pooled, node.name)
-        elif target in _FLATTEN:
-            x = val(args[0], node)
-            out_shape = _shape(node)
-            if out_shape == shapes[x]:
-                alias[node.name] = x
-                continue
-            if len(out_shape) != 1 or int(np.prod(shapes[x])) != out_shape[0]:
-                raise UnsupportedOpError(f"unsupported reshape {shapes[x]} -> {out_shape} at node {node.name}")
-            layer = Flatten(node.name, x, node.name)
-        elif target in ("aten.linear.default", "aten.addmm.default"):
-            if target == "aten.linear.default":
-                x = val(args[0], node)
-                weight = const(args[1], node)
-                bias = const(args[2] if len(args) > 2 else kwargs.get("bias"), node)
-            else:
-                if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
-                    raise UnsupportedOpError(f"unsupported addmm with alpha/beta at node {node.name}")
-                bias = const(args[0], node)
-                x = val(args[1], node)
-                weight = const(args[2], node).T  # type: ignore[union-attr]
-            assert weight is not None
-            if len(shapes[x]) != 1:
-                raise UnsupportedOpError(f"unsupported linear on a {len(shapes[x]) + 1}-d tensor at node {node.name}")
-            b = np.zeros(weight.shape[0]) if bias is None else bias
-            layer = _Linear(node.name, x, node.name, weight, b)
-        else:
+        rule = LOWERINGS.get(target)
+        if rule is None:
             raise UnsupportedOpError(f"unsupported op {target} at node {node.name}")
-
-        shapes[node.name] = _shape(node)
-        layers.append(layer)
-        producer[node.name] = layer
-
-    if not isinstance(out_arg, torch.fx.Node):
-        raise CodegenError("the model output is not a tensor")
-    output_name = alias.get(out_arg.name, out_arg.name)
-    unknown = set(masks) - used_masks
-    if unknown:
-        raise CodegenError(f"mask {sorted(unknown)[0]} does not belong to any convolution weight")
-    # final output names: layers record their (possibly fused) output in .out
-    final = _fuse_residuals(layers)
-    final_layers = tuple(_freeze(l) for l in final)
-    produced = {l.out for l in final_layers}
-    if output_name not in produced and output_name != user_input:
-        raise CodegenError(f"model output {output_name} is not produced by any layer")
-    return Graph(user_input, output_name, final_layers, {k: v for k, v in shapes.items()})
-
-
-@dataclass
-class _Linear:
-    name: str
-    inp: str
-    out: str
-    weight: np.ndarray
-    bias: np.ndarray
-    relu: bool = False
-
-
-@dataclass
-class _Add:
-    name: str
-    a: str
-    b: str
-    out: str
-    relu: bool = False
-
-
-@dataclass
-class _Relu:
-    name: str
-    inp: str
-    out: str
+        layer = rule(lw, node, list(node.args), dict(node.kwargs))
+        if layer is not None:
+            lw.add(node, layer)
+    return lw.graph()
 
 
 def _inputs(layer: object) -> tuple[str, ...]:

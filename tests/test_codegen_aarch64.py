@@ -67,3 +67,16 @@ def test_input_channel_blocks_under_qemu_match_pytorch(tmp_path):
     result = verify(export(model, (64, 24, 24)), masks, AARCH64_NEON, tmp_path, n=1)
     assert result.error <= TOL
     assert any(int(r.blocking.split("cb")[1]) < 64 for r in result.generated.layers)
+
+
+def _chains() -> list[tuple[str, int]]:
+    from tests.test_codegen_host import _registry_chains
+
+    return _registry_chains(AARCH64_NEON)
+
+
+@pytest.mark.parametrize("op,vecs", _chains(), ids=lambda v: str(v))
+def test_every_registered_neon_tile_under_qemu_matches_pytorch(tmp_path, op, vecs):
+    from tests.test_codegen_host import check_registered_tiles
+
+    check_registered_tiles(AARCH64_NEON, op, vecs, tmp_path)

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from codegen import HOST, UnsupportedOpError, fixtures, lower
+from codegen import AARCH64_NEON, HOST, UnsupportedOpError, fixtures, lower
 from codegen.emit import checksum64, generate
 from codegen.ir import Add, Conv, Linear
+from codegen.kernels import lookup, registry
 from codegen.patterns import kernel_patterns, pack, storage_sizes
 from codegen.verify import export
 
@@ -153,3 +154,35 @@ def test_generated_source_names_kernels_and_is_deterministic():
     assert a.files == b.files
     src = a.files["bp_model.c"].decode()
     assert "layer0_t" in src and "vector_size(32)" in src
+
+
+@pytest.mark.parametrize("target", [HOST, AARCH64_NEON], ids=lambda t: t.name)
+def test_kernel_registry_names_encode_parameters_and_fit_the_register_budget(target):
+    reg = registry(target)
+    assert len({k.name for k in reg}) == len(reg)
+    for k in reg:
+        assert k.name == f"{k.op}_{k.rows}x{k.vecs}{'m' if k.masked else ''}__{target.isa.name}"
+        if k.op == "sparse3x3":
+            assert k.vecs <= target.max_u and k.rows * k.vecs <= target.accumulators
+        else:
+            assert k.op == "dense" and k.vecs <= target.dense_u and k.rows <= 8 and k.rows * k.vecs <= target.dense_acc
+
+
+def test_tile_symbols_name_layer_patterns_blocking_and_isa():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.Conv2d(8, 4, 1)).eval()
+    masks = fixtures.prune_model(model, 6.0)
+    gen = generate(lower(export(model, (8, 10, 10)), masks), AARCH64_NEON)
+    src = gen.files["bp_model.c"].decode()
+    sparse, dense = gen.layers
+    assert sparse.kind == "sparse3x3" and dense.kind == "dense"
+    for i, (rep, detail) in enumerate(((sparse, f"_p{sparse.patterns}"), (dense, "1x1"))):
+        assert rep.tiles
+        for name in rep.tiles:
+            op, blocking = name.removesuffix("__neon").split("_")
+            assert f"void layer{i}_tile_{op}{detail}_{blocking}__neon(" in src
+
+
+def test_unregistered_tile_is_refused():
+    with pytest.raises(ValueError, match="not in the kernel registry"):
+        lookup(HOST, "sparse3x3", HOST.accumulators + 1, 1, False)

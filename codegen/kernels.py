@@ -1,0 +1,100 @@
+"""Every register tile the emitter can choose, in one table (XNNPACK's ``f32-spmm-minmax.inc``).
+
+A conv layer is rendered as a per-layer driver calling register-tile kernels: a pattern-sparse
+3x3 tile covers ``rows`` output rows x ``vecs`` vectors of one filter; a dense tile covers
+``rows`` output channels x ``vecs`` vectors of one row. The blocking rules below pick the tile
+sizes from a target's budget, and :func:`registry` lists every (op, rows, vecs, masked) those rules
+can produce for a target, so the emitter, the tests (each instance against PyTorch through
+:func:`codegen.fixtures.kernel_probe`) and the benchmark all read the same list. The emitter asks
+:func:`lookup` for each tile it renders, which refuses anything the table does not list.
+
+Names encode the parameters, XNNPACK style: ``sparse3x3_4x3m__neon`` is the pattern-sparse 3x3
+tile of 4 rows x 3 vectors whose last vector is masked, for NEON. In the C a tile's symbol adds
+the layer and what is baked into it (``layer2_tile_sparse3x3_p8_4x3m__neon``: specialised for
+that layer's 8 patterns, offsets and pitches).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from .ir import CodegenError
+from .targets import Target
+
+SPARSE = "sparse3x3"
+DENSE = "dense"
+DENSE_MAX_CHANNELS = 8  # output channels per dense tile, whatever the accumulator budget
+
+
+@dataclass(frozen=True, order=True)
+class Kernel:
+    """One register-tile instance."""
+
+    op: str       # SPARSE | DENSE (the LayerReport kind of the layers using it)
+    rows: int     # sparse: output rows per tile; dense: output channels per tile
+    vecs: int     # vectors along the output row
+    masked: bool  # the last vector's lanes past the row end are zeroed on store
+    isa: str      # VectorIsa.name
+
+    @property
+    def blocking(self) -> str:
+        return f"{self.rows}x{self.vecs}{'m' if self.masked else ''}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}_{self.blocking}__{self.isa}"
+
+    def symbol(self, layer: str, detail: str) -> str:
+        """The C function of this tile in ``layer``; ``detail`` names what the layer bakes in."""
+        return f"{layer}_tile_{self.op}{detail}_{self.blocking}__{self.isa}"
+
+
+def sparse_blocking(target: Target, out_h: int, n_vec: int, lre: bool) -> tuple[int, int]:
+    """(rows, vecs) of a pattern-sparse tile: as wide as ``max_u`` allows, then as many rows as
+    the accumulators hold; without load redundancy elimination one vector of one row."""
+    if not lre:
+        return 1, 1
+    u = min(target.max_u, n_vec)
+    return max(1, min(out_h, target.accumulators // u)), u
+
+
+def dense_blocking(target: Target, cout: int, n_vec: int) -> tuple[int, int]:
+    """(output channels, vecs) of a dense tile: each broadcast weight feeds ``vecs`` vectors and
+    each loaded input vector ``channels`` accumulators."""
+    u = min(target.dense_u, n_vec)
+    return max(1, min(DENSE_MAX_CHANNELS, target.dense_acc // u, cout)), u
+
+
+def row_tiles(n_vec: int, u: int, masked: bool) -> list[tuple[int, int, bool]]:
+    """(first vector, vectors, masked) covering a row of ``n_vec`` vectors in tiles of ``u``."""
+    out = []
+    x = 0
+    while x < n_vec:
+        w = min(u, n_vec - x)
+        out.append((x, w, masked and x + w == n_vec))
+        x += w
+    return out
+
+
+@cache
+def registry(target: Target) -> tuple[Kernel, ...]:
+    """Every tile the blocking rules can give ``target``, sorted (op, rows, vecs, masked).
+
+    A tile never holds more accumulators than the budget: ``rows * vecs <= accumulators`` with
+    ``vecs <= max_u`` (sparse) and ``rows <= min(8, dense_acc // vecs)`` with ``vecs <= dense_u``
+    (dense); remainder tiles (fewer rows, fewer vectors) stay inside the same bounds.
+    """
+    isa = target.isa.name
+    out = [Kernel(SPARSE, r, v, m, isa) for v in range(1, target.max_u + 1)
+           for r in range(1, max(1, target.accumulators // v) + 1) for m in (False, True)]
+    out += [Kernel(DENSE, n, v, m, isa) for v in range(1, target.dense_u + 1)
+            for n in range(1, max(1, min(DENSE_MAX_CHANNELS, target.dense_acc // v)) + 1) for m in (False, True)]
+    return tuple(sorted(out))
+
+
+def lookup(target: Target, op: str, rows: int, vecs: int, masked: bool) -> Kernel:
+    """The registered instance; an unregistered one is a generator bug, refused here."""
+    kernel = Kernel(op, rows, vecs, masked, target.isa.name)
+    if kernel not in registry(target):
+        raise CodegenError(f"tile {kernel.name} is not in the kernel registry of target {target.name}")
+    return kernel

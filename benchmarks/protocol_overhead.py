@@ -14,7 +14,7 @@ state_dict (11.7 M parameters, 46.8 MB of safetensors):
   ``(save + seal + open + load) / (save + load)``;
 * ``verify_log`` on a log of ``--records`` records shaped like real jobs (transfer, signed
   checkpoint, countersignature, receipt, ...), in process and as the ``owner.audit verify`` CLI
-  (wall time including interpreter start; target under 2 s).
+  (wall and CPU time including interpreter start; target at most 1 s of CPU).
 
 Writes ``protocol_overhead.json`` and ``protocol_overhead.md`` under ``--out``.
 """
@@ -180,8 +180,8 @@ def bench_log(records: int, reps: int) -> dict[str, object]:
         quick = _measure(lambda: verify_log(path, owner=owner, entity=entity, every_signature=False), reps)
         cli = [sys.executable, "-m", "owner.audit", "verify", str(path), "--owner", str(Path(tmp) / "owner.json"),
                "--entity", str(Path(tmp) / "entity.json")]
-        cli_full = _measure_child(cli, max(3, reps // 2))
-        cli_quick = _measure_child([*cli, "--quick"], max(3, reps // 2))
+        cli_full = _measure_child([*cli, "--every-signature"], max(3, reps // 2))
+        cli_quick = _measure_child(cli, max(3, reps // 2))
         return {
             "records": verdict.records, "checkpoints": verdict.checkpoints, "receipts": verdict.receipts,
             "bytes": path.stat().st_size, "build_seconds": build,
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ed25519_verify_us": ed_us},
         "artifact": artifact,
         "audit_log": log,
-        "targets": {"ratio_seal_open_to_save": 1.5, "verify_10k_seconds": 2.0},
+        "targets": {"ratio_seal_open_to_save": 1.5, "verify_10k_cpu_seconds": 1.0},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     from protocol._files import atomic_write
@@ -269,14 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['wall_min']['end_to_end']:.2f} | {r['cpu_median']['end_to_end']:.2f} |",
         "",
         f"Audit log: {log['records']:,} records ({log['checkpoints']} signed checkpoints, {log['receipts']} receipts, "
-        f"as many countersignatures; {log['bytes']:,} bytes). Target: verify under 2 s.",
+        f"as many countersignatures; {log['bytes']:,} bytes). Target: `owner.audit verify` (the default, "
+        "which verifies the owner's signature on the last checkpoint and every entity signature) at most 1 s of CPU.",
         "",
         "| verify | wall median (s) | wall min (s) | CPU median (s) |",
         "|---|---|---|---|",
         row("`verify_log` (every signature)", log["verify"]),
         row("`verify_log(every_signature=False)`", log["verify_quick"]),
-        row("`python -m owner.audit verify` (process, every signature)", log["cli"]),
-        row("`python -m owner.audit verify --quick` (process)", log["cli_quick"]),
+        row("`python -m owner.audit verify --every-signature` (process)", log["cli"]),
+        row("`python -m owner.audit verify` (process, the default)", log["cli_quick"]),
         "",
     ]
     atomic_write(args.out / "protocol_overhead.md", "\n".join(md).encode())

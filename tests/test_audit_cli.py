@@ -155,3 +155,18 @@ def test_verify_accepts_several_entity_cards(trail: Path, tmp_path: Path) -> Non
     out = _run("verify", str(trail), "--owner", str(trail.parent / "owner.json"),
                "--entity", str(trail.parent / "entity.json"), "--entity", str(tmp_path / "other.json"))
     assert out.returncode == 0 and "1 receipts" in out.stdout and out.stderr == ""
+
+
+def test_default_verify_and_every_signature_both_catch_a_forged_earlier_checkpoint(trail: Path) -> None:
+    lines = trail.read_bytes().split(b"\n")
+    first_checkpoint = next(i for i, ln in enumerate(lines) if b'"event":"checkpoint"' in ln)
+    record = json.loads(lines[first_checkpoint])
+    signature = record["details"]["checkpoint"]["signatures"][0]
+    signature["sig"] = ("A" if signature["sig"][0] != "A" else "B") + signature["sig"][1:]
+    lines[first_checkpoint] = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    trail.write_bytes(b"\n".join(lines))
+    default = _run("verify", str(trail), *_pins(trail))
+    every = _run("verify", str(trail), *_pins(trail), "--every-signature")
+    assert default.returncode == 1 and every.returncode == 1, default.stdout + every.stdout
+    assert f"record {first_checkpoint} " in every.stdout
+

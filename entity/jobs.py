@@ -8,32 +8,43 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol import canonical
-from protocol.artifact import CONSTANTS_FILE, PROGRAM_FILE, WEIGHTS_FILE, dump_tensors, program_from_files
+from entity.sandbox import PruningFailed, PruningRefused, SandboxLimits, run_pruning
+from protocol.artifact import check_program_files
 from protocol.audit import countersign_checkpoint, make_receipt
+from protocol.contract import OFFER_KIND, REQUEST_KIND, RESULT_KIND, ModelRequest, PruneResult
+from protocol.errors import ProtocolError, ReplayError, RequestError
 from protocol.keys import Identity, IdentityCard
-from protocol.masks import pack_masks
 from protocol.replay import NonceStore
 from protocol.sealing import OpenedBundle, open_bundle, seal_bundle
 from protocol.signing import digest, sign_message
-from protocol.spec import InputSpec, PruneRequest, RetrainRecipe
-
-OFFER_KIND = "offer"
-REQUEST_KIND = "model-request"
-RESULT_KIND = "prune-result"
-REQUEST_FILE = "request.json"
-RESULT_FILES = ("weights.safetensors", "masks.bin", "report.json", "recipe.json", "receipt.json", "countersignature.json")
-REQUEST_FILES = frozenset({PROGRAM_FILE, WEIGHTS_FILE, CONSTANTS_FILE, REQUEST_FILE})
+from protocol.spec import RetrainRecipe
 
 
 class JobError(RuntimeError):
     """A request cannot be served (its one-line reason goes back to the owner)."""
+
+
+def _request_of(opened: OpenedBundle) -> ModelRequest:
+    """The opened bundle's request (``contract.ModelRequest``); its refusals are ``JobError``s."""
+    try:
+        return ModelRequest.from_files(opened.files)
+    except RequestError as exc:
+        raise JobError(str(exc)) from None
+
+
+class ServiceFault(RuntimeError):
+    """The entity itself failed while serving a request (its registry, nonce store or disk).
+
+    Its text is fixed and says only that; the cause, which may name host paths, is chained for
+    the event log and never goes back to the owner.
+    """
 
 
 class EventLog:
@@ -47,7 +58,7 @@ class EventLog:
         """Append one event; ``fields`` may hold any keys (a pruning progress event's, say)."""
         record = {**(fields or {}), **more, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event}
         line = json.dumps(record, sort_keys=True, default=str) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line.encode())
             os.fsync(fd)
@@ -64,6 +75,8 @@ class EntitySettings:
     epochs: int | None = None
     # Extra PruneConfig fields the operator sets (e.g. synthetic_images, synthetic_steps).
     options: Mapping[str, Any] = field(default_factory=dict)
+    # Memory and wall-clock limits of the child process pruning runs in (entity.sandbox).
+    sandbox: SandboxLimits = SandboxLimits()
 
 
 @dataclass
@@ -112,19 +125,45 @@ class EntityJobs:
         return Offer(job_id, nonce, blob)
 
     def open_request(self, offer: Offer, blob: bytes) -> OpenedBundle:
-        """Admit the sender, open and verify its bundle, and check it answers this offer exactly once."""
+        """Admit the sender, open and verify its bundle, and check it answers this offer exactly once.
+
+        Everything the owner controls is refused with ``JobError`` (or the ``ProtocolError`` of
+        the failed check), whose one-line text is ours and may go back to the owner; a failure
+        of the entity's own registry or nonce store is a ``ServiceFault``, whose cause (paths,
+        OS errors) stays in the event log.
+        """
         opened = open_bundle(
             blob, kind=REQUEST_KIND, job_id=offer.job_id, request_hash=digest(offer.blob),
-            recipient=self.identity, senders=self.registry(),
+            recipient=self.identity, senders=self._senders(),
         )
-        extra = sorted(set(opened.files) - REQUEST_FILES)
-        if extra:
-            raise JobError(f"request holds files the entity does not accept: {', '.join(extra)}")
-        request = canonical.loads(opened.files[REQUEST_FILE])
-        if request.get("job_id") != offer.job_id or request.get("nonce") != offer.nonce:
+        request = _request_of(opened)
+        if request.job_id != offer.job_id or request.nonce != offer.nonce:
             raise JobError("request does not answer the offer it was sent for (job id or nonce differ)")
-        self.nonces.redeem(offer.job_id, offer.nonce)
+        try:
+            self.nonces.redeem(offer.job_id, offer.nonce)
+        except ReplayError as exc:
+            # A replay is the owner's doing; a nonce store that cannot be written is ours.
+            if isinstance(exc.__cause__, OSError):
+                raise ServiceFault("the entity could not record this request") from exc
+            raise
         return opened
+
+    def _senders(self) -> Mapping[str, IdentityCard]:
+        """The registered owners' cards, read afresh; a broken registry is the entity's fault."""
+        try:
+            return self.registry()
+        except (ProtocolError, OSError) as exc:
+            raise ServiceFault("the entity could not read its owner registry") from exc
+
+    def record_failure(self, job_id: str, reason: str, detail: str) -> str:
+        """Log a failure's full text under a new error id; return what the owner may read.
+
+        Exception text from pruning can quote anything the process touched, so the owner gets
+        only our generic ``reason`` and the id an operator can look up in the event log.
+        """
+        error_id = secrets.token_hex(6)
+        self.events.write("error", job_id=job_id, error_id=error_id, reason=reason, detail=detail[-16_000:])
+        return f"{reason} (error id {error_id}; the entity's operator can look it up)"
 
     def prune(
         self, offer: Offer, opened: OpenedBundle, request_blob: bytes, progress: Callable[[dict], None] | None = None,
@@ -136,38 +175,46 @@ class EntityJobs:
         owner also holds, so a result cannot be replayed as the answer to another request.
         ``checkpoint`` is the owner's signed audit checkpoint taken after it recorded this request;
         the entity countersigns it (a bad one is refused like a bad request).
+
+        The received graph is checked here (``check_program_files``: op allow-list and sizes,
+        before any torch code sees it) and then pruned in a child process that gets only the
+        artifact bytes, the spec and the engine config (``entity.sandbox``), within the
+        ``settings.sandbox`` limits; signing and sealing stay here. A failure in the child reaches
+        the owner as our generic reason and an error id, its text only the event log.
         """
-        from entity.pruning import PruneConfig, prune
+        from entity.pruning import PruneConfig
 
         started = time.perf_counter()
-        request = canonical.loads(opened.files[REQUEST_FILE])
-        spec = InputSpec.from_json(request["input_spec"])
-        wanted = PruneRequest.from_json(request["prune"])
-        program = program_from_files({k: v for k, v in opened.files.items() if k != REQUEST_FILE})
+        request = _request_of(opened)
+        spec, wanted, artifact = request.spec, request.prune, dict(request.artifact)
+        check_program_files(artifact)  # graph and sizes refused here, before any torch code runs on them
         recipe = wanted.recipe or self.settings.recipe
-        kwargs: dict[str, Any] = {**self.settings.options, "rate": wanted.rate, "skip_layers": wanted.skip_layers,
+        kwargs: dict[str, Any] = {**self.settings.options, "rate": wanted.rate, "skip_layers": list(wanted.skip_layers),
                                   "device": self.settings.device}
         if recipe:
             kwargs["recipe"] = recipe
         try:
-            config = PruneConfig(**kwargs)
+            PruneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
         except (TypeError, ValueError) as exc:
             raise JobError(f"pruning request not supported: {exc}") from exc
-        result = prune(program, spec, config, progress)
+        # The graph runs in a child process that holds no key; a failure's text stays in our log.
+        try:
+            result = run_pruning(artifact, spec.to_json(), kwargs, progress, self.settings.sandbox)
+        except PruningRefused as exc:
+            raise JobError(str(exc)) from None
+        except PruningFailed as exc:
+            raise JobError(self.record_failure(offer.job_id, exc.reason, exc.detail)) from None
         retrain = RetrainRecipe(**({"epochs": self.settings.epochs} if self.settings.epochs is not None else {}))
         report = dict(result.report)
         report["job_id"] = offer.job_id
         report["received"] = {"files": dict(opened.file_digests()), "input_spec": spec.to_json(), "request": wanted.to_json()}
         report["entity_seconds"] = str(round(time.perf_counter() - started, 3))
-        files = {
-            "weights.safetensors": dump_tensors(result.state_dict),
-            "masks.bin": pack_masks(result.masks),
-            "report.json": canonical.dumps(report),
-            "recipe.json": canonical.dumps(retrain.to_json()),
-            "receipt.json": make_receipt(opened, entity=self.identity, job_id=offer.job_id),
-        }
+        countersignature = None
         if checkpoint:
-            files["countersignature.json"] = countersign_checkpoint(checkpoint, owner=opened.sender, entity=self.identity)
+            countersignature = countersign_checkpoint(checkpoint, owner=opened.sender, entity=self.identity)
+        files = PruneResult(result.state_dict, result.masks, report, retrain,
+                            receipt=make_receipt(opened, entity=self.identity, job_id=offer.job_id),
+                            countersignature=countersignature).files()
         blob = seal_bundle(
             files, kind=RESULT_KIND, job_id=offer.job_id, request_hash=digest(request_blob),
             sender=self.identity, recipient=opened.sender,

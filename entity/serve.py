@@ -1,38 +1,58 @@
 """``python -m entity.serve``: the compression entity as a long-lived service.
 
-Starts a Flower SuperLink (loopback by default), submits the entity's ServerApp as one run that
-serves every owner that connects, and shows what happens, job by job, from the service's event
-log. SIGTERM or Ctrl-C stops the SuperLink and every process it started.
+Starts a Flower SuperLink, submits the entity's ServerApp as one run that serves every owner that
+connects, and shows what happens, job by job, from the service's event log. SIGTERM or Ctrl-C
+stops the SuperLink and every process it started.
+
+The owners' address (``--host``/``--port``) serves Flower's Fleet API only; the Control API
+(``flwr run``/``ls``/``stop``, which has no authentication of its own) and the ServerApp's
+Runtime API are bound to 127.0.0.1 on a port of their own (see ``entity.superlink``). With
+``--auth`` (TLS required) only SuperNodes whose public keys lie in ``HOME/nodes/*.pub`` may
+connect; the folder is re-read while the service runs. The app bundle (FAB) every owner receives
+carries no configuration: the ServerApp's settings are in ``HOME/serverapp.json``, found through
+an environment variable the SuperLink passes down to it. The home folder is kept 0700 and the
+SuperLink runs with umask 077.
 
 Settings come from ``entity.toml`` in the working directory (or ``--config``); flags override it.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from protocol.errors import ProtocolError
+from protocol._files import atomic_write
+from protocol.errors import KeyFileError, ProtocolError
 from protocol.flower_processes import (
     ManagedProcess,
-    descendants,
     ProcessError,
+    descendants,
     flower_command,
     flower_env,
+    free_port,
     port_open,
     wait_for_port,
 )
 from protocol.keys import init_identity, load_identity, load_registry
 from protocol.settings import SettingsError, merge_settings
+from protocol.transport import certificate_names, check_node_public_key
 
 DEFAULT_PORT = 9092
+CONTROL_HOST = "127.0.0.1"
+# The SuperLink's environment reaches the SuperExec and every flwr-serverapp it starts (plain
+# Popen, no env= in flwr 1.41), so this is how the ServerApp finds its settings without the FAB.
+SETTINGS_ENV = "BLINDPRUNE_ENTITY_SETTINGS"
+SETTINGS_FILE = "serverapp.json"
 
 
 @dataclass(frozen=True)
@@ -50,10 +70,17 @@ class ServeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    control_port: int = 0
+    auth: bool = False
+    nodes: Path | None = None
 
     @property
     def owners_dir(self) -> Path:
         return self.owners if self.owners is not None else self.home / "owners"
+
+    @property
+    def nodes_dir(self) -> Path:
+        return self.nodes if self.nodes is not None else self.home / "nodes"
 
     @property
     def tls(self) -> bool:
@@ -72,10 +99,15 @@ def _fatal(message: str) -> NoReturn:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m entity.serve", description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, help="TOML settings file (default: ./entity.toml if present)")
-    p.add_argument("--host", help="address the SuperLink binds (default 127.0.0.1; keep it on loopback or a private network)")
-    p.add_argument("--port", type=int, help=f"SuperLink port for owners (default {DEFAULT_PORT})")
-    p.add_argument("--home", type=Path, help="service folder: keys/, owners/, events.jsonl, Flower state (default ./entity-home)")
+    p.add_argument("--host", help="address owners' SuperNodes connect to; serves the Fleet API only (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help=f"port owners' SuperNodes connect to (default {DEFAULT_PORT})")
+    p.add_argument("--control-port", type=int,
+                   help="port of the Control and Runtime APIs, always on 127.0.0.1 (default: a free port)")
+    p.add_argument("--home", type=Path, help="service folder: keys/, owners/, nodes/, events.jsonl, Flower state (default ./entity-home)")
     p.add_argument("--owners", type=Path, help="folder of registered owner identity cards (default HOME/owners)")
+    p.add_argument("--auth", action="store_true", default=None,
+                   help="SuperNode authentication: admit only SuperNodes whose public keys are in --nodes (needs --tls-*)")
+    p.add_argument("--nodes", type=Path, help="folder of owners' SuperNode public keys, *.pub, for --auth (default HOME/nodes)")
     p.add_argument("--recipe", help="pruning recipe (default: the engine's benchmark winner)")
     p.add_argument("--device", help="torch device for pruning: cpu or cuda")
     p.add_argument("--epochs", type=int, help="retraining epochs recommended to owners (default: the recipe's)")
@@ -92,29 +124,45 @@ def _parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> ServeConfig:
     try:
         data = merge_settings(args, section="entity", default_file="entity.toml", known=ServeConfig.__dataclass_fields__,
-                              path_keys=("home", "owners", "tls_cert", "tls_key", "tls_ca"))
+                              path_keys=("home", "owners", "nodes", "tls_cert", "tls_key", "tls_ca"))
     except SettingsError as exc:
         raise ServeError(str(exc)) from None
-    for key in ("home", "owners"):
+    for key in ("home", "owners", "nodes"):
         if data.get(key) is not None:
             data[key] = data[key].resolve()
+    if not isinstance(data.get("auth", False), bool):
+        raise ServeError("auth must be true or false")
     config = ServeConfig(**data)
     if config.synthetic_images < 0 or config.synthetic_steps < 0:
         raise ServeError("synthetic images and steps must be positive")
     if not 0 < config.port < 65536:
         raise ServeError(f"port {config.port} is out of range")
+    if not 0 <= config.control_port < 65536:
+        raise ServeError(f"control port {config.control_port} is out of range (0 picks a free one)")
+    if config.control_port == config.port:
+        raise ServeError(f"--control-port must differ from --port {config.port}: owners must never reach the Control API")
     if (config.tls_cert is None) != (config.tls_key is None) or (config.tls_cert and config.tls_ca is None):
         raise ServeError("TLS needs --tls-cert, --tls-key and --tls-ca together")
     for key in ("tls_cert", "tls_key", "tls_ca"):
         value = getattr(config, key)
         if value is not None and not value.is_file():
             raise ServeError(f"{key.replace('_', '-')} file {value} does not exist")
+    if config.auth and not config.tls:
+        raise ServeError("--auth needs TLS: pass --tls-cert, --tls-key and --tls-ca too (Flower authenticates SuperNodes only over TLS)")
+    if config.tls_cert is not None:
+        try:
+            names = certificate_names(config.tls_cert)
+        except KeyFileError as exc:
+            raise ServeError(str(exc)) from None
+        if CONTROL_HOST not in names:
+            raise ServeError(f"TLS certificate {config.tls_cert} does not name {CONTROL_HOST}: the entity's own flwr calls and "
+                             f"its ServerApp connect over loopback; make one with `python -m protocol.transport tls DIR --host NAME`")
     return config
 
 
-def _app_pyproject(config: ServeConfig) -> str:
-    """The FAB the entity submits: only configuration; the code is the installed ``entity`` package."""
-    values = {
+def serverapp_settings(config: ServeConfig) -> dict[str, Any]:
+    """What the ServerApp needs to know, written to ``HOME/serverapp.json`` (never into the FAB)."""
+    return {
         "home": str(config.home.resolve()),
         "owners": str(config.owners_dir.resolve()),
         "recipe": config.recipe,
@@ -123,7 +171,30 @@ def _app_pyproject(config: ServeConfig) -> str:
         "synthetic_images": config.synthetic_images,
         "synthetic_steps": config.synthetic_steps,
     }
-    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+
+
+def read_serverapp_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The ServerApp's side of :func:`serverapp_settings`: the file named by ``SETTINGS_ENV``."""
+    location = environ.get(SETTINGS_ENV)
+    if not location:
+        raise ServeError(f"{SETTINGS_ENV} is not set: the entity ServerApp runs only under `python -m entity.serve`")
+    try:
+        data = json.loads(Path(location).read_text())
+    except OSError as exc:
+        raise ServeError(f"cannot read the ServerApp settings {location}: {exc.strerror}") from None
+    except ValueError:
+        raise ServeError(f"ServerApp settings {location} are not JSON; restart `python -m entity.serve` to rewrite them") from None
+    if not isinstance(data, dict) or not {"home", "owners"} <= set(data):
+        raise ServeError(f"ServerApp settings {location} lack home or owners; restart `python -m entity.serve` to rewrite them")
+    return data
+
+
+def _app_pyproject() -> str:
+    """The FAB the entity submits and every owner receives: no configuration at all.
+
+    The code is the installed ``entity`` package; the settings (paths included) reach the
+    ServerApp through ``SETTINGS_ENV``, so the bundle tells an owner nothing about the host.
+    """
     return "\n".join([
         "[build-system]",
         'requires = ["setuptools"]',
@@ -140,10 +211,15 @@ def _app_pyproject(config: ServeConfig) -> str:
         'serverapp = "entity.server_app:app"',
         '# Owners run their own installed ClientApp; this reference is never executed by them.',
         'clientapp = "owner.client_app:app"',
-        "[tool.flwr.app.config]",
-        *lines,
         "",
     ])
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class EntityService:
@@ -155,12 +231,27 @@ class EntityService:
         self.flwr_home = self.home / "flwr"
         self.superlink: ManagedProcess | None = None
         self.run_id: str | None = None
+        self.control_port = config.control_port
+        # SuperNode public key bytes -> node id, for keys registered from the nodes folder.
+        self.registered: dict[bytes, int] = {}
+        self._rejected: dict[Path, bytes] = {}
+
+    @property
+    def control_address(self) -> str:
+        return f"{CONTROL_HOST}:{self.control_port}"
 
     def prepare(self) -> list[str]:
-        """Keys, owner registry and folders; returns notices for the operator."""
+        """Keys, owner registry and folders (private to the entity's user); returns notices for the operator."""
         notices = []
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        for folder in (self.home, self.flwr_home):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if folder.stat().st_mode & 0o077:
+                os.chmod(folder, 0o700)
+                notices.append(f"made {folder} private to this user (mode 0700)")
+        for name in ("events.jsonl", "nonces.jsonl", SETTINGS_FILE, "superlink.log"):
+            path = self.home / name
+            if path.is_file() and path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
         keys = self.home / "keys"
         if not (keys / "card.json").is_file():
             init_identity(keys, "entity", name="blindprune-entity")
@@ -172,10 +263,19 @@ class EntityService:
             notices.append(f"no owner card registered in {self.config.owners_dir}: every request will be refused")
         else:
             notices.append(f"{len(registry)} owner(s) registered in {self.config.owners_dir}")
+        if self.config.auth:
+            self.config.nodes_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not any(self.config.nodes_dir.glob("*.pub")):
+                notices.append(f"SuperNode authentication is on and {self.config.nodes_dir} holds no *.pub key: "
+                               "no owner can connect until one is added")
+        elif not self.config.tls and not _is_loopback(self.config.host):
+            notices.append(f"serving owners on {self.config.host} without TLS: routing headers and sizes are visible "
+                           "on the network; use --tls-cert/--tls-key/--tls-ca (and --auth)")
         return notices
 
     def _connection_toml(self) -> str:
-        address = f"{self.config.host}:{self.config.port}"
+        """The entity's own flwr CLI connection: the loopback control address, never the owners' one."""
+        address = self.control_address
         if self.config.tls:
             return f'[superlink]\ndefault = "entity"\n[superlink.entity]\naddress = "{address}"\nroot-certificates = "{self.config.tls_ca}"\n'
         return f'[superlink]\ndefault = "entity"\n[superlink.entity]\naddress = "{address}"\ninsecure = true\n'
@@ -187,24 +287,90 @@ class EntityService:
             Path(str(path) + suffix).unlink(missing_ok=True)
         return path
 
-    def start(self) -> None:
+    def superlink_command(self) -> list[str]:
+        """``entity.superlink``: Control and Runtime APIs on loopback, the Fleet API on the owners' address."""
         cfg = self.config
-        if port_open(cfg.host, cfg.port):
-            raise ServeError(f"port {cfg.port} on {cfg.host} is already in use")
-        command = [flower_command("flower-superlink"), "--host", cfg.host, "--port", str(cfg.port),
+        command = [sys.executable, "-m", "entity.superlink", "--fleet-host", cfg.host, "--fleet-port", str(cfg.port),
+                   "--host", CONTROL_HOST, "--port", str(self.control_port),
                    "--database", str(self._fresh_database()), "--disable-runtime-dependency-installation"]
         if cfg.tls:
             command += ["--ssl-certfile", str(cfg.tls_cert), "--ssl-keyfile", str(cfg.tls_key), "--ssl-ca-certfile", str(cfg.tls_ca)]
         else:
             command += ["--insecure"]
-        env = flower_env(self.flwr_home)
-        self.superlink = ManagedProcess("SuperLink", command, self.home / "superlink.log", env).start()
+        if cfg.auth:
+            command += ["--enable-supernode-auth"]
+        return command
+
+    def start(self) -> None:
+        cfg = self.config
+        if port_open(cfg.host, cfg.port):
+            raise ServeError(f"port {cfg.port} on {cfg.host} is already in use")
+        if not self.control_port:
+            self.control_port = free_port(CONTROL_HOST)
+        elif port_open(CONTROL_HOST, self.control_port):
+            raise ServeError(f"control port {self.control_port} on {CONTROL_HOST} is already in use")
+        settings = self.home / SETTINGS_FILE
+        atomic_write(settings, json.dumps(serverapp_settings(cfg), indent=2).encode(), mode=0o600)
+        env = flower_env(self.flwr_home, {SETTINGS_ENV: str(settings)})
+        self.superlink = ManagedProcess("SuperLink", self.superlink_command(), self.home / "superlink.log", env,
+                                        umask=0o077).start()
+        wait_for_port(self.superlink, CONTROL_HOST, self.control_port, cfg.start_timeout)
         wait_for_port(self.superlink, cfg.host, cfg.port, cfg.start_timeout)
+        atomic_write(self.flwr_home / "config.toml", self._connection_toml().encode(), mode=0o600)
         app_dir = self.home / "app"
-        app_dir.mkdir(exist_ok=True)
-        (app_dir / "pyproject.toml").write_text(_app_pyproject(cfg))
-        (self.flwr_home / "config.toml").write_text(self._connection_toml())
+        app_dir.mkdir(mode=0o700, exist_ok=True)
+        atomic_write(app_dir / "pyproject.toml", _app_pyproject().encode(), mode=0o600)
         self.run_id = self._submit(app_dir, env)
+
+    def _flwr(self, *args: str, timeout: float = 30) -> tuple[int, dict]:
+        """One ``flwr`` CLI call against the loopback control address, its JSON answer parsed."""
+        done = subprocess.run([flower_command("flwr"), *args, "--format", "json"], env=flower_env(self.flwr_home),
+                              capture_output=True, text=True, timeout=timeout)
+        try:
+            answer = json.loads(done.stdout[done.stdout.index("{"):])
+        except ValueError:
+            answer = {"error-message": (done.stderr or done.stdout).strip() or "no output"}
+        return done.returncode, answer if isinstance(answer, dict) else {}
+
+    def sync_nodes(self) -> list[str]:
+        """Register each new key in the nodes folder, unregister removed ones; returns notices.
+
+        Called at start-up and then every few seconds, so an operator adds or withdraws an owner's
+        SuperNode by copying or deleting its ``.pub`` file. A key that cannot be registered is
+        reported once (until its file changes).
+        """
+        if not self.config.auth:
+            return []
+        notices = []
+        present: dict[bytes, Path] = {}
+        for path in sorted(self.config.nodes_dir.glob("*.pub")):
+            try:
+                key = check_node_public_key(path)
+            except KeyFileError as exc:
+                if self._rejected.get(path) != b"invalid":
+                    self._rejected[path] = b"invalid"
+                    notices.append(f"SuperNode key not registered: {exc}")
+                continue
+            present.setdefault(key, path)
+            if key in self.registered or self._rejected.get(path) == key:
+                continue
+            code, answer = self._flwr("supernode", "register", str(path), "entity")
+            if code == 0 and answer.get("success") and "node-id" in answer:
+                self.registered[key] = int(answer["node-id"])
+                self._rejected.pop(path, None)
+                notices.append(f"registered SuperNode key {path.name} as node {answer['node-id']}")
+            else:
+                self._rejected[path] = key
+                reason = str(answer.get("error-message") or answer.get("error") or "no answer").strip().splitlines()[-1:]
+                notices.append(f"SuperNode key {path.name} not registered: {reason[0] if reason else 'no answer'}")
+        for key, node_id in list(self.registered.items()):
+            if key in present:
+                continue
+            code, answer = self._flwr("supernode", "unregister", str(node_id), "entity")
+            if code == 0 and answer.get("success"):
+                del self.registered[key]
+                notices.append(f"unregistered SuperNode node {node_id} (its key left {self.config.nodes_dir})")
+        return notices
 
     def _submit(self, app_dir: Path, env: dict[str, str]) -> str:
         deadline = time.monotonic() + self.config.start_timeout
@@ -218,19 +384,18 @@ class EntityService:
                 answer = {}
             if done.returncode == 0 and answer.get("success"):
                 return str(answer["run-id"])
-            last = (answer.get("error") or done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            last = (answer.get("error") or answer.get("error-message") or done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             last = last[0] if isinstance(last, list) else str(last)
             time.sleep(1)
         raise ServeError(f"could not submit the entity ServerApp: {last}")
 
     def run_status(self) -> str:
         """The run's status as Flower reports it (e.g. 'running', 'finished:failed')."""
-        done = subprocess.run([flower_command("flwr"), "ls", "entity", "--run-id", str(self.run_id), "--format", "json"],
-                              env=flower_env(self.flwr_home), capture_output=True, text=True, timeout=30)
+        _, answer = self._flwr("ls", "entity", "--run-id", str(self.run_id))
         try:
-            runs = json.loads(done.stdout[done.stdout.index("{"):]).get("runs", [])
+            runs = answer.get("runs", [])
             return str(runs[0].get("status", "unknown")) if runs else "unknown"
-        except (ValueError, IndexError, AttributeError):
+        except (IndexError, AttributeError):
             return "unknown"
 
     def serverapp_running(self) -> bool:
@@ -331,9 +496,12 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[cyan]entity:[/] {notice}")
         with console.status("starting SuperLink and the entity ServerApp..."):
             service.start()
-        scheme = "TLS" if config.tls else "insecure, loopback only"
-        console.print(f"[green]entity:[/] serving on {config.host}:{config.port} ({scheme}); run {service.run_id}; "
-                      f"events in {events_path}")
+            for notice in service.sync_nodes():
+                console.print(f"[cyan]entity:[/] {notice}")
+        scheme = ("TLS, SuperNode authentication" if config.auth else "TLS") if config.tls else "no TLS"
+        console.print(f"[green]entity:[/] serving owners on {config.host}:{config.port} (Fleet API only, {scheme}); "
+                      f"Control API on {service.control_address} (loopback only, "
+                      f"FLWR_HOME={service.flwr_home}, connection \"entity\"); run {service.run_id}; events in {events_path}")
         started = time.monotonic()
         seen_start = False
         last_check = time.monotonic()
@@ -353,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
                 last_check = now
                 if not service.serverapp_running():
                     raise ServeError(f"the entity ServerApp stopped ({service.run_status()}): {service.serverapp_log()}")
+                for notice in service.sync_nodes():
+                    console.print(f"[cyan]entity:[/] {notice}")
             time.sleep(0.2)
         console.print("[cyan]entity:[/] stopping")
         return 0

@@ -16,9 +16,10 @@ from flwr.clientapp import ClientApp
 from owner.session import OwnerSession, SessionError
 from protocol.display import printable
 from protocol.errors import ProtocolError
-from protocol.flower_records import FINISH, OFFER, REFUSED, RESULT, RecordError, blob_of, facts_of, pack
+from protocol.contract import FINISH, MESSAGE_TYPES, OFFER, REFUSED, RESULT
+from protocol.flower_records import RecordError, blob_of, facts_of, pack
 
-SERVED = frozenset({OFFER, RESULT, REFUSED, FINISH})
+SERVED = MESSAGE_TYPES
 
 
 def _decline(msg: Message, reason: str) -> Message:

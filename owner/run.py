@@ -38,6 +38,8 @@ class OwnerConfig:
     recipe: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
+    max_epochs: int = 50
+    max_batch_size: int = 4096
     train_limit: int | None = None
     eval_fraction: float = 0.1
     out: Path = DEFAULT_OUT
@@ -46,6 +48,7 @@ class OwnerConfig:
     device: str = "cpu"
     seed: int = 0
     tls_ca: Path | None = None
+    node_key: Path | None = None
 
 
 class OwnerError(RuntimeError):
@@ -53,7 +56,10 @@ class OwnerError(RuntimeError):
 
 
 def _fatal(message: str) -> NoReturn:
-    print(f"owner.run: error: {message}", file=sys.stderr)
+    from protocol.display import printable
+
+    # An error can carry the entity's text (a refusal reason): shown escaped, one bounded line.
+    print(f"owner.run: error: {printable(message, 1000)}", file=sys.stderr)
     raise SystemExit(1)
 
 
@@ -100,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="ask the entity for a pruning recipe (default: the entity's)")
     p.add_argument("--epochs", type=int, help="retraining epochs (default: the entity's recipe)")
     p.add_argument("--batch-size", type=int, help="retraining batch size (default: the recipe's)")
+    p.add_argument("--max-epochs", type=int, help="refuse an entity recipe with more retraining epochs (default 50)")
+    p.add_argument("--max-batch-size", type=int, help="refuse an entity recipe with a larger batch size (default 4096)")
     p.add_argument("--train-limit", type=int, help="retrain on at most this many training images")
     p.add_argument("--eval-fraction", type=float, help="held-out fraction for a single-folder ImageFolder (default 0.1)")
     p.add_argument("--out", type=Path, help=f"output folder (default ./{DEFAULT_OUT})")
@@ -108,11 +116,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device for retraining (cpu or cuda)")
     p.add_argument("--seed", type=int, help="seed for data order (default 0)")
     p.add_argument("--tls-ca", type=Path, help="CA certificate to reach an entity that serves TLS")
+    p.add_argument("--node-key", type=Path,
+                   help="SuperNode private key for an entity that runs --auth (give the entity its .pub; needs --tls-ca)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     return p
 
 
-_PATH_KEYS = ("data", "weights", "entity_card", "keys", "out", "tls_ca")
+_PATH_KEYS = ("data", "weights", "entity_card", "keys", "out", "tls_ca", "node_key")
 
 
 def load_config(args: argparse.Namespace) -> OwnerConfig:
@@ -167,6 +177,15 @@ def _wait_replies_pushed(log_path: Path, count: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
+def _supernode_exit(supernode, node_key: Path | None) -> str:
+    """Why the SuperNode exited, with the fix when the entity refused its key."""
+    reason = supernode.exit_reason() or "no output"
+    if "Failed to activate SuperNode" in reason or "must be registered" in reason:
+        key = f"{node_key}.pub" if node_key is not None else "a SuperNode public key (--node-key)"
+        reason += f"; the entity runs --auth and has not registered this node: have its operator put {key} in the entity's HOME/nodes/"
+    return reason
+
+
 def run(config: OwnerConfig, console) -> dict[str, Any]:
     """The whole job; returns the summary (also written to OUT/summary.json)."""
     import torch
@@ -182,9 +201,10 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
     from protocol.audit import AuditLog
     from protocol.flower_processes import ManagedProcess, flower_command, flower_env, free_port
     from protocol.keys import init_identity, load_card, load_identity
-    from protocol.spec import InputSpec, PruneRequest
+    from protocol.spec import InputSpec, PruneRequest, RetrainLimits
 
     started = time.monotonic()
+    limits = RetrainLimits(config.max_epochs, config.max_batch_size)
     timings: dict[str, float] = {}
     if not config.data.is_dir():
         raise OwnerError(f"data directory {config.data} does not exist")
@@ -192,6 +212,10 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
         raise OwnerError(f"entity card {config.entity_card} does not exist")
     if config.tls_ca is not None and not config.tls_ca.is_file():
         raise OwnerError(f"TLS CA file {config.tls_ca} does not exist")
+    if config.node_key is not None and not config.node_key.is_file():
+        raise OwnerError(f"node key {config.node_key} does not exist (make one with `python -m protocol.transport node-key DIR`)")
+    if config.node_key is not None and config.tls_ca is None:
+        raise OwnerError("--node-key needs --tls-ca: Flower authenticates SuperNodes only over TLS")
     host, port = _entity_address(config.entity)
     channel_order = config.channel_order or ("L" if config.input_shape[0] == 1 else "RGB")
     spec = InputSpec(tuple(config.input_shape), tuple(config.mean), tuple(config.std), channel_order)  # type: ignore[arg-type]
@@ -228,13 +252,14 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
     from protocol.replay import NonceStore
 
     session = OwnerSession(identity, entity_card, program, spec, request, audit,
-                           nonces=NonceStore(config.keys / "seen-nonces.jsonl"))
+                           nonces=NonceStore(config.keys / "seen-nonces.jsonl"), limits=limits)
     _wait_reachable(host, port, config.connect_timeout)
 
     runtime_port = free_port()
     node_cmd = [flower_command("flower-supernode"), "--superlink", f"{host}:{port}", "--isolation", "process",
                 "--host", "127.0.0.1", "--port", str(runtime_port)]
     node_cmd += ["--root-certificates", str(config.tls_ca)] if config.tls_ca else ["--insecure"]
+    node_cmd += ["--auth-supernode-private-key", str(config.node_key)] if config.node_key else []
     (out / "flwr").mkdir(exist_ok=True)
     supernode = ManagedProcess("SuperNode", node_cmd, out / "supernode.log", flower_env(out / "flwr"))
     exchange_start = time.monotonic()
@@ -249,7 +274,20 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
                 executor.run_until(lambda: session.finished, config.timeout,
                                    first_task_timeout=config.connect_timeout + 60, alive=supernode.running)
         except (TimeoutError, ExecutorError) as exc:
-            raise OwnerError(f"{exc} (entity {config.entity}; SuperNode log: {supernode.log_path})") from None
+            why = "" if supernode.running() else f": {_supernode_exit(supernode, config.node_key)}"
+            raise OwnerError(f"{exc}{why} (entity {config.entity}; SuperNode log: {supernode.log_path})") from None
+        except Exception:
+            # A SuperNode the entity refuses (an unregistered --node-key, say) opens its runtime port
+            # and exits a moment later: report Flower's reason, not the executor's connection error.
+            deadline = time.monotonic() + 5
+            while supernode.running() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if supernode.running():
+                raise
+            raise OwnerError(f"the SuperNode stopped: {_supernode_exit(supernode, config.node_key)} "
+                             f"(SuperNode log: {supernode.log_path})") from None
+        else:
+            # The goodbye is the last reply: stopping the SuperNode before it is pushed loses it.
             _wait_replies_pushed(supernode.log_path, executor.tasks_run, timeout=15)
         finally:
             executor.close()
@@ -303,13 +341,12 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
     audit.checkpoint()
     audit.close()
     timings["total"] = time.monotonic() - started
-    report = outcome.report
     summary = {
         "job_id": outcome.job_id,
         "entity": entity_card.fingerprint,
-        "recipe": report.get("recipe"),
+        "recipe": outcome.recipe_name,
         "target_rate": config.rate,
-        "achieved_rate": report.get("achieved_rate"),
+        "achieved_rate": outcome.achieved_rate,
         "accuracy": {"dense": round(dense_acc, 4), "pruned": round(pruned_acc, 4), "retrained": round(final_acc, 4)},
         "epochs": epochs,
         "retraining": {**recipe.to_json(), "epochs": epochs, "batch_size": batch},
@@ -329,17 +366,24 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
 
 def print_summary(summary: dict[str, Any], console) -> None:
     from rich.table import Table
+    from rich.text import Text
+
+    from protocol.display import printable
+
+    def shown(value: Any) -> Text:
+        """The entity's text (job id, recipe name, rate) as plain text: escaped, never rich markup."""
+        return Text(printable(value))
 
     acc = summary["accuracy"]
-    table = Table(title=f"blindprune job {summary['job_id']}", show_header=False)
-    table.add_row("recipe", str(summary["recipe"]))
-    table.add_row("conv compression", f"{summary['achieved_rate']}x (asked {summary['target_rate']}x)")
+    table = Table(title=Text(f"blindprune job {printable(summary['job_id'])}"), show_header=False)
+    table.add_row("recipe", shown(summary["recipe"]))
+    table.add_row("conv compression", shown(f"{summary['achieved_rate']}x (asked {summary['target_rate']}x)"))
     table.add_row("accuracy dense / pruned / retrained", f"{acc['dense']:.2%} / {acc['pruned']:.2%} / {acc['retrained']:.2%}")
     table.add_row("retraining epochs", str(summary["epochs"]))
     table.add_row("bytes sent / received", f"{summary['bytes_sent']:,} / {summary['bytes_received']:,}")
     for t in summary["transfers"]:
         hashes = ", ".join(f"{k} {v[7:19]}" for k, v in sorted(t["files"].items()))
-        table.add_row(f"{t['direction']}: {t['kind']}", f"{t['tensors']} tensors, {t['bytes']:,} bytes; {hashes}")
+        table.add_row(f"{t['direction']}: {t['kind']}", shown(f"{t['tensors']} tensors, {t['bytes']:,} bytes; {hashes}"))
     table.add_row("FAB from the entity", "ignored (never installed or run)" if summary["ignored_fabs"] else "none received")
     table.add_row("final model", summary["final_model"])
     table.add_row("audit log", summary["audit_log"])

@@ -21,35 +21,31 @@ import torch
 
 from protocol import canonical
 from protocol.artifact import PROGRAM_FILE, WEIGHTS_FILE, dump_tensors, program_to_files
-from protocol.audit import COUNTERSIGN_KIND, EV_BLOCKED, EV_REFUSED, RECEIPT_KIND, AuditLog
+from protocol.audit import EV_BLOCKED, EV_REFUSED, AuditLog
+from protocol.contract import (
+    COUNTERSIGNATURE_FILE,
+    MAX_ID_CHARS,
+    OFFER_KIND,
+    RECEIPT_FILE,
+    RECIPE_FILE,
+    REPORT_FILE,
+    REQUEST_KIND,
+    RESULT_KIND,
+    ModelRequest,
+    PruneResult,
+)
 from protocol.display import printable
 from protocol.egress import DATA_COUNTERS, EgressGuard, redact_counters, schema_of
-from protocol.errors import ArtifactError, EgressViolation, ProtocolError
+from protocol.errors import EgressViolation, ProtocolError
 from protocol.keys import Identity, IdentityCard
-from protocol.masks import MaskStats, check_pattern_masks, parse_library, unpack_masks
 from protocol.program_guard import check_program
 from protocol.replay import NonceStore
 from protocol.sealing import open_bundle, seal_bundle_detailed
 from protocol.signing import digest, verify_message
 from protocol.spec import InputSpec, PruneRequest, RetrainLimits, RetrainRecipe, SpecError
-from protocol.tensors import GraphRoles, check_masks, check_running_vars, check_safetensors, graph_roles
+from protocol.tensors import GraphRoles, graph_roles
 
-OFFER_KIND = "offer"
-REQUEST_KIND = "model-request"
-RESULT_KIND = "prune-result"
-REQUEST_FILE = "request.json"
-MASKS_BIN = "masks.bin"
-REPORT_FILE = "report.json"
-RECIPE_FILE = "recipe.json"
-RECEIPT_FILE = "receipt.json"
-COUNTERSIGNATURE_FILE = "countersignature.json"
-RESULT_REQUIRED = frozenset({WEIGHTS_FILE, MASKS_BIN, REPORT_FILE, RECIPE_FILE, RECEIPT_FILE})
-RESULT_OPTIONAL = frozenset({COUNTERSIGNATURE_FILE})
 MAX_REQUEST_BYTES = 4 * 1024**3
-# A report lists a few facts per layer; a megabyte is thousands of layers. A recipe is a dozen keys.
-MAX_REPORT_BYTES = 1024 * 1024
-MAX_RECIPE_BYTES = 16 * 1024
-MAX_ID_CHARS = 256
 MAX_ASKS = 16
 REASON_CHARS = 300  # how much of the entity's text a refusal keeps
 
@@ -61,52 +57,6 @@ class SessionError(RuntimeError):
 def _short_id(value: Any) -> bool:
     """A job id or nonce the rest of the protocol accepts (sealing binds them as printable text)."""
     return isinstance(value, str) and 1 <= len(value) <= MAX_ID_CHARS and value.isprintable()
-
-
-def _entity_json(data: bytes, what: str, limit: int) -> Any:
-    """Parse one JSON file from the entity: bounded size, then ``canonical.loads`` (depth-limited)."""
-    if len(data) > limit:
-        raise ArtifactError(f"{what} is {len(data)} bytes, over the {limit}-byte limit")
-    try:
-        return canonical.loads(data)
-    except canonical.CanonicalJSONError as exc:
-        raise ArtifactError(f"{what} is not valid canonical JSON: {exc}") from None
-
-
-def _check_claimed_rate(claim: Any, stats: MaskStats) -> str:
-    """The report's ``achieved_rate`` if the masks achieve it (within the claim's own rounding)."""
-    from decimal import Decimal, InvalidOperation
-    from fractions import Fraction
-
-    if not isinstance(claim, str) or not 1 <= len(claim) <= 32:
-        raise ArtifactError("report.json: achieved_rate must be a short decimal string")
-    try:
-        dec = Decimal(claim)
-    except InvalidOperation:
-        raise ArtifactError("report.json: achieved_rate is not a decimal number") from None
-    if not dec.is_finite() or dec < 1:
-        raise ArtifactError("report.json: achieved_rate must be a finite rate >= 1")
-    if stats.kept == 0:
-        raise ArtifactError("the masks keep no weight at all")
-    actual = Fraction(stats.total, stats.kept)
-    exponent = dec.as_tuple().exponent
-    half_ulp = Fraction(1, 2) * Fraction(10) ** int(exponent)  # "8.0312" claims +-0.00005
-    if abs(Fraction(dec) - actual) > half_ulp + Fraction(1, 10**9):
-        raise ArtifactError(f"report.json claims an achieved rate of {claim}, the masks achieve {float(actual):.4f} "
-                            f"({stats.total} weights, {stats.kept} kept)")
-    return claim
-
-
-@dataclass(frozen=True)
-class _CheckedResult:
-    """A result that passed every content check, before anything of it is logged."""
-
-    state: dict[str, torch.Tensor]
-    masks: dict[str, torch.Tensor]
-    report: dict[str, Any]
-    recipe: RetrainRecipe
-    recipe_name: str | None
-    achieved_rate: str
 
 
 @dataclass
@@ -202,9 +152,9 @@ class OwnerSession:
                 raise SessionError(f"the entity's offer was seen before (replay): {reason}") from exc
         self.audit.append("offer.received", {"job_id": self.job_id, "entity": self.entity_card.fingerprint,
                                              "offer": digest(offer_blob), "asks_for": [printable(a) for a in asks_for]})
-        request = {"job_id": self.job_id, "nonce": self.nonce, "prune": self.request.to_json(), "input_spec": self.spec.to_json()}
-        files = dict(self._artifact)
-        files[REQUEST_FILE] = canonical.dumps(request)
+        bundle = ModelRequest(self.job_id, self.nonce, self.request, self.spec, self._artifact)
+        request = bundle.to_json()
+        files = bundle.files()
         claims: dict[str, Any] = {}
         guard = EgressGuard(
             schema=schema_of(self.program.state_dict),
@@ -280,49 +230,19 @@ class OwnerSession:
             self.audit.append(EV_REFUSED, {"job_id": self.job_id, "reason": f"receipt or countersignature refused: {reason}"})
             raise SessionError(f"the entity's receipt or countersignature is invalid: {reason}") from exc
         self.audit.checkpoint()
-        self.outcome = PruneOutcome(self.job_id, checked.state, checked.masks, checked.report, checked.recipe, len(blob),
-                                    dict(opened.file_digests()), recipe_name=checked.recipe_name,
-                                    achieved_rate=checked.achieved_rate)
+        self.outcome = PruneOutcome(self.job_id, dict(checked.weights), dict(checked.masks), dict(checked.report),
+                                    checked.recipe, len(blob), dict(opened.file_digests()),
+                                    recipe_name=checked.recipe_name, achieved_rate=checked.achieved_rate)
         self.transfers.append({"direction": "received", "kind": RESULT_KIND, "bytes": len(blob),
-                               "files": dict(opened.file_digests()), "tensors": len(checked.state)})
+                               "files": dict(opened.file_digests()), "tensors": len(checked.weights)})
         return {"status": "verified"}
 
-    def _check_result(self, files: Mapping[str, bytes]) -> _CheckedResult:
-        """Every content check of a verified result; raises ``ProtocolError``/``SpecError``, logs nothing."""
-        missing = sorted(RESULT_REQUIRED - set(files))
-        extra = sorted(set(files) - RESULT_REQUIRED - RESULT_OPTIONAL)
-        if missing:
-            raise ArtifactError(f"the result lacks {', '.join(missing)}")
-        if extra:
-            raise ArtifactError(f"the result holds files the owner does not accept: {', '.join(extra[:5])}")
-        schema = schema_of(self.program.state_dict)
-        # Exactly the model's tensors, dtypes and shapes, every floating-point value finite.
-        state = check_safetensors(files[WEIGHTS_FILE], schema, what="pruned weights")
-        check_running_vars(state, self._roles.running_vars, self.program.state_dict)
-        masks = unpack_masks(files[MASKS_BIN])
-        check_masks(masks, schema)
-        report = _entity_json(files[REPORT_FILE], REPORT_FILE, MAX_REPORT_BYTES)
-        if not isinstance(report, dict):
-            raise ArtifactError("report.json is not a JSON object")
-        library = parse_library(report["library"]) if "library" in report else None
-        stats = check_pattern_masks(masks, self._roles.pattern_convs, library)
-        for name, mask in sorted(masks.items()):
-            if torch.count_nonzero(state[name][~mask]):
-                raise ArtifactError(f"pruned weight {name!r} is nonzero where its mask prunes it")
-        achieved = _check_claimed_rate(report.get("achieved_rate"), stats)
-        for key, value in (("prunable_weights", stats.total), ("kept_weights", stats.kept)):
-            if key in report and report[key] != value:
-                raise ArtifactError(f"report.json: {key} is {printable(report[key], 40)}, the masks say {value}")
-        recipe_name = report.get("recipe")
-        if recipe_name is not None and not (isinstance(recipe_name, str) and 1 <= len(recipe_name) <= 64):
-            raise ArtifactError("report.json: recipe must be a name of at most 64 characters")
-        recipe = RetrainRecipe.from_json(_entity_json(files[RECIPE_FILE], RECIPE_FILE, MAX_RECIPE_BYTES))
-        self.limits.check(recipe)
-        # Signatures now; the audit log checks their content against its own records on append.
-        verify_message(files[RECEIPT_FILE], kind=RECEIPT_KIND, signer=self.entity_card)
-        if COUNTERSIGNATURE_FILE in files:
-            verify_message(files[COUNTERSIGNATURE_FILE], kind=COUNTERSIGN_KIND, signer=self.entity_card)
-        return _CheckedResult(state, masks, report, recipe, recipe_name, achieved)
+    def _check_result(self, files: Mapping[str, bytes]) -> PruneResult:
+        """Every content check of a verified result (``contract.PruneResult``); logs nothing."""
+        return PruneResult.from_files(
+            files, dense=self.program.state_dict, roles=self._roles, limits=self.limits,
+            verify_signed=lambda blob, kind: verify_message(blob, kind=kind, signer=self.entity_card),
+        )
 
     # ---------------------------------------------------------------- refusal / finish
     def refused(self, reason: str) -> None:
@@ -343,11 +263,11 @@ class OwnerSession:
 
 def save_outcome_files(outcome: PruneOutcome, directory: Path) -> None:
     """Keep what the entity sent (verified) next to the final model, for the record."""
-    from protocol.artifact import dump_tensors, write_files_atomically
+    from protocol.artifact import MASKS_FILE, write_files_atomically
 
     write_files_atomically(directory, {
-        "weights.safetensors": dump_tensors(outcome.state_dict),
-        "masks.safetensors": dump_tensors(outcome.masks),
-        "report.json": canonical.dumps(outcome.report),
-        "recipe.json": canonical.dumps(outcome.recipe.to_json()),
+        WEIGHTS_FILE: dump_tensors(outcome.state_dict),
+        MASKS_FILE: dump_tensors(outcome.masks),
+        REPORT_FILE: canonical.dumps(outcome.report),
+        RECIPE_FILE: canonical.dumps(outcome.recipe.to_json()),
     })

@@ -5,22 +5,33 @@ weights ``use_pickle``; ``torch.export.load`` unpickles both, with ``weights_onl
 fallback, so opening a received archive can run the sender's code. Here the graph travels as the
 serializer's JSON (``program.json``) and every tensor as safetensors, whose header is parsed and
 bounds-checked by us before any tensor is built. The graph is rebuilt with the deserializer given
-plain tensor dicts, so torch never unpickles anything, and every op in it must be a core ATen op.
+plain tensor dicts, so torch never unpickles anything.
+
+A received graph is data, not code: before the deserializer sees it, the parsed JSON must call only
+the compute ops on ``protocol.graph_ops.ALLOWED_OPS`` (an op's ``aten`` namespace proves nothing:
+``aten.from_file`` reads files) and every size is bounded before anything is allocated
+(``ArtifactLimits``: graph bytes and nodes, tensor count and bytes read from the safetensors
+headers). ``check_program_files`` runs all of that without building a tensor or a graph, which is
+what the entity does before it hands the files to its pruning sandbox.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from protocol._safetensors import MAX_HEADER_BYTES, parse_header
+from protocol._safetensors import MAX_HEADER_BYTES, TensorInfo, parse_header
 from protocol.errors import ArtifactError
+from protocol.graph_ops import check_graph, check_serialized_program
 
 PROGRAM_FILE = "program.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -28,6 +39,25 @@ CONSTANTS_FILE = "constants.safetensors"
 MASKS_FILE = "masks.safetensors"
 
 MAX_PROGRAM_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ArtifactLimits:
+    """Sizes a received model artifact may have, all checked before anything is allocated.
+
+    The defaults leave room for the usual vision models (a torchvision ResNet-152 has ~1,000 graph
+    nodes and 230 MB of float32 weights; VGG-16 has 530 MB) while keeping a hostile artifact from
+    making the entity hold more than a few GiB: the pruning engine keeps a dense and a working
+    copy of the weights next to the received bytes.
+    """
+
+    max_program_bytes: int = MAX_PROGRAM_BYTES
+    max_nodes: int = 20_000
+    max_tensors: int = 20_000  # weights and constants together
+    max_tensor_bytes: int = 2 * 1024**3  # weights and constants together
+
+
+DEFAULT_LIMITS = ArtifactLimits()
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -96,31 +126,39 @@ def program_to_files(program: torch.export.ExportedProgram, *, strip: bool = Tru
     return files
 
 
-_ALLOWED_OP_NAMESPACES = {"aten"}
-
-
 def _check_ops(program: torch.export.ExportedProgram) -> None:
-    import operator
+    """The rebuilt graph calls only allowed ops (the JSON was checked before; this is the backstop)."""
+    check_graph(program)
 
-    for node in program.graph.nodes:
-        if node.op != "call_function":
+
+def _tensor_headers(files: Mapping[str, bytes], limits: ArtifactLimits) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo]]:
+    """Parse the weights and constants headers and bound their tensor count and bytes together."""
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    for name in (WEIGHTS_FILE, CONSTANTS_FILE):
+        if name not in files:
+            headers[name] = {}
             continue
-        target = node.target
-        if target is operator.getitem:
-            continue
-        namespace = getattr(target, "namespace", None)
-        if namespace not in _ALLOWED_OP_NAMESPACES:
-            raise ArtifactError(f"graph node {node.name!r} calls {target}, which is not a core ATen op")
+        header = parse_header(files[name], what=name)
+        if header.metadata is not None:
+            raise ArtifactError(f"{name}: safetensors metadata is not accepted in a model artifact")
+        for info in header.tensors.values():
+            if info.dtype not in _DTYPES:
+                raise ArtifactError(f"{name}: tensor {info.name!r} has unsupported dtype {info.dtype}")
+        headers[name] = header.tensors
+    count = sum(len(h) for h in headers.values())
+    if count > limits.max_tensors:
+        raise ArtifactError(f"model artifact holds {count} tensors, more than the limit of {limits.max_tensors}")
+    total = sum(info.nbytes for h in headers.values() for info in h.values())
+    if total > limits.max_tensor_bytes:
+        raise ArtifactError(f"model artifact holds {total} bytes of tensors, more than the limit of "
+                            f"{limits.max_tensor_bytes} bytes; send a smaller model")
+    return headers[WEIGHTS_FILE], headers[CONSTANTS_FILE]
 
 
-def program_from_files(files: Mapping[str, bytes]) -> torch.export.ExportedProgram:
-    """Rebuild an exported program from artifact files without unpickling anything.
-
-    Extra or missing files, malformed safetensors, tensors that do not match the graph's inputs
-    exactly (names, dtypes, shapes) and non-ATen ops are refused with :class:`ArtifactError`.
-    """
+def _prechecked(files: Mapping[str, bytes], limits: ArtifactLimits) -> tuple[Any, set[str]]:
+    """Every check that needs no tensor and no graph: (serialized program, parameter names)."""
     from torch._export.serde import schema
-    from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
+    from torch._export.serde.serialize import _dict_to_dataclass
 
     allowed = {PROGRAM_FILE, WEIGHTS_FILE, CONSTANTS_FILE}
     extra = sorted(set(files) - allowed)
@@ -130,33 +168,64 @@ def program_from_files(files: Mapping[str, bytes]) -> torch.export.ExportedProgr
         if required not in files:
             raise ArtifactError(f"model artifact lacks {required}")
     graph_bytes = files[PROGRAM_FILE]
-    if len(graph_bytes) > MAX_PROGRAM_BYTES:
-        raise ArtifactError(f"{PROGRAM_FILE} exceeds {MAX_PROGRAM_BYTES} bytes")
-    state = load_tensors(files[WEIGHTS_FILE])
-    constants = load_tensors(files[CONSTANTS_FILE]) if CONSTANTS_FILE in files else {}
+    if len(graph_bytes) > limits.max_program_bytes:
+        raise ArtifactError(f"{PROGRAM_FILE} exceeds the limit of {limits.max_program_bytes} bytes")
+    weights, constants = _tensor_headers(files, limits)
     try:
-        serialized = _bytes_to_dataclass(schema.ExportedProgram, graph_bytes)
+        document = json.loads(bytes(graph_bytes).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{PROGRAM_FILE} is not valid JSON") from exc
+    check_serialized_program(document, max_nodes=limits.max_nodes)
+    try:
+        serialized = _dict_to_dataclass(schema.ExportedProgram, document)
     except Exception as exc:
-        raise ArtifactError(f"{PROGRAM_FILE} is not a serialized exported program ({type(exc).__name__}: {exc})") from exc
+        raise ArtifactError(f"{PROGRAM_FILE} is not a serialized exported program ({type(exc).__name__})") from exc
     try:
-        parameters = _check_signature_tensors(serialized, state, constants)
+        parameters = _check_signature_tensors(serialized, weights, constants)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{PROGRAM_FILE} has a malformed signature ({type(exc).__name__}: {exc})") from exc
+    return serialized, parameters
+
+
+def check_program_files(files: Mapping[str, bytes], limits: ArtifactLimits = DEFAULT_LIMITS) -> None:
+    """Refuse an artifact that :func:`program_from_files` would refuse, without building anything.
+
+    File set, sizes, safetensors headers, the op allow-list, symbolic expressions and the graph
+    signature against the tensors' names and shapes: all from bytes and JSON, so the entity can
+    refuse a hostile graph before any torch code runs on it.
+    """
+    _prechecked(files, limits)
+
+
+def program_from_files(files: Mapping[str, bytes], limits: ArtifactLimits = DEFAULT_LIMITS) -> torch.export.ExportedProgram:
+    """Rebuild an exported program from artifact files without unpickling anything.
+
+    Extra or missing files, sizes over ``limits``, malformed safetensors, tensors that do not match
+    the graph's inputs exactly (names, dtypes, shapes) and ops off the allow-list are refused with
+    :class:`ArtifactError`, all before the deserializer runs.
+    """
+    from torch._export.serde.serialize import ExportedProgramDeserializer
+
+    serialized, parameters = _prechecked(files, limits)
+    state = load_tensors(files[WEIGHTS_FILE])
+    constants = load_tensors(files[CONSTANTS_FILE]) if CONSTANTS_FILE in files else {}
     state = {k: torch.nn.Parameter(v, requires_grad=v.is_floating_point()) if k in parameters else v for k, v in state.items()}
     try:
         program = ExportedProgramDeserializer().deserialize(serialized, state, constants, None)
     except ArtifactError:
         raise
-    except Exception as exc:
-        raise ArtifactError(f"{PROGRAM_FILE} could not be rebuilt ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # the deserializer's text quotes its own traceback; keep it out of refusals
+        raise ArtifactError(f"{PROGRAM_FILE} could not be rebuilt ({type(exc).__name__})") from exc
     _check_ops(program)
     return program
 
 
-def _check_signature_tensors(serialized, state: dict[str, torch.Tensor], constants: dict[str, torch.Tensor]) -> set[str]:
+def _check_signature_tensors(serialized: Any, state: Mapping[str, Any], constants: Mapping[str, Any]) -> set[str]:
     """The graph's parameter/buffer/constant inputs must be exactly the tensors supplied.
 
-    Returns the names that are parameters (the deserializer wants those as ``nn.Parameter``).
+    ``state`` and ``constants`` map names to anything with a ``shape`` (tensors, or the
+    safetensors headers' ``TensorInfo`` before any tensor is built). Returns the names that are
+    parameters (the deserializer wants those as ``nn.Parameter``).
     """
     parameters: set[str] = set()
     wanted_state: set[str] = set()

@@ -35,6 +35,10 @@ class ReplayError(ProtocolError):
     """A message belongs to another job, or its (job id, nonce) was already used."""
 
 
+class RequestError(ProtocolError):
+    """An owner's ``request.json`` is malformed (its one-line reason, our own text, goes back to it)."""
+
+
 class ArtifactError(ProtocolError):
     """A file inside a bundle is malformed: hash mismatch, bad safetensors header, pickled entry."""
 

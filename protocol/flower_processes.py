@@ -4,11 +4,14 @@ Flower's SuperLink starts a SuperExec in a session of its own, which starts one 
 per run; a stopped parent is noticed by its children only after a delay. So stopping walks the
 whole process tree (via /proc) and signals every descendant, not just the process group.
 Every Flower process gets the environment DESIGN.md asks for: no telemetry, no update check, and
-a FLWR_HOME of its own.
+a FLWR_HOME of its own. Logs are created 0600 (they name paths, node ids and run ids), and a
+process may be started with a umask (the entity's SuperLink runs with 077 so that its database
+and everything its ServerApp writes are private to the entity's user).
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -114,20 +117,30 @@ class ManagedProcess:
     log_path: Path
     env: Mapping[str, str]
     cwd: Path | None = None
+    umask: int | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
 
     def start(self) -> "ManagedProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
+        try:
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError as exc:
+            raise ProcessError(f"cannot open the {self.name} log {self.log_path}: {exc.strerror}") from exc
+        try:
+            os.fchmod(fd, 0o600)  # an older log may have been created with wider permissions
+        except OSError as exc:
+            os.close(fd)
+            raise ProcessError(f"cannot make the {self.name} log {self.log_path} private (mode 0600): {exc.strerror}") from exc
         try:
             self.process = subprocess.Popen(
-                list(self.command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                list(self.command), stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=dict(self.env), cwd=self.cwd, start_new_session=True,
+                umask=-1 if self.umask is None else self.umask,
             )
         except OSError as exc:
             raise ProcessError(f"cannot start {self.name}: {exc}") from exc
         finally:
-            log.close()
+            os.close(fd)
         return self
 
     @property
@@ -144,6 +157,28 @@ class ManagedProcess:
         except OSError:
             return ""
         return " | ".join(line.strip() for line in text[-lines:])
+
+    def exit_reason(self) -> str:
+        """Flower's own explanation of why the process exited, else the log's last lines.
+
+        Flower ends a fatal error with ``Exit Code: N``, its reason, and a documentation link,
+        then logs its shutdown; the last lines alone would show only the shutdown.
+        """
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        starts = [i for i, line in enumerate(text) if "Exit Code:" in line]
+        if not starts:
+            return self.log_tail()
+        reason = []
+        for line in text[starts[-1]:]:
+            line = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", line).split())
+            if line.startswith("For more information"):
+                break
+            if line:
+                reason.append(line)
+        return " | ".join(reason)
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM the process and every descendant, then SIGKILL whatever is left after ``grace``."""
@@ -178,7 +213,7 @@ def wait_for_port(proc: ManagedProcess, host: str, port: int, timeout: float) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.running():
-            raise ProcessError(f"{proc.name} exited during start-up: {proc.log_tail() or 'no output'} (log: {proc.log_path})")
+            raise ProcessError(f"{proc.name} exited during start-up: {proc.exit_reason() or 'no output'} (log: {proc.log_path})")
         if port_open(host, port):
             return
         time.sleep(0.1)

@@ -3,7 +3,7 @@
 Everything that crosses is already signed and sealed by the time it reaches Flower, so Flower only
 carries bytes. Large bytes go in an ArrayRecord (Flower chunks arrays, so artifacts of hundreds of
 megabytes cross); small routing facts (job id, fingerprints, status) go in a ConfigRecord.
-Message types follow Flower's ``query.<action>`` convention, one handler per type.
+The message types themselves are part of the contract (``protocol.contract``).
 """
 from __future__ import annotations
 
@@ -13,10 +13,6 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-OFFER = "query.offer"      # entity -> owner: signed offer; reply: sealed model request
-RESULT = "query.result"    # entity -> owner: sealed pruning result; reply: acknowledgement
-REFUSED = "query.refused"  # entity -> owner: the request was refused (reason); reply: acknowledgement
-FINISH = "query.finish"    # entity -> owner: the job is over; reply: goodbye
 
 PAYLOAD_KEY = "payload"
 BLOB_KEY = "sealed"

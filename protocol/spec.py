@@ -11,9 +11,10 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from .display import printable
+from .errors import ProtocolError
 
 
-class SpecError(ValueError):
+class SpecError(ProtocolError, ValueError):
     """A specification or request is malformed."""
 
 

@@ -14,21 +14,29 @@ all. This module makes the files those options need, with ``cryptography`` only:
   ``flower-supernode --auth-supernode-private-key`` loads and ``flwr supernode register`` takes.
 
 Private keys are written 0600, atomically; existing files are never overwritten.
+
+``python -m protocol.transport tls DIR --host NAME`` and ``python -m protocol.transport node-key
+DIR`` make the same files from the command line (README "Deployment notes"). The entity's server
+certificate always names 127.0.0.1 as well: the entity's own ``flwr`` calls and its ServerApp
+reach the SuperLink over loopback, with TLS verified like any other client.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import ipaddress
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ._files import atomic_write
+from ._files import atomic_write, read_regular
 from .errors import KeyFileError
 
 
@@ -128,3 +136,77 @@ def make_supernode_auth_keys(directory: Path, name: str = "supernode") -> AuthKe
     _write_new(keys.public_key, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                               serialization.PublicFormat.OpenSSH) + b"\n", 0o644)
     return keys
+
+
+MAX_KEY_FILE = 64 * 1024
+
+
+def certificate_names(path: Path) -> frozenset[str]:
+    """The host names and IP addresses a PEM server certificate is valid for (its SAN entries)."""
+    data = read_regular(Path(path), limit=MAX_KEY_FILE, error=KeyFileError, what="TLS certificate")
+    try:
+        cert = x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise KeyFileError(f"TLS certificate {path} is not a PEM certificate: {exc}") from None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset([*san.get_values_for_type(x509.DNSName),
+                      *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))])
+
+
+def check_node_public_key(path: Path) -> bytes:
+    """The bytes of a SuperNode public key file if it is what ``flwr supernode register`` accepts.
+
+    Checked here so that a wrong file put in the entity's nodes folder is reported by name, in
+    one line, instead of as a Flower exit code.
+    """
+    data = read_regular(Path(path), limit=MAX_KEY_FILE, error=KeyFileError, what="SuperNode public key")
+    try:
+        key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeyFileError(f"SuperNode public key {path} is not an OpenSSH public key; "
+                           "give the .pub file made by `python -m protocol.transport node-key`") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise KeyFileError(f"SuperNode public key {path} is not an elliptic-curve (ECDSA) key; "
+                           "Flower accepts only NIST curves such as P-384")
+    return data
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m protocol.transport", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    tls = sub.add_parser("tls", help="a private CA and a server certificate for the entity's SuperLink")
+    tls.add_argument("dir", type=Path, help="folder for ca.pem, server.pem, server.key (created)")
+    tls.add_argument("--host", action="append", default=[], metavar="NAME",
+                     help="DNS name or IP address owners use to reach the entity (repeatable); 127.0.0.1 is always added")
+    tls.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    node = sub.add_parser("node-key", help="a key pair for an owner's SuperNode (SuperNode authentication)")
+    node.add_argument("dir", type=Path, help="folder for NAME_auth and NAME_auth.pub (created)")
+    node.add_argument("--name", default="supernode", help="file name stem (default supernode)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "tls":
+            if args.days < 1:
+                raise KeyFileError("--days must be at least 1")
+            hosts = list(dict.fromkeys([*args.host, "127.0.0.1"]))
+            files = make_tls_files(args.dir, hosts, days=args.days)
+            print(f"entity SuperLink: --tls-cert {files.server_cert} --tls-key {files.server_key} --tls-ca {files.ca_cert}")
+            print(f"owners: --tls-ca {files.ca_cert} (valid for {', '.join(hosts)})")
+        else:
+            keys = make_supernode_auth_keys(args.dir, args.name)
+            print(f"owner: --node-key {keys.private_key}")
+            print(f"entity operator: copy {keys.public_key} into the entity's HOME/nodes/")
+    except (KeyFileError, OSError) as exc:
+        print(f"protocol.transport: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from entity.jobs import EntityJobs, EntitySettings, EventLog
-from owner.session import RESULT_KIND, OwnerSession, SessionError
+from owner.session import OwnerSession, SessionError
+from protocol.contract import RESULT_KIND
 from protocol import canonical
 from protocol.artifact import dump_tensors
 from protocol.audit import EV_REFUSED, AuditLog, countersign_checkpoint, make_receipt, read_records, verify_log

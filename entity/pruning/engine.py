@@ -212,7 +212,7 @@ def prepare(program: torch.export.ExportedProgram, spec: InputSpec, config: Prun
     try:
         dense = program.module()
     except Exception as exc:  # torch raises many kinds here; the message is what matters
-        raise PruneError(f"cannot rebuild the exported program: {exc}") from exc
+        raise PruneError(f"cannot rebuild the exported program ({type(exc).__name__})") from exc
     dense = dense.to(device)
     try:
         all_layers = find_convs(dense)

@@ -1,0 +1,265 @@
+"""The contract between the owner and the entity, in one place: what each message is and holds.
+
+Three signed or sealed kinds cross per job (DESIGN "One job, message by message"): the entity's
+``offer``, the owner's ``model-request`` bundle and the entity's ``prune-result`` bundle, each
+carried by a Flower message of a fixed type. This module names them, names every file a bundle
+holds, and turns the files of an opened bundle into the one trusted view of it:
+
+* ``ModelRequest.from_files`` (entity side) checks ``request.json`` for shape and types and
+  leaves the graph files to ``artifact.check_program_files``;
+* ``PruneResult.from_files`` (owner side) runs every content check the owner owes itself before
+  anything of the result is logged or used (DESIGN "Threat model", a malicious or broken entity):
+  exactly the model's tensors, every one finite, BatchNorm variances positive, masks only on 3x3
+  convolution weights and only library patterns at the rate the report claims, a recipe within the
+  owner's limits, bounded JSON, and the entity's signatures on receipt and countersignature.
+
+Both sides build and read bundles through these types, so a file name or a field is defined once.
+Every refusal is a ``ProtocolError`` whose text is ours (the other party's text, where quoted, is
+escaped by ``display.printable``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+from . import canonical
+from .audit import COUNTERSIGN_KIND, RECEIPT_KIND
+from .artifact import CONSTANTS_FILE, PROGRAM_FILE, WEIGHTS_FILE, dump_tensors
+from .display import printable
+from .errors import ArtifactError, RequestError
+from .masks import MaskStats, check_pattern_masks, pack_masks, parse_library, unpack_masks
+from .spec import InputSpec, PruneRequest, RetrainLimits, RetrainRecipe, SpecError
+from .tensors import GraphRoles, check_masks, check_running_vars, check_safetensors, schema_of
+
+# ------------------------------------------------------------------------------ signed kinds
+OFFER_KIND = "offer"  # entity -> owner: a signed message (job id, nonce, what it supports)
+REQUEST_KIND = "model-request"  # owner -> entity: a sealed bundle (graph, weights, request.json)
+RESULT_KIND = "prune-result"  # entity -> owner: a sealed bundle (pruned weights, masks, report...)
+# RECEIPT_KIND (what the entity received, signed) and COUNTERSIGN_KIND (the owner's checkpoint,
+# countersigned) ride in the result as files; they belong to the audit trail, which defines them.
+
+# ------------------------------------------------------------------------------ Flower message types
+# Flower's ``query.<action>`` convention, one handler per type on the owner's ClientApp.
+OFFER = "query.offer"  # entity -> owner: signed offer; reply: sealed model request (or declined)
+RESULT = "query.result"  # entity -> owner: sealed pruning result; reply: acknowledgement
+REFUSED = "query.refused"  # entity -> owner: the request was refused (reason); reply: acknowledgement
+FINISH = "query.finish"  # entity -> owner: the job is over; reply: goodbye
+MESSAGE_TYPES = frozenset({OFFER, RESULT, REFUSED, FINISH})
+
+# ------------------------------------------------------------------------------ bundle files
+REQUEST_FILE = "request.json"
+MASKS_FILE = "masks.bin"
+REPORT_FILE = "report.json"
+RECIPE_FILE = "recipe.json"
+RECEIPT_FILE = "receipt.json"
+COUNTERSIGNATURE_FILE = "countersignature.json"
+REQUEST_REQUIRED = frozenset({PROGRAM_FILE, WEIGHTS_FILE, REQUEST_FILE})
+REQUEST_OPTIONAL = frozenset({CONSTANTS_FILE})
+RESULT_REQUIRED = frozenset({WEIGHTS_FILE, MASKS_FILE, REPORT_FILE, RECIPE_FILE, RECEIPT_FILE})
+RESULT_OPTIONAL = frozenset({COUNTERSIGNATURE_FILE})
+
+MAX_ID_CHARS = 256
+# A report lists a few facts per layer; a megabyte is thousands of layers. A recipe is a dozen keys.
+MAX_REPORT_BYTES = 1024 * 1024
+MAX_RECIPE_BYTES = 16 * 1024
+REQUEST_FIELDS: Mapping[str, type] = {"job_id": str, "nonce": str, "prune": dict, "input_spec": dict}
+
+
+def check_files(files: Mapping[str, bytes], required: frozenset[str], optional: frozenset[str], what: str, reader: str) -> None:
+    """Exactly the files a bundle of this kind holds: none missing, none extra (named)."""
+    missing = sorted(required - set(files))
+    extra = sorted(set(files) - required - optional)
+    if missing:
+        raise ArtifactError(f"the {what} lacks {', '.join(missing)}")
+    if extra:
+        raise ArtifactError(f"the {what} holds files the {reader} does not accept: {', '.join(extra[:5])}")
+
+
+def json_kind(value: Any) -> str:
+    """The JSON name of a decoded value's type, for error texts that must not echo the value."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, int):
+        return "number"
+    return "null"
+
+
+def _bounded_json(data: bytes, what: str, limit: int) -> Any:
+    """One JSON file from the other party: bounded size, then ``canonical.loads`` (depth-limited)."""
+    if len(data) > limit:
+        raise ArtifactError(f"{what} is {len(data)} bytes, over the {limit}-byte limit")
+    try:
+        return canonical.loads(data)
+    except canonical.CanonicalJSONError as exc:
+        raise ArtifactError(f"{what} is not valid canonical JSON: {exc}") from None
+
+
+# ------------------------------------------------------------------------------ owner -> entity
+@dataclass(frozen=True)
+class ModelRequest:
+    """The owner's request bundle: the exported model's files plus ``request.json``."""
+
+    job_id: str
+    nonce: str
+    prune: PruneRequest
+    spec: InputSpec
+    artifact: Mapping[str, bytes] = field(repr=False)  # program.json, weights (and constants)
+
+    def to_json(self) -> dict[str, Any]:
+        """``request.json`` as it is signed and logged."""
+        return {"job_id": self.job_id, "nonce": self.nonce, "prune": self.prune.to_json(), "input_spec": self.spec.to_json()}
+
+    def files(self) -> dict[str, bytes]:
+        """The bundle's files, ready for the egress guard and sealing."""
+        return {**self.artifact, REQUEST_FILE: canonical.dumps(self.to_json())}
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes]) -> ModelRequest:
+        """The request of an opened bundle; ``RequestError`` with our own text for anything off.
+
+        The owner controls these bytes, so a list, a float, deep nesting or a field of the wrong
+        type is refused before anything reads ``request.json``, never by an exception deeper down.
+        """
+        try:
+            check_files(files, REQUEST_REQUIRED, REQUEST_OPTIONAL, "request", "entity")
+        except ArtifactError as exc:
+            raise RequestError(str(exc)) from None
+        try:
+            request = canonical.loads(files[REQUEST_FILE])
+        except canonical.JSONDepthError as exc:
+            raise RequestError(f"request.json nests deeper than {canonical.MAX_DEPTH} levels: send a flat request") from exc
+        except canonical.CanonicalJSONError as exc:
+            raise RequestError(f"request.json is not canonical JSON ({exc}): send it as canonical.dumps writes it") from exc
+        if not isinstance(request, dict):
+            raise RequestError(f"request.json must be a JSON object, got a JSON {json_kind(request)}")
+        if set(request) != set(REQUEST_FIELDS):
+            raise RequestError(f"request.json must hold exactly the fields {', '.join(REQUEST_FIELDS)}")
+        for name, kind in REQUEST_FIELDS.items():
+            if not isinstance(request[name], kind):
+                raise RequestError(f"request.json field {name} must be a JSON {json_kind(kind())}, "
+                                   f"got a JSON {json_kind(request[name])}")
+        if any(len(request[name]) > MAX_ID_CHARS for name in ("job_id", "nonce")):
+            raise RequestError(f"request.json job_id and nonce must be at most {MAX_ID_CHARS} characters")
+        try:
+            prune, spec = PruneRequest.from_json(request["prune"]), InputSpec.from_json(request["input_spec"])
+        except SpecError as exc:
+            raise RequestError(f"request.json: {exc}") from exc
+        artifact = {name: data for name, data in files.items() if name != REQUEST_FILE}
+        return cls(request["job_id"], request["nonce"], prune, spec, artifact)
+
+
+# ------------------------------------------------------------------------------ entity -> owner
+@dataclass(frozen=True)
+class PruneResult:
+    """The entity's result bundle. Built by the entity; read by the owner only through ``from_files``."""
+
+    weights: Mapping[str, torch.Tensor] = field(repr=False)
+    masks: Mapping[str, torch.Tensor] = field(repr=False)
+    report: Mapping[str, Any]
+    recipe: RetrainRecipe
+    receipt: bytes = field(repr=False)
+    countersignature: bytes | None = field(default=None, repr=False)
+
+    @property
+    def recipe_name(self) -> str | None:
+        """The pruning recipe the report names (checked to be a short name by ``from_files``)."""
+        name = self.report.get("recipe")
+        return name if isinstance(name, str) else None
+
+    @property
+    def achieved_rate(self) -> str | None:
+        """The conv compression rate the report claims (checked against the masks by ``from_files``)."""
+        rate = self.report.get("achieved_rate")
+        return rate if isinstance(rate, str) else None
+
+    def files(self) -> dict[str, bytes]:
+        """The bundle's files, ready for sealing."""
+        out = {
+            WEIGHTS_FILE: dump_tensors(self.weights),
+            MASKS_FILE: pack_masks(self.masks),
+            REPORT_FILE: canonical.dumps(dict(self.report)),
+            RECIPE_FILE: canonical.dumps(self.recipe.to_json()),
+            RECEIPT_FILE: self.receipt,
+        }
+        if self.countersignature is not None:
+            out[COUNTERSIGNATURE_FILE] = self.countersignature
+        return out
+
+    @classmethod
+    def from_files(
+        cls,
+        files: Mapping[str, bytes],
+        *,
+        dense: Mapping[str, torch.Tensor],
+        roles: GraphRoles,
+        limits: RetrainLimits,
+        verify_signed: Any,
+    ) -> PruneResult:
+        """Every content check of an opened result, against the owner's own model; logs nothing.
+
+        ``dense`` is the owner's state dict and ``roles`` what the owner's own graph says each
+        tensor is (``tensors.graph_roles``): never what the entity says about them.
+        ``verify_signed(blob, kind)`` checks the entity's signature on the receipt and the
+        countersignature (the audit log checks their content against its records on append).
+        Raises ``ProtocolError`` (``ArtifactError``, ``MaskError``, ``SpecError``...).
+        """
+        check_files(files, RESULT_REQUIRED, RESULT_OPTIONAL, "result", "owner")
+        schema = schema_of(dense)
+        # Exactly the model's tensors, dtypes and shapes, every floating-point value finite.
+        weights = check_safetensors(files[WEIGHTS_FILE], schema, what="pruned weights")
+        check_running_vars(weights, roles.running_vars, dense)
+        masks = unpack_masks(files[MASKS_FILE])
+        check_masks(masks, schema)
+        report = _bounded_json(files[REPORT_FILE], REPORT_FILE, MAX_REPORT_BYTES)
+        if not isinstance(report, dict):
+            raise ArtifactError("report.json is not a JSON object")
+        library = parse_library(report["library"]) if "library" in report else None
+        stats = check_pattern_masks(masks, roles.pattern_convs, library)
+        for name, mask in sorted(masks.items()):
+            if torch.count_nonzero(weights[name][~mask]):
+                raise ArtifactError(f"pruned weight {name!r} is nonzero where its mask prunes it")
+        _check_claimed_rate(report.get("achieved_rate"), stats)
+        for key, value in (("prunable_weights", stats.total), ("kept_weights", stats.kept)):
+            if key in report and report[key] != value:
+                raise ArtifactError(f"report.json: {key} is {printable(report[key], 40)}, the masks say {value}")
+        name = report.get("recipe")
+        if name is not None and not (isinstance(name, str) and 1 <= len(name) <= 64):
+            raise ArtifactError("report.json: recipe must be a name of at most 64 characters")
+        recipe = RetrainRecipe.from_json(_bounded_json(files[RECIPE_FILE], RECIPE_FILE, MAX_RECIPE_BYTES))
+        limits.check(recipe)
+        verify_signed(files[RECEIPT_FILE], RECEIPT_KIND)
+        countersignature = files.get(COUNTERSIGNATURE_FILE)
+        if countersignature is not None:
+            verify_signed(countersignature, COUNTERSIGN_KIND)
+        return cls(weights, masks, report, recipe, files[RECEIPT_FILE], countersignature)
+
+
+def _check_claimed_rate(claim: Any, stats: MaskStats) -> str:
+    """The report's ``achieved_rate`` if the masks achieve it (within the claim's own rounding)."""
+    if not isinstance(claim, str) or not 1 <= len(claim) <= 32:
+        raise ArtifactError("report.json: achieved_rate must be a short decimal string")
+    try:
+        dec = Decimal(claim)
+    except InvalidOperation:
+        raise ArtifactError("report.json: achieved_rate is not a decimal number") from None
+    if not dec.is_finite() or dec < 1:
+        raise ArtifactError("report.json: achieved_rate must be a finite rate >= 1")
+    if stats.kept == 0:
+        raise ArtifactError("the masks keep no weight at all")
+    actual = Fraction(stats.total, stats.kept)
+    half_ulp = Fraction(1, 2) * Fraction(10) ** int(dec.as_tuple().exponent)  # "8.0312" claims +-0.00005
+    if abs(Fraction(dec) - actual) > half_ulp + Fraction(1, 10**9):
+        raise ArtifactError(f"report.json claims an achieved rate of {claim}, the masks achieve {float(actual):.4f} "
+                            f"({stats.total} weights, {stats.kept} kept)")
+    return claim

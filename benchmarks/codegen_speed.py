@@ -19,6 +19,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class Timing:
     wall_ms: float
 
 
-def interleaved(fns: dict[str, callable], rounds: int, calls: int) -> dict[str, Timing]:
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, Timing]:
     """Median per-call time of each function over ``rounds`` rounds, runtimes alternating."""
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     wall: dict[str, list[float]] = {k: [] for k in fns}
@@ -66,6 +67,11 @@ def interleaved(fns: dict[str, callable], rounds: int, calls: int) -> dict[str, 
     return {k: Timing(float(np.median(cpu[k])), float(np.median(wall[k]))) for k in fns}
 
 
+def _bound(lib: Callable[[np.ndarray], object], x: np.ndarray) -> Callable[[], object]:
+    """``lib(x)`` as a call without arguments (one per library, bound now, not at loop end)."""
+    return lambda: lib(x)
+
+
 def _export(model: nn.Module, shape: tuple[int, ...]) -> torch.export.ExportedProgram:
     example = torch.randn(2, *shape)
     return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
@@ -74,7 +80,8 @@ def _export(model: nn.Module, shape: tuple[int, ...]) -> torch.export.ExportedPr
 def _ort_session(model: nn.Module, x: torch.Tensor):
     import onnxruntime as ort
     buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, opset_version=17, input_names=["x"], output_names=["y"], dynamo=False)
+    # torch.onnx.export documents file objects as well as paths; its annotation names paths only.
+    torch.onnx.export(model, (x,), buf, opset_version=17, input_names=["x"], output_names=["y"], dynamo=False)  # type: ignore[arg-type]  # see above
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
@@ -176,8 +183,8 @@ def bench_networks(workdir: Path, rounds: int, calls: int, log) -> tuple[list[di
                 with torch.no_grad():
                     model(x)
 
-            fns = {"torch": run_torch, "ort": lambda: sess.run(None, {"x": xn})}
-            fns.update({k: (lambda lib=lib: lib(xn)) for k, lib in libs.items()})
+            fns: dict[str, Callable[[], object]] = {"torch": run_torch, "ort": lambda: sess.run(None, {"x": xn})}
+            fns.update({k: _bound(lib, xn) for k, lib in libs.items()})
             t = interleaved(fns, rounds, calls)
             rows.append(dict(net=net_name, rate=rate, torch=t["torch"], ort=t["ort"], ours=t["ours"]))
             log(f"{net_name} {rate}x: torch {t['torch'].cpu_ms:.2f} ort {t['ort'].cpu_ms:.2f} "

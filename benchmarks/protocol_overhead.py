@@ -29,12 +29,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _measure(fn: Callable[[], object], reps: int) -> dict[str, object]:
+def _measure(fn: Callable[[], object], reps: int) -> dict[str, Any]:
     """Wall time (median and minimum) and CPU time (median) of ``reps`` calls.
 
     On a shared machine the wall median measures the load as much as the code; the minimum and
@@ -50,7 +50,7 @@ def _measure(fn: Callable[[], object], reps: int) -> dict[str, object]:
             "wall_samples": walls, "cpu_samples": cpus}
 
 
-def _measure_child(cmd: list[str], reps: int) -> dict[str, object]:
+def _measure_child(cmd: list[str], reps: int) -> dict[str, Any]:
     """Like ``_measure`` for a subprocess (CPU time = the child's user + system time)."""
     import resource
 
@@ -68,7 +68,7 @@ def _measure_child(cmd: list[str], reps: int) -> dict[str, object]:
             "wall_samples": walls, "cpu_samples": cpus}
 
 
-def bench_artifact(reps: int) -> dict[str, object]:
+def bench_artifact(reps: int) -> dict[str, Any]:
     import torch
     import torchvision
     from safetensors.torch import load, save
@@ -115,7 +115,7 @@ def bench_artifact(reps: int) -> dict[str, object]:
     }
 
     def ratios(key: str) -> dict[str, float]:
-        sv, ld, se, op = (float(t[k][key]) for k in ("save", "load", "seal", "open"))  # type: ignore[arg-type]
+        sv, ld, se, op = (float(t[k][key]) for k in ("save", "load", "seal", "open"))
         return {"seal_open_to_save": (se + op) / sv, "end_to_end": (sv + se + op + ld) / (sv + ld)}
 
     return {
@@ -162,7 +162,7 @@ def make_log(path: Path, records: int) -> tuple[bytes, bytes]:
     return owner.card.to_bytes(), entity.card.to_bytes()
 
 
-def bench_log(records: int, reps: int) -> dict[str, object]:
+def bench_log(records: int, reps: int) -> dict[str, Any]:
     from protocol.audit import verify_log
     from protocol.keys import IdentityCard
 

@@ -258,7 +258,7 @@ def _conv_src(conv: Conv, inp: FMap, buf: str, vec: int, out_w: int) -> _Src:
 def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str) -> None:
     """Copy the input into s column phases (zero outside the map); the column range that reads
     the map is fixed per phase, so the copy loop is a plain strided gather."""
-    s, rows, pitch, _ = src.phase  # type: ignore[misc]
+    s, rows, pitch, _ = src.phase  # type: ignore[misc]  # called only when src.phase is set
     ph, pw = conv.padding
     kh, kw = conv.kernel
     out_h = (inp.h + 2 * ph - kh) // s + 1
@@ -288,6 +288,12 @@ def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str) -> None
             c(f"for (int j = {hi}; j < {pitch}; ++j) q[j] = 0.0f;")
         c.close()
     c.close()
+
+
+def _masked_last(masked: bool, width: int) -> Callable[[str], bool]:
+    """Whether an accumulator is the tile's last vector and the tile masks it (a partial row)."""
+    suffix = f"_{width - 1}"
+    return lambda name: masked and name.endswith(suffix)
 
 
 def _epilogue(c: _C, isa: VectorIsa, accs: list[tuple[str, str, str | None]], relu: bool,
@@ -326,6 +332,12 @@ class Emitter:
     # -- helpers
     def buf(self, name: str) -> str:
         return f"m->buf[{self.buffer_of[name]}]"
+
+    def _residual(self, conv: Conv, res: FMap | None) -> str:
+        """The C pointer to a conv's fused residual input, or NULL."""
+        if res is None or conv.residual is None:
+            return "NULL"
+        return f"{self.buf(conv.residual)} + {res.origin}"
 
     def fmap(self, name: str, layer: Layer) -> FMap:
         lay = self.layouts[name]
@@ -393,7 +405,7 @@ class Emitter:
                     c(" ".join(isa.fma.format(acc=f"a{o}_{v}", a=f"x{v}", b=f"w{o}") for v in range(tw)))
                 c.close()
             c.close()
-            _epilogue(c, isa, accs, conv.relu, lambda name, tw=tw, tm=tm: tm and name.endswith(f"_{tw - 1}"))
+            _epilogue(c, isa, accs, conv.relu, _masked_last(tm, tw))
             for name, addr, _ in accs:
                 c(isa.store.format(p=addr, v=name))
             c.close()
@@ -403,7 +415,7 @@ class Emitter:
             c("float *scratch = m->scratch;")
             _emit_phase_split(c, conv, inp, src, self.buf(conv.inp))
         c(f"float *restrict dst = {self.buf(conv.out)} + {out.origin};")
-        c(f"const float *restrict res = {self.buf(conv.residual) + f' + {res.origin}' if res else 'NULL'};")
+        c(f"const float *restrict res = {self._residual(conv, res)};")
         c(f"const float *restrict W = {W};")
         c(f"const float *restrict B = {B};")
         self._mask_decl(c, out)
@@ -479,7 +491,7 @@ class Emitter:
             c("float *scratch = m->scratch;")
             _emit_phase_split(c, conv, inp, src, self.buf(conv.inp))
         c(f"float *restrict dst = {self.buf(conv.out)} + {out.origin};")
-        c(f"const float *restrict res = {self.buf(conv.residual) + f' + {res.origin}' if res else 'NULL'};")
+        c(f"const float *restrict res = {self._residual(conv, res)};")
         c(f"const uint16_t *restrict CNT = {CNT};")
         c(f"const uint16_t *restrict KCI = {KCI};")
         if KPAT:
@@ -584,7 +596,7 @@ class Emitter:
             c("const float *s = sb + (int)ci[0] * " + str(src.cs) + ";")
             for j, t in enumerate(taps):
                 c(f"const {isa.vf} w{j} = {isa.bcast.format(x=wexpr(j, t))};")
-            loads: dict[int, list[tuple[str, int]]] = {}
+            loads: dict[int, list[tuple[str, int, int]]] = {}  # key -> (accumulator, weight, offset)
             order: list[int] = []
             n = 0
             for j, t in enumerate(taps):
@@ -596,7 +608,7 @@ class Emitter:
                         if key not in loads:
                             loads[key] = []
                             order.append(key)
-                        loads[key].append((f"a{y}_{v}", j, off))  # type: ignore[arg-type]
+                        loads[key].append((f"a{y}_{v}", j, off))
             for key in sorted(order):
                 uses = loads[key]
                 off = uses[0][2]

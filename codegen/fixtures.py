@@ -80,6 +80,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             n = module.num_features
+            assert module.running_mean is not None and module.running_var is not None  # track_running_stats
             with torch.no_grad():
                 module.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
                 module.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
@@ -129,7 +130,7 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
             conv = nn.Conv2d(cin, cout, 3, 1, 1, bias=True)
             with torch.no_grad():
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
-                conv.bias.copy_(torch.randn(cout, generator=g) * 0.1)  # type: ignore[union-attr]
+                conv.bias.copy_(torch.randn(cout, generator=g) * 0.1)  # type: ignore[union-attr]  # built with bias=True
                 if k.op == SPARSE:
                     mask = pattern_mask(conv.weight, 6.0, n_patterns=2)
                     conv.weight.mul_(mask)
@@ -146,6 +147,6 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
             if isinstance(link, nn.Conv2d):
                 scale = float(x.std()) or 1.0
                 link.weight.div_(scale)
-                link.bias.div_(scale)  # type: ignore[union-attr]
+                link.bias.div_(scale)  # type: ignore[union-attr]  # every chain conv is built with bias=True
                 x = x / scale
     return Probe(model, masks, shape, tuple(tiles))

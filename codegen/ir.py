@@ -143,7 +143,9 @@ def _pair(value: object, default: int | None = None) -> tuple[int, int]:
         return default, default
     if isinstance(value, int):
         return value, value
-    seq = list(value)  # type: ignore[arg-type]
+    if not isinstance(value, (list, tuple)):
+        raise CodegenError(f"window argument {value!r} is not an int or a list")
+    seq = list(value)
     if len(seq) == 1:
         return int(seq[0]), int(seq[0])
     return int(seq[0]), int(seq[1])
@@ -281,9 +283,9 @@ class _Lowering:
             raise CodegenError(f"node {node.name}: expected a weight argument, got {arg}")
         return self.consts[arg.name]
 
-    def mask(self, w_node: object, weight: np.ndarray) -> np.ndarray:
+    def mask(self, w_node: torch.fx.Node, weight: np.ndarray) -> np.ndarray:
         """The pruning mask of a conv weight (its nonzeros when the owner sent none)."""
-        key = self.keys.get(w_node.name, w_node.name)  # type: ignore[attr-defined]
+        key = self.keys.get(w_node.name, w_node.name)
         if key in self.masks:
             mask = self.masks[key].detach().cpu().numpy().astype(bool)
             self.used_masks.add(key)
@@ -362,6 +364,8 @@ def _conv(lw: _Lowering, node: torch.fx.Node, x: str, w_node: object, weight: np
         raise UnsupportedOpError(f"unsupported conv padding mode {padding!r} at node {node.name}")
     if transposed or groups != 1 or _pair(dilation) != (1, 1) or weight is None or weight.ndim != 4:
         raise UnsupportedOpError(f"unsupported convolution (transposed, grouped or dilated) at node {node.name}")
+    if not isinstance(w_node, torch.fx.Node):
+        raise UnsupportedOpError(f"convolution weight at node {node.name} is not a graph input")
     mask = lw.mask(w_node, weight)
     w = np.where(mask, weight, 0.0)
     b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
@@ -395,11 +399,11 @@ def _fold_batch_norm(lw: _Lowering, node: torch.fx.Node, x: str, gamma: np.ndarr
     c = lw.shapes[x][0]
     gamma = np.ones(c) if gamma is None else gamma
     beta = np.zeros(c) if beta is None else beta
-    scale = gamma / np.sqrt(var + eps)  # type: ignore[operator]
-    shift = beta - mean * scale  # type: ignore[operator]
+    scale = gamma / np.sqrt(var + eps)  # type: ignore[operator]  # lw.const: an array for a BN parameter
+    shift = beta - mean * scale  # type: ignore[operator]  # as above
     prev = lw.producer.get(x)
     source = node.args[0]
-    if isinstance(prev, _Conv) and not prev.relu and prev.residual is None and len(source.users) == 1:  # type: ignore[union-attr]
+    if isinstance(prev, _Conv) and not prev.relu and prev.residual is None and len(source.users) == 1:  # type: ignore[union-attr]  # a BN input is a node
         prev.weight = prev.weight * scale[:, None, None, None]
         prev.bias = prev.bias * scale + shift
         lw.absorb(x, node, prev)
@@ -522,7 +526,7 @@ def _addmm(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _L
         raise UnsupportedOpError(f"unsupported addmm with alpha/beta at node {node.name}")
     bias = lw.const(args[0], node)
     x = lw.val(args[1], node)
-    weight = lw.const(args[2], node).T  # type: ignore[union-attr]
+    weight = lw.const(args[2], node).T  # type: ignore[union-attr]  # addmm's weight is a constant, never None
     return _dense(lw, node, x, weight, bias)
 
 
@@ -600,12 +604,12 @@ def _fuse_residuals(layers: list[object]) -> list[object]:
         add = out[i]
         if isinstance(add, _Add):
             index = {l.out: j for j, l in enumerate(out)}  # type: ignore[attr-defined]
-            best = None
+            best: tuple[int, _Conv, str] | None = None
             for mine, other in ((add.a, add.b), (add.b, add.a)):
                 j = index.get(mine)
-                if j is None or not isinstance(out[j], _Conv):
+                conv = out[j] if j is not None else None
+                if j is None or not isinstance(conv, _Conv):
                     continue
-                conv = out[j]
                 if conv.relu or conv.residual is not None:
                     continue
                 n_users = sum(1 for l in out for name in _inputs(l) if name == mine)
@@ -635,7 +639,7 @@ def _freeze(layer: object) -> Layer:
         return Add(layer.name, layer.a, layer.b, layer.out, layer.relu)
     if isinstance(layer, _Relu):
         return Relu(layer.name, layer.inp, layer.out)
-    return layer  # type: ignore[return-value]
+    return layer  # type: ignore[return-value]  # every other lowering already builds a final Layer
 
 
 def conv_layers(graph: Graph) -> Sequence[Conv]:

@@ -96,7 +96,7 @@ def pack(weight: np.ndarray, ps: PatternSet, ci_block: int, *, reorder: bool, co
             ids = ps.ids[o, start:stop]
             chans = np.nonzero(ids >= 0)[0] + start
             if reorder:
-                chans = sorted(chans, key=lambda c: (ps.ids[o, c], c))
+                chans = np.asarray(sorted(chans, key=lambda c: (ps.ids[o, c], c)), dtype=chans.dtype)
                 for c in chans:
                     counts[b, f, ps.ids[o, c]] += 1
             else:

@@ -8,8 +8,10 @@ Supported layouts under ``--data DIR``:
 """
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -21,6 +23,11 @@ class DataError(ValueError):
     """The data directory is missing or holds no layout we can read."""
 
 
+def count(dataset: Dataset) -> int:
+    """How many items a dataset holds (every dataset here is sized; torch's type does not say so)."""
+    return len(cast(Sized, dataset))
+
+
 @dataclass(frozen=True)
 class PrivateData:
     layout: str
@@ -30,7 +37,7 @@ class PrivateData:
 
     def loaders(self, batch_size: int, *, seed: int = 0, train_limit: int | None = None) -> tuple[DataLoader, DataLoader]:
         train = self.train
-        if train_limit is not None and train_limit < len(train):
+        if train_limit is not None and train_limit < count(train):
             train = Subset(train, range(train_limit))
         gen = torch.Generator().manual_seed(seed)
         return (

@@ -31,7 +31,7 @@ def load_factory(path: str):
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelError(f"cannot import {module_name!r} for model factory {path!r}: {exc}") from exc
-    factory = module
+    factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ class MaskError(ValueError):
 
 class _FakeSparsity(nn.Module):
     """weight * mask, the mask a non-trainable buffer."""
+
+    mask: torch.Tensor
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
@@ -70,11 +73,16 @@ def attach_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         parametrize.register_parametrization(module, attr, _FakeSparsity(mask.to(device)))
 
 
+def _parametrizations(module: nn.Module) -> nn.ModuleDict:
+    """``module.parametrizations`` (torch types module attributes as Tensor | Module)."""
+    return cast(nn.ModuleDict, module.parametrizations)
+
+
 def squash_masks(model: nn.Module) -> None:
     """Bake the masked weights in and remove the parametrizations (plain state_dict keys again)."""
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
-            for attr in list(module.parametrizations.keys()):
+            for attr in list(_parametrizations(module).keys()):
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
 
 
@@ -82,10 +90,12 @@ def _reapply(model: nn.Module) -> None:
     with torch.no_grad():
         for module in model.modules():
             if parametrize.is_parametrized(module):
-                for attr, plist in module.parametrizations.items():
-                    for p in plist:
+                for plist in _parametrizations(module).values():
+                    # A ParametrizationList: the parametrizations, and the raw weight as ``original``.
+                    original = cast(torch.Tensor, plist.original)
+                    for p in cast(nn.ModuleList, plist):
                         if isinstance(p, _FakeSparsity):
-                            plist.original.mul_(p.mask)
+                            original.mul_(p.mask)
 
 
 def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
@@ -139,7 +149,7 @@ def masked_retrain(
     per_step = recipe.schedule == "cosine"
     if per_step:
         try:
-            total = max(1, epochs * len(loader))  # type: ignore[arg-type]
+            total = max(1, epochs * len(loader))  # type: ignore[arg-type]  # an Iterable; a TypeError is handled below
         except TypeError:
             raise ValueError("the cosine schedule needs a loader with a length (batches per epoch)") from None
         scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)

@@ -191,7 +191,7 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
     import torch
 
     from owner.client_app import build_client_app
-    from owner.data import load_private_data
+    from owner.data import count, load_private_data
     from owner.executor import ExecutorError, OwnerExecutor
     from owner.model import build_model, export_model, load_weights
     from owner.retrain import apply_masks, evaluate, masked_retrain
@@ -237,7 +237,7 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
     _, test_loader = data.loaders(256)
     with console.status("evaluating the dense model on the held-out split..."):
         dense_acc = evaluate(model, test_loader, config.device)
-    console.print(f"[cyan]owner:[/] {data.layout}: {len(data.train)} train / {len(data.test)} held-out images; "
+    console.print(f"[cyan]owner:[/] {data.layout}: {count(data.train)} train / {count(data.test)} held-out images; "
                   f"dense accuracy {dense_acc:.2%}")
 
     out = config.out
@@ -336,7 +336,7 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
     final_acc = evaluate(model, test_loader)
     final_program = export_model(model, spec)
     save_model_dir(out / "final", final_program, outcome.masks)
-    audit.append("retrain.finished", {"epochs": epochs, "images": len(train_loader.dataset), "stayed_local": True})
+    audit.append("retrain.finished", {"epochs": epochs, "images": count(train_loader.dataset), "stayed_local": True})
     audit.append("model.saved", {"path": str((out / "final").resolve()), "sent_anywhere": False})
     audit.checkpoint()
     audit.close()
@@ -358,7 +358,7 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
         "audit_log": str((out / "audit.jsonl").resolve()),
         "final_model": str((out / "final").resolve()),
         "seconds": {k: round(v, 2) for k, v in timings.items()},
-        "data": {"layout": data.layout, "train_images": len(data.train), "held_out_images": len(data.test)},
+        "data": {"layout": data.layout, "train_images": count(data.train), "held_out_images": count(data.test)},
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2).encode())
     return summary

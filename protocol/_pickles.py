@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import pickletools
 import zipfile
+from typing import IO
 from dataclasses import dataclass
 
 from ._safetensors import parse_header
@@ -113,7 +114,7 @@ class _Scan:
             if _looks_pickled(entry_head):
                 raise ArtifactError(f"{entry} is a pickled entry; archives holding pickles are refused")
 
-    def _inflate(self, entry: str, info: zipfile.ZipInfo, head: bytes, handle: io.BufferedIOBase) -> bytes:
+    def _inflate(self, entry: str, info: zipfile.ZipInfo, head: bytes, handle: IO[bytes]) -> bytes:
         """A nested archive's bytes, refused before or while inflating once a bound is crossed."""
         if info.file_size > self.limits.max_ratio * max(info.compress_size, 1):
             raise ArtifactError(f"{entry}: nested archive claims more than {self.limits.max_ratio}x compression "

@@ -122,7 +122,7 @@ def program_to_files(program: torch.export.ExportedProgram, *, strip: bool = Tru
     graph = strip_program(serialized.exported_program) if strip else serialized.exported_program
     files = {PROGRAM_FILE: graph, WEIGHTS_FILE: dump_tensors(program.state_dict)}
     if program.constants:
-        files[CONSTANTS_FILE] = dump_tensors(program.constants)  # type: ignore[arg-type]
+        files[CONSTANTS_FILE] = dump_tensors(program.constants)
     return files
 
 

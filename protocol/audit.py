@@ -532,12 +532,11 @@ def verify_log(
     if not path.exists():
         return AuditVerdict(False, 0, 0, 0, 0, 0, error=f"audit log {path} not found", first_bad=None)
     warnings: list[str] = []
-    strict = isinstance(entity, IdentityCard)
-    entities: dict[str, IdentityCard] = {} if entity is None or strict else dict(entity)  # type: ignore[arg-type]
+    entities: dict[str, IdentityCard] = {} if entity is None or isinstance(entity, IdentityCard) else dict(entity)
 
     def entity_for(env: Mapping[str, Any]) -> IdentityCard | None:
-        if strict:
-            return entity  # type: ignore[return-value]
+        if isinstance(entity, IdentityCard):
+            return entity
         return entities.get(message_signer(env))
 
     acc = Accumulator()

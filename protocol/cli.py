@@ -51,11 +51,12 @@ def run_cli(prog: str, body: Callable[[], int], *, errors: tuple[type[BaseExcept
     ``ProtocolError``, ``OSError`` and ``MemoryError`` are always expected. Anything else is a
     bug and keeps its traceback, for the bug report.
     """
+    expected: tuple[type[BaseException], ...] = (ProtocolError, *errors)
     try:
         return body()
     except KeyboardInterrupt:
         fatal(prog, "interrupted")
-    except (ProtocolError, *errors) as exc:
+    except expected as exc:
         fatal(prog, str(exc))
     except OSError as exc:
         fatal(prog, describe_os_error(exc))

@@ -230,11 +230,11 @@ class PruneResult:
             if torch.count_nonzero(weights[name][~mask]):
                 raise ArtifactError(f"pruned weight {name!r} is nonzero where its mask prunes it")
         _check_claimed_rate(report.get("achieved_rate"), stats)
-        for key, value in (("prunable_weights", stats.total), ("kept_weights", stats.kept)):
-            if key in report and report[key] != value:
-                raise ArtifactError(f"report.json: {key} is {printable(report[key], 40)}, the masks say {value}")
-        name = report.get("recipe")
-        if name is not None and not (isinstance(name, str) and 1 <= len(name) <= 64):
+        for key, count in (("prunable_weights", stats.total), ("kept_weights", stats.kept)):
+            if key in report and report[key] != count:
+                raise ArtifactError(f"report.json: {key} is {printable(report[key], 40)}, the masks say {count}")
+        recipe_name = report.get("recipe")
+        if recipe_name is not None and not (isinstance(recipe_name, str) and 1 <= len(recipe_name) <= 64):
             raise ArtifactError("report.json: recipe must be a name of at most 64 characters")
         recipe = RetrainRecipe.from_json(_bounded_json(files[RECIPE_FILE], RECIPE_FILE, MAX_RECIPE_BYTES))
         limits.check(recipe)

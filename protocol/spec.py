@@ -87,7 +87,7 @@ class InputSpec:
         try:
             lo, hi = data["pixel_range"]
             return cls(
-                shape=tuple(int(d) for d in data["shape"]),  # type: ignore[arg-type]
+                shape=tuple(int(d) for d in data["shape"]),  # type: ignore[arg-type]  # length checked by __post_init__
                 mean=tuple(float(Decimal(str(m))) for m in data["mean"]),
                 std=tuple(float(Decimal(str(s))) for s in data["std"]),
                 channel_order=str(data["channel_order"]),

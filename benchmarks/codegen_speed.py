@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 import codegen
 from codegen import build, fixtures
 from codegen.emit import Options
+from protocol.cli import fatal
 
 RATES = (2.25, 6.0, 12.0)
 # (cin, cout, input size, stride) of ResNet-18's 3x3 convolutions at 224x224
@@ -37,9 +39,8 @@ LAYERS = ((64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2
           (256, 512, 14, 2), (512, 512, 7, 1))
 
 
-def _fatal(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(1)
+def _fatal(msg: str) -> NoReturn:
+    fatal("benchmarks.codegen_speed", msg)
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from .emit import Generated, Options
 from .ir import CodegenError
 from .targets import TARGETS
-
-
-def _fatal(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(1)
 
 
 def _summary(gen: Generated) -> str:
@@ -57,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # heavy imports after argument parsing so that --help stays fast
     from protocol.artifact import load_model_dir
+    from protocol.cli import run_cli
     from protocol.errors import ArtifactError
 
     from . import build
@@ -64,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     from .ir import lower
     from .templates import render
 
-    try:
-        program, masks = load_model_dir(args.model)
-    except (ArtifactError, OSError) as exc:
-        _fatal(f"cannot read model {args.model}: {exc}")
-    try:
+    def body() -> int:
+        try:
+            program, masks = load_model_dir(args.model)
+        except (ArtifactError, OSError) as exc:
+            raise CodegenError(f"cannot read model {args.model}: {exc}") from None
         graph = lower(program, masks)
         gen = generate(graph, target, options)
         files = dict(gen.files)
@@ -94,12 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAIL: relative error {err:.2e} against PyTorch", file=sys.stderr)
                 return 1
             print(f"OK: {args.verify} inputs, relative error {err:.2e} against PyTorch", file=sys.stderr)
-    except CodegenError as exc:
-        _fatal(str(exc))
-    except OSError as exc:
-        _fatal(f"{exc.filename or args.out}: {exc.strerror}")
-    return 0
+        return 0
 
+    return run_cli("codegen", body, errors=(CodegenError,))
 
 if __name__ == "__main__":
     raise SystemExit(main())

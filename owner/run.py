@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 DEFAULT_OUT = Path("blindprune-out")
 
@@ -55,12 +54,8 @@ class OwnerError(RuntimeError):
     """The owner's job failed (one line for the user)."""
 
 
-def _fatal(message: str) -> NoReturn:
-    from protocol.display import printable
-
-    # An error can carry the entity's text (a refusal reason): shown escaped, one bounded line.
-    print(f"owner.run: error: {printable(message, 1000)}", file=sys.stderr)
-    raise SystemExit(1)
+PROG = "owner.run"
+FAILURE_FILE = "failure.json"
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -398,22 +393,31 @@ def main(argv: list[str] | None = None) -> int:
     from owner.data import DataError
     from owner.model import ModelError
     from owner.retrain import MaskError as RetrainMaskError
-    from protocol.errors import ProtocolError
+    from protocol._files import atomic_write
+    from protocol.cli import run_cli
     from protocol.flower_processes import ProcessError
     from protocol.spec import SpecError
 
     console = Console(stderr=True, quiet=args.quiet)
-    try:
+    out: list[Path] = []  # the output folder, once the settings name it
+
+    def body() -> int:
         config = load_config(args)
+        out.append(config.out)
+        (config.out / FAILURE_FILE).unlink(missing_ok=True)
         summary = run(config, console)
-    except (OwnerError, DataError, ModelError, SpecError, ProtocolError, ProcessError, RetrainMaskError) as exc:
-        _fatal(str(exc))
-    except KeyboardInterrupt:
-        _fatal("interrupted")
-    print_summary(summary, console)
-    # Machine-readable result on stdout.
-    print(json.dumps({"summary": str((config.out / "summary.json").resolve())}))
-    return 0
+        print_summary(summary, console)
+        # Machine-readable result on stdout.
+        print(json.dumps({"summary": str((config.out / "summary.json").resolve())}))
+        return 0
+
+    def record_failure(line: str) -> None:
+        """``OUT/failure.json``: what a program driving owner.run reads instead of its stderr."""
+        if out and out[0].is_dir():
+            atomic_write(out[0] / FAILURE_FILE, json.dumps({"error": line}).encode())
+
+    return run_cli(PROG, body, errors=(OwnerError, DataError, ModelError, SpecError, ProcessError, RetrainMaskError),
+                   on_error=record_failure)
 
 
 if __name__ == "__main__":

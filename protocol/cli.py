@@ -26,9 +26,24 @@ EXIT_USAGE = 2
 ERROR_LIMIT = 600
 
 
-def fatal(prog: str, message: str) -> NoReturn:
-    """Print ``PROG: error: MESSAGE`` (escaped, one line) to stderr and exit 1."""
-    print(f"{prog}: error: {printable(' '.join(str(message).split()), limit=ERROR_LIMIT)}", file=sys.stderr)
+def error_line(message: str) -> str:
+    """A failure as the one line a person reads: white space folded, hidden characters escaped, bounded."""
+    return printable(" ".join(str(message).split()), limit=ERROR_LIMIT)
+
+
+def fatal(prog: str, message: str, on_error: Callable[[str], None] | None = None) -> NoReturn:
+    """Print ``PROG: error: MESSAGE`` (escaped, one line) to stderr and exit 1.
+
+    ``on_error`` receives the same line first, for a command that also records its failure where
+    another program reads it (a file, never this stderr text).
+    """
+    line = error_line(message)
+    if on_error is not None:
+        try:
+            on_error(line)
+        except OSError:
+            pass  # the record is a convenience; the error line below is the verdict
+    print(f"{prog}: error: {line}", file=sys.stderr)
     raise SystemExit(EXIT_FAILED)
 
 
@@ -44,7 +59,8 @@ def describe_os_error(exc: OSError) -> str:
     return f"cannot use{where}: {reason}" + (f" ({hint})" if hint else "")
 
 
-def run_cli(prog: str, body: Callable[[], int], *, errors: tuple[type[BaseException], ...] = ()) -> int:
+def run_cli(prog: str, body: Callable[[], int], *, errors: tuple[type[BaseException], ...] = (),
+            on_error: Callable[[str], None] | None = None) -> int:
     """Run a command's ``body``; turn its expected failures into the one error line and exit 1.
 
     ``errors`` are the command's own domain exceptions (their ``str()`` is the line);
@@ -55,10 +71,10 @@ def run_cli(prog: str, body: Callable[[], int], *, errors: tuple[type[BaseExcept
     try:
         return body()
     except KeyboardInterrupt:
-        fatal(prog, "interrupted")
+        fatal(prog, "interrupted", on_error)
     except expected as exc:
-        fatal(prog, str(exc))
+        fatal(prog, str(exc), on_error)
     except OSError as exc:
-        fatal(prog, describe_os_error(exc))
+        fatal(prog, describe_os_error(exc), on_error)
     except MemoryError:
-        fatal(prog, "out of memory; use a smaller model or batch, or a machine with more memory")
+        fatal(prog, "out of memory; use a smaller model or batch, or a machine with more memory", on_error)

@@ -205,12 +205,10 @@ class LocalDeployment:
         except subprocess.TimeoutExpired:
             _stop_tree(proc)
             return OwnerRun(plan.name, -1, time.monotonic() - started, None, f"timed out after {timeout:.0f} s", folder / "out")
-        text = (folder / "owner.log").read_text(errors="replace")
-        errors = [ln for ln in text.splitlines() if ln.startswith("owner.run: error:")]
         summary_path = folder / "out" / "summary.json"
         summary = json.loads(summary_path.read_text()) if proc.returncode == 0 and summary_path.is_file() else None
         return OwnerRun(plan.name, proc.returncode, time.monotonic() - started, summary,
-                        errors[-1][len("owner.run: error: "):] if errors else "", folder / "out")
+                        _owner_failure(folder / "out", proc.returncode, folder / "owner.log"), folder / "out")
 
     def run_owner(self, plan: OwnerPlan, timeout: float = 900.0) -> OwnerRun:
         started = time.monotonic()
@@ -248,6 +246,16 @@ class LocalDeployment:
             return [json.loads(line) for line in self.events.read_text().splitlines() if line.strip()]
         except OSError:
             return []
+
+
+def _owner_failure(out: Path, returncode: int, log: Path) -> str:
+    """Why an owner.run failed, from the ``failure.json`` it writes (never parsed from its stderr)."""
+    if returncode == 0:
+        return ""
+    try:
+        return str(json.loads((out / "failure.json").read_text())["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"owner.run exited {returncode} before it could say why (see {log})"
 
 
 def _stop_tree(proc: subprocess.Popen) -> None:
@@ -317,19 +325,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic-images", type=int, help="synthetic images per job at the entity (default: the engine's; demo 64)")
     parser.add_argument("--synthetic-steps", type=int, help="optimisation steps per synthetic batch (default: the engine's; demo 50)")
     args = parser.parse_args(argv)
+    if args.owners < 1:
+        parser.error("--owners must be at least 1")
+    from protocol.cli import run_cli
+
+    return run_cli("simulations.local", lambda: _simulate(args), errors=(SimulationError,))
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    """The whole local run: entity, owners, report; ``SimulationError`` for what stops it."""
     from rich.console import Console
 
     console = Console(stderr=True)
-    if args.owners < 1:
-        parser.error("--owners must be at least 1")
     work = Path("runs/demo") if args.demo and args.work == Path("runs/local") else args.work
     if work.exists():
         shutil.rmtree(work)
     started = time.monotonic()
     data = args.data or install_demo_data(work / "private")
     if not data.is_dir():
-        print(f"simulations.local: error: data folder {data} does not exist", file=sys.stderr)
-        return 1
+        raise SimulationError(f"data folder {data} does not exist; pass --data DIR or leave it out for the embedded subset")
     epochs = args.epochs if args.epochs is not None else (2 if args.demo else None)
     # The embedded subset has 6,000 training images: smaller batches give retraining enough steps.
     extra = {"batch_size": 64} if args.demo else {}
@@ -347,9 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"entity serving on 127.0.0.1:{deployment.port}")
         with console.status(f"running {len(plans)} owner(s): export, prune at the entity, retrain locally..."):
             runs = deployment.run_owners(plans, parallel=args.parallel, timeout=args.timeout)
-    except SimulationError as exc:
-        print(f"simulations.local: error: {exc}", file=sys.stderr)
-        return 1
     finally:
         left = deployment.stop()
         if left:

@@ -71,7 +71,7 @@ def test_harness_refuses_a_weight_file_of_another_model(model_dir, tmp_path):
 def test_cli_missing_model_is_one_line_error(tmp_path):
     proc = _cli(str(tmp_path / "absent"), "--target", "host", "--out", str(tmp_path / "o"))
     assert proc.returncode == 1
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:")
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("codegen: error:")
     assert "Traceback" not in proc.stderr
 
 
@@ -80,7 +80,7 @@ def test_cli_unsupported_op_names_op_and_node(tmp_path):
     save_model_dir(tmp_path / "m", export(model, (1, 8, 8)))
     proc = _cli(str(tmp_path / "m"), "--target", "host", "--out", str(tmp_path / "o"))
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: unsupported op aten.sigmoid.default at node sigmoid"
+    assert proc.stderr.strip() == "codegen: error: unsupported op aten.sigmoid.default at node sigmoid"
 
 
 def test_cli_bad_target_is_usage_error(model_dir, tmp_path):

@@ -84,10 +84,11 @@ def test_entity_refusal_with_escape_sequences_is_kept_escaped(tmp_path):
 
 
 def test_cli_error_line_shows_entity_text_escaped(capsys):
-    from owner.run import _fatal
+    from owner.run import PROG
+    from protocol.cli import fatal
 
     with pytest.raises(SystemExit) as info:
-        _fatal(f"job failed: the entity refused the job: {CLEAR_SCREEN}")
+        fatal(PROG, f"job failed: the entity refused the job: {CLEAR_SCREEN}")
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err == "owner.run: error: job failed: the entity refused the job: \\x1b[2J\n"

@@ -6,11 +6,20 @@ it with the egress guard (owner side, ``egress``) and records it in the audit lo
 recipient opens, verifies the signature and hashes on the raw bytes, and only then parses
 (``verifying``). No torch training code lives here.
 
-Modules (one per verb, private helpers underscored):
+Modules (one per verb, private helpers underscored; each lists its public names in ``__all__``):
 
+* ``contract``: the contract itself, defined once: the signed kinds, the Flower message types,
+  every bundle file name, and the two bundles as frozen types: ``ModelRequest`` (built by the
+  owner, read by the entity through ``from_files``) and ``PruneResult`` (built by the entity, read
+  by the owner through ``from_files``, which runs every tensor, mask, report and recipe check).
 * ``errors``: ``ProtocolError`` and one subclass per refusal (``KeyFileError``, ``SignatureError``,
-  ``SealError``, ``AdmissionError``, ``ReplayError``, ``ArtifactError``, ``MaskError``,
-  ``EgressViolation``, ``AuditError``); ``str(e)`` is one line.
+  ``SealError``, ``AdmissionError``, ``ReplayError``, ``RequestError``, ``ArtifactError``,
+  ``MaskError``, ``EgressViolation``, ``AuditError``; ``spec.SpecError`` and
+  ``canonical.CanonicalJSONError`` are ProtocolErrors too); ``str(e)`` is one line.
+* ``graph_ops``: the allow-list of ATen compute ops and the checks a received graph passes before
+  torch deserializes it; ``artifact`` rebuilds graphs and tensors without unpickling anything.
+* ``cli``: the one CLI boundary (``run_cli``, ``fatal``): one escaped error line, exit codes.
+* ``display``: ``printable``, the other party's text with every hidden character made visible.
 * ``keys``: ``IdentityCard``, ``Identity``, ``init_identity``, ``load_identity``, ``load_card``,
   ``load_registry``, ``register_card``, ``admit``; CLI ``python -m protocol.keys
   init|show|register``. Cards with small-order (forgeable) keys are refused.
@@ -37,8 +46,9 @@ Modules (one per verb, private helpers underscored):
 Differences from the first API sketch: ``open_bundle`` also takes ``max_bytes``;
 ``seal_bundle_detailed`` returns the signed statement with the blob (for ``record_sent``);
 ``verify_log`` takes one entity card or a fingerprint -> card mapping, an optional external
-``checkpoint`` (detects truncation below it) and
-``every_signature`` (False: the owner signature of the last checkpoint only); ``NonceStore``
+``checkpoint`` (detects truncation below it),
+``every_signature`` (False: the owner signature of the last checkpoint only) and
+``allow_unanchored`` (a log without a signed checkpoint fails unless this names the weaker check); ``NonceStore``
 (``replay``) gives the replay primitives; ``AuditLog`` has ``record_*`` helpers so the flow logs
 each step in one call. ``protocol/FLOW.md`` lists the calls each side makes, in order.
 """

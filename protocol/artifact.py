@@ -33,6 +33,8 @@ from protocol._safetensors import MAX_HEADER_BYTES, TensorInfo, parse_header
 from protocol.errors import ArtifactError
 from protocol.graph_ops import check_graph, check_serialized_program
 
+__all__ = ["ArtifactLimits", "CONSTANTS_FILE", "DEFAULT_LIMITS", "MASKS_FILE", "MAX_PROGRAM_BYTES", "PROGRAM_FILE", "WEIGHTS_FILE", "check_program_files", "dtype_name", "dump_tensors", "load_model_dir", "load_tensors", "program_from_files", "program_to_files", "save_model_dir", "with_state_dict", "write_files_atomically"]
+
 PROGRAM_FILE = "program.json"
 WEIGHTS_FILE = "weights.safetensors"
 CONSTANTS_FILE = "constants.safetensors"

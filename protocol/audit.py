@@ -38,6 +38,8 @@ from .keys import Identity, IdentityCard
 from .sealing import OpenedBundle, Sealed
 from .signing import digest, message_signer, read_message_unchecked, sign_message, verify_message
 
+__all__ = ["AuditLog", "AuditVerdict", "CHECKPOINT_KIND", "COUNTERSIGN_KIND", "EV_BLOCKED", "EV_CHECKPOINT", "EV_COUNTERSIGN", "EV_CREATED", "EV_RECEIPT", "EV_RECEIVED", "EV_RECOVERED", "EV_REFUSED", "EV_SENT", "GENESIS_PREV", "MAX_RECORD_BYTES", "RECEIPT_KIND", "countersign_checkpoint", "embedded_cards", "iter_lines", "make_receipt", "read_records", "verify_log"]
+
 GENESIS_PREV = "sha256:" + "0" * 64
 CHECKPOINT_KIND = "audit-checkpoint"
 COUNTERSIGN_KIND = "audit-countersignature"

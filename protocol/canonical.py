@@ -18,6 +18,8 @@ from typing import Any
 
 from .errors import ProtocolError
 
+__all__ = ["CanonicalJSONError", "JSONDepthError", "MAX_DEPTH", "check_depth", "dumps", "json_depth", "loads"]
+
 MAX_DEPTH = 64
 
 # A JSON string: from a quote to the next unescaped quote. The closing quote is optional so that

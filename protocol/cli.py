@@ -18,6 +18,8 @@ from typing import NoReturn
 from .display import printable
 from .errors import ProtocolError
 
+__all__ = ["ERROR_LIMIT", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "describe_os_error", "error_line", "fatal", "run_cli"]
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -36,6 +36,8 @@ from .masks import MaskStats, check_pattern_masks, pack_masks, parse_library, un
 from .spec import InputSpec, PruneRequest, RetrainLimits, RetrainRecipe, SpecError
 from .tensors import GraphRoles, check_masks, check_running_vars, check_safetensors, schema_of
 
+__all__ = ["COUNTERSIGNATURE_FILE", "FINISH", "MASKS_FILE", "MAX_ID_CHARS", "MAX_RECIPE_BYTES", "MAX_REPORT_BYTES", "MESSAGE_TYPES", "ModelRequest", "OFFER", "OFFER_KIND", "PruneResult", "RECEIPT_FILE", "RECIPE_FILE", "REFUSED", "REPORT_FILE", "REQUEST_FIELDS", "REQUEST_FILE", "REQUEST_KIND", "REQUEST_OPTIONAL", "REQUEST_REQUIRED", "RESULT", "RESULT_KIND", "RESULT_OPTIONAL", "RESULT_REQUIRED", "check_files", "json_kind"]
+
 # ------------------------------------------------------------------------------ signed kinds
 OFFER_KIND = "offer"  # entity -> owner: a signed message (job id, nonce, what it supports)
 REQUEST_KIND = "model-request"  # owner -> entity: a sealed bundle (graph, weights, request.json)

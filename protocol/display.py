@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import unicodedata
 
+__all__ = ["TRUNCATED", "printable"]
+
 TRUNCATED = "… (truncated)"
 
 # Control (C0, DEL, C1), format (bidi overrides and isolates, zero-width characters, soft

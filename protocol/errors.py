@@ -7,6 +7,8 @@ forged signature from a replay from an egress block.
 """
 from __future__ import annotations
 
+__all__ = ["AdmissionError", "ArtifactError", "AuditError", "EgressViolation", "KeyFileError", "MaskError", "ProtocolError", "ReplayError", "RequestError", "SealError", "SignatureError"]
+
 
 class ProtocolError(Exception):
     """Base of every refusal raised by ``protocol``."""

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+__all__ = ["ManagedProcess", "ProcessError", "descendants", "flower_command", "flower_env", "free_port", "pid_alive", "port_open", "wait_for_port"]
+
 
 class ProcessError(RuntimeError):
     """A Flower process failed to start, died, or did not become ready in time."""

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+__all__ = ["BLOB_KEY", "FACTS_KEY", "MAX_BLOB_BYTES", "NPY_STYPE", "PAYLOAD_KEY", "RecordError", "blob_of", "facts_of", "pack"]
+
 
 PAYLOAD_KEY = "payload"
 BLOB_KEY = "sealed"

@@ -35,6 +35,8 @@ import torch
 
 from .errors import ArtifactError
 
+__all__ = ["ALLOWED_OPS", "GETITEM", "MAX_EXPR_CHARS", "MAX_EXPR_DEPTH", "NODE_METADATA_ALLOWED", "OP_PREFIX", "check_expression", "check_graph", "check_serialized_program", "why_not"]
+
 ALLOWED_OPS: frozenset[str] = frozenset({
     # convolution, normalisation
     "aten.conv2d.default", "aten.conv2d.padding", "aten.convolution.default",

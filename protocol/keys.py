@@ -34,6 +34,8 @@ from ._dsse import b64d, b64e
 from ._files import atomic_write, read_regular
 from .errors import AdmissionError, KeyFileError, ProtocolError, SignatureError
 
+__all__ = ["CARD_FILE", "CARD_TYPE", "Identity", "IdentityCard", "MAX_CARD_BYTES", "ROLES", "SEALING_FILE", "SIGNING_FILE", "admit", "fingerprint_of", "init_identity", "load_card", "load_identity", "load_registry", "main", "register_card"]
+
 ROLES = ("owner", "entity")
 CARD_TYPE = "blindprune/identity-card/v1"
 SIGNING_FILE = "signing.key"

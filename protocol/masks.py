@@ -26,6 +26,8 @@ import torch
 from . import _json, canonical
 from .errors import MaskError
 
+__all__ = ["CENTRE", "DEFAULT_LIBRARY_SIZE", "KERNEL", "MAGIC", "MAX_HEADER", "MAX_LIBRARY", "MAX_RANK", "MaskStats", "PATTERN_ENTRIES", "check_pattern_masks", "pack_masks", "parse_library", "unpack_masks"]
+
 MAGIC = b"BPMASK1\n"
 MAX_HEADER = 16 * 1024 * 1024
 MAX_RANK = 8

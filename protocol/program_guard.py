@@ -17,6 +17,8 @@ from typing import Any, Iterable
 from ._json import JSONDepthError, check_depth
 from .errors import EgressViolation
 
+__all__ = ["MAX_PROGRAM_BYTES", "NODE_METADATA_ALLOWED", "check_program", "strip_program"]
+
 NODE_METADATA_ALLOWED: frozenset[str] = frozenset()
 MAX_PROGRAM_BYTES = 64 * 1024 * 1024
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from . import _json, canonical
 from .errors import ReplayError
 
+__all__ = ["NonceStore", "OFFER_SCOPE", "RESULT_SCOPE", "new_job_id", "new_nonce"]
+
 OFFER_SCOPE = "offer"
 RESULT_SCOPE = "result"
 

@@ -32,6 +32,8 @@ from .keys import Identity, IdentityCard
 from .signing import FILE_NAME_RE, check_kind, digest, make_statement, sign_statement, subject_digests
 from .verifying import check_statement, verify_statement_envelope
 
+__all__ = ["BUNDLE_MAGIC", "DEFAULT_MAX_BUNDLE", "INFO_LABEL", "MAX_FILES", "MAX_HEADER", "OpenedBundle", "SEAL_MAGIC", "SUITE_NAME", "Sealed", "open_bundle", "peek_header", "seal_bundle", "seal_bundle_detailed", "sender_fingerprint"]
+
 SEAL_MAGIC = b"BPSEAL1\n"
 BUNDLE_MAGIC = b"BPBNDL1\n"
 SUITE_NAME = "DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM"

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+__all__ = ["SettingsError", "merge_settings"]
+
 
 class SettingsError(ValueError):
     """A settings file is missing, malformed, or names an unknown setting."""

@@ -24,6 +24,8 @@ from ._safetensors import TREE_DIGEST, parse_header, tensor_digests, tree_digest
 from .errors import ArtifactError, SignatureError
 from .keys import Identity, IdentityCard
 
+__all__ = ["BUNDLE_PREDICATE", "FILE_NAME_RE", "MESSAGE_PAYLOAD_TYPE", "MESSAGE_TYPE", "STATEMENT_TYPE", "check_kind", "describe_files", "digest", "make_statement", "message_signer", "read_message_unchecked", "sign_message", "sign_statement", "subject_digests", "verify_message"]
+
 MESSAGE_PAYLOAD_TYPE = "application/vnd.blindprune.message+json"
 MESSAGE_TYPE = "blindprune/message/v1"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"

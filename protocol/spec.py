@@ -13,6 +13,8 @@ from typing import Any
 from .display import printable
 from .errors import ProtocolError
 
+__all__ = ["InputSpec", "MAX_MILESTONES", "PruneRequest", "RetrainLimits", "RetrainRecipe", "SCHEDULES", "SpecError"]
+
 
 class SpecError(ProtocolError, ValueError):
     """A specification or request is malformed."""

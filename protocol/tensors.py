@@ -22,6 +22,8 @@ import torch
 from ._safetensors import FLOAT_DTYPES, parse_header
 from .errors import ArtifactError, MaskError
 
+__all__ = ["GraphRoles", "Schema", "check_masks", "check_running_vars", "check_safetensors", "graph_roles", "schema_of"]
+
 Schema = Mapping[str, tuple[str, tuple[int, ...]]]
 
 _TORCH_TO_ST = {

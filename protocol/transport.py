@@ -39,6 +39,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ._files import atomic_write, read_regular
 from .errors import KeyFileError
 
+__all__ = ["AuthKeys", "MAX_KEY_FILE", "TlsFiles", "certificate_names", "check_node_public_key", "main", "make_supernode_auth_keys", "make_tls_files"]
+
 
 @dataclass(frozen=True)
 class TlsFiles:

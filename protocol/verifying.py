@@ -20,6 +20,8 @@ from .errors import ArtifactError, ReplayError, SignatureError
 from .keys import IdentityCard
 from .signing import BUNDLE_PREDICATE, FILE_NAME_RE, STATEMENT_TYPE
 
+__all__ = ["check_statement", "verify_statement_envelope"]
+
 
 def verify_statement_envelope(envelope: bytes, signer: IdentityCard) -> dict[str, Any]:
     """Verify the envelope's signature, then parse the in-toto statement it carries."""

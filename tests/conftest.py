@@ -49,3 +49,11 @@ def fashion_root() -> Path:
     if not (raw / "train-images-idx3-ubyte").is_file():
         pytest.skip(f"real Fashion-MNIST not found under {raw}")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that takes the real Fashion-MNIST (the ``fashion_root`` fixture) is marked ``realdata``,
+    so ``-m "not realdata"`` selects what runs without ../shared/data."""
+    for item in items:
+        if "fashion_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realdata)

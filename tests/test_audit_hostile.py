@@ -13,8 +13,6 @@ import io
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from protocol.errors import AuditError
 from protocol.keys import Identity
 from protocol.sealing import open_bundle, seal_bundle_detailed
 from protocol.signing import digest, sign_message
+from tests.helpers import unblock_fifo, within
 
 ROOT = Path(__file__).resolve().parents[1]
 OWNER = Identity.generate("owner", "clinic")
@@ -84,35 +83,6 @@ def _sent(log: AuditLog, job_id: str = "job-1", files: dict[str, bytes] | None =
     opened = open_bundle(sealed.blob, kind="model", job_id=job_id, request_hash=digest(b"o"), recipient=ENTITY,
                          senders={OWNER.fingerprint: OWNER.card})
     return sealed, opened
-
-
-def _within(seconds: float, fn: Callable[[], Any], unblock: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Run ``fn`` in a daemon thread; fail (after unblocking it) if it has not returned in time."""
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # handed back to the test
-            out["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        if unblock is not None:
-            unblock()
-        pytest.fail(f"{fn} blocked for more than {seconds} s")
-    return out
-
-
-def _unblock_fifo(path: Path) -> Callable[[], None]:
-    def unblock() -> None:
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # gives a blocked reader EOF
-        except OSError:
-            pass
-    return unblock
 
 
 # ------------------------------------------------------------------------- no default trust
@@ -259,9 +229,9 @@ def test_symlink_to_an_existing_file_as_log_path_is_refused_and_the_file_untouch
 def test_fifo_as_log_path_is_refused_by_the_writer_and_the_verifier_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "audit.jsonl"
     os.mkfifo(fifo)
-    opened = _within(10, lambda: AuditLog.open(fifo, OWNER), _unblock_fifo(fifo))
+    opened = within(10, lambda: AuditLog.open(fifo, OWNER), unblock_fifo(fifo))
     assert isinstance(opened.get("error"), AuditError) and "not a regular file" in str(opened["error"])
-    verdict = _within(10, lambda: verify_log(fifo, owner=OWNER.card), _unblock_fifo(fifo))["value"]
+    verdict = within(10, lambda: verify_log(fifo, owner=OWNER.card), unblock_fifo(fifo))["value"]
     assert not verdict.ok and "FIFO" in verdict.error
 
 

@@ -28,6 +28,7 @@ from protocol.flower_processes import ManagedProcess, flower_command, flower_env
 from protocol.keys import init_identity
 from protocol.transport import make_supernode_auth_keys, make_tls_files
 from simulations.local import LocalDeployment
+from tests.helpers import write_flower_app
 
 
 def _mode(path: Path) -> int:
@@ -36,23 +37,8 @@ def _mode(path: Path) -> int:
 
 def _small_app(folder: Path, marker: Path) -> Path:
     """A ServerApp that proves it ran by writing ``marker``, then idles (so that it can be stopped)."""
-    folder.mkdir(parents=True)
-    (folder / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "intruder"
-        version = "1.0.0"
-        description = "a ServerApp submitted from outside"
-        license = "Apache-2.0"
-        dependencies = []
-        [tool.flwr.app]
-        publisher = "outsider"
-        [tool.flwr.app.components]
-        serverapp = "intruder_server:app"
-        clientapp = "intruder_server:app"
-    """))
+    write_flower_app(folder, "intruder", serverapp="intruder_server:app", clientapp="intruder_server:app",
+                     description="a ServerApp submitted from outside", publisher="outsider")
     (folder / "intruder_server.py").write_text(textwrap.dedent(f"""
         import time
         from pathlib import Path

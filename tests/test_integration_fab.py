@@ -16,30 +16,15 @@ import pytest
 
 from protocol.flower_processes import ManagedProcess, flower_command, flower_env, free_port, wait_for_port
 from simulations.local import REPO, LocalDeployment, OwnerPlan, install_demo_data
+from tests.helpers import write_flower_app
 
 pytestmark = pytest.mark.integration
 
 
 def _hostile_app(folder: Path, marker: Path) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "hostile"
-        version = "1.0.0"
-        description = "a bundle whose ClientApp must never run at the owner"
-        license = "Apache-2.0"
-        dependencies = []
-        [tool.flwr.app]
-        publisher = "attacker"
-        [tool.flwr.app.components]
-        serverapp = "hostile_server:app"
-        clientapp = "hostile_client:app"
-        [tool.flwr.app.config]
-        rounds = 1
-    """))
+    write_flower_app(folder, "hostile", serverapp="hostile_server:app", clientapp="hostile_client:app",
+                     description="a bundle whose ClientApp must never run at the owner", publisher="attacker",
+                     config="rounds = 1")
     (folder / "hostile_client.py").write_text(textwrap.dedent(f"""
         from pathlib import Path
         Path({str(marker)!r}).write_text("imported")

@@ -4,44 +4,20 @@ without being read whole."""
 from __future__ import annotations
 
 import os
-import threading
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from protocol.errors import KeyFileError
 from protocol.keys import MAX_CARD_BYTES, Identity, init_identity, load_card, load_identity, load_registry
-
-
-def _within(seconds: float, fn: Callable[[], Any], fifo: Path) -> dict[str, Any]:
-    """Run ``fn`` in a daemon thread; if it blocks, give the FIFO's reader EOF and fail."""
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # handed back to the test
-            out["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
-        pytest.fail(f"blocked on the FIFO {fifo} for more than {seconds} s")
-    return out
+from tests.helpers import unblock_fifo, within
 
 
 def test_fifo_as_card_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "card.json"
     os.mkfifo(fifo)
-    error = _within(10, lambda: load_card(fifo), fifo).get("error")
+    error = within(10, lambda: load_card(fifo), unblock_fifo(fifo)).get("error")
     assert isinstance(error, KeyFileError) and "FIFO" in str(error) and str(fifo) in str(error)
 
 
@@ -49,7 +25,7 @@ def test_fifo_in_the_registry_is_an_error_naming_the_file_not_a_hang(tmp_path: P
     (tmp_path / "good.json").write_bytes(Identity.generate("owner").card.to_bytes())
     fifo = tmp_path / "planted.json"
     os.mkfifo(fifo)
-    error = _within(10, lambda: load_registry(tmp_path), fifo).get("error")
+    error = within(10, lambda: load_registry(tmp_path), unblock_fifo(fifo)).get("error")
     assert isinstance(error, KeyFileError) and "planted.json" in str(error) and "not a regular file" in str(error)
 
 
@@ -71,7 +47,7 @@ def test_fifo_as_private_key_is_refused_without_blocking(tmp_path: Path) -> None
     key = tmp_path / "signing.key"
     key.unlink()
     os.mkfifo(key, 0o600)
-    error = _within(10, lambda: load_identity(tmp_path), key).get("error")
+    error = within(10, lambda: load_identity(tmp_path), unblock_fifo(key)).get("error")
     assert isinstance(error, KeyFileError) and "FIFO" in str(error)
 
 

@@ -1,0 +1,66 @@
+"""Helpers several test modules share: a bounded wait on code that may block, a test Flower app."""
+from __future__ import annotations
+
+import os
+import textwrap
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def unblock_fifo(path: Path) -> Callable[[], None]:
+    """A callable that gives a reader blocked on the FIFO at ``path`` its EOF."""
+    def unblock() -> None:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    return unblock
+
+
+def within(seconds: float, fn: Callable[[], Any], unblock: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run ``fn`` in a daemon thread: ``{"value": ...}`` or ``{"error": ...}``; fail the test (after
+    ``unblock``, so the thread can end) if it has not returned within ``seconds``."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # handed back to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        if unblock is not None:
+            unblock()
+        pytest.fail(f"{fn} blocked for more than {seconds} s")
+    return out
+
+
+def write_flower_app(folder: Path, name: str, *, serverapp: str, clientapp: str, description: str,
+                     publisher: str, config: str = "") -> Path:
+    """A minimal Flower app folder (``pyproject.toml`` only; the caller writes the modules).
+    ``config``: the ``[tool.flwr.app.config]`` table's lines, if any."""
+    folder.mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(textwrap.dedent(f"""
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "{name}"
+        version = "1.0.0"
+        description = "{description}"
+        license = "Apache-2.0"
+        dependencies = []
+        [tool.flwr.app]
+        publisher = "{publisher}"
+        [tool.flwr.app.components]
+        serverapp = "{serverapp}"
+        clientapp = "{clientapp}"
+        """) + (f"[tool.flwr.app.config]\n{config}\n" if config else ""))
+    return folder

@@ -99,15 +99,15 @@ def factories() -> dict[str, Callable[[], nn.Module]]:
         return model
 
     def vgg16() -> nn.Module:
-        cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, 512, 512, 512]
+        cfg: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, 512, 512, 512]
         layers: list[nn.Module] = []
         cin = 1
         for v in cfg:
-            if v == "M":
+            if isinstance(v, str):  # "M"
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(cin, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU()]
-                cin = int(v)
+                layers += [nn.Conv2d(cin, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU()]
+                cin = v
         return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
 
     return {
@@ -186,8 +186,8 @@ def run_cell(name: str, dense: nn.Module, rate: float, method: str, ks: tuple[in
 
     spec = InputSpec(**SPEC_KW)  # type: ignore[arg-type]
     program = export(copy_model(name, dense))
-    recipe, overrides = METHODS[method.removesuffix("-real")]
-    config = PruneConfig(rate=rate, recipe=recipe, device=device, synthetic_images=synthetic_images, **overrides)
+    recipe, options = METHODS[method.removesuffix("-real")]
+    config = PruneConfig(rate=rate, recipe=recipe, device=device, synthetic_images=synthetic_images, options=options)
     inputs = None
     extra_seconds = 0.0
     if method.endswith("-real"):
@@ -216,27 +216,27 @@ def run_cell(name: str, dense: nn.Module, rate: float, method: str, ks: tuple[in
     test_loader = loader(test, 1000, False)
     acc = {0: evaluate(model, test_loader, device)}
     log(f"{name} {rate}x {method}: pruned in {seconds:.0f}s, rate {result.report['achieved_rate']}, K=0 acc {acc[0]:.4f}")
-    recipe = RetrainRecipe()
+    retrain = RetrainRecipe()
     # A step schedule gives K=1 on the way to K=3; a cosine schedule is fitted to its run length,
     # so each K in the table is its own run from the pruned weights (as an owner would run it).
     runs = sorted(k for k in ks if k > 0)
-    if recipe.schedule == "step" and runs:
+    if retrain.schedule == "step" and runs:
         runs = [runs[-1]]
     for run in runs:
         def on_epoch(stats, m, run=run) -> None:
-            if recipe.schedule == "step" or stats.epoch == run:
+            if retrain.schedule == "step" or stats.epoch == run:
                 acc[stats.epoch] = evaluate(m, test_loader, device)
                 log(f"{name} {rate}x {method}: K={stats.epoch} acc {acc[stats.epoch]:.4f}")
 
         trained = copy_model(name, dense)
         trained.load_state_dict(result.state_dict)
-        teacher = copy_model(name, dense) if recipe.distill > 0 else None
-        masked_retrain(trained, result.masks, loader(train, recipe.batch_size, True, seed=1),
-                       recipe, epochs=run, device=device, on_epoch=on_epoch, teacher=teacher)
+        teacher = copy_model(name, dense) if retrain.distill > 0 else None
+        masked_retrain(trained, result.masks, loader(train, retrain.batch_size, True, seed=1),
+                       retrain, epochs=run, device=device, on_epoch=on_epoch, teacher=teacher)
     errors = [float(layer["error"]) for layer in result.report["layers"]]
     return {
         "model": name, "rate": rate, "method": method, "ks_run": sorted(set(ks) | {0}),
-        "retrain": recipe.to_json(),
+        "retrain": retrain.to_json(),
         "accuracy": {str(k): v for k, v in acc.items()},
         "prune_seconds": round(seconds, 1),
         "achieved_rate": result.report["achieved_rate"],
@@ -252,13 +252,14 @@ def copy_model(name: str, dense: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------- the plan
-# Cells in priority order: the table is filled from the top, so a run cut short still answers the
-# brief's questions first (8x/16x targets, ours vs one-shot, the paper's recipe, the upper bound).
+# Each method: a recipe and its options (``PruneConfig.options``, merged over the recipe's defaults).
 METHODS: dict[str, tuple[str, dict]] = {
     "oneshot": ("oneshot", {}), "admm": ("admm", {}), "slr": ("slr", {}), "refit": ("refit", {"allocation": "uniform"}),
     "refit-sens": ("refit", {"allocation": "sensitivity"}),
 }
 Plan = list[tuple[str, float, str, tuple[int, ...]]]  # model, rate, method, retraining lengths K
+# Cells in priority order: the table is filled from the top, so a run cut short still answers the
+# brief's questions first (8x/16x targets, ours vs one-shot, the paper's recipe, the upper bound).
 FULL_PLAN: Plan = [
     ("vgg", 16.0, "oneshot", (1, 3)), ("vgg", 16.0, "refit-sens", (1, 3)),
     ("resnet20", 16.0, "oneshot", (1, 3)), ("resnet20", 16.0, "refit-sens", (1, 3)),
@@ -319,7 +320,8 @@ def render_markdown(state: dict, quick: bool) -> str:
         "Generated by `python -m benchmarks.paper_table`" + (" --quick (smoke test: data subset)" if quick else "")
         + ". Accuracy is top-1 on the " + ("first 3,000" if quick else "10,000") + " test images (%), after K epochs of masked retraining",
         f"(`owner.retrain` with the entity's recommended recipe: {describe_recipe(RetrainRecipe())};",
-        ("a 3,000-image subset" if quick else "the full training set") + ", one seed; every method gets the same recipe). Conv compression is over all prunable 3x3 convs (the stem",
+        ("a 3,000-image subset" if quick else "the full training set") + ", one seed; every method gets the same recipe)."
+        " Conv compression is over all prunable 3x3 convs (the stem",
         "conv and 1x1 shortcuts stay dense). Prune time includes synthetic-image generation, on a shared",
         "2-core CPU with one thread (two benchmark processes ran side by side). A dash means the cell was",
         "not run in the time available. \"mean layer err\" is the relative error of each pruned layer's",
@@ -370,11 +372,11 @@ def _targets(name: str, info: dict, cells: list[dict]) -> list[str]:
         for k in ("3", "1", "0"):
             ranked = sorted(((c["accuracy"][k], c["method"]) for c in cells
                              if c["rate"] == rate and c["method"] in free and k in c["accuracy"]), reverse=True)
-            base = [a for a, m in ranked if m == "oneshot"]
-            if len(ranked) >= 2 and base:
+            oneshot = [a for a, m in ranked if m == "oneshot"]
+            if len(ranked) >= 2 and oneshot:
                 acc, method = ranked[0]
                 out.append(f"- {rate:g}x, K={k}: best data-free recipe **{method}** {_pct(acc)}, "
-                           f"{100 * (acc - base[0]):+.1f} pp over one-shot projection")
+                           f"{100 * (acc - oneshot[0]):+.1f} pp over one-shot projection")
                 break
     ours, base = _best(cells, 16.0, ("refit", "refit-sens"), "1"), _best(cells, 16.0, ("oneshot",), "1")
     if ours is not None and base is not None:
@@ -397,8 +399,8 @@ def render_plot(state: dict, path: Path) -> None:
     if not names:
         return
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 5.2), squeeze=False)
-    colours = dict(zip(METHOD_ORDER, plt.get_cmap("tab10").colors))
-    for ax, name in zip(axes[0], names):
+    colours = dict(zip(METHOD_ORDER, plt.get_cmap("tab10").colors, strict=False))  # type: ignore[attr-defined]  # more colours than methods
+    for ax, name in zip(axes[0], names, strict=True):
         cells = [c for c in current if c["model"] == name]
         for method in METHOD_ORDER:
             for k, style in (("1", "--"), ("3", "-")):

@@ -11,11 +11,12 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from entity.sandbox import PruningFailed, PruningRefused, SandboxLimits, run_pruning
+from entity.sandbox import PruningFailed, PruningRefused, run_pruning
+from entity.settings import EntitySettings
 from protocol.artifact import check_program_files
 from protocol.audit import countersign_checkpoint, make_receipt
 from protocol.contract import OFFER_KIND, REQUEST_KIND, RESULT_KIND, ModelRequest, PruneResult
@@ -66,19 +67,6 @@ class EventLog:
             os.close(fd)
 
 
-@dataclass(frozen=True)
-class EntitySettings:
-    """How this entity prunes: the recipe (None = the engine's default winner), device, limits."""
-
-    recipe: str | None = None
-    device: str = "cpu"
-    epochs: int | None = None
-    # Extra PruneConfig fields the operator sets (e.g. synthetic_images, synthetic_steps).
-    options: Mapping[str, Any] = field(default_factory=dict)
-    # Memory and wall-clock limits of the child process pruning runs in (entity.sandbox).
-    sandbox: SandboxLimits = SandboxLimits()
-
-
 @dataclass
 class Offer:
     job_id: str
@@ -99,17 +87,17 @@ class EntityJobs:
         registry: Callable[[], Mapping[str, IdentityCard]],
         nonces: NonceStore,
         events: EventLog,
-        settings: EntitySettings = EntitySettings(),
+        settings: EntitySettings | None = None,
     ):
         self.identity = identity
         self.registry = registry
         self.nonces = nonces
         self.events = events
-        self.settings = settings
+        self.settings = settings if settings is not None else EntitySettings()
 
     def make_offer(self, node_id: int) -> Offer:
         """A signed offer: job id, nonce, the entity's card fingerprint and what it supports."""
-        from entity.pruning import RECIPES, PruneConfig
+        from entity.pruning import DEFAULT_RECIPE, RECIPES
 
         job_id, nonce = self.nonces.issue()
         payload = {
@@ -117,7 +105,7 @@ class EntityJobs:
             "nonce": nonce,
             "entity": self.identity.card.fingerprint,
             "recipes": sorted(RECIPES),
-            "default_recipe": self.settings.recipe or PruneConfig.__dataclass_fields__["recipe"].default,
+            "default_recipe": self.settings.recipe or DEFAULT_RECIPE,
             "asks_for": ["model graph", "model weights", "input specification", "pruning request"],
         }
         blob = sign_message(payload, kind=OFFER_KIND, signer=self.identity)
@@ -179,22 +167,23 @@ class EntityJobs:
         The received graph is checked here (``check_program_files``: op allow-list and sizes,
         before any torch code sees it) and then pruned in a child process that gets only the
         artifact bytes, the spec and the engine config (``entity.sandbox``), within the
-        ``settings.sandbox`` limits; signing and sealing stay here. A failure in the child reaches
+        ``settings.sandbox`` limits (the operator's ``--prune-memory-gib`` / ``--prune-timeout``);
+        signing and sealing stay here. A failure in the child reaches
         the owner as our generic reason and an error id, its text only the event log.
         """
-        from entity.pruning import PruneConfig
+        from entity.pruning import DEFAULT_RECIPE, PruneConfig
 
         started = time.perf_counter()
         request = _request_of(opened)
         spec, wanted, artifact = request.spec, request.prune, dict(request.artifact)
         check_program_files(artifact)  # graph and sizes refused here, before any torch code runs on them
-        recipe = wanted.recipe or self.settings.recipe
-        kwargs: dict[str, Any] = {**self.settings.options, "rate": wanted.rate, "skip_layers": list(wanted.skip_layers),
-                                  "device": self.settings.device}
-        if recipe:
-            kwargs["recipe"] = recipe
+        recipe = wanted.recipe or self.settings.recipe or DEFAULT_RECIPE
+        # The operator's engine settings and options for this recipe, then what the owner asked for.
+        kwargs: dict[str, Any] = {**self.settings.prune_options(recipe), "rate": wanted.rate,
+                                  "skip_layers": list(wanted.skip_layers), "recipe": recipe}
         try:
-            PruneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+            checked: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+            PruneConfig(**checked)
         except (TypeError, ValueError) as exc:
             raise JobError(f"pruning request not supported: {exc}") from exc
         # The graph runs in a child process that holds no key; a failure's text stays in our log.
@@ -204,7 +193,7 @@ class EntityJobs:
             raise JobError(str(exc)) from None
         except PruningFailed as exc:
             raise JobError(self.record_failure(offer.job_id, exc.reason, exc.detail)) from None
-        retrain = RetrainRecipe(**({"epochs": self.settings.epochs} if self.settings.epochs is not None else {}))
+        retrain = RetrainRecipe() if self.settings.epochs is None else RetrainRecipe(epochs=self.settings.epochs)
         report = dict(result.report)
         report["job_id"] = offer.job_id
         report["received"] = {"files": dict(opened.file_digests()), "input_spec": spec.to_json(), "request": wanted.to_json()}

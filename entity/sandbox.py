@@ -22,6 +22,7 @@ the parent.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -283,7 +284,7 @@ def _read_frames(stream: BinaryIO, frames: queue.Queue, max_result: int) -> None
         frames.put(None)
 
 
-def _drain(stream: BinaryIO, tail: deque[bytes]) -> None:
+def _drain(stream: io.BufferedReader, tail: deque[bytes]) -> None:
     """Keep the last ``_STDERR_TAIL`` bytes of the child's stderr (for the event log)."""
     size = 0
     try:

@@ -14,10 +14,12 @@ an environment variable the SuperLink passes down to it. The home folder is kept
 SuperLink runs with umask 077.
 
 Settings come from ``entity.toml`` in the working directory (or ``--config``); flags override it.
+Each is one field of ``entity.settings.EntitySettings``, from which the flags below are made.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import os
@@ -26,11 +28,12 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from entity.settings import SETTINGS_ENV, SETTINGS_FILE, EntitySettings, write_settings
 from protocol._files import atomic_write
 from protocol.errors import KeyFileError, ProtocolError
 from protocol.flower_processes import (
@@ -47,44 +50,10 @@ from protocol.keys import init_identity, load_identity, load_registry
 from protocol.settings import SettingsError, merge_settings
 from protocol.transport import certificate_names, check_node_public_key
 
-DEFAULT_PORT = 9092
 CONTROL_HOST = "127.0.0.1"
-# The SuperLink's environment reaches the SuperExec and every flwr-serverapp it starts (plain
-# Popen, no env= in flwr 1.41), so this is how the ServerApp finds its settings without the FAB.
-SETTINGS_ENV = "BLINDPRUNE_ENTITY_SETTINGS"
-SETTINGS_FILE = "serverapp.json"
 
-
-@dataclass(frozen=True)
-class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    home: Path = Path("entity-home")
-    owners: Path | None = None
-    recipe: str = ""
-    device: str = "cpu"
-    epochs: int = -1
-    synthetic_images: int = 0
-    synthetic_steps: int = 0
-    start_timeout: float = 60.0
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    control_port: int = 0
-    auth: bool = False
-    nodes: Path | None = None
-
-    @property
-    def owners_dir(self) -> Path:
-        return self.owners if self.owners is not None else self.home / "owners"
-
-    @property
-    def nodes_dir(self) -> Path:
-        return self.nodes if self.nodes is not None else self.home / "nodes"
-
-    @property
-    def tls(self) -> bool:
-        return self.tls_cert is not None
+# The service's name for the entity's settings: one value, from flags and entity.toml to the ServerApp.
+ServeConfig = EntitySettings
 
 
 class ServeError(RuntimeError):
@@ -96,59 +65,70 @@ def _fatal(message: str) -> NoReturn:
     raise SystemExit(1)
 
 
+class _FoldItems(argparse.Action):
+    """A repeatable flag whose uses fold into one nested table (``--recipe-option admm.admm_iters=50``)."""
+
+    def __init__(self, *args: Any, item: Any, **kwargs: Any) -> None:
+        self.item = item
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        try:
+            table, key, value = self.item(values)
+        except ValueError as exc:
+            parser.error(f"{option_string}: {exc}")  # a usage error: exit 2
+        folded = {name: dict(entries) for name, entries in (getattr(namespace, self.dest) or {}).items()}
+        folded.setdefault(table, {})[key] = value
+        setattr(namespace, self.dest, folded)
+
+
+def _flag_type(hint: Any) -> Any:
+    """The argparse ``type`` for a setting annotated ``hint`` (``int | None`` -> ``int``)."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+    return args[0]
+
+
 def _parser() -> argparse.ArgumentParser:
+    """Flags: ``--config`` and ``--quiet``, and one per ``EntitySettings`` field (its help, its type)."""
     p = argparse.ArgumentParser(prog="python -m entity.serve", description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, help="TOML settings file (default: ./entity.toml if present)")
-    p.add_argument("--host", help="address owners' SuperNodes connect to; serves the Fleet API only (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help=f"port owners' SuperNodes connect to (default {DEFAULT_PORT})")
-    p.add_argument("--control-port", type=int,
-                   help="port of the Control and Runtime APIs, always on 127.0.0.1 (default: a free port)")
-    p.add_argument("--home", type=Path, help="service folder: keys/, owners/, nodes/, events.jsonl, Flower state (default ./entity-home)")
-    p.add_argument("--owners", type=Path, help="folder of registered owner identity cards (default HOME/owners)")
-    p.add_argument("--auth", action="store_true", default=None,
-                   help="SuperNode authentication: admit only SuperNodes whose public keys are in --nodes (needs --tls-*)")
-    p.add_argument("--nodes", type=Path, help="folder of owners' SuperNode public keys, *.pub, for --auth (default HOME/nodes)")
-    p.add_argument("--recipe", help="pruning recipe (default: the engine's benchmark winner)")
-    p.add_argument("--device", help="torch device for pruning: cpu or cuda")
-    p.add_argument("--epochs", type=int, help="retraining epochs recommended to owners (default: the recipe's)")
-    p.add_argument("--synthetic-images", type=int, help="synthetic images the pruning engine makes per job (default: the engine's)")
-    p.add_argument("--synthetic-steps", type=int, help="optimisation steps per synthetic batch (default: the engine's)")
-    p.add_argument("--start-timeout", type=float, help="seconds to wait for the SuperLink and ServerApp (default 60)")
-    p.add_argument("--tls-cert", type=Path, help="PEM certificate for the SuperLink (enables TLS)")
-    p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
-    p.add_argument("--tls-ca", type=Path, help="PEM CA certificate that signed --tls-cert")
+    for spec in dataclasses.fields(EntitySettings):
+        meta = spec.metadata
+        flag = meta.get("flag") or "--" + spec.name.replace("_", "-")
+        kind = _flag_type(EntitySettings.type_of(spec.name))
+        common: dict[str, Any] = {"dest": spec.name, "help": meta["help"]}
+        if meta.get("metavar"):
+            common["metavar"] = meta["metavar"]
+        if meta.get("item") is not None:
+            p.add_argument(flag, action=_FoldItems, item=meta["item"], **common)
+        elif kind is bool:
+            p.add_argument(flag, action="store_true", default=None, **common)
+        else:
+            p.add_argument(flag, type=kind, **common)
     p.add_argument("--quiet", action="store_true", help="no live event display")
     return p
 
 
-def load_config(args: argparse.Namespace) -> ServeConfig:
+def load_config(args: argparse.Namespace) -> EntitySettings:
+    """The settings from ``entity.toml`` (or ``--config``) with the flags over them, checked."""
     try:
-        data = merge_settings(args, section="entity", default_file="entity.toml", known=ServeConfig.__dataclass_fields__,
-                              path_keys=("home", "owners", "nodes", "tls_cert", "tls_key", "tls_ca"))
+        data = merge_settings(args, section="entity", default_file="entity.toml",
+                              known=[spec.name for spec in dataclasses.fields(EntitySettings)],
+                              path_keys=EntitySettings.path_settings())
     except SettingsError as exc:
         raise ServeError(str(exc)) from None
     for key in ("home", "owners", "nodes"):
         if data.get(key) is not None:
             data[key] = data[key].resolve()
-    if not isinstance(data.get("auth", False), bool):
-        raise ServeError("auth must be true or false")
-    config = ServeConfig(**data)
-    if config.synthetic_images < 0 or config.synthetic_steps < 0:
-        raise ServeError("synthetic images and steps must be positive")
-    if not 0 < config.port < 65536:
-        raise ServeError(f"port {config.port} is out of range")
-    if not 0 <= config.control_port < 65536:
-        raise ServeError(f"control port {config.control_port} is out of range (0 picks a free one)")
-    if config.control_port == config.port:
-        raise ServeError(f"--control-port must differ from --port {config.port}: owners must never reach the Control API")
-    if (config.tls_cert is None) != (config.tls_key is None) or (config.tls_cert and config.tls_ca is None):
-        raise ServeError("TLS needs --tls-cert, --tls-key and --tls-ca together")
+    try:
+        config = EntitySettings(**data)
+    except SettingsError as exc:
+        raise ServeError(str(exc)) from None
     for key in ("tls_cert", "tls_key", "tls_ca"):
         value = getattr(config, key)
         if value is not None and not value.is_file():
             raise ServeError(f"{key.replace('_', '-')} file {value} does not exist")
-    if config.auth and not config.tls:
-        raise ServeError("--auth needs TLS: pass --tls-cert, --tls-key and --tls-ca too (Flower authenticates SuperNodes only over TLS)")
     if config.tls_cert is not None:
         try:
             names = certificate_names(config.tls_cert)
@@ -157,36 +137,20 @@ def load_config(args: argparse.Namespace) -> ServeConfig:
         if CONTROL_HOST not in names:
             raise ServeError(f"TLS certificate {config.tls_cert} does not name {CONTROL_HOST}: the entity's own flwr calls and "
                              f"its ServerApp connect over loopback; make one with `python -m protocol.transport tls DIR --host NAME`")
+    if config.recipe_options:
+        _check_recipe_options(config.recipe_options)
     return config
 
 
-def serverapp_settings(config: ServeConfig) -> dict[str, Any]:
-    """What the ServerApp needs to know, written to ``HOME/serverapp.json`` (never into the FAB)."""
-    return {
-        "home": str(config.home.resolve()),
-        "owners": str(config.owners_dir.resolve()),
-        "recipe": config.recipe,
-        "device": config.device,
-        "epochs": config.epochs,
-        "synthetic_images": config.synthetic_images,
-        "synthetic_steps": config.synthetic_steps,
-    }
+def _check_recipe_options(options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse, at start-up, a recipe option no job could use (it needs the engine, so torch)."""
+    from entity.pruning import PruneError, recipe_settings
 
-
-def read_serverapp_settings(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The ServerApp's side of :func:`serverapp_settings`: the file named by ``SETTINGS_ENV``."""
-    location = environ.get(SETTINGS_ENV)
-    if not location:
-        raise ServeError(f"{SETTINGS_ENV} is not set: the entity ServerApp runs only under `python -m entity.serve`")
-    try:
-        data = json.loads(Path(location).read_text())
-    except OSError as exc:
-        raise ServeError(f"cannot read the ServerApp settings {location}: {exc.strerror}") from None
-    except ValueError:
-        raise ServeError(f"ServerApp settings {location} are not JSON; restart `python -m entity.serve` to rewrite them") from None
-    if not isinstance(data, dict) or not {"home", "owners"} <= set(data):
-        raise ServeError(f"ServerApp settings {location} lack home or owners; restart `python -m entity.serve` to rewrite them")
-    return data
+    for recipe, values in options.items():
+        try:
+            recipe_settings(recipe, values)
+        except PruneError as exc:
+            raise ServeError(f"recipe option: {exc}") from None
 
 
 def _app_pyproject() -> str:
@@ -225,7 +189,7 @@ def _is_loopback(host: str) -> bool:
 class EntityService:
     """The SuperLink process and the one long-lived run of the entity's ServerApp."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: EntitySettings) -> None:
         self.config = config
         self.home = config.home
         self.flwr_home = self.home / "flwr"
@@ -310,7 +274,7 @@ class EntityService:
         elif port_open(CONTROL_HOST, self.control_port):
             raise ServeError(f"control port {self.control_port} on {CONTROL_HOST} is already in use")
         settings = self.home / SETTINGS_FILE
-        atomic_write(settings, json.dumps(serverapp_settings(cfg), indent=2).encode(), mode=0o600)
+        write_settings(settings, cfg)
         env = flower_env(self.flwr_home, {SETTINGS_ENV: str(settings)})
         self.superlink = ManagedProcess("SuperLink", self.superlink_command(), self.home / "superlink.log", env,
                                         umask=0o077).start()
@@ -384,8 +348,8 @@ class EntityService:
                 answer = {}
             if done.returncode == 0 and answer.get("success"):
                 return str(answer["run-id"])
-            last = (answer.get("error") or answer.get("error-message") or done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            last = last[0] if isinstance(last, list) else str(last)
+            lines = str(answer.get("error") or answer.get("error-message") or done.stderr or done.stdout).strip().splitlines()
+            last = lines[-1] if lines else "no output"
             time.sleep(1)
         raise ServeError(f"could not submit the entity ServerApp: {last}")
 
@@ -436,7 +400,8 @@ def _describe(event: dict) -> str | None:
         step = event.get("phase")
         if step == "layer":
             err = event.get("error") or event.get("synthetic_error") or ""
-            return f"[{job}] layer {event.get('index', '?')}/{event.get('total', '?')} {event.get('layer', '')} rate {event.get('rate', '')} error {err}"
+            return (f"[{job}] layer {event.get('index', '?')}/{event.get('total', '?')} {event.get('layer', '')} "
+                    f"rate {event.get('rate', '')} error {err}")
         if step in ("start", "done", "synthetic"):
             details = {k: v for k, v in event.items() if k not in ("event", "time", "job_id", "phase")}
             return f"[{job}] {step}: {details}"

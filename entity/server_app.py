@@ -14,16 +14,16 @@ import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from entity.jobs import EntityJobs, EntitySettings, EventLog, JobError, Offer, ServiceFault
+from entity.jobs import EntityJobs, EventLog, JobError, Offer, ServiceFault
+from entity.settings import read_settings
 from protocol.canonical import CanonicalJSONError
-from protocol.errors import AdmissionError, ArtifactError, ReplayError, SealError, SignatureError
 from protocol.contract import FINISH, OFFER, REFUSED, RESULT
+from protocol.errors import AdmissionError, ArtifactError, ReplayError, SealError, SignatureError
 from protocol.flower_records import RecordError, blob_of, facts_of, pack
 from protocol.keys import load_identity, load_registry
 from protocol.replay import NonceStore
@@ -71,30 +71,23 @@ class Outgoing:
 def entity_from_config(run_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> EntityJobs:
     """Build the entity's job handler from the settings file ``entity.serve`` names in the environment.
 
+    The file is ``EntitySettings.to_json``, read back strictly (``entity.settings.read_settings``):
+    every operator setting, the sandbox limits included, arrives as the same value ``entity.serve``
+    checked.
+
     Not from ``run_config``: that is the FAB's configuration, which every owner receives, so it
     must carry nothing about the entity's host. One that carries anything is refused, so that a
     path can never slip back into the bundle unnoticed.
     """
-    from entity.serve import read_serverapp_settings
-
     if run_config:
         raise ValueError(f"the entity FAB must carry no run configuration (it reaches every owner); got {sorted(run_config)}")
-    values = read_serverapp_settings(os.environ if environ is None else environ)
-    home = Path(str(values["home"]))
-    owners = Path(str(values["owners"]))
-    epochs = int(values.get("epochs", -1))
-    options = {key: int(values[key]) for key in ("synthetic_images", "synthetic_steps") if int(values.get(key, 0)) > 0}
-    settings = EntitySettings(
-        recipe=str(values.get("recipe", "")) or None,
-        device=str(values.get("device", "cpu")),
-        epochs=None if epochs < 0 else epochs,
-        options=options,
-    )
+    settings = read_settings(os.environ if environ is None else environ)
+    owners = settings.owners_dir
     return EntityJobs(
-        identity=load_identity(home / "keys"),
+        identity=load_identity(settings.home / "keys"),
         registry=lambda: load_registry(owners),
-        nonces=NonceStore(home / "nonces.jsonl"),
-        events=EventLog(home / "events.jsonl"),
+        nonces=NonceStore(settings.home / "nonces.jsonl"),
+        events=EventLog(settings.home / "events.jsonl"),
         settings=settings,
     )
 

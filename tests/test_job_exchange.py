@@ -147,7 +147,7 @@ def test_default_recipe_runs_through_the_job_with_progress_events(parties):
     from entity.pruning import PruneConfig
 
     jobs, session, _, tmp_path = parties
-    jobs.settings = EntitySettings(options={"synthetic_images": 32, "synthetic_steps": 5})
+    jobs.settings = EntitySettings(synthetic_images=32, synthetic_steps=5)
     events = []
     offer = jobs.make_offer(node_id=1)
     request = session.answer_offer(offer.blob, None)
@@ -158,3 +158,27 @@ def test_default_recipe_runs_through_the_job_with_progress_events(parties):
     logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert any(rec["event"] == "pruning" and rec.get("phase") == "done" for rec in logged)
     session.receive_result(result)
+
+
+def test_operator_settings_reach_the_pruning_process(parties, monkeypatch):
+    """The entity's settings decide the engine config and the sandbox limits of the child process."""
+    import entity.jobs
+    from entity.sandbox import GiB, PruningRefused, SandboxLimits
+
+    jobs, session, _, _ = parties
+    jobs.settings = EntitySettings(recipe="admm", synthetic_images=16, prune_memory_gib=3, prune_timeout=90,
+                                   recipe_options={"admm": {"admm_iters": 5}, "refit": {"damping": 0.1}})
+    seen: dict = {}
+
+    def no_child(files, spec_json, config, progress, limits):
+        seen.update(config=config, limits=limits)
+        raise PruningRefused("stopped before a child was started")
+
+    monkeypatch.setattr(entity.jobs, "run_pruning", no_child)
+    offer = jobs.make_offer(node_id=1)
+    request = session.answer_offer(offer.blob, None)
+    with pytest.raises(JobError, match="stopped before"):
+        jobs.prune(offer, jobs.open_request(offer, request), request)
+    assert seen["limits"] == SandboxLimits(memory_bytes=3 * GiB, seconds=90)
+    assert seen["config"]["recipe"] == "admm" and seen["config"]["synthetic_images"] == 16
+    assert seen["config"]["options"] == {"admm_iters": 5}  # only the running recipe's options

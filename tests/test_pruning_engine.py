@@ -115,3 +115,40 @@ def test_bad_requests_raise_prune_error(vgg):
     with pytest.raises(PruneError):
         prune(vgg, SPEC, PruneConfig(rate=8.0, recipe="oneshot", layer_rates=(("nope.weight", 4.0),)))
     assert pat.MIN_RATE == 2.25
+
+
+def test_each_recipe_owns_its_settings_merged_over_its_defaults():
+    from entity.pruning import RECIPES, RecipeSettings
+    from entity.pruning.admm import AdmmSettings
+    from entity.pruning.refit import RefitSettings
+    from entity.pruning.slr import SlrSettings
+
+    assert {name: recipe.settings for name, recipe in RECIPES.items()} == {
+        "oneshot": RecipeSettings, "admm": AdmmSettings, "slr": SlrSettings, "refit": RefitSettings}
+    config = PruneConfig(rate=8.0, recipe="admm", options={"admm_iters": 7, "rho_stages": 2})
+    assert config.settings == AdmmSettings(admm_iters=7, rho_stages=2)
+    assert list(config.settings.rho) == [1e-4, 1e-3]
+    assert PruneConfig(rate=8.0, recipe="refit").settings == RefitSettings()
+    # SLR takes ADMM's options as well as its own.
+    assert PruneConfig(rate=8.0, recipe="slr", options={"admm_lr": 0.1, "slr_m": 50.0}).settings.to_json() == {
+        **AdmmSettings(admm_lr=0.1).to_json(), "slr_m": 50.0, "slr_r": 0.1}
+
+
+def test_an_unknown_recipe_option_is_refused_naming_the_known_ones():
+    with pytest.raises(PruneError) as info:
+        PruneConfig(rate=8.0, recipe="admm", options={"damping": 0.1})
+    text = str(info.value)
+    assert "\n" not in text and "'damping'" in text and "recipe 'admm'" in text
+    assert all(name in text for name in ("admm_iters", "admm_lr", "admm_optimiser", "rho_start", "rho_stages"))
+    with pytest.raises(PruneError, match="recipe 'oneshot' has no option 'admm_iters'; it takes none"):
+        PruneConfig(rate=8.0, recipe="oneshot", options={"admm_iters": 3})
+
+
+def test_recipe_option_values_are_type_checked():
+    with pytest.raises(PruneError, match="'admm_iters' must be an integer"):
+        PruneConfig(rate=8.0, recipe="admm", options={"admm_iters": "10"})
+    with pytest.raises(PruneError, match="'rescale' must be true or false"):
+        PruneConfig(rate=8.0, recipe="refit", options={"rescale": 1})
+    with pytest.raises(PruneError, match="allocation must be"):
+        PruneConfig(rate=8.0, recipe="refit", options={"allocation": "everywhere"})
+    assert PruneConfig(rate=8.0, recipe="refit", options={"damping": 1}).settings.damping == 1  # an int is a number

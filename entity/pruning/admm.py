@@ -16,15 +16,19 @@ input normalisation on the noise, and Adam (plain SGD at lr 1e-3 barely moves th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import patterns as pat
-from .engine import Job, register
 from .graph import ConvLayer, get_tensor
 from .layerwise import pairs, tail
+from .options import PruneError, RecipeSettings
+
+if TYPE_CHECKING:
+    from .engine import Job
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,32 @@ class RhoSchedule:
     growth: float = 10.0
     stages: int = 4
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[float]:
         return iter(self.start * self.growth ** k for k in range(self.stages))
+
+
+@dataclass(frozen=True)
+class AdmmSettings(RecipeSettings):
+    """The ADMM recipe's options (its defaults are the paper's schedule, tuned here for Adam)."""
+
+    admm_iters: int = 100  # W-steps per rho stage
+    admm_lr: float = 1e-2
+    admm_update_every: int = 10  # W-steps between Z/dual updates
+    admm_optimiser: str = "adam"  # "adam" or "sgd"
+    rho_start: float = 1e-4
+    rho_stages: int = 4
+    rho_growth: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.admm_optimiser not in ("adam", "sgd"):
+            raise PruneError(f"admm_optimiser must be 'adam' or 'sgd', got {self.admm_optimiser!r}")
+        if self.admm_iters < 1 or self.admm_update_every < 1 or self.rho_stages < 1:
+            raise PruneError("admm_iters, admm_update_every and rho_stages must be positive")
+
+    @property
+    def rho(self) -> RhoSchedule:
+        """The rho schedule these options describe (its own object, as torch.ao's schedulers are)."""
+        return RhoSchedule(self.rho_start, self.rho_growth, self.rho_stages)
 
 
 @dataclass
@@ -70,7 +98,7 @@ class LayerProblem:
     def relative_error(self, weight: torch.Tensor) -> float:
         with torch.no_grad():
             err = sum(float((self.forward(x, weight) - t).pow(2).sum())
-                      for x, t in zip(self.inputs.split(256), self.targets.split(256)))
+                      for x, t in zip(self.inputs.split(256), self.targets.split(256), strict=True))
         return (err / max(float(self.targets.pow(2).sum()), 1e-30)) ** 0.5
 
 
@@ -121,15 +149,13 @@ def admm_layer(problem: LayerProblem, weight: torch.Tensor, *, rho: RhoSchedule,
 LayerSolver = Callable[[LayerProblem, torch.Tensor, RhoSchedule, torch.Generator], torch.Tensor]
 
 
-def run_layer_solver(job: Job, solve: LayerSolver) -> None:
+def run_layer_solver(job: Job, solve: LayerSolver, schedule: RhoSchedule) -> None:
     """Layer by layer in topological order: ``solve`` each layer's problem, then hard prune.
 
     Shared by the ADMM and SLR recipes, which differ only in how one layer's weights are solved.
     """
-    cfg = job.config
     x = job.synthetic()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    schedule = RhoSchedule(cfg.rho_start, cfg.rho_growth, cfg.rho_stages)
+    gen = torch.Generator().manual_seed(job.config.seed)
     for i, layer in enumerate(job.layers):
         start = time.perf_counter()
         problem = layer_problem(job, layer, x)
@@ -146,11 +172,8 @@ def run_layer_solver(job: Job, solve: LayerSolver) -> None:
 
 def run_admm(job: Job) -> None:
     """The recipe: layer by layer in topological order, ADMM then hard prune."""
-    cfg = job.config
+    opts = job.recipe_settings(AdmmSettings)
+    batch_size = job.config.batch_size
     run_layer_solver(job, lambda problem, dense_w, schedule, gen: admm_layer(
-        problem, dense_w, rho=schedule, iters=cfg.admm_iters, lr=cfg.admm_lr, batch_size=cfg.batch_size,
-        update_every=cfg.admm_update_every, optimiser=cfg.admm_optimiser, gen=gen))
-
-
-register("admm", run_admm, "uniform",
-         "the paper: layer-wise ADMM (Adam W-step, magnitude projection, rho 1e-4 x10 to 1e-1) on uniform noise")
+        problem, dense_w, rho=schedule, iters=opts.admm_iters, lr=opts.admm_lr, batch_size=batch_size,
+        update_every=opts.admm_update_every, optimiser=opts.admm_optimiser, gen=gen), opts.rho)

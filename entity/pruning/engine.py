@@ -2,7 +2,7 @@
 
 The lifecycle follows torch.ao.pruning's prepare / step / finalize: ``prepare`` finds the
 prunable convs, builds the pattern library and splits the kernel budget exactly; a recipe
-(``RECIPES``) then chooses every layer's mask and weights in topological order; ``finalize``
+(``recipes.RECIPES``) then chooses every layer's mask and weights in topological order; ``finalize``
 bakes the masks in, measures each layer's reconstruction error on synthetic data and writes a
 canonical-JSON-safe report (fractions as strings, never floats).
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import fx
@@ -20,13 +21,12 @@ from protocol.spec import InputSpec
 
 from . import patterns as pat
 from .graph import ConvLayer, GraphError, find_convs, get_tensor, prunable, record, set_tensor
+from .options import PruneError, RecipeSettings
+from .recipes import DEFAULT_RECIPE, RECIPES, recipe_settings
 from .synthetic import bn_matched_inputs, uniform_inputs
 
 Progress = Callable[[dict], None]
-
-
-class PruneError(ValueError):
-    """The request cannot be carried out (bad rate, nothing to prune, unsupported graph)."""
+S = TypeVar("S", bound=RecipeSettings)
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,16 @@ class PruneConfig:
     ``rate`` is the conv compression rate over all prunable 3x3 conv weights (dense / kept);
     ``layer_rates`` pins some layers to their own rate, the others share the rest of the budget.
     By default the stem conv and convs with fewer than ``min_in_channels`` inputs stay dense.
+
+    The fields are what every recipe shares. A recipe's own settings (ADMM's iterations, refit's
+    damping...) are ``options``, merged over that recipe's defaults as torch.ao merges a config
+    over a sparsifier's ``defaults``; the merged value is ``settings`` (a frozen dataclass of the
+    recipe's ``RecipeSettings`` class). An option the recipe does not have is refused.
     """
 
     rate: float
     skip_layers: tuple[str, ...] = ()
-    # The measured winner on benchmarks/results/paper_table.md: BN-matched synthetic images, OBS-style
-    # choice, least-squares refit, weight-norm rescale, per-layer rates by sensitivity.
-    recipe: str = "refit"
+    recipe: str = DEFAULT_RECIPE
     patterns: int = 8
     seed: int = 0
     device: str = "cpu"
@@ -54,43 +57,22 @@ class PruneConfig:
     synthetic_images: int = 256
     synthetic_steps: int = 200
     eval_images: int = 64
-    # Least-squares refit (recipe "refit") and ADMM/SLR knobs.
-    damping: float = 1e-3
-    refit_choice: str = "obs"  # "obs" (reconstruction error) or "magnitude"
-    # Kernels per layer: "uniform" rate, "sensitivity" (measured on synthetic data; refit only), or
-    # "auto": sensitivity for refit, uniform otherwise.
-    allocation: str = "auto"
-    rescale: bool = True
     batch_size: int = 32
-    admm_iters: int = 100  # W-steps per rho stage
-    admm_lr: float = 1e-2
-    admm_update_every: int = 10  # W-steps between Z/dual updates
-    admm_optimiser: str = "adam"  # "adam" or "sgd"
-    slr_m: float = 300.0
-    slr_r: float = 0.1
-    rho_start: float = 1e-4
-    rho_stages: int = 4
-    rho_growth: float = 10.0
+    # The recipe's own settings, by name (plain values: they cross into the pruning process as JSON).
+    options: Mapping[str, Any] = field(default_factory=dict)
+    settings: RecipeSettings = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rate, (int, float)) or not self.rate >= pat.MIN_RATE - 1e-9:
             raise PruneError(f"compression rate must be at least {pat.MIN_RATE} (four-entry patterns), got {self.rate!r}")
-        if self.recipe not in RECIPES:
-            raise PruneError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
+        if not isinstance(self.options, Mapping):
+            raise PruneError(f"recipe options must be a mapping of names to values, got {type(self.options).__name__}")
+        object.__setattr__(self, "options", dict(self.options))  # a value: later edits to the caller's dict do not leak in
+        object.__setattr__(self, "settings", recipe_settings(self.recipe, self.options))
         if not 1 <= self.patterns <= 56:
             raise PruneError(f"pattern library size must be 1..56, got {self.patterns}")
         if self.synthetic not in (None, "uniform", "bn"):
             raise PruneError(f"synthetic must be 'uniform' or 'bn', got {self.synthetic!r}")
-        if self.admm_optimiser not in ("adam", "sgd"):
-            raise PruneError(f"admm_optimiser must be 'adam' or 'sgd', got {self.admm_optimiser!r}")
-        if self.admm_iters < 1 or self.admm_update_every < 1 or self.rho_stages < 1:
-            raise PruneError("admm_iters, admm_update_every and rho_stages must be positive")
-        if self.allocation not in ("auto", "uniform", "sensitivity"):
-            raise PruneError(f"allocation must be 'auto', 'uniform' or 'sensitivity', got {self.allocation!r}")
-        if self.allocation == "sensitivity" and self.recipe != "refit":
-            raise PruneError("allocation 'sensitivity' is implemented for the refit recipe only")
-        if self.refit_choice not in ("obs", "magnitude"):
-            raise PruneError(f"refit_choice must be 'obs' or 'magnitude', got {self.refit_choice!r}")
         for key, own in self.layer_rates:
             if not own >= pat.MIN_RATE - 1e-9:
                 raise PruneError(f"rate for {key} must be at least {pat.MIN_RATE}, got {own}")
@@ -128,10 +110,17 @@ class Job:
     def dense_weight(self, layer: ConvLayer) -> torch.Tensor:
         return get_tensor(self.dense, layer.key).float()
 
+    def recipe_settings(self, kind: type[S]) -> S:
+        """The config's merged recipe settings, as the running recipe's own class (checked, for its types)."""
+        settings = self.config.settings
+        if not isinstance(settings, kind):
+            raise TypeError(f"recipe {self.config.recipe!r} runs with {type(settings).__name__}, not {kind.__name__}")
+        return settings
+
     def synthetic(self) -> torch.Tensor:
         """The recipe's synthetic inputs (made once, deterministic for the seed)."""
         if self._synthetic is None:
-            kind = self.config.synthetic or RECIPE_SYNTHETIC[self.config.recipe]
+            kind = self.config.synthetic or RECIPES[self.config.recipe].synthetic
             start = time.perf_counter()
             if kind == "bn":
                 x, losses = bn_matched_inputs(self.dense, self.spec, self.config.synthetic_images, self.config.seed,
@@ -152,28 +141,6 @@ class Job:
         mask = mask.to(torch.bool).cpu()
         set_tensor(self.work, layer.key, w.cpu() * mask)
         self.masks[layer.key] = mask
-
-
-def _oneshot(job: Job) -> None:
-    """Magnitude projection: most-energy pattern per kernel, then the largest patterned kernels."""
-    for i, layer in enumerate(job.layers):
-        weight = job.dense_weight(layer)
-        job.apply(layer, pat.project(weight, job.library, job.keep[layer.key]))
-        job.progress({"event": "layer", "layer": layer.key, "index": i, "total": len(job.layers),
-                      "kept": job.keep[layer.key], "kernels": layer.kernels})
-
-
-RecipeFn = Callable[[Job], None]
-RECIPES: dict[str, RecipeFn] = {"oneshot": _oneshot}
-RECIPE_SYNTHETIC: dict[str, str] = {"oneshot": "uniform"}
-RECIPE_DESCRIPTIONS: dict[str, str] = {"oneshot": "magnitude projection onto patterns + connectivity (no data)"}
-
-
-def register(name: str, fn: RecipeFn, synthetic: str, description: str) -> None:
-    """Add a recipe (used by the solver modules; names are part of the job report)."""
-    RECIPES[name] = fn
-    RECIPE_SYNTHETIC[name] = synthetic
-    RECIPE_DESCRIPTIONS[name] = description
 
 
 def _fraction(x: float) -> str:
@@ -233,7 +200,7 @@ def prepare(program: torch.export.ExportedProgram, spec: InputSpec, config: Prun
     library = pat.build_library([get_tensor(dense, lay.key).cpu() for lay in layers], config.patterns)
     work = copy.deepcopy(dense)
     return Job(config=config, spec=spec, work=work, dense=dense, layers=layers, all_layers=all_layers,
-               keep={lay.key: k for lay, k in zip(layers, counts)}, library=library, device=device,
+               keep={lay.key: k for lay, k in zip(layers, counts, strict=True)}, library=library, device=device,
                progress=progress or (lambda event: None))
 
 
@@ -256,7 +223,7 @@ def finalize(job: Job, program: torch.export.ExportedProgram, started: float) ->
     total = sum(9 * lay.kernels for lay in job.layers)
     kept = sum(int(job.masks[lay.key].sum()) for lay in job.layers)
     per_layer = []
-    for i, lay in enumerate(job.layers):
+    for lay in job.layers:
         lk = int(job.masks[lay.key].sum())
         per_layer.append({
             "layer": lay.key, "shape": list(lay.shape), "kernels": lay.kernels,
@@ -266,7 +233,7 @@ def finalize(job: Job, program: torch.export.ExportedProgram, started: float) ->
         })
     report = {
         "recipe": job.config.recipe,
-        "recipe_description": RECIPE_DESCRIPTIONS[job.config.recipe],
+        "recipe_description": RECIPES[job.config.recipe].description,
         "target_rate": _fraction(job.config.rate),
         "achieved_rate": _fraction(pat.compression_rate(total, kept)),
         "prunable_weights": total,
@@ -306,7 +273,7 @@ def prune(program: torch.export.ExportedProgram, spec: InputSpec, config: PruneC
                   "target_rate": _fraction(config.rate)})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        RECIPES[config.recipe](job)
+        RECIPES[config.recipe].run(job)
     missing = [lay.key for lay in job.layers if lay.key not in job.masks]
     if missing:
         raise PruneError(f"recipe {config.recipe} left layers without a mask: {missing}")

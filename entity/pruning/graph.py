@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx
@@ -91,7 +91,7 @@ def _conv_args(node: fx.Node) -> dict[str, Any]:
         names += ["transposed", "output_padding", "groups"]
     else:
         names += ["groups"]
-    args = dict(zip(names, node.args))
+    args = dict(zip(names, node.args, strict=False))  # trailing arguments may be left out
     args.update(node.kwargs)
     return args
 
@@ -152,7 +152,7 @@ def _follow(node: fx.Node) -> tuple[BatchNormRef | None, bool]:
                 if len(getitems) == 1:
                     tail = getitems[0]
             bn = BatchNormRef(node=user.name, weight=_attr_key(a[1]), bias=_attr_key(a[2]),
-                              running_mean=mean, running_var=var, eps=float(eps), output=tail.name)
+                              running_mean=mean, running_var=var, eps=float(cast(float, eps)), output=tail.name)
     users = list(tail.users)
     relu = len(users) == 1 and users[0].op == "call_function" and users[0].target in _RELU_OPS
     return bn, relu
@@ -216,6 +216,7 @@ def record(gm: fx.GraphModule, x: torch.Tensor, want: Iterable[str], stop_after:
 def set_tensor(gm: torch.nn.Module, key: str, value: torch.Tensor) -> None:
     """Overwrite a parameter or buffer of ``gm`` in place (by state_dict key)."""
     with torch.no_grad():
+        target: torch.Tensor
         try:
             target = gm.get_parameter(key)
         except AttributeError:

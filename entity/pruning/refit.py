@@ -17,14 +17,36 @@ one-shot weight norm and adjusts BatchNorm's running statistics so the function 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import patterns as pat
-from .engine import Job, register
 from .graph import ConvLayer, get_tensor, set_tensor
 from .layerwise import pairs, unfold
+from .options import PruneError, RecipeSettings
+
+if TYPE_CHECKING:
+    from .engine import Job
+
+
+@dataclass(frozen=True)
+class RefitSettings(RecipeSettings):
+    """The refit recipe's options; the defaults are the measured winner (benchmarks/results/paper_table.md)."""
+
+    damping: float = 1e-3  # relative ridge on the least-squares problems
+    refit_choice: str = "obs"  # "obs" (reconstruction error) or "magnitude"
+    # Kernels per layer: "uniform" rate, or "sensitivity" measured on synthetic data ("auto": sensitivity).
+    allocation: str = "auto"
+    rescale: bool = True  # bring each layer back to the one-shot weight norm (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.allocation not in ("auto", "uniform", "sensitivity"):
+            raise PruneError(f"allocation must be 'auto', 'uniform' or 'sensitivity', got {self.allocation!r}")
+        if self.refit_choice not in ("obs", "magnitude"):
+            raise PruneError(f"refit_choice must be 'obs' or 'magnitude', got {self.refit_choice!r}")
 
 
 @dataclass(frozen=True)
@@ -37,7 +59,7 @@ class LayerStats:
     offset: bool
 
 
-def accumulate(layer: ConvLayer, batches, offset: bool) -> LayerStats:
+def accumulate(layer: ConvLayer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], offset: bool) -> LayerStats:
     """G = U^T U, C = U^T Y and ||Y||^2 over (input, target) batches of one conv."""
     gram = cross = energy = None
     for xin, y in batches:
@@ -50,7 +72,7 @@ def accumulate(layer: ConvLayer, batches, offset: bool) -> LayerStats:
         gram = g if gram is None else gram + g
         cross = c if cross is None else cross + c
         energy = e if energy is None else energy + e
-    if gram is None:
+    if gram is None or cross is None or energy is None:
         raise ValueError("no synthetic data")
     return LayerStats(gram, cross, energy, offset)
 
@@ -151,15 +173,15 @@ def sensitivity_allocation(job: Job, x: torch.Tensor) -> dict[str, int]:
     Every layer keeps at least a quarter of its uniform share, so no layer is starved by a poor
     estimate. Pinned layers (``layer_rates``) keep their counts.
     """
-    cfg = job.config
-    pinned = {key for key, _ in cfg.layer_rates}
+    damping = job.recipe_settings(RefitSettings).damping
+    pinned = {key for key, _ in job.config.layer_rates}
     free = [lay for lay in job.layers if lay.key not in pinned]
     budget = sum(job.keep[lay.key] for lay in free)
     gains, floors = [], {}
     for lay in free:
         offset = lay.bias is not None or lay.bn is not None
         stats = accumulate(lay, pairs(job.dense, job.dense, lay, x), offset)
-        pattern_cost, kernel_cost = obs_costs(stats, lay.shape, job.library, cfg.damping)
+        pattern_cost, kernel_cost = obs_costs(stats, lay.shape, job.library, damping)
         gain = (kernel_cost - pattern_cost.min(dim=2).values).clamp_min(0)
         gain = gain / stats.target_energy.sum().clamp_min(1e-30)
         gains.append(gain.reshape(-1).float().cpu())
@@ -168,7 +190,7 @@ def sensitivity_allocation(job: Job, x: torch.Tensor) -> dict[str, int]:
     left = budget - sum(floors.values())
     # Candidates beyond each layer's floor, ranked globally (stable: ties to earlier layers).
     cand_scores, cand_layer = [], []
-    for lay, gain in zip(free, gains):
+    for lay, gain in zip(free, gains, strict=True):
         ranked = torch.sort(gain, descending=True, stable=True).values[floors[lay.key]:]
         cand_scores.append(ranked)
         cand_layer.append(torch.full((ranked.numel(),), free.index(lay)))
@@ -182,7 +204,7 @@ def sensitivity_allocation(job: Job, x: torch.Tensor) -> dict[str, int]:
 
 def run_refit(job: Job) -> None:
     """The recipe: per layer in topological order, statistics -> mask -> refit -> rescale."""
-    cfg = job.config
+    cfg = job.recipe_settings(RefitSettings)
     x = job.synthetic()
     total = len(job.layers)
     if cfg.allocation in ("sensitivity", "auto"):
@@ -211,7 +233,3 @@ def run_refit(job: Job) -> None:
         job.progress({"event": "layer", "layer": layer.key, "index": i, "total": total, "kept": keep,
                       "kernels": layer.kernels, "error": f"{err ** 0.5:.4f}", "scale": f"{scale:.3f}",
                       "seconds": f"{time.perf_counter() - start:.2f}"})
-
-
-register("refit", run_refit, "bn",
-         "BN-matched synthetic images, OBS-style pattern/kernel choice, least-squares refit, weight-norm rescale")

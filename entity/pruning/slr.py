@@ -9,11 +9,23 @@ That is what makes SLR converge where ADMM's fixed steps oscillate at high compr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .admm import LayerProblem, RhoSchedule, _optimiser, run_layer_solver
-from .engine import Job, register
+from .admm import AdmmSettings, LayerProblem, RhoSchedule, _optimiser, run_layer_solver
+
+if TYPE_CHECKING:
+    from .engine import Job
+
+
+@dataclass(frozen=True)
+class SlrSettings(AdmmSettings):
+    """SLR's options: ADMM's (iterations, learning rate, rho schedule) plus the step-size factor's M and r."""
+
+    slr_m: float = 300.0
+    slr_r: float = 0.1
 
 
 def alpha(k: int, m: float, r: float) -> float:
@@ -80,11 +92,9 @@ def slr_layer(problem: LayerProblem, weight: torch.Tensor, *, rho: RhoSchedule, 
 
 def run_slr(job: Job) -> None:
     """The recipe: layer by layer in topological order, SLR then hard prune."""
-    cfg = job.config
+    opts = job.recipe_settings(SlrSettings)
+    batch_size = job.config.batch_size
     run_layer_solver(job, lambda problem, dense_w, schedule, gen: slr_layer(
-        problem, dense_w, rho=schedule, iters=cfg.admm_iters, lr=cfg.admm_lr, batch_size=cfg.batch_size,
-        update_every=cfg.admm_update_every, optimiser=cfg.admm_optimiser, m=cfg.slr_m, r=cfg.slr_r, gen=gen))
-
-
-register("slr", run_slr, "uniform",
-         "surrogate Lagrangian relaxation (layer-wise, same inputs and projection as admm)")
+        problem, dense_w, rho=schedule, iters=opts.admm_iters, lr=opts.admm_lr, batch_size=batch_size,
+        update_every=opts.admm_update_every, optimiser=opts.admm_optimiser, m=opts.slr_m, r=opts.slr_r,
+        gen=gen), opts.rho)

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -46,9 +47,10 @@ class BenchError(RuntimeError):
     """A benchmark precondition failed (missing data, bad arguments)."""
 
 
-def _fatal(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(1)
+def _fatal(msg: str) -> NoReturn:
+    from protocol.cli import fatal
+
+    fatal("benchmarks.paper_table", msg)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -31,11 +31,11 @@ import time
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from entity.settings import SETTINGS_ENV, SETTINGS_FILE, EntitySettings, write_settings
 from protocol._files import atomic_write
-from protocol.errors import KeyFileError, ProtocolError
+from protocol.errors import KeyFileError
 from protocol.flower_processes import (
     ManagedProcess,
     ProcessError,
@@ -58,11 +58,6 @@ ServeConfig = EntitySettings
 
 class ServeError(RuntimeError):
     """The service cannot start or keep running (one line for the operator)."""
-
-
-def _fatal(message: str) -> NoReturn:
-    print(f"entity.serve: error: {message}", file=sys.stderr)
-    raise SystemExit(1)
 
 
 class _FoldItems(argparse.Action):
@@ -438,13 +433,27 @@ def _follow(path: Path, offset: int) -> tuple[list[dict], int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from protocol.cli import run_cli
+
+    return run_cli("entity.serve", lambda: _serve(args), errors=(ServeError, ProcessError, subprocess.TimeoutExpired))
+
+
+def _shown(text: str) -> str:
+    """An event line for the operator's terminal: owner-supplied parts (names, reasons) can hold
+    anything, so hidden characters are escaped and rich markup is not interpreted."""
+    from rich.markup import escape
+
+    from protocol.display import printable
+
+    return escape(printable(text, 500))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Start the service and follow its event log until SIGTERM or Ctrl-C."""
     from rich.console import Console
 
     console = Console(stderr=True, quiet=args.quiet)
-    try:
-        config = load_config(args)
-    except ServeError as exc:
-        _fatal(str(exc))
+    config = load_config(args)
     service = EntityService(config)
     stopping = False
 
@@ -476,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                 seen_start = seen_start or event.get("event") == "service-started"
                 text = _describe(event)
                 if text:
-                    console.print(f"[green]entity:[/] {text}")
+                    console.print(f"[green]entity:[/] {_shown(text)}")
             if service.superlink is not None and not service.superlink.running():
                 raise ServeError(f"SuperLink exited: {service.superlink.log_tail()}")
             now = time.monotonic()
@@ -491,9 +500,6 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
         console.print("[cyan]entity:[/] stopping")
         return 0
-    except (ServeError, ProcessError, ProtocolError, OSError, subprocess.TimeoutExpired) as exc:
-        service.stop()
-        _fatal(str(exc))
     finally:
         service.stop()
 

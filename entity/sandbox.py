@@ -105,7 +105,7 @@ def run_pruning(
     """
     import torch
 
-    from protocol._safetensors import parse_header
+    from protocol._wire.safetensors import parse_header
     from protocol.artifact import WEIGHTS_FILE
 
     names = sorted(files)

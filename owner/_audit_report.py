@@ -30,7 +30,7 @@ from protocol.audit import (
     AuditVerdict,
     iter_lines,
 )
-from protocol import _json, canonical
+from protocol import canonical
 from protocol.keys import IdentityCard
 
 
@@ -138,7 +138,7 @@ def _valid_records(path: Path, limit: int | None) -> list[dict[str, Any]]:
         if (limit is not None and index >= limit) or not complete:
             break
         try:
-            out.append(_json.loads(line))
+            out.append(canonical.loads(line))
         except canonical.CanonicalJSONError:
             break
     return out
@@ -238,7 +238,7 @@ def _message_body(envelope: Any) -> dict[str, Any]:
     import base64
 
     try:
-        payload = _json.loads(base64.b64decode(envelope["payload"]))
+        payload = canonical.loads(base64.b64decode(envelope["payload"]))
         return payload["body"] if isinstance(payload.get("body"), dict) else {}
     except (KeyError, TypeError, ValueError, canonical.CanonicalJSONError):
         return {}

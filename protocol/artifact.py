@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from protocol._safetensors import MAX_HEADER_BYTES, TensorInfo, parse_header
+from protocol._wire.safetensors import MAX_HEADER_BYTES, TensorInfo, parse_header
 from protocol.errors import ArtifactError
 from protocol.graph_ops import check_graph, check_serialized_program
 
@@ -92,7 +92,7 @@ def dump_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
 def load_tensors(data: bytes, *, max_header: int = MAX_HEADER_BYTES) -> dict[str, torch.Tensor]:
     """Parse safetensors bytes after validating the header; metadata is refused (nothing rides along).
 
-    The header is checked by :func:`protocol._safetensors.parse_header` (bounded length, no
+    The header is checked by :func:`protocol._wire.safetensors.parse_header` (bounded length, no
     duplicate keys, byte ranges that tile the data exactly) before safetensors builds any tensor.
     """
     header = parse_header(data, max_header=max_header)

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from . import _json, canonical
+from . import canonical
 from ._files import read_regular
-from ._merkle import Accumulator
+from ._wire.merkle import Accumulator
 from .errors import AuditError, ProtocolError, SignatureError
 from .keys import Identity, IdentityCard
 from .sealing import OpenedBundle, Sealed
@@ -249,7 +249,7 @@ class AuditLog:
             "time": _now(),
         }
         blob = sign_message(body, kind=CHECKPOINT_KIND, signer=self.identity)
-        self._append(EV_CHECKPOINT, {"checkpoint": _json.loads(blob)})
+        self._append(EV_CHECKPOINT, {"checkpoint": canonical.loads(blob)})
         return blob
 
     def record_sent(self, sealed: Sealed, *, recipient: IdentityCard, request: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -312,7 +312,7 @@ class AuditLog:
             raise AuditError(f"countersignature states another tree size or root than checkpoint {ref[0]} of this log; not recorded")
         if body.get("entity") != entity.fingerprint:
             raise AuditError(f"countersignature names entity {str(body.get('entity'))[:16]!r}, not its signer {entity.short}; not recorded")
-        return self._append(EV_COUNTERSIGN, {"entity": entity.fingerprint, "countersignature": _json.loads(blob)})
+        return self._append(EV_COUNTERSIGN, {"entity": entity.fingerprint, "countersignature": canonical.loads(blob)})
 
     def record_receipt(self, blob: bytes, *, entity: IdentityCard) -> dict[str, Any]:
         """Verify the entity's receipt and check it against what this log recorded as sent, then log it.
@@ -336,7 +336,7 @@ class AuditLog:
             raise AuditError(f"receipt for job {job!r} is for another kind of transfer than was sent; not recorded")
         if body.get("sender") != self.identity.fingerprint or body.get("received_by") != entity.fingerprint:
             raise AuditError(f"receipt for job {job!r} names another sender or recipient than this transfer's; not recorded")
-        return self._append(EV_RECEIPT, {"entity": entity.fingerprint, "receipt": _json.loads(blob)})
+        return self._append(EV_RECEIPT, {"entity": entity.fingerprint, "receipt": canonical.loads(blob)})
 
 
 def _read_all(fd: int) -> bytes:
@@ -359,7 +359,7 @@ def _fast_loads(line: bytes, where: str) -> Any:
     re-encodes to different bytes), which ``canonical.loads``' per-object Python hook would
     otherwise do ten thousand times over on a large log."""
     try:
-        _json.check_depth(line)  # a JSONDepthError is a ValueError
+        canonical.check_depth(line)  # a JSONDepthError is a ValueError
         return json.loads(line.decode("utf-8"), parse_float=_no_float, parse_constant=_no_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise AuditError(f"{where}: not canonical JSON ({str(exc).splitlines()[0][:80]})") from exc

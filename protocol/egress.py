@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 
-from . import _json, canonical
-from ._pickles import reject_pickles
+from . import canonical
+from ._wire.pickles import reject_pickles
 from .errors import ArtifactError, EgressViolation, ProtocolError
 from .program_guard import check_program
 from .spec import InputSpec, PruneRequest, SpecError
@@ -132,7 +132,7 @@ class EgressGuard:
                 )
 
     def _check_request(self, data: bytes) -> None:
-        request = _json.loads(data)
+        request = canonical.loads(data)
         if canonical.dumps(request) != data:
             raise EgressViolation("egress blocked: request.json is not in canonical form")
         if not isinstance(request, dict) or set(request) != REQUEST_FIELDS:

@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from . import _json, canonical
-from ._curves import ed25519_key_is_safe, x25519_key_is_safe
-from ._dsse import b64d, b64e
+from . import canonical
+from ._wire.curves import ed25519_key_is_safe, x25519_key_is_safe
+from ._wire.dsse import b64d, b64e
 from ._files import atomic_write, read_regular
 from .errors import AdmissionError, KeyFileError, ProtocolError, SignatureError
 
@@ -124,7 +124,7 @@ class IdentityCard:
         if len(data) > MAX_CARD_BYTES:
             raise KeyFileError("identity card file too large")
         try:
-            return cls.from_json(_json.loads(data))
+            return cls.from_json(canonical.loads(data))
         except canonical.CanonicalJSONError as exc:
             raise KeyFileError(f"identity card is not valid JSON: {exc}") from exc
 

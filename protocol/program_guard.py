@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from ._json import JSONDepthError, check_depth
+from .canonical import JSONDepthError, check_depth
 from .errors import EgressViolation
 
 __all__ = ["MAX_PROGRAM_BYTES", "NODE_METADATA_ALLOWED", "check_program", "strip_program"]

@@ -16,7 +16,7 @@ import secrets
 import threading
 from pathlib import Path
 
-from . import _json, canonical
+from . import canonical
 from .errors import ReplayError
 
 __all__ = ["NonceStore", "OFFER_SCOPE", "RESULT_SCOPE", "new_job_id", "new_nonce"]
@@ -55,7 +55,7 @@ class NonceStore:
             if not line:
                 continue
             try:
-                rec = _json.loads(line)
+                rec = canonical.loads(line)
                 op, job_id, nonce = rec["op"], rec["job_id"], rec["nonce"]
                 # lines written before scopes existed carry none: count them as used in every scope
                 scopes = [rec["scope"]] if "scope" in rec else [OFFER_SCOPE, RESULT_SCOPE]

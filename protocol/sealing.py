@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 
-from . import _json, canonical
+from . import canonical
 from .errors import AdmissionError, ArtifactError, ReplayError, SealError
 from .keys import Identity, IdentityCard
 from .signing import FILE_NAME_RE, check_kind, digest, make_statement, sign_statement, subject_digests
@@ -185,7 +185,7 @@ def _read_header(blob: bytes) -> tuple[dict[str, Any], int]:
     if n > MAX_HEADER or start + n > len(blob):
         raise SealError("sealed bundle header length is out of bounds")
     try:
-        header = _json.loads(bytes(blob[start : start + n]))
+        header = canonical.loads(bytes(blob[start : start + n]))
     except canonical.CanonicalJSONError as exc:
         raise SealError(f"sealed bundle header is malformed: {exc}") from exc
     keys = {"v", "suite", "kind", "job_id", "request_hash", "sender", "recipient"}

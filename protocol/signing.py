@@ -8,7 +8,7 @@ Two shapes of signed content:
   Statement v1 listing every file and every tensor of every ``*.safetensors`` file (name, dtype,
   shape, SHA-256), bound to a kind, job id, request hash, sender and recipient. A safetensors
   file's own digest is derived from its header and tensor digests (``sha256-safetensors``, see
-  ``_safetensors.tree_digest``) so that its bytes are hashed once; other files carry SHA-256.
+  ``_wire.safetensors.tree_digest``) so that its bytes are hashed once; other files carry SHA-256.
   ``sealing.seal_bundle`` signs it and seals it together with the files.
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ import hashlib
 import re
 from typing import Any, Mapping
 
-from . import _json, canonical
-from . import _dsse
-from ._pickles import reject_pickles
-from ._safetensors import TREE_DIGEST, parse_header, tensor_digests, tree_digest
+from . import canonical
+from ._wire import dsse as _dsse
+from ._wire.pickles import reject_pickles
+from ._wire.safetensors import TREE_DIGEST, parse_header, tensor_digests, tree_digest
 from .errors import ArtifactError, SignatureError
 from .keys import Identity, IdentityCard
 
@@ -73,7 +73,7 @@ def read_message_unchecked(blob: bytes | Mapping[str, Any], *, kind: str, signer
 
 def _message_body(payload: bytes, *, kind: str, signer: IdentityCard) -> dict[str, Any]:
     try:
-        data = _json.loads(payload)
+        data = canonical.loads(payload)
     except canonical.CanonicalJSONError as exc:
         raise SignatureError(f"signed message payload is not canonical JSON: {exc}") from exc
     if not isinstance(data, dict) or set(data) != {"type", "kind", "signer", "body"} or data["type"] != MESSAGE_TYPE:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ._safetensors import FLOAT_DTYPES, parse_header
+from ._wire.safetensors import FLOAT_DTYPES, parse_header
 from .errors import ArtifactError, MaskError
 
 __all__ = ["GraphRoles", "Schema", "check_masks", "check_running_vars", "check_safetensors", "graph_roles", "schema_of"]

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Mapping
 
-from . import _json, canonical
-from . import _dsse
-from ._pickles import reject_pickles
-from ._safetensors import TREE_DIGEST, parse_header, tensor_digests, tree_digest
+from . import canonical
+from ._wire import dsse as _dsse
+from ._wire.pickles import reject_pickles
+from ._wire.safetensors import TREE_DIGEST, parse_header, tensor_digests, tree_digest
 from .errors import ArtifactError, ReplayError, SignatureError
 from .keys import IdentityCard
 from .signing import BUNDLE_PREDICATE, FILE_NAME_RE, STATEMENT_TYPE
@@ -28,7 +28,7 @@ def verify_statement_envelope(envelope: bytes, signer: IdentityCard) -> dict[str
     env = _dsse.parse(envelope)
     payload = _dsse.verify(env, signer.verify_key(), signer.fingerprint, _dsse.INTOTO_PAYLOAD_TYPE)
     try:
-        statement = _json.loads(payload)
+        statement = canonical.loads(payload)
     except canonical.CanonicalJSONError as exc:
         raise SignatureError(f"signed statement is not canonical JSON: {exc}") from exc
     if (

@@ -20,7 +20,7 @@ import pytest
 
 from owner._audit_report import build_report, render_csv, render_html
 from protocol import canonical
-from protocol._merkle import Accumulator
+from protocol._wire.merkle import Accumulator
 from protocol.audit import (
     CHECKPOINT_KIND,
     COUNTERSIGN_KIND,

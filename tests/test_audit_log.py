@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save
 
 from protocol import canonical
-from protocol._merkle import Accumulator, leaf_hash, node_hash, root_of
+from protocol._wire.merkle import Accumulator, leaf_hash, node_hash, root_of
 from protocol.audit import AuditLog, countersign_checkpoint, make_receipt, read_records, verify_log
 from protocol.errors import AuditError, SignatureError
 from protocol.keys import Identity

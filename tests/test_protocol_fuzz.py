@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from protocol import canonical
-from protocol._safetensors import parse_header
+from protocol._wire.safetensors import parse_header
 from protocol.audit import AuditLog, verify_log
 from protocol.errors import ProtocolError
 from protocol.keys import Identity, IdentityCard

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from protocol._merkle import root_of
+from protocol._wire.merkle import root_of
 from protocol.audit import AuditLog, countersign_checkpoint, verify_log
 from protocol.keys import Identity
 from protocol.masks import pack_masks, unpack_masks

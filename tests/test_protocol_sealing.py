@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from protocol import _dsse, canonical
+from protocol import canonical
+from protocol._wire import dsse as _dsse
 from protocol.errors import AdmissionError, ArtifactError, ReplayError, SealError, SignatureError
 from protocol.keys import Identity
 from protocol.sealing import _seal_frames, open_bundle, peek_header, seal_bundle, seal_bundle_detailed, sender_fingerprint

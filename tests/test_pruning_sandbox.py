@@ -126,7 +126,7 @@ def test_child_that_dies_becomes_a_generic_failure(files):
 
 
 def test_result_that_does_not_match_the_model_is_refused(files):
-    from protocol._safetensors import parse_header
+    from protocol._wire.safetensors import parse_header
 
     weights = parse_header(files["weights.safetensors"])
     wrong = dump_tensors({"other.weight": torch.zeros(2)})

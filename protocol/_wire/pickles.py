@@ -24,8 +24,8 @@ import zipfile
 from typing import IO
 from dataclasses import dataclass
 
-from ._safetensors import parse_header
-from .errors import ArtifactError
+from .safetensors import parse_header
+from ..errors import ArtifactError
 
 _PICKLE_SUFFIXES = (".pkl", ".pickle")
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")

@@ -14,8 +14,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from ._json import JSONDepthError, check_depth
-from .errors import ArtifactError
+from .canonical import JSONDepthError, check_depth
+from ..errors import ArtifactError
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TENSORS = 100_000

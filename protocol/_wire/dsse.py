@@ -14,8 +14,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import _json, canonical
-from .errors import SignatureError
+from . import canonical
+from ..errors import SignatureError
 
 INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
@@ -72,7 +72,7 @@ def parse(blob: bytes | dict[str, Any]) -> Envelope:
         if len(blob) > MAX_ENVELOPE_BYTES:
             raise SignatureError(f"signed envelope too large ({len(blob)} bytes)")
         try:
-            data = _json.loads(bytes(blob))
+            data = canonical.loads(bytes(blob))
         except canonical.CanonicalJSONError as exc:
             raise SignatureError(f"signed envelope is not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or set(data) != {"payload", "payloadType", "signatures"}:

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import export_eval
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
@@ -19,10 +21,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def export_eval(model: torch.nn.Module, shape: tuple[int, ...] = (1, 28, 28)) -> torch.export.ExportedProgram:
-    """Export in eval mode with a dynamic batch dimension, as the owner does."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    return torch.export.export(model.eval(), (torch.randn(2, *shape),), dynamic_shapes=({0: batch},))
 
 
 @pytest.fixture(scope="module")

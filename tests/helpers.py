@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 
 def unblock_fifo(path: Path) -> Callable[[], None]:
@@ -64,3 +65,9 @@ def write_flower_app(folder: Path, name: str, *, serverapp: str, clientapp: str,
         clientapp = "{clientapp}"
         """) + (f"[tool.flwr.app.config]\n{config}\n" if config else ""))
     return folder
+
+
+def export_eval(model: torch.nn.Module, shape: tuple[int, ...] = (1, 28, 28)) -> torch.export.ExportedProgram:
+    """Export in eval mode with a dynamic batch dimension, as the owner does."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return torch.export.export(model.eval(), (torch.randn(2, *shape),), dynamic_shapes=({0: batch},))

@@ -38,7 +38,7 @@ from protocol.sealing import open_bundle, seal_bundle_detailed
 from protocol.signing import digest, sign_message
 from tests.helpers import unblock_fifo, within
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OWNER = Identity.generate("owner", "clinic")
 ENTITY = Identity.generate("entity", "service")
 ATTACKER = Identity.generate("owner", "mallory")

@@ -29,7 +29,7 @@ from protocol.sealing import seal_bundle
 from protocol.signing import digest, sign_message
 from protocol.spec import InputSpec, PruneRequest, RetrainLimits, RetrainRecipe
 
-from .conftest import export_eval
+from tests.helpers import export_eval
 
 SPEC = InputSpec((1, 28, 28), (0.286,), (0.353,))
 CENTRE = 4

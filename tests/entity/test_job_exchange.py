@@ -14,7 +14,7 @@ from protocol.keys import init_identity
 from protocol.replay import NonceStore
 from protocol.spec import InputSpec, PruneRequest
 
-from .conftest import export_eval
+from tests.helpers import export_eval
 
 SPEC = InputSpec((1, 28, 28), (0.286,), (0.353,))
 

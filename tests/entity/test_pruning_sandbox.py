@@ -26,7 +26,7 @@ from protocol.keys import init_identity
 from protocol.replay import NonceStore
 from protocol.spec import InputSpec, PruneRequest
 
-from .conftest import export_eval
+from tests.helpers import export_eval
 
 SPEC = InputSpec((1, 12, 12), (0.5,), (0.25,))
 ONESHOT = {"rate": 4.0, "recipe": "oneshot"}

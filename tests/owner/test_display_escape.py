@@ -70,7 +70,7 @@ def test_entity_refusal_with_escape_sequences_is_kept_escaped(tmp_path):
     from protocol.spec import InputSpec, PruneRequest
     from simulations.models import small_vgg
 
-    from .conftest import export_eval
+    from tests.helpers import export_eval
 
     owner = init_identity(tmp_path / "owner", "owner", name="owner")
     entity = init_identity(tmp_path / "entity", "entity", name="entity")

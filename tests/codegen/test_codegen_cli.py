@@ -15,7 +15,7 @@ from codegen import fixtures
 from codegen.verify import export
 from protocol.artifact import save_model_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

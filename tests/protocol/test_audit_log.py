@@ -24,7 +24,7 @@ from protocol.signing import digest
 
 OWNER = Identity.generate("owner", "clinic")
 ENTITY = Identity.generate("entity", "service")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _job(log: AuditLog) -> None:

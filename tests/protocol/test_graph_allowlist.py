@@ -29,7 +29,7 @@ from protocol.graph_ops import ALLOWED_OPS, check_expression, check_graph
 from protocol.program_guard import strip_program
 from protocol.spec import InputSpec, SpecError
 
-from .conftest import export_eval
+from tests.helpers import export_eval
 
 
 def _small_model() -> torch.nn.Module:

@@ -22,7 +22,7 @@ from protocol.keys import (
     load_registry,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_init_writes_private_keys_0600_and_card_round_trips(tmp_path: Path) -> None:

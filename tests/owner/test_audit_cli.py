@@ -18,7 +18,7 @@ from protocol.keys import Identity
 from protocol.sealing import open_bundle, seal_bundle_detailed
 from protocol.signing import digest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OWNER = Identity.generate("owner", "clinic")
 ENTITY = Identity.generate("entity", "service")
 SPEC = {"shape": [1, 28, 28], "channel_order": "L", "pixel_range": [0, 255], "mean": ["0.286"], "std": ["0.353"]}

@@ -59,7 +59,7 @@ def test_neon_inner_loops_use_vector_fma(tmp_path):
 
 
 def test_input_channel_blocks_under_qemu_match_pytorch(tmp_path):
-    from tests.test_codegen_host import _Blocked
+    from tests.codegen.test_codegen_host import _Blocked
 
     torch.manual_seed(6)
     model = _Blocked().eval()
@@ -70,13 +70,13 @@ def test_input_channel_blocks_under_qemu_match_pytorch(tmp_path):
 
 
 def _chains() -> list[tuple[str, int]]:
-    from tests.test_codegen_host import _registry_chains
+    from tests.codegen.test_codegen_host import _registry_chains
 
     return _registry_chains(AARCH64_NEON)
 
 
 @pytest.mark.parametrize("op,vecs", _chains(), ids=lambda v: str(v))
 def test_every_registered_neon_tile_under_qemu_matches_pytorch(tmp_path, op, vecs):
-    from tests.test_codegen_host import check_registered_tiles
+    from tests.codegen.test_codegen_host import check_registered_tiles
 
     check_registered_tiles(AARCH64_NEON, op, vecs, tmp_path)

@@ -18,12 +18,12 @@ are rendered to ``paper_table.md`` and ``paper_table.png``.
     python -m benchmarks.paper_table                  # the table (CPU, hours: see --help)
     python -m benchmarks.paper_table --quick          # smoke test on a data subset, minutes
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -120,8 +120,9 @@ def factories() -> dict[str, Callable[[], nn.Module]]:
     }
 
 
-def train_dense(name: str, train: TensorDataset, test: TensorDataset, epochs: int, device: str,
-                log: Callable[[str], None]) -> tuple[nn.Module, float]:
+def train_dense(
+    name: str, train: TensorDataset, test: TensorDataset, epochs: int, device: str, log: Callable[[str], None]
+) -> tuple[nn.Module, float]:
     """Train (or load from cache) a dense model; returns it and its test accuracy."""
     from safetensors.torch import load_file, save_file
 
@@ -160,7 +161,6 @@ def train_dense(name: str, train: TensorDataset, test: TensorDataset, epochs: in
     return model, acc
 
 
-
 # ---------------------------------------------------------------------------------------- cells
 SPEC_KW = dict(shape=(1, 28, 28), mean=(MEAN,), std=(STD,))
 
@@ -177,9 +177,19 @@ def real_images(train: TensorDataset, count: int, seed: int) -> torch.Tensor:
     return train.tensors[0][idx]
 
 
-def run_cell(name: str, dense: nn.Module, rate: float, method: str, ks: tuple[int, ...], train: TensorDataset,
-             test: TensorDataset, device: str, synthetic_images: int, log: Callable[[str], None],
-             cache: dict) -> dict:
+def run_cell(
+    name: str,
+    dense: nn.Module,
+    rate: float,
+    method: str,
+    ks: tuple[int, ...],
+    train: TensorDataset,
+    test: TensorDataset,
+    device: str,
+    synthetic_images: int,
+    log: Callable[[str], None],
+    cache: dict,
+) -> dict:
     """Prune one (model, rate, method) cell, then retrain for each K in ``ks`` and evaluate."""
     from entity.pruning import PruneConfig, prune
     from entity.pruning.synthetic import bn_matched_inputs
@@ -199,16 +209,14 @@ def run_cell(name: str, dense: nn.Module, rate: float, method: str, ks: tuple[in
         # and charge their generation time to every cell that uses them.
         if name not in cache:
             start = time.perf_counter()
-            x, losses = bn_matched_inputs(program.module(), spec, config.synthetic_images, config.seed,
-                                          steps=config.synthetic_steps, device=device)
+            x, losses = bn_matched_inputs(program.module(), spec, config.synthetic_images, config.seed, steps=config.synthetic_steps, device=device)
             cache[name] = (x, time.perf_counter() - start, losses)
             log(f"{name}: BN-matched synthetic images in {cache[name][1]:.0f}s, match loss {max(losses):.4f}")
         inputs, extra_seconds = cache[name][0], cache[name][1]
 
     def show(event: dict) -> None:
         if event.get("event") == "layer":
-            log(f"  {name} {rate}x {method} layer {event['index'] + 1}/{event['total']} {event['layer']}"
-                f" error {event.get('error', '-')}")
+            log(f"  {name} {rate}x {method} layer {event['index'] + 1}/{event['total']} {event['layer']} error {event.get('error', '-')}")
 
     start = time.perf_counter()
     result = prune(program, spec, config, show, inputs=inputs)
@@ -225,6 +233,7 @@ def run_cell(name: str, dense: nn.Module, rate: float, method: str, ks: tuple[in
     if retrain.schedule == "step" and runs:
         runs = [runs[-1]]
     for run in runs:
+
         def on_epoch(stats, m, run=run) -> None:
             if retrain.schedule == "step" or stats.epoch == run:
                 acc[stats.epoch] = evaluate(m, test_loader, device)
@@ -233,11 +242,22 @@ def run_cell(name: str, dense: nn.Module, rate: float, method: str, ks: tuple[in
         trained = copy_model(name, dense)
         trained.load_state_dict(result.state_dict)
         teacher = copy_model(name, dense) if retrain.distill > 0 else None
-        masked_retrain(trained, result.masks, loader(train, retrain.batch_size, True, seed=1),
-                       retrain, epochs=run, device=device, on_epoch=on_epoch, teacher=teacher)
+        masked_retrain(
+            trained,
+            result.masks,
+            loader(train, retrain.batch_size, True, seed=1),
+            retrain,
+            epochs=run,
+            device=device,
+            on_epoch=on_epoch,
+            teacher=teacher,
+        )
     errors = [float(layer["error"]) for layer in result.report["layers"]]
     return {
-        "model": name, "rate": rate, "method": method, "ks_run": sorted(set(ks) | {0}),
+        "model": name,
+        "rate": rate,
+        "method": method,
+        "ks_run": sorted(set(ks) | {0}),
         "retrain": retrain.to_json(),
         "accuracy": {str(k): v for k, v in acc.items()},
         "prune_seconds": round(seconds, 1),
@@ -256,40 +276,62 @@ def copy_model(name: str, dense: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------- the plan
 # Each method: a recipe and its options (``PruneConfig.options``, merged over the recipe's defaults).
 METHODS: dict[str, tuple[str, dict]] = {
-    "oneshot": ("oneshot", {}), "admm": ("admm", {}), "slr": ("slr", {}), "refit": ("refit", {"allocation": "uniform"}),
+    "oneshot": ("oneshot", {}),
+    "admm": ("admm", {}),
+    "slr": ("slr", {}),
+    "refit": ("refit", {"allocation": "uniform"}),
     "refit-sens": ("refit", {"allocation": "sensitivity"}),
 }
 Plan = list[tuple[str, float, str, tuple[int, ...]]]  # model, rate, method, retraining lengths K
 # Cells in priority order: the table is filled from the top, so a run cut short still answers the
 # brief's questions first (8x/16x targets, ours vs one-shot, the paper's recipe, the upper bound).
 FULL_PLAN: Plan = [
-    ("vgg", 16.0, "oneshot", (1, 3)), ("vgg", 16.0, "refit-sens", (1, 3)),
-    ("resnet20", 16.0, "oneshot", (1, 3)), ("resnet20", 16.0, "refit-sens", (1, 3)),
-    ("vgg", 8.0, "oneshot", (1, 3)), ("vgg", 8.0, "refit-sens", (1, 3)),
-    ("vgg", 16.0, "admm", (1,)), ("vgg", 8.0, "admm", (1,)),
-    ("resnet20", 8.0, "oneshot", (3,)), ("resnet20", 8.0, "refit-sens", (3,)),
-    ("vgg", 12.0, "oneshot", (1, 3)), ("vgg", 12.0, "refit-sens", (1, 3)), ("vgg", 12.0, "admm", (1,)),
+    ("vgg", 16.0, "oneshot", (1, 3)),
+    ("vgg", 16.0, "refit-sens", (1, 3)),
+    ("resnet20", 16.0, "oneshot", (1, 3)),
+    ("resnet20", 16.0, "refit-sens", (1, 3)),
+    ("vgg", 8.0, "oneshot", (1, 3)),
+    ("vgg", 8.0, "refit-sens", (1, 3)),
+    ("vgg", 16.0, "admm", (1,)),
+    ("vgg", 8.0, "admm", (1,)),
+    ("resnet20", 8.0, "oneshot", (3,)),
+    ("resnet20", 8.0, "refit-sens", (3,)),
+    ("vgg", 12.0, "oneshot", (1, 3)),
+    ("vgg", 12.0, "refit-sens", (1, 3)),
+    ("vgg", 12.0, "admm", (1,)),
     ("resnet20", 16.0, "admm", (1,)),
-    ("vgg", 2.25, "oneshot", (1, 3)), ("vgg", 2.25, "refit", (1, 3)), ("vgg", 2.25, "admm", (1,)),
-    ("vgg", 16.0, "refit", (1,)), ("vgg", 16.0, "admm-real", (1,)), ("vgg", 16.0, "refit-real", (1,)),
-    ("vgg", 16.0, "slr", (1,)), ("vgg", 8.0, "admm-real", (1,)),
-    ("resnet20", 8.0, "oneshot", (1,)), ("resnet20", 8.0, "refit-sens", (1,)),
-    ("vgg", 16.0, "refit", (1, 3)), ("vgg", 8.0, "refit", (1, 3)), ("vgg", 16.0, "refit-sens-real", (1,)),
+    ("vgg", 2.25, "oneshot", (1, 3)),
+    ("vgg", 2.25, "refit", (1, 3)),
+    ("vgg", 2.25, "admm", (1,)),
+    ("vgg", 16.0, "refit", (1,)),
+    ("vgg", 16.0, "admm-real", (1,)),
+    ("vgg", 16.0, "refit-real", (1,)),
+    ("vgg", 16.0, "slr", (1,)),
+    ("vgg", 8.0, "admm-real", (1,)),
+    ("resnet20", 8.0, "oneshot", (1,)),
+    ("resnet20", 8.0, "refit-sens", (1,)),
+    ("vgg", 16.0, "refit", (1, 3)),
+    ("vgg", 8.0, "refit", (1, 3)),
+    ("vgg", 16.0, "refit-sens-real", (1,)),
     ("resnet20", 16.0, "refit", (1,)),
 ]
 LARGE_PLAN: Plan = [
-    (m, r, meth, (1, 3)) for m in ("resnet18", "vgg16") for r in (2.25, 8.0, 12.0, 16.0)
-    for meth in ("oneshot", "admm", "refit-sens", "admm-real")
+    (m, r, meth, (1, 3)) for m in ("resnet18", "vgg16") for r in (2.25, 8.0, 12.0, 16.0) for meth in ("oneshot", "admm", "refit-sens", "admm-real")
 ]
 QUICK_PLAN: Plan = [
-    ("vgg", 16.0, "oneshot", (1,)), ("vgg", 16.0, "refit", (1,)), ("vgg", 8.0, "admm", (0,)),
+    ("vgg", 16.0, "oneshot", (1,)),
+    ("vgg", 16.0, "refit", (1,)),
+    ("vgg", 8.0, "admm", (0,)),
 ]
 METHOD_ORDER = ["oneshot", "admm", "slr", "refit", "refit-sens", "admm-real", "refit-real", "refit-sens-real"]
 METHOD_LABEL = {
-    "oneshot": "one-shot projection", "admm": "paper: ADMM on uniform noise", "slr": "SLR on uniform noise",
+    "oneshot": "one-shot projection",
+    "admm": "paper: ADMM on uniform noise",
+    "slr": "SLR on uniform noise",
     "refit": "ours: BN-matched synthetic + OBS + LS refit + rescale (uniform rates)",
     "refit-sens": "**ours + per-layer rates by measured sensitivity**",
-    "admm-real": "ADMM on real images (upper bound)", "refit-real": "ours (uniform rates) on real images (upper bound)",
+    "admm-real": "ADMM on real images (upper bound)",
+    "refit-real": "ours (uniform rates) on real images (upper bound)",
     "refit-sens-real": "ours (sensitivity rates) on real images (upper bound)",
 }
 
@@ -310,30 +352,35 @@ def describe_recipe(recipe: RetrainRecipe) -> str:
         lr = f"lr {recipe.lr:g} cosine-annealed to 0 over each run (so K=1 and K=3 are separate runs)"
     else:
         lr = f"lr {recipe.lr:g}, x{recipe.gamma:g} at epoch(s) {', '.join(str(m + 1) for m in recipe.milestones)}"
-    kd = (f", distillation from the owner's dense model (weight {recipe.distill:g}, T={recipe.temperature:g})"
-          if recipe.distill > 0 else "")
-    return (f"SGD momentum {recipe.momentum:g}, weight decay {recipe.weight_decay:g}, {lr}, "
-            f"batch {recipe.batch_size}{kd}")
+    kd = f", distillation from the owner's dense model (weight {recipe.distill:g}, T={recipe.temperature:g})" if recipe.distill > 0 else ""
+    return f"SGD momentum {recipe.momentum:g}, weight decay {recipe.weight_decay:g}, {lr}, batch {recipe.batch_size}{kd}"
 
 
 def render_markdown(state: dict, quick: bool) -> str:
     lines = ["# Data-free pattern pruning on Fashion-MNIST: the paper's table", ""]
     lines += [
-        "Generated by `python -m benchmarks.paper_table`" + (" --quick (smoke test: data subset)" if quick else "")
-        + ". Accuracy is top-1 on the " + ("first 3,000" if quick else "10,000") + " test images (%), after K epochs of masked retraining",
+        "Generated by `python -m benchmarks.paper_table`"
+        + (" --quick (smoke test: data subset)" if quick else "")
+        + ". Accuracy is top-1 on the "
+        + ("first 3,000" if quick else "10,000")
+        + " test images (%), after K epochs of masked retraining",
         f"(`owner.retrain` with the entity's recommended recipe: {describe_recipe(RetrainRecipe())};",
         ("a 3,000-image subset" if quick else "the full training set") + ", one seed; every method gets the same recipe)."
         " Conv compression is over all prunable 3x3 convs (the stem",
         "conv and 1x1 shortcuts stay dense). Prune time includes synthetic-image generation, on a shared",
         "2-core CPU with one thread (two benchmark processes ran side by side). A dash means the cell was",
-        "not run in the time available. \"mean layer err\" is the relative error of each pruned layer's",
+        'not run in the time available. "mean layer err" is the relative error of each pruned layer\'s',
         "(BatchNorm) output, averaged, measured on the method's own inputs (noise, BN-matched or real images):",
         "it is not comparable across methods. One seed: differences under ~0.5 pp are noise. The dense models",
-        "were trained here with one-cycle SGD (max lr 0.1, batch 128, random flips) for the epochs below.", "",
+        "were trained here with one-cycle SGD (max lr 0.1, batch 128, random flips) for the epochs below.",
+        "",
     ]
     if any(c.get("recovered_from_log") or c.get("merged_from_log") for c in state["cells"]):
-        lines += ["Some cells (marked `recovered_from_log` / `merged_from_log` in the JSON) were restored from the",
-                  "run's own log after two writers raced on the results file; saves now merge under a lock.", ""]
+        lines += [
+            "Some cells (marked `recovered_from_log` / `merged_from_log` in the JSON) were restored from the",
+            "run's own log after two writers raced on the results file; saves now merge under a lock.",
+            "",
+        ]
     for name, info in state["models"].items():
         cells = [c for c in state["cells"] if c["model"] == name and _is_current(c, info)]
         if not cells:
@@ -346,8 +393,10 @@ def render_markdown(state: dict, quick: bool) -> str:
                 for c in cells:
                     if c["rate"] == rate and c["method"] == method:
                         a = c["accuracy"]
-                        lines.append(f"| {rate:g}x | {METHOD_LABEL[method]} | {_pct(a.get('0'))} | {_pct(a.get('1'))} "
-                                     f"| {_pct(a.get('3'))} | {c['prune_seconds']:.0f} | {c['mean_layer_error']:.3f} |")
+                        lines.append(
+                            f"| {rate:g}x | {METHOD_LABEL[method]} | {_pct(a.get('0'))} | {_pct(a.get('1'))} "
+                            f"| {_pct(a.get('3'))} | {c['prune_seconds']:.0f} | {c['mean_layer_error']:.3f} |"
+                        )
         lines.append("")
         lines += _targets(name, info, cells)
     return "\n".join(lines) + "\n"
@@ -372,20 +421,21 @@ def _targets(name: str, info: dict, cells: list[dict]) -> list[str]:
         out.append(f"- {rate:g}x: best {_pct(best)} vs dense {_pct(dense)} - {100 * slack:.1f} pp: **{verdict}**")
     for rate in sorted({c["rate"] for c in cells}):
         for k in ("3", "1", "0"):
-            ranked = sorted(((c["accuracy"][k], c["method"]) for c in cells
-                             if c["rate"] == rate and c["method"] in free and k in c["accuracy"]), reverse=True)
+            ranked = sorted(
+                ((c["accuracy"][k], c["method"]) for c in cells if c["rate"] == rate and c["method"] in free and k in c["accuracy"]), reverse=True
+            )
             oneshot = [a for a, m in ranked if m == "oneshot"]
             if len(ranked) >= 2 and oneshot:
                 acc, method = ranked[0]
-                out.append(f"- {rate:g}x, K={k}: best data-free recipe **{method}** {_pct(acc)}, "
-                           f"{100 * (acc - oneshot[0]):+.1f} pp over one-shot projection")
+                out.append(
+                    f"- {rate:g}x, K={k}: best data-free recipe **{method}** {_pct(acc)}, {100 * (acc - oneshot[0]):+.1f} pp over one-shot projection"
+                )
                 break
     ours, base = _best(cells, 16.0, ("refit", "refit-sens"), "1"), _best(cells, 16.0, ("oneshot",), "1")
     if ours is not None and base is not None:
         margin = 100 * (ours - base)
         verdict = "met" if margin >= 1.0 else "NOT met"
-        out.append(f"- 16x after 1 epoch: ours {_pct(ours)} vs one-shot {_pct(base)}: margin {margin:+.1f} pp "
-                   f"(target +1.0): **{verdict}**")
+        out.append(f"- 16x after 1 epoch: ours {_pct(ours)} vs one-shot {_pct(base)}: margin {margin:+.1f} pp (target +1.0): **{verdict}**")
     out.append("")
     return out
 
@@ -408,8 +458,14 @@ def render_plot(state: dict, path: Path) -> None:
             for k, style in (("1", "--"), ("3", "-")):
                 pts = sorted((c["rate"], c["accuracy"][k]) for c in cells if c["method"] == method and k in c["accuracy"])
                 if pts:
-                    ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, marker="o", color=colours[method],
-                            label=f"{METHOD_LABEL[method].replace('*', '')} K={k}")
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [100 * p[1] for p in pts],
+                        style,
+                        marker="o",
+                        color=colours[method],
+                        label=f"{METHOD_LABEL[method].replace('*', '')} K={k}",
+                    )
         ax.axhline(100 * state["models"][name]["accuracy"], color="k", lw=0.8, label="dense")
         rates = sorted({c["rate"] for c in cells})
         ax.set_xscale("log", base=2)
@@ -512,15 +568,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cache: dict = {}
     for name, rate, method, ks in plan:
-        done = [c for c in state["cells"] if (c["model"], c["rate"], c["method"]) == (name, rate, method)
-                and _is_current(c, {"epochs": epochs.get(name)})]
+        done = [
+            c for c in state["cells"] if (c["model"], c["rate"], c["method"]) == (name, rate, method) and _is_current(c, {"epochs": epochs.get(name)})
+        ]
         # Only the retraining lengths not yet run; save() merges them into the finished cell.
         missing = tuple(k for k in ks if not done or k not in done[0].get("ks_run", ()))
         if not missing:
             continue
         model = dense(name)
-        cell = run_cell(name, model, rate, method, missing, train, test, args.device,
-                        args.synthetic_images, log, cache)
+        cell = run_cell(name, model, rate, method, missing, train, test, args.device, args.synthetic_images, log, cache)
         cell["dense_epochs"] = epochs[name]
         save(cell=cell)
     log(f"done: {md_path}")

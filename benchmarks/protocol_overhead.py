@@ -18,6 +18,7 @@ state_dict (11.7 M parameters, 46.8 MB of safetensors):
 
 Writes ``protocol_overhead.json`` and ``protocol_overhead.md`` under ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +48,13 @@ def _measure(fn: Callable[[], object], reps: int) -> dict[str, Any]:
         fn()
         walls.append(time.perf_counter() - wall0)
         cpus.append(time.process_time() - cpu0)
-    return {"wall_median": statistics.median(walls), "wall_min": min(walls), "cpu_median": statistics.median(cpus),
-            "wall_samples": walls, "cpu_samples": cpus}
+    return {
+        "wall_median": statistics.median(walls),
+        "wall_min": min(walls),
+        "cpu_median": statistics.median(cpus),
+        "wall_samples": walls,
+        "cpu_samples": cpus,
+    }
 
 
 def _measure_child(cmd: list[str], reps: int) -> dict[str, Any]:
@@ -64,8 +71,13 @@ def _measure_child(cmd: list[str], reps: int) -> dict[str, Any]:
         cpus.append((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
         if out.returncode != 0:
             raise SystemExit(f"benchmark command failed: {out.stdout}{out.stderr}")
-    return {"wall_median": statistics.median(walls), "wall_min": min(walls), "cpu_median": statistics.median(cpus),
-            "wall_samples": walls, "cpu_samples": cpus}
+    return {
+        "wall_median": statistics.median(walls),
+        "wall_min": min(walls),
+        "cpu_median": statistics.median(cpus),
+        "wall_samples": walls,
+        "cpu_samples": cpus,
+    }
 
 
 def bench_artifact(reps: int) -> dict[str, Any]:
@@ -74,13 +86,12 @@ def bench_artifact(reps: int) -> dict[str, Any]:
     from safetensors.torch import load, save
 
     from protocol import canonical
-    from protocol.keys import Identity
-    from protocol.sealing import open_bundle, seal_bundle
-    from protocol.signing import digest
-
     from protocol.artifact import program_to_files
     from protocol.egress import EgressGuard, schema_of
+    from protocol.keys import Identity
     from protocol.program_guard import strip_program
+    from protocol.sealing import open_bundle, seal_bundle
+    from protocol.signing import digest
     from protocol.spec import InputSpec, PruneRequest
 
     torch.manual_seed(0)
@@ -90,10 +101,8 @@ def bench_artifact(reps: int) -> dict[str, Any]:
     artifact = program_to_files(torch.export.export(model, (torch.zeros(1, 3, 224, 224),)))
     owner, entity = Identity.generate("owner", "bench-owner"), Identity.generate("entity", "bench-entity")
     spec = InputSpec(shape=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), channel_order="RGB")
-    request = canonical.dumps({"job_id": "job-bench", "nonce": "0" * 32, "prune": PruneRequest(rate=8.0).to_json(),
-                               "input_spec": spec.to_json()})
-    files = {"program.json": strip_program(artifact["program.json"]), "weights.safetensors": artifact["weights.safetensors"],
-             "request.json": request}
+    request = canonical.dumps({"job_id": "job-bench", "nonce": "0" * 32, "prune": PruneRequest(rate=8.0).to_json(), "input_spec": spec.to_json()})
+    files = {"program.json": strip_program(artifact["program.json"]), "weights.safetensors": artifact["weights.safetensors"], "request.json": request}
     guard = EgressGuard(schema=schema_of(state), max_bytes=1 << 30)
     request_hash = digest(b"offer")
     blob = seal_bundle(files, kind="model", job_id="job-bench", request_hash=request_hash, sender=owner, recipient=entity.card)
@@ -128,12 +137,26 @@ def bench_artifact(reps: int) -> dict[str, Any]:
     }
 
 
+def _job_steps(log: Any, job_id: str, sealed: Any, opened: Any, owner: Any, entity: Any) -> list[Callable[[], object]]:
+    """The records one job adds to a log, in order, as calls (the log may stop between any two)."""
+    from protocol.audit import countersign_checkpoint, make_receipt
+
+    return [
+        lambda: log.append("job.started", {"job_id": job_id}),
+        lambda: log.record_sent(sealed, recipient=entity.card, request={"job_id": job_id}),
+        lambda: log.record_countersignature(countersign_checkpoint(log.checkpoint(), owner=owner.card, entity=entity), entity=entity.card),
+        lambda: log.record_receipt(make_receipt(opened, entity=entity, job_id=job_id), entity=entity.card),
+        lambda: log.append("job.finished", {"job_id": job_id}),
+        lambda: log.checkpoint(),
+    ]
+
+
 def make_log(path: Path, records: int) -> tuple[bytes, bytes]:
     """A log of ``records`` records shaped like real jobs; returns (owner card, entity card)."""
     import torch
     from safetensors.torch import save
 
-    from protocol.audit import AuditLog, countersign_checkpoint, make_receipt
+    from protocol.audit import AuditLog
     from protocol.keys import Identity
     from protocol.sealing import open_bundle, seal_bundle_detailed
     from protocol.signing import digest
@@ -145,16 +168,10 @@ def make_log(path: Path, records: int) -> tuple[bytes, bytes]:
         while log.size < records:
             job_id = f"job-{job}"
             sealed = seal_bundle_detailed(files, kind="model", job_id=job_id, request_hash=digest(b"o"), sender=owner, recipient=entity.card)
-            opened = open_bundle(sealed.blob, kind="model", job_id=job_id, request_hash=digest(b"o"), recipient=entity, senders={owner.fingerprint: owner.card})
-            steps = [
-                lambda: log.append("job.started", {"job_id": job_id}),
-                lambda: log.record_sent(sealed, recipient=entity.card, request={"job_id": job_id}),
-                lambda: log.record_countersignature(countersign_checkpoint(log.checkpoint(), owner=owner.card, entity=entity), entity=entity.card),
-                lambda: log.record_receipt(make_receipt(opened, entity=entity, job_id=job_id), entity=entity.card),
-                lambda: log.append("job.finished", {"job_id": job_id}),
-                lambda: log.checkpoint(),
-            ]
-            for step in steps:
+            opened = open_bundle(
+                sealed.blob, kind="model", job_id=job_id, request_hash=digest(b"o"), recipient=entity, senders={owner.fingerprint: owner.card}
+            )
+            for step in _job_steps(log, job_id, sealed, opened, owner, entity):
                 if log.size >= records:
                     break
                 step()
@@ -178,14 +195,29 @@ def bench_log(records: int, reps: int) -> dict[str, Any]:
         assert verdict.ok, verdict.error
         full = _measure(lambda: verify_log(path, owner=owner, entity=entity), reps)
         quick = _measure(lambda: verify_log(path, owner=owner, entity=entity, every_signature=False), reps)
-        cli = [sys.executable, "-m", "owner.audit", "verify", str(path), "--owner", str(Path(tmp) / "owner.json"),
-               "--entity", str(Path(tmp) / "entity.json")]
+        cli = [
+            sys.executable,
+            "-m",
+            "owner.audit",
+            "verify",
+            str(path),
+            "--owner",
+            str(Path(tmp) / "owner.json"),
+            "--entity",
+            str(Path(tmp) / "entity.json"),
+        ]
         cli_full = _measure_child([*cli, "--every-signature"], max(3, reps // 2))
         cli_quick = _measure_child(cli, max(3, reps // 2))
         return {
-            "records": verdict.records, "checkpoints": verdict.checkpoints, "receipts": verdict.receipts,
-            "bytes": path.stat().st_size, "build_seconds": build,
-            "verify": full, "verify_quick": quick, "cli": cli_full, "cli_quick": cli_quick,
+            "records": verdict.records,
+            "checkpoints": verdict.checkpoints,
+            "receipts": verdict.receipts,
+            "bytes": path.stat().st_size,
+            "build_seconds": build,
+            "verify": full,
+            "verify_quick": quick,
+            "cli": cli_full,
+            "cli_quick": cli_quick,
         }
 
 
@@ -221,10 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     import cryptography
 
     result = {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cryptography": cryptography.__version__, "cpu_count": os.cpu_count(),
-                    "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in load_end],
-                    "ed25519_verify_us": ed_us},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cryptography": cryptography.__version__,
+            "cpu_count": os.cpu_count(),
+            "loadavg_start": [round(x, 2) for x in load_start],
+            "loadavg_end": [round(x, 2) for x in load_end],
+            "ed25519_verify_us": ed_us,
+        },
         "artifact": artifact,
         "audit_log": log,
         "targets": {"ratio_seal_open_to_save": 1.5, "verify_10k_cpu_seconds": 1.0},

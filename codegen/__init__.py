@@ -14,9 +14,10 @@ budget) with a :class:`~codegen.targets.VectorIsa` (width, name; spellings and a
 kernel names follow from that data; its tests run the registry through ``check_registered_tiles``
 (tests/test_codegen_host.py), as the aarch64 tests do.
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -24,11 +25,25 @@ from .emit import Generated, LayerReport, Options, generate
 from .ir import CodegenError, Graph, UnsupportedOpError, lower
 from .targets import AARCH64_NEON, HOST, TARGETS, Target
 
-__all__ = ["AARCH64_NEON", "HOST", "TARGETS", "CodegenError", "Generated", "Graph", "LayerReport", "Options",
-           "Target", "UnsupportedOpError", "compile_program", "generate", "lower"]
+__all__ = [
+    "AARCH64_NEON",
+    "HOST",
+    "TARGETS",
+    "CodegenError",
+    "Generated",
+    "Graph",
+    "LayerReport",
+    "Options",
+    "Target",
+    "UnsupportedOpError",
+    "compile_program",
+    "generate",
+    "lower",
+]
 
 
-def compile_program(program: torch.export.ExportedProgram, masks: Mapping[str, torch.Tensor] | None,
-                    target: Target = HOST, options: Options = Options()) -> Generated:
+def compile_program(
+    program: torch.export.ExportedProgram, masks: Mapping[str, torch.Tensor] | None, target: Target = HOST, options: Options = Options()
+) -> Generated:
     """Exported program + masks (state_dict key -> bool tensor) -> generated library files."""
     return generate(lower(program, masks), target, options)

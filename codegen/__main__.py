@@ -6,6 +6,7 @@ README. With --build the library and harness are compiled (cross-compiled for aa
 --verify N they are also run on N random inputs (aarch64 under qemu-aarch64) and compared with
 PyTorch. Exit 0 ok, 1 error or failed verification, 2 bad usage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,16 +19,18 @@ from .targets import TARGETS
 
 
 def _summary(gen: Generated) -> str:
-    lines = ["| layer | kind | shape (out, in, kh, kw) | stride | out | patterns | kernels | MACs | blocking |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| layer | kind | shape (out, in, kh, kw) | stride | out | patterns | kernels | MACs | blocking |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in gen.layers:
-        lines.append(f"| {r.name} | {r.kind} | {r.shape} | {r.stride} | {r.out_hw[0]}x{r.out_hw[1]} | {r.patterns} | "
-                     f"{r.kernels} | {r.macs} | {r.blocking} |")
+        lines.append(
+            f"| {r.name} | {r.kind} | {r.shape} | {r.stride} | {r.out_hw[0]}x{r.out_hw[1]} | {r.patterns} | {r.kernels} | {r.macs} | {r.blocking} |"
+        )
     sto = [r.storage for r in gen.layers if r.storage is not None]
     if sto:
         dense, csr, comp = sum(s.dense for s in sto), sum(s.csr for s in sto), sum(s.compact for s in sto)
-        lines += ["", f"Pattern-sparse 3x3 weights: compact {comp} bytes, CSR {csr} bytes "
-                      f"({comp / csr:.2f} of CSR), dense {dense} bytes."]
+        lines += ["", f"Pattern-sparse 3x3 weights: compact {comp} bytes, CSR {csr} bytes ({comp / csr:.2f} of CSR), dense {dense} bytes."]
     return "\n".join(lines)
 
 
@@ -40,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compact", action="store_true", help="disable compressed weight storage")
     parser.add_argument("--no-lre", action="store_true", help="disable load redundancy elimination")
     parser.add_argument("--build", action="store_true", help="compile the library and harness")
-    parser.add_argument("--verify", type=int, default=0, metavar="N",
-                        help="build, run N random inputs and compare with PyTorch (implies --build)")
+    parser.add_argument("--verify", type=int, default=0, metavar="N", help="build, run N random inputs and compare with PyTorch (implies --build)")
     parser.add_argument("--cc", help="compiler to use instead of the target's default")
     args = parser.parse_args(argv)
     if args.verify < 0:
@@ -67,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         graph = lower(program, masks)
         gen = generate(graph, target, options)
         files = dict(gen.files)
-        files["README.md"] = render("README.md.in", TARGET=target.name, CC=target.cc, IN_SHAPE=gen.in_shape,
-                                    OUT_SHAPE=gen.out_shape, LAYERS=_summary(gen)).encode()
+        files["README.md"] = render(
+            "README.md.in", TARGET=target.name, CC=target.cc, IN_SHAPE=gen.in_shape, OUT_SHAPE=gen.out_shape, LAYERS=_summary(gen)
+        ).encode()
         build.write_files(files, args.out)
-        print(f"wrote {args.out} ({len(gen.layers)} convs, weights.bin {len(files['weights.bin'])} bytes)",
-              file=sys.stderr)
+        print(f"wrote {args.out} ({len(gen.layers)} convs, weights.bin {len(files['weights.bin'])} bytes)", file=sys.stderr)
         if args.build or args.verify:
             build.compile_dir(args.out, target, cc=args.cc)
             print(f"built {args.out / 'bp_main'}", file=sys.stderr)
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_cli("codegen", body, errors=(CodegenError,))
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

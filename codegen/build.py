@@ -5,6 +5,7 @@ The harness exchanges raw float32 little-endian files (n images back to back, NC
 one) and reads the result. :class:`HostLibrary` loads the shared library with ctypes so the
 benchmark can interleave generated code with torch and ONNX Runtime in one process.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -42,12 +43,11 @@ def _first_error(text: str) -> str:
     for line in text.splitlines():
         if "error" in line.lower():
             return line.strip()
-    lines = [l for l in text.splitlines() if l.strip()]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1].strip() if lines else "no output"
 
 
-def compile_dir(out_dir: Path, target: Target, *, cc: str | None = None, shared: bool = False,
-                profile: bool = False) -> Path:
+def compile_dir(out_dir: Path, target: Target, *, cc: str | None = None, shared: bool = False, profile: bool = False) -> Path:
     """Build the harness (and with ``shared`` the .so) in ``out_dir``; returns the harness path.
 
     ``profile`` defines BP_PROFILE: the library then accumulates per-layer times (``bp_profile``).
@@ -58,8 +58,10 @@ def compile_dir(out_dir: Path, target: Target, *, cc: str | None = None, shared:
     compiler = cc or target.cc
     flags = list(target.cflags) + (["-DBP_PROFILE", "-D_POSIX_C_SOURCE=199309L"] if profile else [])
     static = ["-static"] if target.static else []
-    cmds = [[compiler, *flags, "-fPIC", "-c", "-o", "bp_model.o", "bp_model.c"],
-            [compiler, *flags, "-o", "bp_main", "bp_main.c", "bp_model.o", "-lm", *static]]
+    cmds = [
+        [compiler, *flags, "-fPIC", "-c", "-o", "bp_model.o", "bp_model.c"],
+        [compiler, *flags, "-o", "bp_main", "bp_main.c", "bp_model.o", "-lm", *static],
+    ]
     if shared:
         cmds.append([compiler, "-shared", "-o", "libbpmodel.so", "bp_model.o", "-lm"])
     for cmd in cmds:
@@ -69,8 +71,7 @@ def compile_dir(out_dir: Path, target: Target, *, cc: str | None = None, shared:
     return out_dir / "bp_main"
 
 
-def run_harness(out_dir: Path, target: Target, x: np.ndarray, out_shape: tuple[int, ...],
-                repeat: int = 0) -> tuple[np.ndarray, str]:
+def run_harness(out_dir: Path, target: Target, x: np.ndarray, out_shape: tuple[int, ...], repeat: int = 0) -> tuple[np.ndarray, str]:
     """Run the built harness on a batch; returns (outputs shaped (n, *out_shape), stderr)."""
     x = np.ascontiguousarray(x, dtype="<f4")
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:

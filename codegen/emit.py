@@ -24,17 +24,17 @@ Pattern-sparse 3x3 conv (the paper's three optimisations, each with an :class:`O
   is loaded once and feeds all the accumulators that need it (off: 1x1 tiles, a load per tap).
 Input channels are processed in blocks sized to keep the band's input slab in L1.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from . import kernels as kr
 from . import patterns as pat
-from .ir import (AdaptiveAvgPool, Add, CodegenError, Conv, Flatten, Graph, Layer, Linear, Pool, Relu,
-                 layer_inputs)
+from .ir import AdaptiveAvgPool, Add, CodegenError, Conv, Flatten, Graph, Layer, Linear, Pool, Relu, layer_inputs
 from .targets import Target, VectorIsa
 from .templates import render as render_template
 
@@ -47,10 +47,10 @@ ALIGN = 64
 class Options:
     """Code generation switches; the defaults are the fast configuration."""
 
-    reorder: bool = True        # filter kernel reorder (branch-free per-pattern loops)
-    compact: bool = True        # compressed weight storage
-    lre: bool = True            # load redundancy elimination (register blocking + shared loads)
-    max_patterns: int = 32      # distinct patterns per layer before rare ones widen to 3x3
+    reorder: bool = True  # filter kernel reorder (branch-free per-pattern loops)
+    compact: bool = True  # compressed weight storage
+    lre: bool = True  # load redundancy elimination (register blocking + shared loads)
+    max_patterns: int = 32  # distinct patterns per layer before rare ones widen to 3x3
     sparse_density: float = 0.75  # 3x3 convs keeping at most this fraction of weights go sparse
 
 
@@ -127,7 +127,7 @@ class LayerReport:
     """What the generator decided for one conv (used by the CLI summary and the benchmark)."""
 
     name: str
-    kind: str                 # "sparse3x3" | "dense"
+    kind: str  # "sparse3x3" | "dense"
     shape: tuple[int, int, int, int]
     stride: int
     out_hw: tuple[int, int]
@@ -296,8 +296,7 @@ def _masked_last(masked: bool, width: int) -> Callable[[str], bool]:
     return lambda name: masked and name.endswith(suffix)
 
 
-def _epilogue(c: _C, isa: VectorIsa, accs: list[tuple[str, str, str | None]], relu: bool,
-              mask: Callable[[str], bool]) -> None:
+def _epilogue(c: _C, isa: VectorIsa, accs: list[tuple[str, str, str | None]], relu: bool, mask: Callable[[str], bool]) -> None:
     """accs: (acc name, output address, residual address or None)."""
     for name, _, raddr in accs:
         if raddr is not None:
@@ -381,7 +380,7 @@ class Emitter:
         # weights: per output-channel block [ci][tap][ob'] so each tap broadcasts consecutive floats
         w = conv.weight.reshape(cout, cin, kh * kw).astype(np.float32)
         blocks = [(s, min(ob, cout - s)) for s in range(0, cout, ob)]
-        packed = np.concatenate([w[s:s + n].transpose(1, 2, 0).reshape(-1) for s, n in blocks])
+        packed = np.concatenate([w[s : s + n].transpose(1, 2, 0).reshape(-1) for s, n in blocks])
         W = self.warr(packed, "const float")
         B = self.warr(conv.bias.astype(np.float32), "const float")
         c = self.funcs
@@ -389,11 +388,16 @@ class Emitter:
         tiles = {v: kr.lookup(self.t, kr.DENSE, *v) for v in variants}
         symbol = {v: k.symbol(fname, f"{kh}x{kw}") for v, k in tiles.items()}
         for n, tw, tm in variants:
-            c.open(f"static inline BP_INLINE void {symbol[n, tw, tm]}(float *restrict op, "
-                   f"const float *restrict sb, const float *restrict rp, const float *restrict w, "
-                   f"const float *restrict bias{f', {isa.vi} mk' if tm else ''})")
-            accs = [(f"a{o}_{v}", f"op + {o * out.plane + v * V}",
-                     f"rp + {o * res.plane + v * V}" if res is not None else None) for o in range(n) for v in range(tw)]
+            c.open(
+                f"static inline BP_INLINE void {symbol[n, tw, tm]}(float *restrict op, "
+                f"const float *restrict sb, const float *restrict rp, const float *restrict w, "
+                f"const float *restrict bias{f', {isa.vi} mk' if tm else ''})"
+            )
+            accs = [
+                (f"a{o}_{v}", f"op + {o * out.plane + v * V}", f"rp + {o * res.plane + v * V}" if res is not None else None)
+                for o in range(n)
+                for v in range(tw)
+            ]
             for o in range(n):
                 c(f"{isa.vf} {', '.join(f'a{o}_{v} = ' + isa.bcast.format(x=f'bias[{o}]') for v in range(tw))};")
             c.open(f"for (int ci = 0; ci < {cin}; ++ci, sb += {src.cs}, w += {kh * kw * n})")
@@ -441,16 +445,26 @@ class Emitter:
             c(f"const float *sb = src + yo * {src.rs};")
             c(f"const float *rp = res ? res + {start} * {res.plane if res else 0} + yo * {res.pitch if res else 0} : NULL;")
             for x0, tw, tm in kr.row_tiles(n_vec, u, masked):
-                c(f"{symbol[n, tw, tm]}(op + {x0 * V}, sb + {x0 * V}, rp ? rp + {x0 * V} : NULL, "
-                  f"wb, B + {start}{', mk' if tm else ''});")
+                c(f"{symbol[n, tw, tm]}(op + {x0 * V}, sb + {x0 * V}, rp ? rp + {x0 * V} : NULL, wb, B + {start}{', mk' if tm else ''});")
             c.close()
             c.close()
         c.close()
         c()
-        self.reports.append(LayerReport(conv.name, "dense", (cout, cin, kh, kw), conv.stride[0], (out.h, out.w), 0,
-                                        int(conv.mask.reshape(cout, cin, -1).any(-1).sum()),
-                                        int(conv.mask.sum()) * out.h * out.w, None, f"ob{ob} u{u}",
-                                        tuple(k.name for k in tiles.values())))
+        self.reports.append(
+            LayerReport(
+                conv.name,
+                "dense",
+                (cout, cin, kh, kw),
+                conv.stride[0],
+                (out.h, out.w),
+                0,
+                int(conv.mask.reshape(cout, cin, -1).any(-1).sum()),
+                int(conv.mask.sum()) * out.h * out.w,
+                None,
+                f"ob{ob} u{u}",
+                tuple(k.name for k in tiles.values()),
+            )
+        )
 
     def sparse_conv(self, fname: str, conv: Conv, inp: FMap, out: FMap, res: FMap | None, src: _Src) -> None:
         V, o = self.V, self.o
@@ -501,8 +515,7 @@ class Emitter:
         c(f"const int32_t *restrict PERM = {PERM};")
         if n_blocks > 1:
             totals = sw.counts.reshape(n_blocks, cout, -1).sum(axis=2)
-            first = np.array([int(np.argmax(totals[:, f] > 0)) if totals[:, f].any() else n_blocks - 1
-                              for f in range(cout)], dtype=np.uint16)
+            first = np.array([int(np.argmax(totals[:, f] > 0)) if totals[:, f].any() else n_blocks - 1 for f in range(cout)], dtype=np.uint16)
             c(f"const uint16_t *restrict FIRST = {self.warr(first, 'const uint16_t')};")
         self._mask_decl(c, out)
         bands = [("loop", out.h - out.h % r, r)] + ([("one", out.h - out.h % r, out.h % r)] if out.h % r else [])
@@ -563,24 +576,42 @@ class Emitter:
             lens = ", ".join(str(len(p)) for p in ps.patterns) or "0"
             self.prelude.append(f"static const uint8_t BP_PLEN_{fname}[] = {{{lens}}};")
         kernels = int((ps.ids >= 0).sum())
-        self.reports.append(LayerReport(conv.name, "sparse3x3", (cout, cin, 3, 3), s, (out.h, out.w), n_pat, kernels,
-                                        int(sum(len(ps.patterns[p]) * int(n) for p, n in enumerate(ps.count())))
-                                        * out.h * out.w, pat.storage_sizes(conv.mask, ps),
-                                        f"r{r} u{u} cb{cb}", tuple(k.name for k in tiles.values())))
+        self.reports.append(
+            LayerReport(
+                conv.name,
+                "sparse3x3",
+                (cout, cin, 3, 3),
+                s,
+                (out.h, out.w),
+                n_pat,
+                kernels,
+                int(sum(len(ps.patterns[p]) * int(n) for p, n in enumerate(ps.count()))) * out.h * out.w,
+                pat.storage_sizes(conv.mask, ps),
+                f"r{r} u{u} cb{cb}",
+                tuple(k.name for k in tiles.values()),
+            )
+        )
 
-    def _sparse_tile(self, symbol: str, rr: int, tw: int, tm: bool, ps: pat.PatternSet, src: _Src, out: FMap,
-                     res: FMap | None, relu: bool) -> None:
+    def _sparse_tile(self, symbol: str, rr: int, tw: int, tm: bool, ps: pat.PatternSet, src: _Src, out: FMap, res: FMap | None, relu: bool) -> None:
         V, o, c, isa = self.V, self.o, self.funcs, self.isa
-        params = ["float *restrict op", "const float *restrict sb", "const float *restrict rp",
-                  "const uint16_t *restrict cnt", "const uint16_t *restrict ci"]
+        params = [
+            "float *restrict op",
+            "const float *restrict sb",
+            "const float *restrict rp",
+            "const uint16_t *restrict cnt",
+            "const uint16_t *restrict ci",
+        ]
         if not o.reorder:
             params.append("const uint8_t *restrict kp")
         params += ["const float *restrict w", "float bias", "int first", "int last"]
         if tm:
             params.append(f"{isa.vi} mk")
         c.open(f"static inline BP_INLINE void {symbol}({', '.join(params)})")
-        accs = [(f"a{y}_{v}", f"op + {y * out.pitch + v * V}",
-                 f"rp + {y * res.pitch + v * V}" if res is not None else None) for y in range(rr) for v in range(tw)]
+        accs = [
+            (f"a{y}_{v}", f"op + {y * out.pitch + v * V}", f"rp + {y * res.pitch + v * V}" if res is not None else None)
+            for y in range(rr)
+            for v in range(tw)
+        ]
         c(f"{isa.vf} {', '.join(a for a, _, _ in accs)};")
         c.open("if (first)")
         for a, _, _ in accs:
@@ -686,8 +717,7 @@ class Emitter:
         c(f"const float *tr = t - {pw};")
         c.open(f"for (int kx = 0; kx < {kw}; ++kx)")
         if is_max:
-            c(f"for (int xo = xlo[kx]; xo < xhi[kx]; ++xo) {{ const float v = tr[xo * {sw} + kx]; "
-              "d[xo] = v > d[xo] ? v : d[xo]; }")
+            c(f"for (int xo = xlo[kx]; xo < xhi[kx]; ++xo) {{ const float v = tr[xo * {sw} + kx]; d[xo] = v > d[xo] ? v : d[xo]; }}")
         else:
             c(f"for (int xo = xlo[kx]; xo < xhi[kx]; ++xo) d[xo] += tr[xo * {sw} + kx];")
         c.close()
@@ -745,8 +775,7 @@ class Emitter:
             c(f"const float *restrict src = {self.buf(layer.inp)} + {inp.origin};")
             c(f"for (int ch = 0; ch < {inp.c}; ++ch)")
             c(f"    for (int y = 0; y < {inp.h}; ++y)")
-            c(f"        memcpy(dst + (ch * {inp.h} + y) * {inp.w}, src + ch * {inp.plane} + y * {inp.pitch}, "
-              f"sizeof(float) * {inp.w});")
+            c(f"        memcpy(dst + (ch * {inp.h} + y) * {inp.w}, src + ch * {inp.plane} + y * {inp.pitch}, sizeof(float) * {inp.w});")
         c.close()
         c()
 
@@ -793,7 +822,7 @@ class Emitter:
             c.open(f"for (int ch = 0; ch < {lay.c}; ++ch)")
             c.open(f"for (int y = 0; y < {lay.h}; ++y)")
             c(f"float *d = {self.buf(layer.out)} + {lay.origin} + ch * {lay.plane} + y * {lay.pitch};")
-            for j, (n, f) in enumerate(zip(names, ins)):
+            for j, (n, f) in enumerate(zip(names, ins, strict=False)):
                 c(f"const float *s{j} = {self.buf(n)} + {f.origin} + ch * {f.plane} + y * {f.pitch};")
             c.open(f"for (int x = 0; x < {lay.w}; ++x)")
             c(f"float v = {' + '.join(f's{j}[x]' for j in range(len(names)))};")
@@ -806,9 +835,15 @@ class Emitter:
 
     # -- whole program
     def render(self, prefix: str = "bp") -> Generated:
-        dispatch: dict[type, Callable] = {Conv: self.conv, Pool: self.pool, AdaptiveAvgPool: self.adaptive,
-                                          Flatten: self.flatten, Linear: self.linear, Add: self.elementwise,
-                                          Relu: self.elementwise}
+        dispatch: dict[type, Callable] = {
+            Conv: self.conv,
+            Pool: self.pool,
+            AdaptiveAvgPool: self.adaptive,
+            Flatten: self.flatten,
+            Linear: self.linear,
+            Add: self.elementwise,
+            Relu: self.elementwise,
+        }
         for i, layer in enumerate(self.g.layers):
             dispatch[type(layer)](i, layer)
         payload = self.blob.payload()
@@ -820,8 +855,7 @@ class Emitter:
             "bp_model.c": self._source(payload, digest).encode(),
             "bp_main.c": render_template("bp_main.c.in").encode(),
             "Makefile": render_makefile(self.t).encode(),
-            "weights.bin": WEIGHT_MAGIC + len(payload).to_bytes(8, "little") + digest.to_bytes(8, "little")
-            + b"\0" * (HEADER_BYTES - 24) + payload,
+            "weights.bin": WEIGHT_MAGIC + len(payload).to_bytes(8, "little") + digest.to_bytes(8, "little") + b"\0" * (HEADER_BYTES - 24) + payload,
         }
         return Generated(files, tuple(self.reports), in_shape, out_shape)
 
@@ -834,8 +868,10 @@ class Emitter:
         if isinstance(inp, FMap):
             c(f"for (int ch = 0; ch < {inp.c}; ++ch)")
             c(f"    for (int y = 0; y < {inp.h}; ++y)")
-            c(f"        memcpy(m->buf[0] + {inp.origin} + ch * {inp.plane} + y * {inp.pitch}, "
-              f"in + (ch * {inp.h} + y) * {inp.w}, sizeof(float) * {inp.w});")
+            c(
+                f"        memcpy(m->buf[0] + {inp.origin} + ch * {inp.plane} + y * {inp.pitch}, "
+                f"in + (ch * {inp.h} + y) * {inp.w}, sizeof(float) * {inp.w});"
+            )
         else:
             c(f"memcpy(m->buf[0], in, sizeof(float) * {inp.n});")
         for i in range(len(self.g.layers)):
@@ -844,8 +880,10 @@ class Emitter:
         if isinstance(outl, FMap):
             c(f"for (int ch = 0; ch < {outl.c}; ++ch)")
             c(f"    for (int y = 0; y < {outl.h}; ++y)")
-            c(f"        memcpy(out + (ch * {outl.h} + y) * {outl.w}, {ob} + {outl.origin} + ch * {outl.plane} + "
-              f"y * {outl.pitch}, sizeof(float) * {outl.w});")
+            c(
+                f"        memcpy(out + (ch * {outl.h} + y) * {outl.w}, {ob} + {outl.origin} + ch * {outl.plane} + "
+                f"y * {outl.pitch}, sizeof(float) * {outl.w});"
+            )
         else:
             c(f"memcpy(out, {ob}, sizeof(float) * {outl.n});")
         c.close()
@@ -859,29 +897,46 @@ class Emitter:
             offsets.append(total)
             total += _round_up(size, 16)
         scratch = _round_up(self.scratch, 16)
-        return render_template("bp_model.c.in", TARGET=self.t.name, OPTIONS=self.o, VECTOR=render_vector_prelude(self.isa),
-                      NBUF=len(self.buffer_sizes), TABLES="\n".join(self.prelude), LAYERS=self.funcs.text(),
-                      N_LAYERS=len(self.g.layers), FORWARD=self._forward(), BUF_OFFSETS=", ".join(map(str, offsets)),
-                      PAYLOAD=len(payload), DIGEST=f"0x{digest:016x}ULL", TOTAL=total + scratch, SCRATCH=total)
+        return render_template(
+            "bp_model.c.in",
+            TARGET=self.t.name,
+            OPTIONS=self.o,
+            VECTOR=render_vector_prelude(self.isa),
+            NBUF=len(self.buffer_sizes),
+            TABLES="\n".join(self.prelude),
+            LAYERS=self.funcs.text(),
+            N_LAYERS=len(self.g.layers),
+            FORWARD=self._forward(),
+            BUF_OFFSETS=", ".join(map(str, offsets)),
+            PAYLOAD=len(payload),
+            DIGEST=f"0x{digest:016x}ULL",
+            TOTAL=total + scratch,
+            SCRATCH=total,
+        )
 
 
 def render_vector_prelude(isa: VectorIsa) -> str:
     """The vector types and helpers of ``isa`` (its prelude template), with its lane-mask table."""
     keep = f'__asm__("" : "+{isa.vreg}"(v))' if isa.vreg else "((void)0)"
-    return render_template(isa.prelude, VBYTES=4 * isa.vec, KEEP=keep, MASK_LEN=2 * isa.vec,
-                  LANE_MASK=", ".join(["-1"] * isa.vec + ["0"] * isa.vec))
+    return render_template(isa.prelude, VBYTES=4 * isa.vec, KEEP=keep, MASK_LEN=2 * isa.vec, LANE_MASK=", ".join(["-1"] * isa.vec + ["0"] * isa.vec))
 
 
 def render_header(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> str:
     """bp_model.h: the C API and the per-image sizes."""
-    return render_template("bp_model.h.in", IN_DIMS=", ".join(map(str, in_shape)), OUT_DIMS=", ".join(map(str, out_shape)),
-                  IN_SIZE=int(np.prod(in_shape)), OUT_SIZE=int(np.prod(out_shape)))
+    return render_template(
+        "bp_model.h.in",
+        IN_DIMS=", ".join(map(str, in_shape)),
+        OUT_DIMS=", ".join(map(str, out_shape)),
+        IN_SIZE=int(np.prod(in_shape)),
+        OUT_SIZE=int(np.prod(out_shape)),
+    )
 
 
 def render_makefile(target: Target) -> str:
     """Makefile building the harness and both libraries with the target's toolchain."""
-    return render_template("Makefile.in", TARGET=target.name, CC=target.cc, AR=target.ar, CFLAGS=" ".join(target.cflags),
-                  LDSTATIC=" -static" if target.static else "")
+    return render_template(
+        "Makefile.in", TARGET=target.name, CC=target.cc, AR=target.ar, CFLAGS=" ".join(target.cflags), LDSTATIC=" -static" if target.static else ""
+    )
 
 
 def generate(graph: Graph, target: Target, options: Options = Options()) -> Generated:

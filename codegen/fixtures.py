@@ -6,6 +6,7 @@ patterns (centre + 3 neighbours), one per kept kernel, and whole kernels removed
 compression rate is ``9/4 / kept-kernel fraction``. Magnitude projection gives exactly that.
 :func:`kernel_probe` builds the models that check every instance of the kernel registry.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,8 +32,10 @@ def pattern_library(weight: torch.Tensor, n_patterns: int) -> torch.Tensor:
     uniq, counts = codes.unique(return_counts=True)
     chosen = uniq[counts.argsort(descending=True)[:n_patterns]].tolist()
     # pad with fixed patterns if the layer shows fewer distinct ones
-    extra = [(1 << 4) | (1 << a) | (1 << b) | (1 << c) for a, b, c in ((1, 3, 5), (3, 5, 7), (1, 5, 7), (1, 3, 7),
-                                                                        (0, 1, 3), (1, 2, 5), (5, 7, 8), (3, 6, 7))]
+    extra = [
+        (1 << 4) | (1 << a) | (1 << b) | (1 << c)
+        for a, b, c in ((1, 3, 5), (3, 5, 7), (1, 5, 7), (1, 3, 7), (0, 1, 3), (1, 2, 5), (5, 7, 8), (3, 6, 7))
+    ]
     for code in extra:
         if len(chosen) >= n_patterns:
             break
@@ -46,7 +49,7 @@ def pattern_mask(weight: torch.Tensor, rate: float, n_patterns: int = 8) -> torc
     largest-norm kernels kept so that the layer's compression rate is ``rate`` (>= 2.25)."""
     cout, cin = weight.shape[:2]
     lib = pattern_library(weight, n_patterns).to(weight.dtype)  # (P, 9)
-    energy = weight.detach().reshape(-1, 9).pow(2) @ lib.T      # (K, P)
+    energy = weight.detach().reshape(-1, 9).pow(2) @ lib.T  # (K, P)
     best = energy.argmax(dim=1)
     mask = lib[best].bool()
     kept_energy = energy.gather(1, best[:, None]).squeeze(1)
@@ -94,8 +97,8 @@ class Probe:
 
     model: nn.Module
     masks: dict[str, torch.Tensor]
-    shape: tuple[int, ...]    # per-image input shape
-    tiles: tuple[str, ...]    # expected LayerReport.tiles of each conv, one registry name each
+    shape: tuple[int, ...]  # per-image input shape
+    tiles: tuple[str, ...]  # expected LayerReport.tiles of each conv, one registry name each
 
 
 def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, seed: int = 0) -> Probe:

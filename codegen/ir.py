@@ -11,6 +11,7 @@ and the node.
 Activations are per-image tensors (the batch dimension is dynamic and handled by the runtime
 loop): ``(C, H, W)`` feature maps or ``(F,)`` vectors.
 """
+
 from __future__ import annotations
 
 import operator
@@ -229,8 +230,7 @@ def _params(program: torch.export.ExportedProgram) -> tuple[dict[str, np.ndarray
         else:
             raise CodegenError(f"input {name} ({target}) has no value in the program")
         if isinstance(value, torch.Tensor):
-            arrays[name] = value.detach().to(torch.float64).cpu().numpy() if value.is_floating_point() \
-                else value.detach().cpu().numpy()
+            arrays[name] = value.detach().to(torch.float64).cpu().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
             keys[name] = target
     if len(user_inputs) != 1:
         raise CodegenError(f"expected exactly one tensor input, got {len(user_inputs)}")
@@ -316,8 +316,8 @@ class _Lowering:
             raise CodegenError(f"mask {sorted(unknown)[0]} does not belong to any convolution weight")
         # final output names: layers record their (possibly fused) output in .out
         final = _fuse_residuals(self.layers)
-        final_layers = tuple(_freeze(l) for l in final)
-        produced = {l.out for l in final_layers}
+        final_layers = tuple(_freeze(layer) for layer in final)
+        produced = {layer.out for layer in final_layers}
         if output_name not in produced and output_name != self.user_input:
             raise CodegenError(f"model output {output_name} is not produced by any layer")
         return Graph(self.user_input, output_name, final_layers, dict(self.shapes))
@@ -358,8 +358,19 @@ def _identity(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) ->
     lw.alias[node.name] = lw.val(args[0], node)
 
 
-def _conv(lw: _Lowering, node: torch.fx.Node, x: str, w_node: object, weight: np.ndarray | None, bias: np.ndarray | None,
-          stride: object, padding: object, dilation: object, transposed: object, groups: object) -> _Conv:
+def _conv(
+    lw: _Lowering,
+    node: torch.fx.Node,
+    x: str,
+    w_node: object,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    stride: object,
+    padding: object,
+    dilation: object,
+    transposed: object,
+    groups: object,
+) -> _Conv:
     if isinstance(padding, str):
         raise UnsupportedOpError(f"unsupported conv padding mode {padding!r} at node {node.name}")
     if transposed or groups != 1 or _pair(dilation) != (1, 1) or weight is None or weight.ndim != 4:
@@ -378,10 +389,11 @@ def _conv2d(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _
     weight = lw.const(args[1], node)
     bias = lw.const(args[2] if len(args) > 2 else kwargs.get("bias"), node)
     names = ("stride", "padding", "dilation", "groups")
-    given = dict(zip(names, args[3:]))
+    given = dict(zip(names, args[3:], strict=False))
     given.update({k: v for k, v in kwargs.items() if k in names})
-    return _conv(lw, node, x, args[1], weight, bias, given.get("stride", 1), given.get("padding", 0),
-                 given.get("dilation", 1), False, given.get("groups", 1))
+    return _conv(
+        lw, node, x, args[1], weight, bias, given.get("stride", 1), given.get("padding", 0), given.get("dilation", 1), False, given.get("groups", 1)
+    )
 
 
 def _convolution(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Conv:
@@ -393,8 +405,16 @@ def _convolution(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs)
     return _conv(lw, node, x, args[1], weight, bias, stride, padding, dilation, transposed, groups)
 
 
-def _fold_batch_norm(lw: _Lowering, node: torch.fx.Node, x: str, gamma: np.ndarray | None, beta: np.ndarray | None,
-                     mean: np.ndarray | None, var: np.ndarray | None, eps: float) -> None:
+def _fold_batch_norm(
+    lw: _Lowering,
+    node: torch.fx.Node,
+    x: str,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    mean: np.ndarray | None,
+    var: np.ndarray | None,
+    eps: float,
+) -> None:
     """Scale and shift the producing conv's weights; a BatchNorm elsewhere is refused."""
     c = lw.shapes[x][0]
     gamma = np.ones(c) if gamma is None else gamma
@@ -445,8 +465,7 @@ def _add(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Add
     return _Add(node.name, a, b, node.name)
 
 
-def _window(lw: _Lowering, node: torch.fx.Node, args: Args,
-            kwargs: Kwargs) -> tuple[str, tuple[int, int], tuple[int, int], tuple[int, int]]:
+def _window(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> tuple[str, tuple[int, int], tuple[int, int], tuple[int, int]]:
     """(input, kernel, stride, padding) of a pooling node; the stride defaults to the kernel."""
     x = lw.val(args[0], node)
     kernel = _pair(args[1])
@@ -537,8 +556,18 @@ LOWERINGS: Mapping[str, Lowering] = {
     "aten.sym_size.int": _skip,
     str(operator.getitem): _getitem,
     **dict.fromkeys(("aten.permute.default", "aten.t.default", "aten.transpose.int"), _transpose_weight),
-    **dict.fromkeys(("aten.dropout.default", "aten.dropout_.default", "aten.clone.default", "aten.contiguous.default",
-                     "aten.alias.default", "aten.detach.default", "aten.detach_.default"), _identity),
+    **dict.fromkeys(
+        (
+            "aten.dropout.default",
+            "aten.dropout_.default",
+            "aten.clone.default",
+            "aten.contiguous.default",
+            "aten.alias.default",
+            "aten.detach.default",
+            "aten.detach_.default",
+        ),
+        _identity,
+    ),
     "aten.conv2d.default": _conv2d,
     "aten.convolution.default": _convolution,
     "aten.batch_norm.default": _batch_norm,
@@ -553,8 +582,7 @@ LOWERINGS: Mapping[str, Lowering] = {
     "aten.adaptive_avg_pool2d.default": _adaptive_avg_pool,
     "aten._adaptive_avg_pool2d.default": _adaptive_avg_pool,
     "aten.mean.dim": _mean,
-    **dict.fromkeys(("aten.flatten.using_ints", "aten.view.default", "aten.reshape.default",
-                     "aten._unsafe_view.default"), _flatten),
+    **dict.fromkeys(("aten.flatten.using_ints", "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"), _flatten),
     "aten.linear.default": _linear,
     "aten.addmm.default": _addmm,
 }
@@ -603,7 +631,7 @@ def _fuse_residuals(layers: list[object]) -> list[object]:
     while i < len(out):
         add = out[i]
         if isinstance(add, _Add):
-            index = {l.out: j for j, l in enumerate(out)}  # type: ignore[attr-defined]
+            index = {layer.out: j for j, layer in enumerate(out)}  # type: ignore[attr-defined]
             best: tuple[int, _Conv, str] | None = None
             for mine, other in ((add.a, add.b), (add.b, add.a)):
                 j = index.get(mine)
@@ -612,7 +640,7 @@ def _fuse_residuals(layers: list[object]) -> list[object]:
                     continue
                 if conv.relu or conv.residual is not None:
                     continue
-                n_users = sum(1 for l in out for name in _inputs(l) if name == mine)
+                n_users = sum(1 for layer in out for name in _inputs(layer) if name == mine)
                 if n_users != 1:
                     continue
                 k = index.get(other, -1)  # -1: the model input
@@ -631,8 +659,7 @@ def _fuse_residuals(layers: list[object]) -> list[object]:
 
 def _freeze(layer: object) -> Layer:
     if isinstance(layer, _Conv):
-        return Conv(layer.name, layer.inp, layer.out, layer.weight, layer.bias, layer.mask, layer.stride,
-                    layer.padding, layer.relu, layer.residual)
+        return Conv(layer.name, layer.inp, layer.out, layer.weight, layer.bias, layer.mask, layer.stride, layer.padding, layer.relu, layer.residual)
     if isinstance(layer, _Linear):
         return Linear(layer.name, layer.inp, layer.out, np.asarray(layer.weight), np.asarray(layer.bias), layer.relu)
     if isinstance(layer, _Add):
@@ -643,4 +670,4 @@ def _freeze(layer: object) -> Layer:
 
 
 def conv_layers(graph: Graph) -> Sequence[Conv]:
-    return [l for l in graph.layers if isinstance(l, Conv)]
+    return [layer for layer in graph.layers if isinstance(layer, Conv)]

@@ -13,6 +13,7 @@ tile of 4 rows x 3 vectors whose last vector is masked, for NEON. In the C a til
 the layer and what is baked into it (``layer2_tile_sparse3x3_p8_4x3m__neon``: specialised for
 that layer's 8 patterns, offsets and pitches).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,11 +31,11 @@ DENSE_MAX_CHANNELS = 8  # output channels per dense tile, whatever the accumulat
 class Kernel:
     """One register-tile instance."""
 
-    op: str       # SPARSE | DENSE (the LayerReport kind of the layers using it)
-    rows: int     # sparse: output rows per tile; dense: output channels per tile
-    vecs: int     # vectors along the output row
+    op: str  # SPARSE | DENSE (the LayerReport kind of the layers using it)
+    rows: int  # sparse: output rows per tile; dense: output channels per tile
+    vecs: int  # vectors along the output row
     masked: bool  # the last vector's lanes past the row end are zeroed on store
-    isa: str      # VectorIsa.name
+    isa: str  # VectorIsa.name
 
     @property
     def blocking(self) -> str:
@@ -85,10 +86,18 @@ def registry(target: Target) -> tuple[Kernel, ...]:
     (dense); remainder tiles (fewer rows, fewer vectors) stay inside the same bounds.
     """
     isa = target.isa.name
-    out = [Kernel(SPARSE, r, v, m, isa) for v in range(1, target.max_u + 1)
-           for r in range(1, max(1, target.accumulators // v) + 1) for m in (False, True)]
-    out += [Kernel(DENSE, n, v, m, isa) for v in range(1, target.dense_u + 1)
-            for n in range(1, max(1, min(DENSE_MAX_CHANNELS, target.dense_acc // v)) + 1) for m in (False, True)]
+    out = [
+        Kernel(SPARSE, r, v, m, isa)
+        for v in range(1, target.max_u + 1)
+        for r in range(1, max(1, target.accumulators // v) + 1)
+        for m in (False, True)
+    ]
+    out += [
+        Kernel(DENSE, n, v, m, isa)
+        for v in range(1, target.dense_u + 1)
+        for n in range(1, max(1, min(DENSE_MAX_CHANNELS, target.dense_acc // v)) + 1)
+        for m in (False, True)
+    ]
     return tuple(sorted(out))
 
 

@@ -10,6 +10,7 @@ kernels are grouped by pattern, so the inner loops run one pattern at a time wit
 Compact storage: per kernel the input-channel index (uint16) and only the kept weights; the
 pattern ids are implicit in the per-filter, per-pattern counts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ def kernel_patterns(mask: np.ndarray, max_patterns: int = 32) -> PatternSet:
     codes = (flat.astype(np.int64) << np.arange(9)).sum(axis=1)
     present = codes[codes != 0]
     uniq, counts = np.unique(present, return_counts=True)
-    order = sorted(zip(-counts, uniq))
+    order = sorted(zip(-counts, uniq, strict=True))
     kept = [int(c) for _, c in order]
     full_code = (1 << 9) - 1
     if len(kept) > max_patterns:
@@ -60,12 +61,12 @@ class SparseWeights:
     ``weights`` holds only kept taps (compact) or is the dense (Cout, Cin, 9) tensor.
     """
 
-    perm: np.ndarray          # (Cout,) original output channel of each filter slot
-    counts: np.ndarray        # (NB, Cout, NP) uint16 (reordered) or (NB, Cout) (natural)
-    kci: np.ndarray           # (K,) uint16 input-channel index per kernel
-    kpat: np.ndarray          # (K,) uint8 pattern id per kernel (natural order only)
-    weights: np.ndarray       # float32
-    blocks: tuple[int, ...]   # input-channel block starts
+    perm: np.ndarray  # (Cout,) original output channel of each filter slot
+    counts: np.ndarray  # (NB, Cout, NP) uint16 (reordered) or (NB, Cout) (natural)
+    kci: np.ndarray  # (K,) uint16 input-channel index per kernel
+    kpat: np.ndarray  # (K,) uint8 pattern id per kernel (natural order only)
+    weights: np.ndarray  # float32
+    blocks: tuple[int, ...]  # input-channel block starts
     reorder: bool
     compact: bool
 
@@ -73,8 +74,7 @@ class SparseWeights:
 def _filter_order(ps: PatternSet) -> np.ndarray:
     """Filters with more kernels first, ties broken by their pattern histogram (similar together)."""
     n_pat = len(ps.patterns)
-    hist = np.stack([np.bincount(row[row >= 0], minlength=n_pat) for row in ps.ids]) if n_pat else \
-        np.zeros((ps.ids.shape[0], 0), dtype=np.int64)
+    hist = np.stack([np.bincount(row[row >= 0], minlength=n_pat) for row in ps.ids]) if n_pat else np.zeros((ps.ids.shape[0], 0), dtype=np.int64)
     keys = [(-int(h.sum()), tuple(-h)) for h in hist]
     return np.array(sorted(range(len(keys)), key=lambda i: (keys[i], i)), dtype=np.int32)
 
@@ -107,12 +107,10 @@ def pack(weight: np.ndarray, ps: PatternSet, ci_block: int, *, reorder: bool, co
                 kpat.append(p)
                 if compact:
                     vals.append(w9[o, c, list(ps.patterns[p])])
-    weights = np.concatenate(vals).astype(np.float32) if compact and vals else \
-        (np.zeros(0, np.float32) if compact else w9.reshape(-1))
+    weights = np.concatenate(vals).astype(np.float32) if compact and vals else (np.zeros(0, np.float32) if compact else w9.reshape(-1))
     if cin > 65535:
         raise ValueError("more than 65535 input channels")
-    return SparseWeights(perm, counts, np.array(kci, dtype=np.uint16), np.array(kpat, dtype=np.uint8),
-                         weights, blocks, reorder, compact)
+    return SparseWeights(perm, counts, np.array(kci, dtype=np.uint16), np.array(kpat, dtype=np.uint8), weights, blocks, reorder, compact)
 
 
 @dataclass(frozen=True)

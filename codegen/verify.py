@@ -3,11 +3,12 @@
 Used by the CLI's ``--verify``, the tests and the benchmark: the reference is always the exported
 program itself (``program.module()``), so BatchNorm folding, fusion and layout are all checked.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -38,8 +39,16 @@ class Verification:
     out_dir: Path
 
 
-def verify(program: torch.export.ExportedProgram, masks: Mapping[str, torch.Tensor] | None, target: Target,
-           out_dir: Path, *, options: Options = Options(), n: int = 3, seed: int = 0) -> Verification:
+def verify(
+    program: torch.export.ExportedProgram,
+    masks: Mapping[str, torch.Tensor] | None,
+    target: Target,
+    out_dir: Path,
+    *,
+    options: Options = Options(),
+    n: int = 3,
+    seed: int = 0,
+) -> Verification:
     """Generate, build and run ``n`` random inputs through the harness; compare with PyTorch."""
     gen = generate(lower(program, masks), target, options)
     build.write_files(gen.files, out_dir)

@@ -9,6 +9,7 @@ inside a job (``"8"`` as a memory limit, ``true`` as an iteration count).
 Only the types such settings use are understood: ``bool``, ``int``, ``float`` (an ``int`` is
 accepted), ``str``, ``Path``, unions with ``None``, and ``dict``/``Mapping`` with ``str`` keys.
 """
+
 from __future__ import annotations
 
 import types
@@ -56,8 +57,7 @@ def _fits(value: Any, hint: Any) -> bool:
         return any(_fits(value, arg) for arg in get_args(hint))
     if origin in (dict, Mapping):
         key_hint, value_hint = get_args(hint) or (str, Any)
-        return isinstance(value, Mapping) and all(
-            _fits(k, key_hint) and _fits(v, value_hint) for k, v in value.items())
+        return isinstance(value, Mapping) and all(_fits(k, key_hint) and _fits(v, value_hint) for k, v in value.items())
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:

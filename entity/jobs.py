@@ -4,6 +4,7 @@ The entity learns exactly what the owner's request bundle holds (graph, weights,
 pruning request) and nothing else; it prunes on synthetic inputs only. Every step is written to an
 append-only event log that ``entity.serve`` renders and operators can keep.
 """
+
 from __future__ import annotations
 
 import json
@@ -121,8 +122,12 @@ class EntityJobs:
         OS errors) stays in the event log.
         """
         opened = open_bundle(
-            blob, kind=REQUEST_KIND, job_id=offer.job_id, request_hash=digest(offer.blob),
-            recipient=self.identity, senders=self._senders(),
+            blob,
+            kind=REQUEST_KIND,
+            job_id=offer.job_id,
+            request_hash=digest(offer.blob),
+            recipient=self.identity,
+            senders=self._senders(),
         )
         request = _request_of(opened)
         if request.job_id != offer.job_id or request.nonce != offer.nonce:
@@ -154,8 +159,13 @@ class EntityJobs:
         return f"{reason} (error id {error_id}; the entity's operator can look it up)"
 
     def prune(
-        self, offer: Offer, opened: OpenedBundle, request_blob: bytes, progress: Callable[[dict], None] | None = None,
-        *, checkpoint: bytes | None = None,
+        self,
+        offer: Offer,
+        opened: OpenedBundle,
+        request_blob: bytes,
+        progress: Callable[[dict], None] | None = None,
+        *,
+        checkpoint: bytes | None = None,
     ) -> tuple[bytes, dict]:
         """Prune the opened request's model and seal the result to its owner: (sealed blob, summary).
 
@@ -179,8 +189,12 @@ class EntityJobs:
         check_program_files(artifact)  # graph and sizes refused here, before any torch code runs on them
         recipe = wanted.recipe or self.settings.recipe or DEFAULT_RECIPE
         # The operator's engine settings and options for this recipe, then what the owner asked for.
-        kwargs: dict[str, Any] = {**self.settings.prune_options(recipe), "rate": wanted.rate,
-                                  "skip_layers": list(wanted.skip_layers), "recipe": recipe}
+        kwargs: dict[str, Any] = {
+            **self.settings.prune_options(recipe),
+            "rate": wanted.rate,
+            "skip_layers": list(wanted.skip_layers),
+            "recipe": recipe,
+        }
         try:
             checked: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
             PruneConfig(**checked)
@@ -201,12 +215,21 @@ class EntityJobs:
         countersignature = None
         if checkpoint:
             countersignature = countersign_checkpoint(checkpoint, owner=opened.sender, entity=self.identity)
-        files = PruneResult(result.state_dict, result.masks, report, retrain,
-                            receipt=make_receipt(opened, entity=self.identity, job_id=offer.job_id),
-                            countersignature=countersignature).files()
+        files = PruneResult(
+            result.state_dict,
+            result.masks,
+            report,
+            retrain,
+            receipt=make_receipt(opened, entity=self.identity, job_id=offer.job_id),
+            countersignature=countersignature,
+        ).files()
         blob = seal_bundle(
-            files, kind=RESULT_KIND, job_id=offer.job_id, request_hash=digest(request_blob),
-            sender=self.identity, recipient=opened.sender,
+            files,
+            kind=RESULT_KIND,
+            job_id=offer.job_id,
+            request_hash=digest(request_blob),
+            sender=self.identity,
+            recipient=opened.sender,
         )
         summary = {
             "job_id": offer.job_id,
@@ -217,4 +240,3 @@ class EntityJobs:
             "bytes_sent": len(blob),
         }
         return blob, summary
-

@@ -20,6 +20,7 @@ parses the tensors with the bounded safetensors reader and checks them against t
 weights, so a subverted child cannot run code in the parent either. Sealing and signing stay in
 the parent.
 """
+
 from __future__ import annotations
 
 import io
@@ -45,9 +46,21 @@ GiB = 1024**3
 _FRAME_HEAD = 9  # one kind byte, eight bytes of big-endian length
 _MAX_EVENT_BYTES = 1 << 20
 _STDERR_TAIL = 16 * 1024
-_ENV_KEPT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "LD_LIBRARY_PATH", "VIRTUAL_ENV",
-             "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "PYTORCH_CUDA_ALLOC_CONF",
-             "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_ENV_KEPT = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "VIRTUAL_ENV",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+)
 
 
 @dataclass(frozen=True)
@@ -94,8 +107,11 @@ def child_environment(parent: Mapping[str, str] | None = None) -> dict[str, str]
 
 
 def run_pruning(
-    files: Mapping[str, bytes], spec_json: Mapping[str, Any], config: Mapping[str, Any],
-    progress: Callable[[dict], None] | None = None, limits: SandboxLimits = SandboxLimits(),
+    files: Mapping[str, bytes],
+    spec_json: Mapping[str, Any],
+    config: Mapping[str, Any],
+    progress: Callable[[dict], None] | None = None,
+    limits: SandboxLimits = SandboxLimits(),
 ) -> PruneResult:
     """Prune in a child process: ``PruneResult`` back, or ``PruningRefused`` / ``PruningFailed``.
 
@@ -109,14 +125,17 @@ def run_pruning(
     from protocol.artifact import WEIGHTS_FILE
 
     names = sorted(files)
-    job = {"spec": dict(spec_json), "config": dict(config), "threads": torch.get_num_threads(),
-           "files": [[name, len(files[name])] for name in names]}
+    job = {"spec": dict(spec_json), "config": dict(config), "threads": torch.get_num_threads(), "files": [[name, len(files[name])] for name in names]}
     weights = parse_header(files[WEIGHTS_FILE], what=WEIGHTS_FILE)
     max_result = 2 * len(files[WEIGHTS_FILE]) + 64 * 1024 * 1024
     process = subprocess.Popen(
         [sys.executable, "-m", "entity.sandbox", str(int(limits.memory_bytes)), str(os.getpid())],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=child_environment(), cwd=str(Path(__file__).resolve().parents[1]), start_new_session=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_environment(),
+        cwd=str(Path(__file__).resolve().parents[1]),
+        start_new_session=True,
     )
     frames: queue.Queue = queue.Queue()
     tail: deque[bytes] = deque()
@@ -140,15 +159,15 @@ def run_pruning(
     if kind == "result":
         return _parse_result(payload, weights)
     if kind == "timeout":
-        raise PruningFailed(f"pruning ran past this entity's limit of {limits.seconds:g} seconds",
-                            f"killed after {limits.seconds:g} s\n{stderr}")
+        raise PruningFailed(f"pruning ran past this entity's limit of {limits.seconds:g} seconds", f"killed after {limits.seconds:g} s\n{stderr}")
     if kind == "error":
         error = payload
         if error.get("kind") == "refused":
             raise PruningRefused(_one_line(str(error.get("message", "")))) from None
         if error.get("kind") == "memory":
-            raise PruningFailed(f"pruning needed more memory than this entity allows "
-                                f"({limits.memory_bytes / GiB:g} GiB)", f"{error.get('detail', '')}\n{stderr}")
+            raise PruningFailed(
+                f"pruning needed more memory than this entity allows ({limits.memory_bytes / GiB:g} GiB)", f"{error.get('detail', '')}\n{stderr}"
+            )
         raise PruningFailed("pruning failed inside the engine", f"{error.get('detail', '')}\n{stderr}")
     code = process.returncode
     if code is not None and code < 0:
@@ -161,8 +180,7 @@ def run_pruning(
     raise PruningFailed(f"the pruning process ended without a result ({died})", f"{payload}\n{stderr}")
 
 
-def _collect(process: subprocess.Popen, frames: queue.Queue, progress: Callable[[dict], None] | None,
-             limits: SandboxLimits) -> tuple[str, Any]:
+def _collect(process: subprocess.Popen, frames: queue.Queue, progress: Callable[[dict], None] | None, limits: SandboxLimits) -> tuple[str, Any]:
     """Wait for the child's frames until a result, an error, its end or the deadline."""
     deadline = time.monotonic() + limits.seconds
     outcome: tuple[str, Any] | None = None
@@ -225,12 +243,12 @@ def _parse_result(payload: bytes, weights: Any) -> PruneResult:
     expected = {name: (info.dtype, info.shape) for name, info in weights.tensors.items()}
     got = {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in state.items()}
     if got != expected or not isinstance(report, dict):
-        raise PruningFailed("the pruning process sent a result that does not match the model",
-                            f"weights {sorted(set(got) ^ set(expected))[:5]} differ")
+        raise PruningFailed(
+            "the pruning process sent a result that does not match the model", f"weights {sorted(set(got) ^ set(expected))[:5]} differ"
+        )
     for name, mask in masks.items():
         if name not in state or mask.dtype != torch.bool or tuple(mask.shape) != tuple(state[name].shape):
-            raise PruningFailed("the pruning process sent a result that does not match the model",
-                                f"mask {name[:80]!r} does not fit a weight")
+            raise PruningFailed("the pruning process sent a result that does not match the model", f"mask {name[:80]!r} does not fit a weight")
     return PruneResult(state_dict=state, masks=masks, report=report)
 
 
@@ -240,6 +258,7 @@ def _one_line(text: str, limit: int = 500) -> str:
 
 
 # --- plumbing (parent side) ---------------------------------------------------------------------
+
 
 def _write_job(stream: BinaryIO, job: dict, blobs: list[bytes]) -> None:
     try:
@@ -298,6 +317,7 @@ def _drain(stream: io.BufferedReader, tail: deque[bytes]) -> None:
 
 
 # --- the child ----------------------------------------------------------------------------------
+
 
 def _send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
     out.write(kind + len(payload).to_bytes(8, "big") + payload)

@@ -16,6 +16,7 @@ SuperLink runs with umask 077.
 Settings come from ``entity.toml`` in the working directory (or ``--config``); flags override it.
 Each is one field of ``entity.settings.EntitySettings``, from which the flags below are made.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,7 @@ class _FoldItems(argparse.Action):
         self.item = item
         super().__init__(*args, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
         try:
             table, key, value = self.item(values)
         except ValueError as exc:
@@ -108,9 +108,13 @@ def _parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> EntitySettings:
     """The settings from ``entity.toml`` (or ``--config``) with the flags over them, checked."""
     try:
-        data = merge_settings(args, section="entity", default_file="entity.toml",
-                              known=[spec.name for spec in dataclasses.fields(EntitySettings)],
-                              path_keys=EntitySettings.path_settings())
+        data = merge_settings(
+            args,
+            section="entity",
+            default_file="entity.toml",
+            known=[spec.name for spec in dataclasses.fields(EntitySettings)],
+            path_keys=EntitySettings.path_settings(),
+        )
     except SettingsError as exc:
         raise ServeError(str(exc)) from None
     for key in ("home", "owners", "nodes"):
@@ -130,8 +134,10 @@ def load_config(args: argparse.Namespace) -> EntitySettings:
         except KeyFileError as exc:
             raise ServeError(str(exc)) from None
         if CONTROL_HOST not in names:
-            raise ServeError(f"TLS certificate {config.tls_cert} does not name {CONTROL_HOST}: the entity's own flwr calls and "
-                             f"its ServerApp connect over loopback; make one with `python -m protocol.transport tls DIR --host NAME`")
+            raise ServeError(
+                f"TLS certificate {config.tls_cert} does not name {CONTROL_HOST}: the entity's own flwr calls and "
+                f"its ServerApp connect over loopback; make one with `python -m protocol.transport tls DIR --host NAME`"
+            )
     if config.recipe_options:
         _check_recipe_options(config.recipe_options)
     return config
@@ -154,24 +160,26 @@ def _app_pyproject() -> str:
     The code is the installed ``entity`` package; the settings (paths included) reach the
     ServerApp through ``SETTINGS_ENV``, so the bundle tells an owner nothing about the host.
     """
-    return "\n".join([
-        "[build-system]",
-        'requires = ["setuptools"]',
-        'build-backend = "setuptools.build_meta"',
-        "[project]",
-        'name = "blindprune-entity"',
-        'version = "1.0.0"',
-        'description = "blindprune compression entity: data-free pattern pruning"',
-        'license = "Apache-2.0"',
-        "dependencies = []",
-        "[tool.flwr.app]",
-        'publisher = "blindprune"',
-        "[tool.flwr.app.components]",
-        'serverapp = "entity.server_app:app"',
-        '# Owners run their own installed ClientApp; this reference is never executed by them.',
-        'clientapp = "owner.client_app:app"',
-        "",
-    ])
+    return "\n".join(
+        [
+            "[build-system]",
+            'requires = ["setuptools"]',
+            'build-backend = "setuptools.build_meta"',
+            "[project]",
+            'name = "blindprune-entity"',
+            'version = "1.0.0"',
+            'description = "blindprune compression entity: data-free pattern pruning"',
+            'license = "Apache-2.0"',
+            "dependencies = []",
+            "[tool.flwr.app]",
+            'publisher = "blindprune"',
+            "[tool.flwr.app.components]",
+            'serverapp = "entity.server_app:app"',
+            "# Owners run their own installed ClientApp; this reference is never executed by them.",
+            'clientapp = "owner.client_app:app"',
+            "",
+        ]
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -225,11 +233,14 @@ class EntityService:
         if self.config.auth:
             self.config.nodes_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not any(self.config.nodes_dir.glob("*.pub")):
-                notices.append(f"SuperNode authentication is on and {self.config.nodes_dir} holds no *.pub key: "
-                               "no owner can connect until one is added")
+                notices.append(
+                    f"SuperNode authentication is on and {self.config.nodes_dir} holds no *.pub key: no owner can connect until one is added"
+                )
         elif not self.config.tls and not _is_loopback(self.config.host):
-            notices.append(f"serving owners on {self.config.host} without TLS: routing headers and sizes are visible "
-                           "on the network; use --tls-cert/--tls-key/--tls-ca (and --auth)")
+            notices.append(
+                f"serving owners on {self.config.host} without TLS: routing headers and sizes are visible "
+                "on the network; use --tls-cert/--tls-key/--tls-ca (and --auth)"
+            )
         return notices
 
     def _connection_toml(self) -> str:
@@ -249,9 +260,22 @@ class EntityService:
     def superlink_command(self) -> list[str]:
         """``entity.superlink``: Control and Runtime APIs on loopback, the Fleet API on the owners' address."""
         cfg = self.config
-        command = [sys.executable, "-m", "entity.superlink", "--fleet-host", cfg.host, "--fleet-port", str(cfg.port),
-                   "--host", CONTROL_HOST, "--port", str(self.control_port),
-                   "--database", str(self._fresh_database()), "--disable-runtime-dependency-installation"]
+        command = [
+            sys.executable,
+            "-m",
+            "entity.superlink",
+            "--fleet-host",
+            cfg.host,
+            "--fleet-port",
+            str(cfg.port),
+            "--host",
+            CONTROL_HOST,
+            "--port",
+            str(self.control_port),
+            "--database",
+            str(self._fresh_database()),
+            "--disable-runtime-dependency-installation",
+        ]
         if cfg.tls:
             command += ["--ssl-certfile", str(cfg.tls_cert), "--ssl-keyfile", str(cfg.tls_key), "--ssl-ca-certfile", str(cfg.tls_ca)]
         else:
@@ -271,8 +295,7 @@ class EntityService:
         settings = self.home / SETTINGS_FILE
         write_settings(settings, cfg)
         env = flower_env(self.flwr_home, {SETTINGS_ENV: str(settings)})
-        self.superlink = ManagedProcess("SuperLink", self.superlink_command(), self.home / "superlink.log", env,
-                                        umask=0o077).start()
+        self.superlink = ManagedProcess("SuperLink", self.superlink_command(), self.home / "superlink.log", env, umask=0o077).start()
         wait_for_port(self.superlink, CONTROL_HOST, self.control_port, cfg.start_timeout)
         wait_for_port(self.superlink, cfg.host, cfg.port, cfg.start_timeout)
         atomic_write(self.flwr_home / "config.toml", self._connection_toml().encode(), mode=0o600)
@@ -283,10 +306,11 @@ class EntityService:
 
     def _flwr(self, *args: str, timeout: float = 30) -> tuple[int, dict]:
         """One ``flwr`` CLI call against the loopback control address, its JSON answer parsed."""
-        done = subprocess.run([flower_command("flwr"), *args, "--format", "json"], env=flower_env(self.flwr_home),
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [flower_command("flwr"), *args, "--format", "json"], env=flower_env(self.flwr_home), capture_output=True, text=True, timeout=timeout
+        )
         try:
-            answer = json.loads(done.stdout[done.stdout.index("{"):])
+            answer = json.loads(done.stdout[done.stdout.index("{") :])
         except ValueError:
             answer = {"error-message": (done.stderr or done.stdout).strip() or "no output"}
         return done.returncode, answer if isinstance(answer, dict) else {}
@@ -335,10 +359,15 @@ class EntityService:
         deadline = time.monotonic() + self.config.start_timeout
         last = ""
         while time.monotonic() < deadline:
-            done = subprocess.run([flower_command("flwr"), "run", str(app_dir), "entity", "--format", "json"],
-                                  env=env, capture_output=True, text=True, timeout=self.config.start_timeout)
+            done = subprocess.run(
+                [flower_command("flwr"), "run", str(app_dir), "entity", "--format", "json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=self.config.start_timeout,
+            )
             try:
-                answer = json.loads(done.stdout[done.stdout.index("{"):])
+                answer = json.loads(done.stdout[done.stdout.index("{") :])
             except ValueError:
                 answer = {}
             if done.returncode == 0 and answer.get("success"):
@@ -371,8 +400,13 @@ class EntityService:
         return False
 
     def serverapp_log(self) -> str:
-        done = subprocess.run([flower_command("flwr"), "log", str(self.run_id), "entity", "--show"],
-                              env=flower_env(self.flwr_home), capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            [flower_command("flwr"), "log", str(self.run_id), "entity", "--show"],
+            env=flower_env(self.flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         text = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout)
         lines = [" ".join(ln.split()) for ln in text.splitlines() if ln.strip()]
         return " | ".join(lines[-3:])
@@ -395,8 +429,9 @@ def _describe(event: dict) -> str | None:
         step = event.get("phase")
         if step == "layer":
             err = event.get("error") or event.get("synthetic_error") or ""
-            return (f"[{job}] layer {event.get('index', '?')}/{event.get('total', '?')} {event.get('layer', '')} "
-                    f"rate {event.get('rate', '')} error {err}")
+            return (
+                f"[{job}] layer {event.get('index', '?')}/{event.get('total', '?')} {event.get('layer', '')} rate {event.get('rate', '')} error {err}"
+            )
         if step in ("start", "done", "synthetic"):
             details = {k: v for k, v in event.items() if k not in ("event", "time", "job_id", "phase")}
             return f"[{job}] {step}: {details}"
@@ -473,9 +508,11 @@ def _serve(args: argparse.Namespace) -> int:
             for notice in service.sync_nodes():
                 console.print(f"[cyan]entity:[/] {notice}")
         scheme = ("TLS, SuperNode authentication" if config.auth else "TLS") if config.tls else "no TLS"
-        console.print(f"[green]entity:[/] serving owners on {config.host}:{config.port} (Fleet API only, {scheme}); "
-                      f"Control API on {service.control_address} (loopback only, "
-                      f"FLWR_HOME={service.flwr_home}, connection \"entity\"); run {service.run_id}; events in {events_path}")
+        console.print(
+            f"[green]entity:[/] serving owners on {config.host}:{config.port} (Fleet API only, {scheme}); "
+            f"Control API on {service.control_address} (loopback only, "
+            f'FLWR_HOME={service.flwr_home}, connection "entity"); run {service.run_id}; events in {events_path}'
+        )
         started = time.monotonic()
         seen_start = False
         last_check = time.monotonic()

@@ -6,6 +6,7 @@ request is answered with ``query.refused`` and its reason, so the owner never wa
 The loop pushes messages and pulls replies itself (rather than ``send_and_receive``, which polls
 every 3 s) and never ends on its own: ``entity.serve`` stops it.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,7 @@ SERVICE_REFUSAL = "the entity could not serve this request (its own storage fail
 UNDELIVERABLE_RESULT = "the entity could not deliver the pruned result (the SuperLink did not accept it)"
 
 # Refusals about what the owner sent, in this project's own words: their text may go back as is.
-OWNER_FAULTS = (JobError, RecordError, SpecError, SealError, SignatureError, AdmissionError, ReplayError,
-                ArtifactError, CanonicalJSONError)
+OWNER_FAULTS = (JobError, RecordError, SpecError, SealError, SignatureError, AdmissionError, ReplayError, ArtifactError, CanonicalJSONError)
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,7 @@ class JobLoop:
 
     def undeliverable(self, pending: Pending) -> None:
         """A message the SuperLink would not take after every attempt: tell the owner if we still can."""
-        self.log("undeliverable", job_id=pending.offer.job_id, node_id=pending.node_id, stage=pending.stage,
-                 attempts=self.timing.push_attempts)
+        self.log("undeliverable", job_id=pending.offer.job_id, node_id=pending.node_id, stage=pending.stage, attempts=self.timing.push_attempts)
         if pending.stage == "offer":
             self.retry_offer_later(pending.node_id)
         elif pending.stage == "result":
@@ -213,16 +212,14 @@ class JobLoop:
         except OWNER_FAULTS as exc:
             self.refuse(pending, owner_reason(exc))
             return
-        self.log("admitted", job_id=job_id, node_id=pending.node_id, owner=opened.sender.fingerprint,
-                 owner_name=opened.sender.name, bytes=len(blob))
+        self.log("admitted", job_id=job_id, node_id=pending.node_id, owner=opened.sender.fingerprint, owner_name=opened.sender.name, bytes=len(blob))
 
         def progress(event: dict) -> None:
             events.write("pruning", {**event, "phase": event.get("event"), "job_id": job_id})
 
         checkpoint = facts.get("checkpoint")
         try:
-            result, summary = self.jobs.prune(pending.offer, opened, blob, progress,
-                                              checkpoint=checkpoint if isinstance(checkpoint, bytes) else None)
+            result, summary = self.jobs.prune(pending.offer, opened, blob, progress, checkpoint=checkpoint if isinstance(checkpoint, bytes) else None)
         except OWNER_FAULTS as exc:  # our words about what was sent; a sandbox failure's JobError is generic + error id
             self.refuse(pending, f"pruning failed: {owner_reason(exc)}")
             return
@@ -263,8 +260,7 @@ class JobLoop:
         try:
             pending = self.pending.pop(reply.metadata.reply_to_message_id, None)
             if pending is None:
-                self.log("stray-reply", node_id=reply.metadata.src_node_id,
-                         reply_to=_owner_text(reply.metadata.reply_to_message_id))
+                self.log("stray-reply", node_id=reply.metadata.src_node_id, reply_to=_owner_text(reply.metadata.reply_to_message_id))
                 return
             self.on_reply(pending, reply)
         except Exception as exc:

@@ -12,6 +12,7 @@ reader and the job.
 
 Torch-free on purpose: ``entity.serve`` imports this and should start without loading torch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,9 @@ SETTINGS_FILE = "serverapp.json"
 ItemParser = Callable[[str], tuple[str, str, Scalar]]
 
 
-def setting(default: Any, help: str, *, metavar: str | None = None, flag: str | None = None,
-            item: ItemParser | None = None, prune: bool = False) -> Any:
+def setting(
+    default: Any, help: str, *, metavar: str | None = None, flag: str | None = None, item: ItemParser | None = None, prune: bool = False
+) -> Any:
     """One entity setting: its default and the help text its flag shows.
 
     ``flag`` replaces the derived ``--name-with-dashes``; ``item`` makes the flag repeatable,
@@ -80,28 +82,32 @@ class EntitySettings:
     host: str = setting("127.0.0.1", "address owners' SuperNodes connect to; serves the Fleet API only (default 127.0.0.1)")
     port: int = setting(DEFAULT_PORT, f"port owners' SuperNodes connect to (default {DEFAULT_PORT})")
     control_port: int = setting(0, "port of the Control and Runtime APIs, always on 127.0.0.1 (default: a free port)")
-    home: Path = setting(Path("entity-home"),
-                         "service folder: keys/, owners/, nodes/, events.jsonl, Flower state (default ./entity-home)")
+    home: Path = setting(Path("entity-home"), "service folder: keys/, owners/, nodes/, events.jsonl, Flower state (default ./entity-home)")
     owners: Path | None = setting(None, "folder of registered owner identity cards (default HOME/owners)")
     auth: bool = setting(False, "SuperNode authentication: admit only SuperNodes whose public keys are in --nodes (needs --tls-*)")
     nodes: Path | None = setting(None, "folder of owners' SuperNode public keys, *.pub, for --auth (default HOME/nodes)")
     recipe: str = setting("", "pruning recipe (default: the engine's benchmark winner)")
     recipe_options: dict[str, dict[str, Scalar]] = setting(
-        {}, "a recipe's own setting, e.g. admm.admm_iters=50 or refit.damping=0.01 (repeatable; TOML: a "
-            "[entity.recipe_options.RECIPE] table); it applies whenever that recipe runs",
-        flag="--recipe-option", metavar="RECIPE.NAME=VALUE", item=parse_recipe_option)
+        {},
+        "a recipe's own setting, e.g. admm.admm_iters=50 or refit.damping=0.01 (repeatable; TOML: a "
+        "[entity.recipe_options.RECIPE] table); it applies whenever that recipe runs",
+        flag="--recipe-option",
+        metavar="RECIPE.NAME=VALUE",
+        item=parse_recipe_option,
+    )
     device: str = setting("cpu", "torch device for pruning: cpu or cuda", prune=True)
     epochs: int | None = setting(None, "retraining epochs recommended to owners (default: the recipe's)")
-    synthetic_images: int | None = setting(
-        None, "synthetic images the pruning engine makes per job (default: the engine's)", prune=True)
-    synthetic_steps: int | None = setting(
-        None, "optimisation steps per synthetic batch (default: the engine's)", prune=True)
+    synthetic_images: int | None = setting(None, "synthetic images the pruning engine makes per job (default: the engine's)", prune=True)
+    synthetic_steps: int | None = setting(None, "optimisation steps per synthetic batch (default: the engine's)", prune=True)
     prune_memory_gib: float = setting(
-        SandboxLimits.memory_bytes / GiB, "memory limit of each job's pruning process, GiB (RLIMIT_DATA; default "
-        f"{SandboxLimits.memory_bytes / GiB:g}; below ~1.5 it cannot even import torch)", metavar="GIB")
+        SandboxLimits.memory_bytes / GiB,
+        "memory limit of each job's pruning process, GiB (RLIMIT_DATA; default "
+        f"{SandboxLimits.memory_bytes / GiB:g}; below ~1.5 it cannot even import torch)",
+        metavar="GIB",
+    )
     prune_timeout: float = setting(
-        float(SandboxLimits.seconds), f"wall-clock limit of each job's pruning, seconds (default {SandboxLimits.seconds:g})",
-        metavar="S")
+        float(SandboxLimits.seconds), f"wall-clock limit of each job's pruning, seconds (default {SandboxLimits.seconds:g})", metavar="S"
+    )
     start_timeout: float = setting(60.0, "seconds to wait for the SuperLink and ServerApp (default 60)")
     tls_cert: Path | None = setting(None, "PEM certificate for the SuperLink (enables TLS)")
     tls_key: Path | None = setting(None, "PEM private key for --tls-cert")
@@ -116,8 +122,7 @@ class EntitySettings:
                 raise SettingsError(str(exc)) from None
         # A private copy: the settings are a value, not a view of the caller's dicts.
         object.__setattr__(self, "recipe_options", {name: dict(opts) for name, opts in self.recipe_options.items()})
-        if (self.synthetic_images is not None and self.synthetic_images < 1) or (
-                self.synthetic_steps is not None and self.synthetic_steps < 1):
+        if (self.synthetic_images is not None and self.synthetic_images < 1) or (self.synthetic_steps is not None and self.synthetic_steps < 1):
             raise SettingsError("synthetic images and steps must be positive")
         if self.epochs is not None and self.epochs < 0:
             raise SettingsError(f"epochs must be 0 or more, got {self.epochs}")
@@ -132,8 +137,7 @@ class EntitySettings:
         if (self.tls_cert is None) != (self.tls_key is None) or (self.tls_cert and self.tls_ca is None):
             raise SettingsError("TLS needs --tls-cert, --tls-key and --tls-ca together")
         if self.auth and not self.tls:
-            raise SettingsError("--auth needs TLS: pass --tls-cert, --tls-key and --tls-ca too "
-                                "(Flower authenticates SuperNodes only over TLS)")
+            raise SettingsError("--auth needs TLS: pass --tls-cert, --tls-key and --tls-ca too (Flower authenticates SuperNodes only over TLS)")
 
     # ------------------------------------------------------------------------- derived values
 
@@ -161,8 +165,7 @@ class EntitySettings:
         are kept per recipe because the owner may ask for any recipe, and one recipe's option is
         unknown to another.
         """
-        values = {f.name: getattr(self, f.name) for f in fields(self)
-                  if f.metadata.get("prune") and getattr(self, f.name) is not None}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("prune") and getattr(self, f.name) is not None}
         values["options"] = dict(self.recipe_options.get(recipe, {}))
         return values
 
@@ -197,8 +200,7 @@ class EntitySettings:
         if missing:
             raise SettingsError(f"entity setting(s) missing: {', '.join(missing)}")
         hints = _hints()
-        values: dict[str, Any] = {name: Path(value) if is_path(hints[name]) and isinstance(value, str) else value
-                                  for name, value in data.items()}
+        values: dict[str, Any] = {name: Path(value) if is_path(hints[name]) and isinstance(value, str) else value for name, value in data.items()}
         return cls(**values)
 
     @classmethod

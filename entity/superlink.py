@@ -18,6 +18,7 @@ Which socket a request came in on is uvicorn's ``scope["server"]`` (the local ad
 connection); only the loopback control port is trusted, anything else is treated as public.
 The whole process tree runs with umask 077, so the SuperLink database is created 0600.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,13 @@ class FleetOnlyOnPublic:
             await send({"type": "websocket.close", "code": 1008})
             return
         body = b"not found on this address\n"
-        await send({"type": "http.response.start", "status": 404,
-                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 404,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -113,18 +119,26 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         control_is_loopback = False
     if not control_is_loopback:
-        raise SystemExit(f"entity.superlink: error: --host {config.host} is not a loopback address; "
-                         "the Control API must stay on 127.0.0.1")
+        raise SystemExit(f"entity.superlink: error: --host {config.host} is not a loopback address; the Control API must stay on 127.0.0.1")
     if own.fleet_port == config.port:
         raise SystemExit("entity.superlink: error: --fleet-port must differ from --port (the loopback control port)")
     control = _bind(config.host, config.port)
     fleet = _bind(own.fleet_host, own.fleet_port)
     app = FleetOnlyOnPublic(create_app(config, SuperLinkLifespan), control_port=config.port)
-    server = uvicorn.Server(uvicorn.Config(
-        app=app, host=config.host, port=config.port, reload=False, access_log=True, workers=1, lifespan="on",
-        log_config=get_uvicorn_log_config(console_handler.level),
-        ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
-    ))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app=app,
+            host=config.host,
+            port=config.port,
+            reload=False,
+            access_log=True,
+            workers=1,
+            lifespan="on",
+            log_config=get_uvicorn_log_config(console_handler.level),
+            ssl_keyfile=config.ssl_keyfile,
+            ssl_certfile=config.ssl_certfile,
+        )
+    )
     server.run(sockets=[control, fleet])
 
 

@@ -8,6 +8,7 @@ text come from the other party): HTML output escapes everything, CSV cells that 
 would run as a formula are neutralised (``csv_cell``), and terminal text goes through
 ``printable`` (control characters as visible escapes) and, in the CLI, into rich without markup.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,10 +17,12 @@ import html
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from protocol import canonical
 from protocol.audit import (
     EV_BLOCKED,
     EV_COUNTERSIGN,
@@ -30,7 +33,6 @@ from protocol.audit import (
     AuditVerdict,
     iter_lines,
 )
-from protocol import canonical
 from protocol.keys import IdentityCard
 
 
@@ -76,8 +78,7 @@ SECURITY_MEASURES = (
 )
 
 PROVES = (
-    "Which artifacts crossed (by SHA-256 of every file and tensor), in which direction, when, between "
-    "which keys, and in which order.",
+    "Which artifacts crossed (by SHA-256 of every file and tensor), in which direction, when, between which keys, and in which order.",
     "That the service acknowledged, under its own key, exactly the files it received (receipts) and the "
     "state of this trail at each transfer (countersigned checkpoints).",
     "That no record covered by a verified checkpoint was edited, removed, inserted or re-ordered "
@@ -168,16 +169,21 @@ def build_report(
         if ev in (EV_SENT, EV_RECEIVED):
             transfers.append(
                 Transfer(
-                    seq=rec["seq"], time=rec["time"], direction="sent" if ev == EV_SENT else "received",
-                    job_id=str(d.get("job_id")), kind=str(d.get("kind")), peer=str(d.get("peer")),
-                    peer_name=str(d.get("peer_name", "")), statement=str(d.get("statement")),
-                    files=_files_of(d), bytes=d["bytes"] if type(d.get("bytes")) is int else 0,
+                    seq=rec["seq"],
+                    time=rec["time"],
+                    direction="sent" if ev == EV_SENT else "received",
+                    job_id=str(d.get("job_id")),
+                    kind=str(d.get("kind")),
+                    peer=str(d.get("peer")),
+                    peer_name=str(d.get("peer_name", "")),
+                    statement=str(d.get("statement")),
+                    files=_files_of(d),
+                    bytes=d["bytes"] if type(d.get("bytes")) is int else 0,
                 )
             )
             request = d.get("request")
             if ev == EV_SENT and isinstance(request, dict) and "input_spec" in request:
-                facts.append({"seq": rec["seq"], "job_id": d.get("job_id"), "input_spec": request["input_spec"],
-                              "prune": request.get("prune")})
+                facts.append({"seq": rec["seq"], "job_id": d.get("job_id"), "input_spec": request["input_spec"], "prune": request.get("prune")})
         elif ev == EV_RECEIPT:
             body = _message_body(d.get("receipt"))
             receipts.add((str(body.get("job_id")), str(body.get("statement"))))
@@ -190,8 +196,7 @@ def build_report(
         elif ev == EV_REFUSED:
             refused.append({"seq": rec["seq"], "time": rec["time"], **d})
     transfers = [
-        Transfer(**{**t.__dict__, "receipt": (t.job_id, t.statement) in receipts, "countersigned": t.seq < countersigned_upto})
-        for t in transfers
+        Transfer(**{**t.__dict__, "receipt": (t.job_id, t.statement) in receipts, "countersigned": t.seq < countersigned_upto}) for t in transfers
     ]
     recipients: dict[str, str] = {}
     categories: set[str] = set()
@@ -221,8 +226,17 @@ def build_report(
     if owner is not None and not entity_pinned:
         warnings.append("service key taken from the log itself (pin it with --entity CARD)")
     return Report(
-        log_path=str(path), verdict=verdict, owner=owner, owner_pinned=owner_pinned, entity_pinned=entity_pinned,
-        records=records, transfers=transfers, blocked=blocked, refused=refused, data_facts=facts, art30=art30,
+        log_path=str(path),
+        verdict=verdict,
+        owner=owner,
+        owner_pinned=owner_pinned,
+        entity_pinned=entity_pinned,
+        records=records,
+        transfers=transfers,
+        blocked=blocked,
+        refused=refused,
+        data_facts=facts,
+        art30=art30,
         warnings=tuple(warnings),
     )
 
@@ -263,8 +277,10 @@ def verdict_text(verdict: AuditVerdict, *, owner_pinned: bool, where: str | None
         return f"FAIL:{at} {printable(str(verdict.error))}"
     weaker = weaker_checks(verdict, owner_pinned=owner_pinned)
     head = f"OK (WEAKER CHECK: {'; '.join(weaker)}):" if weaker else "OK:"
-    return (f"{head}{at} {verdict.records} records, {verdict.checkpoints} signed checkpoints, {verdict.receipts} receipts; "
-            f"first {verdict.anchored} records signed, first {verdict.countersigned} countersigned by the entity")
+    return (
+        f"{head}{at} {verdict.records} records, {verdict.checkpoints} signed checkpoints, {verdict.receipts} receipts; "
+        f"first {verdict.anchored} records signed, first {verdict.countersigned} countersigned by the entity"
+    )
 
 
 def verdict_line(report: Report) -> str:
@@ -321,11 +337,21 @@ def render_csv(report: Report) -> str:
     writer.writerow(["seq", "time", "event", "job_id", "peer", "statement", "files", "details"])
     for rec in report.records:
         d = rec.get("details", {})
-        writer.writerow([csv_cell(cell) for cell in (
-            rec.get("seq"), rec.get("time"), rec.get("event"), d.get("job_id", ""), d.get("peer", ""),
-            d.get("statement", ""), ";".join(f"{k}={v}" for k, v in sorted(_files_of(d).items())),
-            json.dumps(d, sort_keys=True),
-        )])
+        writer.writerow(
+            [
+                csv_cell(cell)
+                for cell in (
+                    rec.get("seq"),
+                    rec.get("time"),
+                    rec.get("event"),
+                    d.get("job_id", ""),
+                    d.get("peer", ""),
+                    d.get("statement", ""),
+                    ";".join(f"{k}={v}" for k, v in sorted(_files_of(d).items())),
+                    json.dumps(d, sort_keys=True),
+                )
+            ]
+        )
     return buf.getvalue()
 
 
@@ -361,8 +387,10 @@ def render_html(report: Report) -> str:
     ]
     parts += [f"<tr><th>{_e(k)}</th><td>{_e(val)}</td></tr>" for k, val in rows]
     parts.append("<tr><th>Security measures</th><td><ul>" + "".join(f"<li>{_e(m)}</li>" for m in a["security_measures"]) + "</ul></td></tr></table>")
-    parts.append("<h2>Transfers</h2><table><tr><th>#</th><th>time</th><th>direction</th><th>job</th><th>peer</th>"
-                 "<th>files (SHA-256)</th><th>bytes</th><th>receipt</th><th>countersigned</th></tr>")
+    parts.append(
+        "<h2>Transfers</h2><table><tr><th>#</th><th>time</th><th>direction</th><th>job</th><th>peer</th>"
+        "<th>files (SHA-256)</th><th>bytes</th><th>receipt</th><th>countersigned</th></tr>"
+    )
     for t in report.transfers:
         files = "<br>".join(f"{_e(n)}: <code>{_e(h)}</code>" for n, h in sorted(t.files.items()))
         parts.append(
@@ -375,9 +403,15 @@ def render_html(report: Report) -> str:
         parts.append(f"<tr><td>{f['seq']}</td><td>{_e(f['job_id'])}</td><td><code>{_e(json.dumps(f['input_spec'], sort_keys=True))}</code></td></tr>")
     parts.append("</table>")
     if report.blocked:
-        parts.append("<h2>Blocked by the egress guard</h2><ul>" + "".join(f"<li>{_e(b.get('time'))}: {_e(b.get('reason'))}</li>" for b in report.blocked) + "</ul>")
+        parts.append(
+            "<h2>Blocked by the egress guard</h2><ul>"
+            + "".join(f"<li>{_e(b.get('time'))}: {_e(b.get('reason'))}</li>" for b in report.blocked)
+            + "</ul>"
+        )
     if report.refused:
-        parts.append("<h2>Refused admissions</h2><ul>" + "".join(f"<li>{_e(r.get('time'))}: {_e(r.get('reason'))}</li>" for r in report.refused) + "</ul>")
+        parts.append(
+            "<h2>Refused admissions</h2><ul>" + "".join(f"<li>{_e(r.get('time'))}: {_e(r.get('reason'))}</li>" for r in report.refused) + "</ul>"
+        )
     parts.append("<h2>What this trail proves</h2><ul>" + "".join(f"<li>{_e(p)}</li>" for p in report.proves) + "</ul>")
     parts.append("<h2>What it cannot prove</h2><ul>" + "".join(f"<li>{_e(p)}</li>" for p in report.cannot_prove) + "</ul>")
     parts.append(f"<p>{len(report.records)} records shown.</p></body></html>\n")

@@ -15,6 +15,7 @@ signed checkpoint (nothing signed by the owner, only a hash chain anyone can com
 unless ``--allow-unanchored``; either way the OK line then says it was a weaker check. Without
 ``--entity`` the entity cards the log records are used, with a warning.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 PROG = "owner.audit"
-NO_OWNER = ("no owner card pinned: pass --owner CARD (the card recorded in the log is whatever its writer put there; "
-            "--trust-embedded-cards checks against it anyway, a weaker check)")
+NO_OWNER = (
+    "no owner card pinned: pass --owner CARD (the card recorded in the log is whatever its writer put there; "
+    "--trust-embedded-cards checks against it anyway, a weaker check)"
+)
 
 
 def _fatal(message: str) -> NoReturn:
@@ -77,8 +80,14 @@ def _verify(args: argparse.Namespace) -> tuple[AuditVerdict, IdentityCard | None
     checkpoint = None
     if args.checkpoint:
         checkpoint = read_regular(Path(args.checkpoint), limit=MAX_RECORD_BYTES, error=AuditError, what="checkpoint")
-    verdict = verify_log(Path(args.log), owner=owner, entity=entity, checkpoint=checkpoint,
-                         every_signature=args.every_signature, allow_unanchored=args.allow_unanchored)
+    verdict = verify_log(
+        Path(args.log),
+        owner=owner,
+        entity=entity,
+        checkpoint=checkpoint,
+        every_signature=args.every_signature,
+        allow_unanchored=args.allow_unanchored,
+    )
     return verdict, owner, owner_pinned, entity_pinned
 
 
@@ -95,7 +104,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if verdict.ok else 1
 
 
-def _render_terminal(report: Report, console: "Console | None" = None) -> None:
+def _render_terminal(report: Report, console: Console | None = None) -> None:
     """Render with rich. Every string from the log goes in as a ``Text`` built by ``_t``, never as
     a str (rich would read ``[...]`` in a str as markup, in table cells and titles too), with
     control characters shown as visible escapes (rich passes ESC through to the terminal)."""
@@ -144,15 +153,20 @@ def _render_terminal(report: Report, console: "Console | None" = None) -> None:
         table.add_column("countersigned", no_wrap=True)
         for t in items:
             table.add_row(
-                _t(t.seq), _t(t.time), _t(t.direction),
+                _t(t.seq),
+                _t(t.time),
+                _t(t.direction),
                 _lines([f"{n} {h.removeprefix('sha256:')[:12]}" for n, h in sorted(t.files.items())]),
-                _t(f"{t.bytes:,}"), ("yes" if t.receipt else "no") if t.direction == "sent" else "-",
+                _t(f"{t.bytes:,}"),
+                ("yes" if t.receipt else "no") if t.direction == "sent" else "-",
                 "yes" if t.countersigned else "not yet",
             )
         console.print(table)
     console.print(
-        "receipt: the entity signed for exactly these files; countersigned: a checkpoint covering the record "
-        "was countersigned by the entity", style="dim", markup=False, highlight=False,
+        "receipt: the entity signed for exactly these files; countersigned: a checkpoint covering the record was countersigned by the entity",
+        style="dim",
+        markup=False,
+        highlight=False,
     )
     for fact in report.data_facts:
         console.print(_t(f"data facts sent (job {fact['job_id']}): {fact['input_spec']}"), highlight=False)
@@ -171,8 +185,14 @@ def _render_terminal(report: Report, console: "Console | None" = None) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     verdict, owner, owner_pinned, entity_pinned = _verify(args)
     report = build_report(
-        Path(args.log), verdict, owner=owner, owner_pinned=owner_pinned, entity_pinned=entity_pinned,
-        purpose=args.purpose, controller_contact=args.contact, recipient_location=args.recipient_location,
+        Path(args.log),
+        verdict,
+        owner=owner,
+        owner_pinned=owner_pinned,
+        entity_pinned=entity_pinned,
+        purpose=args.purpose,
+        controller_contact=args.contact,
+        recipient_location=args.recipient_location,
     )
     fmt = Format(args.format)
     renderer = RENDERERS[fmt]
@@ -198,25 +218,37 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m owner.audit", description="Verify and report the owner's audit trail.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("verify", "check the trail; exit 1 naming the first broken record"),
-                            ("report", "render the trail for a compliance officer")):
+    for name, help_text in (
+        ("verify", "check the trail; exit 1 naming the first broken record"),
+        ("report", "render the trail for a compliance officer"),
+    ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("log", help="the audit log (JSONL)")
         p.add_argument("--owner", type=Path, help="the owner's pinned identity card (card.json)")
-        p.add_argument("--entity", type=Path, action="append",
-                       help="an entity's pinned identity card (repeat for an owner that used several entities)")
+        p.add_argument(
+            "--entity", type=Path, action="append", help="an entity's pinned identity card (repeat for an owner that used several entities)"
+        )
         p.add_argument("--checkpoint", type=Path, help="a signed checkpoint held outside the log (detects truncation)")
-        p.add_argument("--every-signature", action="store_true",
-                       help="verify the owner's signature on every checkpoint, to name the first bad one (by default only "
-                            "the last is verified: it signs a Merkle root over every earlier record, checkpoints included, "
-                            "so this is as strong and about twice as fast); entity signatures are always all verified")
+        p.add_argument(
+            "--every-signature",
+            action="store_true",
+            help="verify the owner's signature on every checkpoint, to name the first bad one (by default only "
+            "the last is verified: it signs a Merkle root over every earlier record, checkpoints included, "
+            "so this is as strong and about twice as fast); entity signatures are always all verified",
+        )
         p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the default since it became as strong
-        p.add_argument("--trust-embedded-cards", action="store_true",
-                       help="WEAKER CHECK: without --owner, verify against the owner card the log names itself "
-                            "(a log forged wholesale under another key passes); the OK line says so")
-        p.add_argument("--allow-unanchored", action="store_true",
-                       help="WEAKER CHECK: accept a log with no signed checkpoint yet (only its hash chain, which anyone "
-                            "can compute, is checked); the OK line says so")
+        p.add_argument(
+            "--trust-embedded-cards",
+            action="store_true",
+            help="WEAKER CHECK: without --owner, verify against the owner card the log names itself "
+            "(a log forged wholesale under another key passes); the OK line says so",
+        )
+        p.add_argument(
+            "--allow-unanchored",
+            action="store_true",
+            help="WEAKER CHECK: accept a log with no signed checkpoint yet (only its hash chain, which anyone "
+            "can compute, is checked); the OK line says so",
+        )
     report = sub.choices["report"]
     fmt = report.add_mutually_exclusive_group()
     fmt.add_argument("--html", dest="format", action="store_const", const=Format.HTML.value)

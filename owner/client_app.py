@@ -8,15 +8,16 @@ Whatever the entity sends, a handler answers: a malformed record, a second offer
 type the owner does not serve is declined with a reason, never an exception that would end the
 owner's run (an exception in a handler fails the task, and the executor with it).
 """
+
 from __future__ import annotations
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from owner.session import OwnerSession, SessionError
+from protocol.contract import MESSAGE_TYPES
 from protocol.display import printable
 from protocol.errors import ProtocolError
-from protocol.contract import FINISH, MESSAGE_TYPES, OFFER, REFUSED, RESULT
 from protocol.flower_records import RecordError, blob_of, facts_of, pack
 
 SERVED = MESSAGE_TYPES
@@ -69,7 +70,9 @@ def build_client_app(session: OwnerSession) -> ClientApp:
             session.refusal = printable(exc, 400)
             return _decline(msg, session.refusal)
         facts: dict[str, str | int | bytes | bool] = {
-            "status": "request", "owner": session.identity.card.fingerprint, "checkpoint": session.sent_checkpoint or b"",
+            "status": "request",
+            "owner": session.identity.card.fingerprint,
+            "checkpoint": session.sent_checkpoint or b"",
         }
         return Message(pack(facts, sealed), reply_to=msg)
 

@@ -6,6 +6,7 @@ Supported layouts under ``--data DIR``:
 - an ImageFolder tree: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (or ``val``), or just
   ``DIR/<class>/*``, in which case a deterministic fraction is held out for evaluation.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sized
@@ -108,6 +109,5 @@ def load_private_data(directory: Path, spec: InputSpec, *, eval_fraction: float 
         cut = max(1, int(len(full) * eval_fraction))
         return PrivateData("ImageFolder", Subset(full, order[cut:]), Subset(full, order[:cut]), tuple(full.classes))
     raise DataError(
-        f"no dataset found in {directory}: expected FashionMNIST/raw, MNIST/raw, cifar-10-batches-py "
-        "or an ImageFolder tree (one folder per class)"
+        f"no dataset found in {directory}: expected FashionMNIST/raw, MNIST/raw, cifar-10-batches-py or an ImageFolder tree (one folder per class)"
     )

@@ -7,13 +7,13 @@ this executor acquires each task on the SuperNode's runtime API, pulls the messa
 installed, imported or executed; it is only reported, so the owner can log that it was ignored.
 This uses flwr's internal runtime client, so flwr is pinned and this path is tested.
 """
+
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
 import httpx
-
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -59,8 +59,11 @@ def _retry_invoker() -> RetryInvoker:
 
 def _client(address: str, *interceptors) -> RuntimeHttpClient:
     return RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,
-        interceptors=list(interceptors), retry_invoker=_retry_invoker(),
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=list(interceptors),
+        retry_invoker=_retry_invoker(),
     )
 
 
@@ -79,8 +82,7 @@ class OwnerExecutor:
         res = self.poller.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
         if not (res.HasField("task") and res.token):
             return False
-        client = _client(self.address, RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                         RuntimeTokenHttpInterceptor(res.token))
+        client = _client(self.address, RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(res.token))
         context = None
         try:
             message, context, _run, fab = pull_task_input(client)
@@ -100,8 +102,15 @@ class OwnerExecutor:
             client.close()
         return True
 
-    def run_until(self, done: Callable[[], bool], timeout: float, *, first_task_timeout: float | None = None,
-                  poll: float = 0.1, alive: Callable[[], bool] = lambda: True) -> None:
+    def run_until(
+        self,
+        done: Callable[[], bool],
+        timeout: float,
+        *,
+        first_task_timeout: float | None = None,
+        poll: float = 0.1,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> None:
         """Run tasks until ``done()``; raise ExecutorTimeout past ``timeout`` (or no first task in time)."""
         start = time.monotonic()
         ran_any = False

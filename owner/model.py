@@ -4,6 +4,7 @@ The factory is an import path (``package.module:function``) with keyword argumen
 are safetensors, or a local ``.pt`` state dict read with ``torch.load(weights_only=True)`` (the
 owner's own file, never received bytes). Only the exported graph and tensors ever leave.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -80,10 +81,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     state = read_state_dict(path)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ModelError(
-            f"weights file {path} does not fit the model: missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}"
-        )
+        raise ModelError(f"weights file {path} does not fit the model: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
 
 
 def export_model(model: nn.Module, spec: InputSpec) -> torch.export.ExportedProgram:

@@ -6,6 +6,7 @@ construction. Momentum and weight decay could still move the hidden original, so
 re-applied to it after every optimiser step, and :func:`check_masks` verifies the invariant at the
 end. Nothing here leaves the owner: it is plain torch code on local tensors.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -143,9 +144,7 @@ def masked_retrain(
         teacher = teacher.to(device).eval()
     model.to(device)
     attach_masks(model, masks)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     per_step = recipe.schedule == "cosine"
     if per_step:
         try:
@@ -188,8 +187,7 @@ def masked_retrain(
     return history
 
 
-def retrain_loss(logits: torch.Tensor, labels: torch.Tensor, recipe: RetrainRecipe,
-                 teacher: nn.Module | None, images: torch.Tensor) -> torch.Tensor:
+def retrain_loss(logits: torch.Tensor, labels: torch.Tensor, recipe: RetrainRecipe, teacher: nn.Module | None, images: torch.Tensor) -> torch.Tensor:
     """Cross-entropy, mixed with temperature-scaled KL to the dense teacher when the recipe distils.
 
     The KL term is multiplied by T^2 so its gradient scale does not shrink with the temperature.

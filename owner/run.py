@@ -6,6 +6,7 @@ private data with the mask, evaluates, and writes the final model, a summary and
 Settings come from ``owner.toml`` in the working directory (or ``--config``); flags override it.
 Exit 0 on success; 1 with a one-line reason on any failure; 2 on bad usage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML settings file (default: ./owner.toml if present)")
     p.add_argument("--data", type=Path, help="private data folder (ImageFolder tree or FashionMNIST/MNIST/CIFAR10 raw files)")
     p.add_argument("--model", help="model factory, package.module:function (e.g. torchvision.models:resnet18)")
-    p.add_argument("--model-kwargs", type=_kwargs, help='keyword arguments for the factory, as JSON (e.g. \'{"num_classes": 10}\')')
+    p.add_argument("--model-kwargs", type=_kwargs, help="keyword arguments for the factory, as JSON (e.g. '{\"num_classes\": 10}')")
     p.add_argument("--weights", type=Path, help="pre-trained weights: .safetensors (or a local .pt state dict)")
     p.add_argument("--input-shape", type=_shape, help="model input C,H,W (e.g. 1,28,28)")
     p.add_argument("--mean", type=_floats, help="normalisation mean per channel (e.g. 0.286)")
@@ -111,8 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device for retraining (cpu or cuda)")
     p.add_argument("--seed", type=int, help="seed for data order (default 0)")
     p.add_argument("--tls-ca", type=Path, help="CA certificate to reach an entity that serves TLS")
-    p.add_argument("--node-key", type=Path,
-                   help="SuperNode private key for an entity that runs --auth (give the entity its .pub; needs --tls-ca)")
+    p.add_argument("--node-key", type=Path, help="SuperNode private key for an entity that runs --auth (give the entity its .pub; needs --tls-ca)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     return p
 
@@ -124,12 +124,17 @@ def load_config(args: argparse.Namespace) -> OwnerConfig:
     from protocol.settings import SettingsError, merge_settings
 
     try:
-        data = merge_settings(args, section="owner", default_file="owner.toml", known=OwnerConfig.__dataclass_fields__,
-                              path_keys=_PATH_KEYS)
+        data = merge_settings(args, section="owner", default_file="owner.toml", known=OwnerConfig.__dataclass_fields__, path_keys=_PATH_KEYS)
     except SettingsError as exc:
         raise OwnerError(str(exc)) from None
-    for required, flag in (("data", "--data"), ("model", "--model"), ("entity_card", "--entity-card"),
-                           ("input_shape", "--input-shape"), ("mean", "--mean"), ("std", "--std")):
+    for required, flag in (
+        ("data", "--data"),
+        ("model", "--model"),
+        ("entity_card", "--entity-card"),
+        ("input_shape", "--input-shape"),
+        ("mean", "--mean"),
+        ("std", "--std"),
+    ):
         if data.get(required) in (None, "", ()):
             raise OwnerError(f"missing {flag} (or `{required}` in owner.toml)")
     for key in ("input_shape", "mean", "std", "skip_layers"):
@@ -232,27 +237,41 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
     _, test_loader = data.loaders(256)
     with console.status("evaluating the dense model on the held-out split..."):
         dense_acc = evaluate(model, test_loader, config.device)
-    console.print(f"[cyan]owner:[/] {data.layout}: {count(data.train)} train / {count(data.test)} held-out images; "
-                  f"dense accuracy {dense_acc:.2%}")
+    console.print(f"[cyan]owner:[/] {data.layout}: {count(data.train)} train / {count(data.test)} held-out images; dense accuracy {dense_acc:.2%}")
 
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     audit = AuditLog.open(out / "audit.jsonl", identity)
-    audit.append("job.started", {
-        "purpose": "compress the owner's model by pattern pruning; retrain locally",
-        "entity": entity_card.fingerprint, "entity_name": entity_card.name, "entity_address": config.entity,
-        "model_factory": config.model, "data_layout": data.layout,
-        "data_stays_local": True, "classes": len(data.classes),
-    })
+    audit.append(
+        "job.started",
+        {
+            "purpose": "compress the owner's model by pattern pruning; retrain locally",
+            "entity": entity_card.fingerprint,
+            "entity_name": entity_card.name,
+            "entity_address": config.entity,
+            "model_factory": config.model,
+            "data_layout": data.layout,
+            "data_stays_local": True,
+            "classes": len(data.classes),
+        },
+    )
     from protocol.replay import NonceStore
 
-    session = OwnerSession(identity, entity_card, program, spec, request, audit,
-                           nonces=NonceStore(config.keys / "seen-nonces.jsonl"), limits=limits)
+    session = OwnerSession(identity, entity_card, program, spec, request, audit, nonces=NonceStore(config.keys / "seen-nonces.jsonl"), limits=limits)
     _wait_reachable(host, port, config.connect_timeout)
 
     runtime_port = free_port()
-    node_cmd = [flower_command("flower-supernode"), "--superlink", f"{host}:{port}", "--isolation", "process",
-                "--host", "127.0.0.1", "--port", str(runtime_port)]
+    node_cmd = [
+        flower_command("flower-supernode"),
+        "--superlink",
+        f"{host}:{port}",
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+    ]
     node_cmd += ["--root-certificates", str(config.tls_ca)] if config.tls_ca else ["--insecure"]
     node_cmd += ["--auth-supernode-private-key", str(config.node_key)] if config.node_key else []
     (out / "flwr").mkdir(exist_ok=True)
@@ -266,8 +285,7 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
         executor = OwnerExecutor(f"127.0.0.1:{runtime_port}", build_client_app(session), on_fab=session.note_ignored_fab)
         try:
             with console.status("exchanging with the entity (model out; pruned weights and mask back)..."):
-                executor.run_until(lambda: session.finished, config.timeout,
-                                   first_task_timeout=config.connect_timeout + 60, alive=supernode.running)
+                executor.run_until(lambda: session.finished, config.timeout, first_task_timeout=config.connect_timeout + 60, alive=supernode.running)
         except (TimeoutError, ExecutorError) as exc:
             why = "" if supernode.running() else f": {_supernode_exit(supernode, config.node_key)}"
             raise OwnerError(f"{exc}{why} (entity {config.entity}; SuperNode log: {supernode.log_path})") from None
@@ -279,8 +297,7 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
                 time.sleep(0.1)
             if supernode.running():
                 raise
-            raise OwnerError(f"the SuperNode stopped: {_supernode_exit(supernode, config.node_key)} "
-                             f"(SuperNode log: {supernode.log_path})") from None
+            raise OwnerError(f"the SuperNode stopped: {_supernode_exit(supernode, config.node_key)} (SuperNode log: {supernode.log_path})") from None
         else:
             # The goodbye is the last reply: stopping the SuperNode before it is pushed loses it.
             _wait_replies_pushed(supernode.log_path, executor.tasks_run, timeout=15)
@@ -312,8 +329,15 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         steps = len(train_loader)
-        with Progress(TextColumn("[cyan]retraining[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=console, transient=True, disable=console.quiet) as bar:
+        with Progress(
+            TextColumn("[cyan]retraining[/] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=console.quiet,
+        ) as bar:
             task = bar.add_task("epoch 1", total=epochs * steps)
 
             def on_step(epoch: int, step: int) -> None:
@@ -324,8 +348,9 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
                 history.append({"epoch": stats.epoch, "loss": round(stats.loss, 4), "held_out_accuracy": round(acc, 4)})
                 console.print(f"[cyan]owner:[/] epoch {stats.epoch}: loss {stats.loss:.3f}, held-out accuracy {acc:.2%}")
 
-            masked_retrain(model, outcome.masks, train_loader, recipe, epochs=epochs, device=config.device,
-                           on_step=on_step, on_epoch=on_epoch, teacher=teacher)
+            masked_retrain(
+                model, outcome.masks, train_loader, recipe, epochs=epochs, device=config.device, on_step=on_step, on_epoch=on_epoch, teacher=teacher
+            )
     timings["retrain"] = time.monotonic() - retrain_start
     model.to("cpu")
     final_acc = evaluate(model, test_loader)
@@ -416,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         if out and out[0].is_dir():
             atomic_write(out[0] / FAILURE_FILE, json.dumps({"error": line}).encode())
 
-    return run_cli(PROG, body, errors=(OwnerError, DataError, ModelError, SpecError, ProcessError, RetrainMaskError),
-                   on_error=record_failure)
+    return run_cli(PROG, body, errors=(OwnerError, DataError, ModelError, SpecError, ProcessError, RetrainMaskError), on_error=record_failure)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ convolution weights and only library patterns at the claimed rate, a recipe with
 limits, bounded JSON. Only a result that passes all of it is recorded as received; a failing one
 is recorded as refused. Text from the entity is escaped (``protocol.display``) before it is kept.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -122,10 +123,17 @@ class OwnerSession:
             except ProtocolError as exc:
                 raise SessionError(f"the entity presented a malformed identity card: {printable(exc, REASON_CHARS)}") from exc
             if presented.fingerprint != self.entity_card.fingerprint:
-                self.audit.append(EV_REFUSED, {"reason": "entity card differs from the pinned card",
-                                               "presented": presented.fingerprint, "pinned": self.entity_card.fingerprint})
-                raise SessionError(f"the entity presented card {printable(presented.fingerprint[:23])}..., "
-                                   f"not the pinned {self.entity_card.fingerprint[:23]}...")
+                self.audit.append(
+                    EV_REFUSED,
+                    {
+                        "reason": "entity card differs from the pinned card",
+                        "presented": presented.fingerprint,
+                        "pinned": self.entity_card.fingerprint,
+                    },
+                )
+                raise SessionError(
+                    f"the entity presented card {printable(presented.fingerprint[:23])}..., not the pinned {self.entity_card.fingerprint[:23]}..."
+                )
         try:
             offer = verify_message(offer_blob, kind=OFFER_KIND, signer=self.entity_card)
         except ProtocolError as exc:
@@ -136,8 +144,7 @@ class OwnerSession:
         problem = None
         if not isinstance(offer, dict) or not _short_id(offer.get("job_id")) or not _short_id(offer.get("nonce")):
             problem = f"it lacks a job_id or nonce (each a printable string of 1..{MAX_ID_CHARS} characters)"
-        elif not (isinstance(asks_for, list) and len(asks_for) <= MAX_ASKS
-                  and all(isinstance(a, str) and len(a) <= 200 for a in asks_for)):
+        elif not (isinstance(asks_for, list) and len(asks_for) <= MAX_ASKS and all(isinstance(a, str) and len(a) <= 200 for a in asks_for)):
             problem = f"its asks_for is not a list of at most {MAX_ASKS} short strings"
         if problem is not None:
             self.audit.append(EV_REFUSED, {"reason": f"malformed offer: {problem}", "offer": digest(offer_blob)})
@@ -150,8 +157,15 @@ class OwnerSession:
                 reason = printable(exc, REASON_CHARS)
                 self.audit.record_refused(f"replayed offer: {reason}", peer=self.entity_card.fingerprint, job_id=self.job_id)
                 raise SessionError(f"the entity's offer was seen before (replay): {reason}") from exc
-        self.audit.append("offer.received", {"job_id": self.job_id, "entity": self.entity_card.fingerprint,
-                                             "offer": digest(offer_blob), "asks_for": [printable(a) for a in asks_for]})
+        self.audit.append(
+            "offer.received",
+            {
+                "job_id": self.job_id,
+                "entity": self.entity_card.fingerprint,
+                "offer": digest(offer_blob),
+                "asks_for": [printable(a) for a in asks_for],
+            },
+        )
         bundle = ModelRequest(self.job_id, self.nonce, self.request, self.spec, self._artifact)
         request = bundle.to_json()
         files = bundle.files()
@@ -165,16 +179,28 @@ class OwnerSession:
         )
         guard.check(files, claims)
         sealed = seal_bundle_detailed(
-            files, kind=REQUEST_KIND, job_id=self.job_id, request_hash=digest(offer_blob),
-            sender=self.identity, recipient=self.entity_card, claims=claims,
+            files,
+            kind=REQUEST_KIND,
+            job_id=self.job_id,
+            request_hash=digest(offer_blob),
+            sender=self.identity,
+            recipient=self.entity_card,
+            claims=claims,
         )
         record = self.audit.record_sent(sealed, recipient=self.entity_card, request=request)
         # Taken after the transfer is on record, so the entity's countersignature covers it.
         self.sent_checkpoint = self.audit.checkpoint()
         self.request_blob = sealed.blob
         self.bytes_sent += len(sealed.blob)
-        self.transfers.append({"direction": "sent", "kind": REQUEST_KIND, "bytes": len(sealed.blob),
-                               "files": record["details"]["files"], "tensors": len(self.program.state_dict)})
+        self.transfers.append(
+            {
+                "direction": "sent",
+                "kind": REQUEST_KIND,
+                "bytes": len(sealed.blob),
+                "files": record["details"]["files"],
+                "tensors": len(self.program.state_dict),
+            }
+        )
         return sealed.blob
 
     def _record_blocked(self, reason: str) -> None:
@@ -200,8 +226,12 @@ class OwnerSession:
             raise SessionError(f"a second result arrived for job {self.job_id}; refusing it (replay)")
         try:
             opened = open_bundle(
-                blob, kind=RESULT_KIND, job_id=self.job_id, request_hash=digest(self.request_blob),
-                recipient=self.identity, senders={self.entity_card.fingerprint: self.entity_card},
+                blob,
+                kind=RESULT_KIND,
+                job_id=self.job_id,
+                request_hash=digest(self.request_blob),
+                recipient=self.identity,
+                senders={self.entity_card.fingerprint: self.entity_card},
             )
         except ProtocolError as exc:
             reason = printable(exc, REASON_CHARS)
@@ -217,8 +247,7 @@ class OwnerSession:
             try:
                 self.nonces.accept_once(self.job_id, self.nonce)
             except ProtocolError as exc:
-                self.audit.record_refused(f"replayed result: {printable(exc, REASON_CHARS)}",
-                                          peer=self.entity_card.fingerprint, job_id=self.job_id)
+                self.audit.record_refused(f"replayed result: {printable(exc, REASON_CHARS)}", peer=self.entity_card.fingerprint, job_id=self.job_id)
                 raise SessionError(f"a result for job {self.job_id} was accepted before (replay)") from exc
         self.audit.record_received(opened, size=len(blob))
         try:
@@ -230,17 +259,29 @@ class OwnerSession:
             self.audit.append(EV_REFUSED, {"job_id": self.job_id, "reason": f"receipt or countersignature refused: {reason}"})
             raise SessionError(f"the entity's receipt or countersignature is invalid: {reason}") from exc
         self.audit.checkpoint()
-        self.outcome = PruneOutcome(self.job_id, dict(checked.weights), dict(checked.masks), dict(checked.report),
-                                    checked.recipe, len(blob), dict(opened.file_digests()),
-                                    recipe_name=checked.recipe_name, achieved_rate=checked.achieved_rate)
-        self.transfers.append({"direction": "received", "kind": RESULT_KIND, "bytes": len(blob),
-                               "files": dict(opened.file_digests()), "tensors": len(checked.weights)})
+        self.outcome = PruneOutcome(
+            self.job_id,
+            dict(checked.weights),
+            dict(checked.masks),
+            dict(checked.report),
+            checked.recipe,
+            len(blob),
+            dict(opened.file_digests()),
+            recipe_name=checked.recipe_name,
+            achieved_rate=checked.achieved_rate,
+        )
+        self.transfers.append(
+            {"direction": "received", "kind": RESULT_KIND, "bytes": len(blob), "files": dict(opened.file_digests()), "tensors": len(checked.weights)}
+        )
         return {"status": "verified"}
 
     def _check_result(self, files: Mapping[str, bytes]) -> PruneResult:
         """Every content check of a verified result (``contract.PruneResult``); logs nothing."""
         return PruneResult.from_files(
-            files, dense=self.program.state_dict, roles=self._roles, limits=self.limits,
+            files,
+            dense=self.program.state_dict,
+            roles=self._roles,
+            limits=self.limits,
             verify_signed=lambda blob, kind: verify_message(blob, kind=kind, signer=self.entity_card),
         )
 
@@ -257,17 +298,21 @@ class OwnerSession:
     def note_ignored_fab(self, fab_hash: str, size: int) -> None:
         if fab_hash not in self.ignored_fabs:
             self.ignored_fabs.append(fab_hash)
-            self.audit.append("fab.ignored", {"fab": "sha256:" + fab_hash, "bytes": size,
-                                              "reason": "the owner runs only its own installed ClientApp"})
+            self.audit.append(
+                "fab.ignored", {"fab": "sha256:" + fab_hash, "bytes": size, "reason": "the owner runs only its own installed ClientApp"}
+            )
 
 
 def save_outcome_files(outcome: PruneOutcome, directory: Path) -> None:
     """Keep what the entity sent (verified) next to the final model, for the record."""
     from protocol.artifact import MASKS_FILE, write_files_atomically
 
-    write_files_atomically(directory, {
-        WEIGHTS_FILE: dump_tensors(outcome.state_dict),
-        MASKS_FILE: dump_tensors(outcome.masks),
-        REPORT_FILE: canonical.dumps(outcome.report),
-        RECIPE_FILE: canonical.dumps(outcome.recipe.to_json()),
-    })
+    write_files_atomically(
+        directory,
+        {
+            WEIGHTS_FILE: dump_tensors(outcome.state_dict),
+            MASKS_FILE: dump_tensors(outcome.masks),
+            REPORT_FILE: canonical.dumps(outcome.report),
+            RECIPE_FILE: canonical.dumps(outcome.recipe.to_json()),
+        },
+    )

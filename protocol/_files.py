@@ -1,5 +1,6 @@
 """File helpers: atomic writes (a reader or a crash sees the old file or the new one, never half of
 one) and bounded reads that refuse anything but a regular file."""
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,13 @@ def fsync_dir(directory: Path) -> None:
 
 
 def _kind_of(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a plain file"

@@ -14,6 +14,7 @@ the compute ops on ``protocol.graph_ops.ALLOWED_OPS`` (an op's ``aten`` namespac
 headers). ``check_program_files`` runs all of that without building a tensor or a graph, which is
 what the entity does before it hands the files to its pruning sandbox.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,25 @@ from protocol._wire.safetensors import MAX_HEADER_BYTES, TensorInfo, parse_heade
 from protocol.errors import ArtifactError
 from protocol.graph_ops import check_graph, check_serialized_program
 
-__all__ = ["ArtifactLimits", "CONSTANTS_FILE", "DEFAULT_LIMITS", "MASKS_FILE", "MAX_PROGRAM_BYTES", "PROGRAM_FILE", "WEIGHTS_FILE", "check_program_files", "dtype_name", "dump_tensors", "load_model_dir", "load_tensors", "program_from_files", "program_to_files", "save_model_dir", "with_state_dict", "write_files_atomically"]
+__all__ = [
+    "ArtifactLimits",
+    "CONSTANTS_FILE",
+    "DEFAULT_LIMITS",
+    "MASKS_FILE",
+    "MAX_PROGRAM_BYTES",
+    "PROGRAM_FILE",
+    "WEIGHTS_FILE",
+    "check_program_files",
+    "dtype_name",
+    "dump_tensors",
+    "load_model_dir",
+    "load_tensors",
+    "program_from_files",
+    "program_to_files",
+    "save_model_dir",
+    "with_state_dict",
+    "write_files_atomically",
+]
 
 PROGRAM_FILE = "program.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -62,8 +81,15 @@ class ArtifactLimits:
 DEFAULT_LIMITS = ArtifactLimits()
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -105,6 +131,7 @@ def load_tensors(data: bytes, *, max_header: int = MAX_HEADER_BYTES) -> dict[str
         return dict(_st_load(data))
     except Exception as exc:  # safetensors raises its own error types
         raise ArtifactError(f"safetensors: cannot parse ({exc})") from exc
+
 
 def program_to_files(program: torch.export.ExportedProgram, *, strip: bool = True) -> dict[str, bytes]:
     """The artifact files for an exported program: graph JSON, weights, and constants if any.
@@ -152,8 +179,9 @@ def _tensor_headers(files: Mapping[str, bytes], limits: ArtifactLimits) -> tuple
         raise ArtifactError(f"model artifact holds {count} tensors, more than the limit of {limits.max_tensors}")
     total = sum(info.nbytes for h in headers.values() for info in h.values())
     if total > limits.max_tensor_bytes:
-        raise ArtifactError(f"model artifact holds {total} bytes of tensors, more than the limit of "
-                            f"{limits.max_tensor_bytes} bytes; send a smaller model")
+        raise ArtifactError(
+            f"model artifact holds {total} bytes of tensors, more than the limit of {limits.max_tensor_bytes} bytes; send a smaller model"
+        )
     return headers[WEIGHTS_FILE], headers[CONSTANTS_FILE]
 
 

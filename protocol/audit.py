@@ -16,6 +16,7 @@ order, and that the log was not edited, re-ordered or truncated below a checkpoi
 countersigned. What it cannot prove: what the weights themselves encode (a model can memorise
 training data; membership inference can recover some of it), or anything done outside the tool.
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,9 +27,10 @@ import os
 import secrets
 import stat
 import time as _time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from . import canonical
 from ._files import read_regular
@@ -38,7 +40,30 @@ from .keys import Identity, IdentityCard
 from .sealing import OpenedBundle, Sealed
 from .signing import digest, message_signer, read_message_unchecked, sign_message, verify_message
 
-__all__ = ["AuditLog", "AuditVerdict", "CHECKPOINT_KIND", "COUNTERSIGN_KIND", "EV_BLOCKED", "EV_CHECKPOINT", "EV_COUNTERSIGN", "EV_CREATED", "EV_RECEIPT", "EV_RECEIVED", "EV_RECOVERED", "EV_REFUSED", "EV_SENT", "GENESIS_PREV", "MAX_RECORD_BYTES", "RECEIPT_KIND", "countersign_checkpoint", "embedded_cards", "iter_lines", "make_receipt", "read_records", "verify_log"]
+__all__ = [
+    "AuditLog",
+    "AuditVerdict",
+    "CHECKPOINT_KIND",
+    "COUNTERSIGN_KIND",
+    "EV_BLOCKED",
+    "EV_CHECKPOINT",
+    "EV_COUNTERSIGN",
+    "EV_CREATED",
+    "EV_RECEIPT",
+    "EV_RECEIVED",
+    "EV_RECOVERED",
+    "EV_REFUSED",
+    "EV_SENT",
+    "GENESIS_PREV",
+    "MAX_RECORD_BYTES",
+    "RECEIPT_KIND",
+    "countersign_checkpoint",
+    "embedded_cards",
+    "iter_lines",
+    "make_receipt",
+    "read_records",
+    "verify_log",
+]
 
 GENESIS_PREV = "sha256:" + "0" * 64
 CHECKPOINT_KIND = "audit-checkpoint"
@@ -58,8 +83,13 @@ EV_BLOCKED = "egress.blocked"
 EV_REFUSED = "admission.refused"
 # Written only by the AuditLog method that checks them first (``append`` refuses these names):
 # a receipt, countersignature or checkpoint appended unchecked could break the log for good.
-_RESERVED = {EV_CREATED: "open", EV_RECOVERED: "open", EV_CHECKPOINT: "checkpoint",
-             EV_COUNTERSIGN: "record_countersignature", EV_RECEIPT: "record_receipt"}
+_RESERVED = {
+    EV_CREATED: "open",
+    EV_RECOVERED: "open",
+    EV_CHECKPOINT: "checkpoint",
+    EV_COUNTERSIGN: "record_countersignature",
+    EV_RECEIPT: "record_receipt",
+}
 
 
 def _now() -> str:
@@ -106,7 +136,7 @@ class AuditLog:
 
     # -------------------------------------------------------------------------------- lifecycle
     @classmethod
-    def open(cls, path: Path, identity: Identity) -> "AuditLog":
+    def open(cls, path: Path, identity: Identity) -> AuditLog:
         """Create the log, or resume it after checking its chain; a torn last line is recovered.
 
         Holds an exclusive lock on the file until ``close`` so two writers cannot interleave.
@@ -147,8 +177,7 @@ class AuditLog:
                 log.log_id = "log-" + secrets.token_hex(12)
                 log._append(
                     EV_CREATED,
-                    {"log_id": log.log_id, "owner": identity.fingerprint, "owner_name": identity.card.name,
-                     "owner_card": identity.card.to_json()},
+                    {"log_id": log.log_id, "owner": identity.fingerprint, "owner_name": identity.card.name, "owner_card": identity.card.to_json()},
                 )
             if torn:
                 log._append(EV_RECOVERED, {"dropped_bytes": len(torn), "dropped_sha256": digest(torn)})
@@ -177,7 +206,7 @@ class AuditLog:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "AuditLog":
+    def __enter__(self) -> AuditLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -445,9 +474,16 @@ class AuditVerdict:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "ok": self.ok, "records": self.records, "checkpoints": self.checkpoints, "anchored": self.anchored,
-            "countersigned": self.countersigned, "receipts": self.receipts, "error": self.error,
-            "first_bad": self.first_bad, "log_id": self.log_id, "warnings": list(self.warnings),
+            "ok": self.ok,
+            "records": self.records,
+            "checkpoints": self.checkpoints,
+            "anchored": self.anchored,
+            "countersigned": self.countersigned,
+            "receipts": self.receipts,
+            "error": self.error,
+            "first_bad": self.first_bad,
+            "log_id": self.log_id,
+            "warnings": list(self.warnings),
         }
 
 
@@ -615,8 +651,12 @@ def verify_log(
                     else:
                         body = verify_message(env, kind=RECEIPT_KIND, signer=signer)
                         match = sent.get((str(body.get("job_id")), str(body.get("statement"))))
-                        if (match is None or match.get("files") != body.get("files") or match.get("peer") != signer.fingerprint
-                                or body.get("sender") != owner.fingerprint):
+                        if (
+                            match is None
+                            or match.get("files") != body.get("files")
+                            or match.get("peer") != signer.fingerprint
+                            or body.get("sender") != owner.fingerprint
+                        ):
                             raise _Fail(index, f"{where}: receipt does not match any transfer sent earlier in this log")
                         receipts += 1
             except (ProtocolError, canonical.CanonicalJSONError) as exc:
@@ -646,18 +686,34 @@ def verify_log(
         size, root, ext_log = external
         if ext_log != log_id or size > count or external_root != root:
             return AuditVerdict(
-                False, count, n_cp, anchored, countersigned, receipts,
-                f"log truncated or rewritten: external checkpoint of {size} records does not match", min(count, size), log_id,
+                False,
+                count,
+                n_cp,
+                anchored,
+                countersigned,
+                receipts,
+                f"log truncated or rewritten: external checkpoint of {size} records does not match",
+                min(count, size),
+                log_id,
             )
     if n_cp == 0:
         if not allow_unanchored:
             return AuditVerdict(
-                False, count, 0, 0, countersigned, receipts,
+                False,
+                count,
+                0,
+                0,
+                countersigned,
+                receipts,
                 f"no signed checkpoint: nothing in this log is signed by owner {owner.short}, so anyone holding its "
-                "public card could have written it (--allow-unanchored checks only the hash chain)", 0, log_id,
+                "public card could have written it (--allow-unanchored checks only the hash chain)",
+                0,
+                log_id,
             )
-        warnings.append(f"no signed checkpoint: only the hash chain of the {count} record(s) was checked, "
-                        "nothing is signed by the owner (weaker check, --allow-unanchored)")
+        warnings.append(
+            f"no signed checkpoint: only the hash chain of the {count} record(s) was checked, "
+            "nothing is signed by the owner (weaker check, --allow-unanchored)"
+        )
         pending = 0
     if unverified:
         warnings.append(f"{unverified} entity signature(s) not verified (no card given for their signer)")

@@ -9,6 +9,7 @@ everywhere: a ``ProtocolError`` or another domain error by its own one-line mess
 No command reads another's error text; what one process must learn from another travels as files
 or JSON on stdout.
 """
+
 from __future__ import annotations
 
 import sys
@@ -61,8 +62,9 @@ def describe_os_error(exc: OSError) -> str:
     return f"cannot use{where}: {reason}" + (f" ({hint})" if hint else "")
 
 
-def run_cli(prog: str, body: Callable[[], int], *, errors: tuple[type[BaseException], ...] = (),
-            on_error: Callable[[str], None] | None = None) -> int:
+def run_cli(
+    prog: str, body: Callable[[], int], *, errors: tuple[type[BaseException], ...] = (), on_error: Callable[[str], None] | None = None
+) -> int:
     """Run a command's ``body``; turn its expected failures into the one error line and exit 1.
 
     ``errors`` are the command's own domain exceptions (their ``str()`` is the line);

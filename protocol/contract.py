@@ -17,6 +17,7 @@ Both sides build and read bundles through these types, so a file name or a field
 Every refusal is a ``ProtocolError`` whose text is ours (the other party's text, where quoted, is
 escaped by ``display.printable``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -28,15 +29,42 @@ from typing import Any
 import torch
 
 from . import canonical
-from .audit import COUNTERSIGN_KIND, RECEIPT_KIND
 from .artifact import CONSTANTS_FILE, PROGRAM_FILE, WEIGHTS_FILE, dump_tensors
+from .audit import COUNTERSIGN_KIND, RECEIPT_KIND
 from .display import printable
 from .errors import ArtifactError, RequestError
 from .masks import MaskStats, check_pattern_masks, pack_masks, parse_library, unpack_masks
 from .spec import InputSpec, PruneRequest, RetrainLimits, RetrainRecipe, SpecError
 from .tensors import GraphRoles, check_masks, check_running_vars, check_safetensors, schema_of
 
-__all__ = ["COUNTERSIGNATURE_FILE", "FINISH", "MASKS_FILE", "MAX_ID_CHARS", "MAX_RECIPE_BYTES", "MAX_REPORT_BYTES", "MESSAGE_TYPES", "ModelRequest", "OFFER", "OFFER_KIND", "PruneResult", "RECEIPT_FILE", "RECIPE_FILE", "REFUSED", "REPORT_FILE", "REQUEST_FIELDS", "REQUEST_FILE", "REQUEST_KIND", "REQUEST_OPTIONAL", "REQUEST_REQUIRED", "RESULT", "RESULT_KIND", "RESULT_OPTIONAL", "RESULT_REQUIRED", "check_files", "json_kind"]
+__all__ = [
+    "COUNTERSIGNATURE_FILE",
+    "FINISH",
+    "MASKS_FILE",
+    "MAX_ID_CHARS",
+    "MAX_RECIPE_BYTES",
+    "MAX_REPORT_BYTES",
+    "MESSAGE_TYPES",
+    "ModelRequest",
+    "OFFER",
+    "OFFER_KIND",
+    "PruneResult",
+    "RECEIPT_FILE",
+    "RECIPE_FILE",
+    "REFUSED",
+    "REPORT_FILE",
+    "REQUEST_FIELDS",
+    "REQUEST_FILE",
+    "REQUEST_KIND",
+    "REQUEST_OPTIONAL",
+    "REQUEST_REQUIRED",
+    "RESULT",
+    "RESULT_KIND",
+    "RESULT_OPTIONAL",
+    "RESULT_REQUIRED",
+    "check_files",
+    "json_kind",
+]
 
 # ------------------------------------------------------------------------------ signed kinds
 OFFER_KIND = "offer"  # entity -> owner: a signed message (job id, nonce, what it supports)
@@ -149,8 +177,7 @@ class ModelRequest:
             raise RequestError(f"request.json must hold exactly the fields {', '.join(REQUEST_FIELDS)}")
         for name, kind in REQUEST_FIELDS.items():
             if not isinstance(request[name], kind):
-                raise RequestError(f"request.json field {name} must be a JSON {json_kind(kind())}, "
-                                   f"got a JSON {json_kind(request[name])}")
+                raise RequestError(f"request.json field {name} must be a JSON {json_kind(kind())}, got a JSON {json_kind(request[name])}")
         if any(len(request[name]) > MAX_ID_CHARS for name in ("job_id", "nonce")):
             raise RequestError(f"request.json job_id and nonce must be at most {MAX_ID_CHARS} characters")
         try:
@@ -262,6 +289,7 @@ def _check_claimed_rate(claim: Any, stats: MaskStats) -> str:
     actual = Fraction(stats.total, stats.kept)
     half_ulp = Fraction(1, 2) * Fraction(10) ** int(dec.as_tuple().exponent)  # "8.0312" claims +-0.00005
     if abs(Fraction(dec) - actual) > half_ulp + Fraction(1, 10**9):
-        raise ArtifactError(f"report.json claims an achieved rate of {claim}, the masks achieve {float(actual):.4f} "
-                            f"({stats.total} weights, {stats.kept} kept)")
+        raise ArtifactError(
+            f"report.json claims an achieved rate of {claim}, the masks achieve {float(actual):.4f} ({stats.total} weights, {stats.kept} kept)"
+        )
     return claim

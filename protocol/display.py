@@ -10,6 +10,7 @@ a terminal, a log line or a table cell is one bounded line that says exactly wha
 It does not neutralise rich markup (``[red]``): that belongs to the CLI layer, which prints
 through ``rich.markup.escape`` or a ``rich.text.Text`` (no markup interpretation).
 """
+
 from __future__ import annotations
 
 import unicodedata

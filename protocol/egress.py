@@ -8,13 +8,14 @@ tensors (so no padding, alignment, ordering or duplicate-key channel can carry e
 a bounded total size. Any violation raises ``EgressViolation`` with a one-line reason, after
 being logged (and written to the audit log when one is given). The guard never repairs a payload.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
-
+from typing import Any
 
 from . import canonical
 from ._wire.pickles import reject_pickles

@@ -5,9 +5,22 @@ was refused and why, never a traceback. Callers catch ``ProtocolError`` at their
 inside ``protocol`` raises the most specific subclass so that tests and the flow can tell a
 forged signature from a replay from an egress block.
 """
+
 from __future__ import annotations
 
-__all__ = ["AdmissionError", "ArtifactError", "AuditError", "EgressViolation", "KeyFileError", "MaskError", "ProtocolError", "ReplayError", "RequestError", "SealError", "SignatureError"]
+__all__ = [
+    "AdmissionError",
+    "ArtifactError",
+    "AuditError",
+    "EgressViolation",
+    "KeyFileError",
+    "MaskError",
+    "ProtocolError",
+    "ReplayError",
+    "RequestError",
+    "SealError",
+    "SignatureError",
+]
 
 
 class ProtocolError(Exception):

@@ -8,6 +8,7 @@ a FLWR_HOME of its own. Logs are created 0600 (they name paths, node ids and run
 process may be started with a umask (the entity's SuperLink runs with 077 so that its database
 and everything its ServerApp writes are private to the entity's user).
 """
+
 from __future__ import annotations
 
 import os
@@ -122,7 +123,7 @@ class ManagedProcess:
     umask: int | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
 
-    def start(self) -> "ManagedProcess":
+    def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
@@ -135,8 +136,13 @@ class ManagedProcess:
             raise ProcessError(f"cannot make the {self.name} log {self.log_path} private (mode 0600): {exc.strerror}") from exc
         try:
             self.process = subprocess.Popen(
-                list(self.command), stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=dict(self.env), cwd=self.cwd, start_new_session=True,
+                list(self.command),
+                stdout=fd,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(self.env),
+                cwd=self.cwd,
+                start_new_session=True,
                 umask=-1 if self.umask is None else self.umask,
             )
         except OSError as exc:
@@ -174,7 +180,7 @@ class ManagedProcess:
         if not starts:
             return self.log_tail()
         reason = []
-        for line in text[starts[-1]:]:
+        for line in text[starts[-1] :]:
             line = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", line).split())
             if line.startswith("For more information"):
                 break

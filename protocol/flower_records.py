@@ -5,6 +5,7 @@ carries bytes. Large bytes go in an ArrayRecord (Flower chunks arrays, so artifa
 megabytes cross); small routing facts (job id, fingerprints, status) go in a ConfigRecord.
 The message types themselves are part of the contract (``protocol.contract``).
 """
+
 from __future__ import annotations
 
 import io

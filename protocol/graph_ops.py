@@ -25,6 +25,7 @@ form after ``run_decompositions``); every entry computes its outputs from its te
 only. In-place forms of activations and ``add_`` are listed because ``nn.ReLU(inplace=True)``
 and ``out += identity`` export as them; they write only into the graph's own values.
 """
+
 from __future__ import annotations
 
 import ast
@@ -35,41 +36,102 @@ import torch
 
 from .errors import ArtifactError
 
-__all__ = ["ALLOWED_OPS", "GETITEM", "MAX_EXPR_CHARS", "MAX_EXPR_DEPTH", "NODE_METADATA_ALLOWED", "OP_PREFIX", "check_expression", "check_graph", "check_serialized_program", "why_not"]
+__all__ = [
+    "ALLOWED_OPS",
+    "GETITEM",
+    "MAX_EXPR_CHARS",
+    "MAX_EXPR_DEPTH",
+    "NODE_METADATA_ALLOWED",
+    "OP_PREFIX",
+    "check_expression",
+    "check_graph",
+    "check_serialized_program",
+    "why_not",
+]
 
-ALLOWED_OPS: frozenset[str] = frozenset({
-    # convolution, normalisation
-    "aten.conv2d.default", "aten.conv2d.padding", "aten.convolution.default",
-    "aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default",
-    # activations (and the in-place forms inplace=True modules export as)
-    "aten.relu.default", "aten.relu_.default", "aten.relu6.default",
-    "aten.hardtanh.default", "aten.hardtanh_.default",
-    "aten.hardswish.default", "aten.hardswish_.default",
-    "aten.hardsigmoid.default", "aten.hardsigmoid_.default",
-    "aten.silu.default", "aten.silu_.default", "aten.sigmoid.default", "aten.tanh.default",
-    "aten.gelu.default", "aten.leaky_relu.default", "aten.leaky_relu_.default", "aten.elu.default",
-    "aten.clamp.default", "aten.softmax.int", "aten._softmax.default",
-    "aten.log_softmax.int", "aten._log_softmax.default",
-    # element-wise arithmetic
-    "aten.add.Tensor", "aten.add_.Tensor", "aten.add.Scalar", "aten.sub.Tensor",
-    "aten.mul.Tensor", "aten.mul_.Tensor", "aten.mul.Scalar", "aten.div.Tensor",
-    # pooling and reductions
-    "aten.max_pool2d.default", "aten.max_pool2d_with_indices.default", "aten.avg_pool2d.default",
-    "aten.adaptive_avg_pool2d.default", "aten._adaptive_avg_pool2d.default",
-    "aten.mean.dim", "aten.sum.default", "aten.sum.dim_IntList",
-    # linear layers
-    "aten.linear.default", "aten.addmm.default", "aten.mm.default", "aten.matmul.default", "aten.t.default",
-    # views and layout (outputs no larger than their inputs, except cat which sums them)
-    "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.flatten.using_ints",
-    "aten.permute.default", "aten.transpose.int", "aten.squeeze.dim", "aten.squeeze.dims",
-    "aten.unsqueeze.default", "aten.cat.default", "aten.slice.Tensor", "aten.select.int",
-    "aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default",
-    "aten.contiguous.default", "aten.clone.default", "aten.alias.default", "aten.detach.default",
-    "aten.to.dtype", "aten._assert_tensor_metadata.default",
-    "aten.dropout.default", "aten.dropout_.default",
-    # the dynamic batch size
-    "aten.sym_size.int",
-})
+ALLOWED_OPS: frozenset[str] = frozenset(
+    {
+        # convolution, normalisation
+        "aten.conv2d.default",
+        "aten.conv2d.padding",
+        "aten.convolution.default",
+        "aten.batch_norm.default",
+        "aten._native_batch_norm_legit_no_training.default",
+        # activations (and the in-place forms inplace=True modules export as)
+        "aten.relu.default",
+        "aten.relu_.default",
+        "aten.relu6.default",
+        "aten.hardtanh.default",
+        "aten.hardtanh_.default",
+        "aten.hardswish.default",
+        "aten.hardswish_.default",
+        "aten.hardsigmoid.default",
+        "aten.hardsigmoid_.default",
+        "aten.silu.default",
+        "aten.silu_.default",
+        "aten.sigmoid.default",
+        "aten.tanh.default",
+        "aten.gelu.default",
+        "aten.leaky_relu.default",
+        "aten.leaky_relu_.default",
+        "aten.elu.default",
+        "aten.clamp.default",
+        "aten.softmax.int",
+        "aten._softmax.default",
+        "aten.log_softmax.int",
+        "aten._log_softmax.default",
+        # element-wise arithmetic
+        "aten.add.Tensor",
+        "aten.add_.Tensor",
+        "aten.add.Scalar",
+        "aten.sub.Tensor",
+        "aten.mul.Tensor",
+        "aten.mul_.Tensor",
+        "aten.mul.Scalar",
+        "aten.div.Tensor",
+        # pooling and reductions
+        "aten.max_pool2d.default",
+        "aten.max_pool2d_with_indices.default",
+        "aten.avg_pool2d.default",
+        "aten.adaptive_avg_pool2d.default",
+        "aten._adaptive_avg_pool2d.default",
+        "aten.mean.dim",
+        "aten.sum.default",
+        "aten.sum.dim_IntList",
+        # linear layers
+        "aten.linear.default",
+        "aten.addmm.default",
+        "aten.mm.default",
+        "aten.matmul.default",
+        "aten.t.default",
+        # views and layout (outputs no larger than their inputs, except cat which sums them)
+        "aten.view.default",
+        "aten.reshape.default",
+        "aten._unsafe_view.default",
+        "aten.flatten.using_ints",
+        "aten.permute.default",
+        "aten.transpose.int",
+        "aten.squeeze.dim",
+        "aten.squeeze.dims",
+        "aten.unsqueeze.default",
+        "aten.cat.default",
+        "aten.slice.Tensor",
+        "aten.select.int",
+        "aten.split.Tensor",
+        "aten.split_with_sizes.default",
+        "aten.chunk.default",
+        "aten.contiguous.default",
+        "aten.clone.default",
+        "aten.alias.default",
+        "aten.detach.default",
+        "aten.to.dtype",
+        "aten._assert_tensor_metadata.default",
+        "aten.dropout.default",
+        "aten.dropout_.default",
+        # the dynamic batch size
+        "aten.sym_size.int",
+    }
+)
 
 GETITEM = "_operator.getitem"
 OP_PREFIX = "torch.ops."
@@ -84,8 +146,22 @@ _WHY_NOT: dict[str, str] = {
     "aten.set_": "it rebinds a tensor's storage",
     "aten.resize_": "it allocates whatever size it is given",
 }
-_FACTORY_PREFIXES = ("full", "empty", "zeros", "ones", "new_", "arange", "linspace", "logspace", "rand",
-                     "randint", "randperm", "normal", "eye", "scalar_tensor")
+_FACTORY_PREFIXES = (
+    "full",
+    "empty",
+    "zeros",
+    "ones",
+    "new_",
+    "arange",
+    "linspace",
+    "logspace",
+    "rand",
+    "randint",
+    "randperm",
+    "normal",
+    "eye",
+    "scalar_tensor",
+)
 
 # Argument kinds the deserializer turns into code or objects rather than values.
 _REFUSED_ARGUMENTS = {
@@ -98,28 +174,131 @@ NODE_METADATA_ALLOWED: frozenset[str] = frozenset({"stack_trace", "nn_module_sta
 
 # Symbolic shapes travel as sympy ``srepr`` text, e.g.
 # ``Mul(Integer(2), Symbol('s77', positive=True, integer=True))``: calls of these names only.
-_EXPR_NAMES = frozenset({
-    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max", "Min", "Abs",
-    "floor", "ceiling", "Equality", "Unequality", "StrictLessThan", "LessThan", "StrictGreaterThan",
-    "GreaterThan", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not",
-    "true", "false", "oo", "int_oo", "zoo", "nan", "Zero", "One", "NegativeOne", "Half",
-    "Infinity", "NegativeInfinity", "IntInfinity", "NegativeIntInfinity", "BooleanTrue", "BooleanFalse",
-    # torch.utils._sympy.functions, as the deserializer names them
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
-    "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv",
-    "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal",
-    "ToFloat", "Identity",
-})
-_EXPR_KEYWORDS = frozenset({"positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite",
-                            "infinite", "zero", "nonzero", "even", "odd", "commutative", "precision"})
+_EXPR_NAMES = frozenset(
+    {
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Float",
+        "Add",
+        "Mul",
+        "Pow",
+        "Mod",
+        "Max",
+        "Min",
+        "Abs",
+        "floor",
+        "ceiling",
+        "Equality",
+        "Unequality",
+        "StrictLessThan",
+        "LessThan",
+        "StrictGreaterThan",
+        "GreaterThan",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "And",
+        "Or",
+        "Not",
+        "true",
+        "false",
+        "oo",
+        "int_oo",
+        "zoo",
+        "nan",
+        "Zero",
+        "One",
+        "NegativeOne",
+        "Half",
+        "Infinity",
+        "NegativeInfinity",
+        "IntInfinity",
+        "NegativeIntInfinity",
+        "BooleanTrue",
+        "BooleanFalse",
+        # torch.utils._sympy.functions, as the deserializer names them
+        "FloorDiv",
+        "ModularIndexing",
+        "Where",
+        "PythonMod",
+        "CleanDiv",
+        "CeilToInt",
+        "FloorToInt",
+        "CeilDiv",
+        "LShift",
+        "RShift",
+        "PowByNatural",
+        "FloatPow",
+        "FloatTrueDiv",
+        "IntTrueDiv",
+        "IsNonOverlappingAndDenseIndicator",
+        "TruncToFloat",
+        "TruncToInt",
+        "RoundToInt",
+        "RoundDecimal",
+        "ToFloat",
+        "Identity",
+    }
+)
+_EXPR_KEYWORDS = frozenset(
+    {
+        "positive",
+        "negative",
+        "nonnegative",
+        "nonpositive",
+        "integer",
+        "real",
+        "finite",
+        "infinite",
+        "zero",
+        "nonzero",
+        "even",
+        "odd",
+        "commutative",
+        "precision",
+    }
+)
 # The only calls whose first argument may be a string, and what that string may be: a shape
 # symbol's name as torch.export makes them (s0, u3, zuf0; printed into code elsewhere in torch) or
 # a decimal number.
-_EXPR_STRINGS = {"Symbol": re.compile(r"[a-z]{1,8}[0-9]{0,12}"),
-                 "Float": re.compile(r"-?(?:[0-9]{1,40}(?:\.[0-9]{0,40})?(?:e[-+]?[0-9]{1,4})?|inf|nan)")}
-_EXPR_NODES = (ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.BinOp, ast.UnaryOp,
-               ast.BoolOp, ast.Compare, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow,
-               ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+_EXPR_STRINGS = {
+    "Symbol": re.compile(r"[a-z]{1,8}[0-9]{0,12}"),
+    "Float": re.compile(r"-?(?:[0-9]{1,40}(?:\.[0-9]{0,40})?(?:e[-+]?[0-9]{1,4})?|inf|nan)"),
+}
+_EXPR_NODES = (
+    ast.Expression,
+    ast.Call,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.keyword,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.BoolOp,
+    ast.Compare,
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.FloorDiv,
+    ast.Mod,
+    ast.Pow,
+    ast.USub,
+    ast.UAdd,
+    ast.Not,
+    ast.And,
+    ast.Or,
+    ast.Eq,
+    ast.NotEq,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
+)
 MAX_EXPR_CHARS = 4096
 MAX_EXPR_DEPTH = 32
 
@@ -210,11 +389,11 @@ def check_serialized_program(program: Any, *, max_nodes: int) -> None:
     if not isinstance(nodes, list):
         raise ArtifactError("program.json graph nodes are not a list")
     if len(nodes) > max_nodes:
-        raise ArtifactError(f"graph has {len(nodes)} nodes, more than the limit of {max_nodes}; "
-                            "send a smaller model or raise ArtifactLimits.max_nodes")
+        raise ArtifactError(
+            f"graph has {len(nodes)} nodes, more than the limit of {max_nodes}; send a smaller model or raise ArtifactLimits.max_nodes"
+        )
     if program.get("guards_code"):
-        raise ArtifactError("program.json carries guards_code (Python source that would run on the entity); "
-                            "export without guards")
+        raise ArtifactError("program.json carries guards_code (Python source that would run on the entity); export without guards")
     if graph_module.get("treespec_namedtuple_fields"):
         raise ArtifactError("program.json declares namedtuple types; return plain tensors from the model")
     if graph.get("custom_obj_values"):
@@ -231,15 +410,14 @@ def check_serialized_program(program: Any, *, max_nodes: int) -> None:
         target = node.get("target")
         if not isinstance(target, str):
             raise ArtifactError(f"graph node {name!r} has a malformed target")
-        if target != GETITEM and not (target.startswith(OP_PREFIX) and target[len(OP_PREFIX):] in ALLOWED_OPS):
-            raise _refuse_op(name, target[len(OP_PREFIX):] if target.startswith(OP_PREFIX) else target)
+        if target != GETITEM and not (target.startswith(OP_PREFIX) and target[len(OP_PREFIX) :] in ALLOWED_OPS):
+            raise _refuse_op(name, target[len(OP_PREFIX) :] if target.startswith(OP_PREFIX) else target)
         metadata = node.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise ArtifactError(f"graph node {name!r} has malformed metadata")
         extra = sorted(set(metadata) - NODE_METADATA_ALLOWED)
         if extra:
-            raise ArtifactError(f"graph node {name!r} carries metadata {extra[0][:40]!r}; strip it with "
-                                "protocol.program_guard.strip_program")
+            raise ArtifactError(f"graph node {name!r} carries metadata {extra[0][:40]!r}; strip it with protocol.program_guard.strip_program")
         if not all(isinstance(v, str) for v in metadata.values()):
             raise ArtifactError(f"graph node {name!r} has non-string metadata")
     _check_values(program)
@@ -253,8 +431,7 @@ def _check_values(program: Any) -> None:
         if isinstance(item, dict):
             for key, value in item.items():
                 if key in _REFUSED_ARGUMENTS and value is not None:
-                    raise ArtifactError(f"program.json passes {_REFUSED_ARGUMENTS[key]}; "
-                                        "export a plain feed-forward model")
+                    raise ArtifactError(f"program.json passes {_REFUSED_ARGUMENTS[key]}; export a plain feed-forward model")
                 if key == "expr_str":
                     check_expression(value)
                 elif isinstance(value, (dict, list)):

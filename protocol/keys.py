@@ -13,6 +13,7 @@ CLI::
     python -m protocol.keys show --dir DIR        # or --card FILE
     python -m protocol.keys register --card OWNER_CARD --owners DIR [--fingerprint HEX]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,19 +23,36 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from . import canonical
+from ._files import atomic_write, read_regular
 from ._wire.curves import ed25519_key_is_safe, x25519_key_is_safe
 from ._wire.dsse import b64d, b64e
-from ._files import atomic_write, read_regular
-from .errors import AdmissionError, KeyFileError, ProtocolError, SignatureError
+from .errors import AdmissionError, KeyFileError, SignatureError
 
-__all__ = ["CARD_FILE", "CARD_TYPE", "Identity", "IdentityCard", "MAX_CARD_BYTES", "ROLES", "SEALING_FILE", "SIGNING_FILE", "admit", "fingerprint_of", "init_identity", "load_card", "load_identity", "load_registry", "main", "register_card"]
+__all__ = [
+    "CARD_FILE",
+    "CARD_TYPE",
+    "Identity",
+    "IdentityCard",
+    "MAX_CARD_BYTES",
+    "ROLES",
+    "SEALING_FILE",
+    "SIGNING_FILE",
+    "admit",
+    "fingerprint_of",
+    "init_identity",
+    "load_card",
+    "load_identity",
+    "load_registry",
+    "main",
+    "register_card",
+]
 
 ROLES = ("owner", "entity")
 CARD_TYPE = "blindprune/identity-card/v1"
@@ -100,7 +118,7 @@ class IdentityCard:
         return canonical.dumps(self.to_json())
 
     @classmethod
-    def from_json(cls, data: Any) -> "IdentityCard":
+    def from_json(cls, data: Any) -> IdentityCard:
         if not isinstance(data, dict) or data.get("type") != CARD_TYPE:
             raise KeyFileError(f"not an identity card (type must be {CARD_TYPE!r})")
         expected = {"type", "role", "name", "signing_public", "sealing_public", "fingerprint"}
@@ -120,7 +138,7 @@ class IdentityCard:
         return card
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "IdentityCard":
+    def from_bytes(cls, data: bytes) -> IdentityCard:
         if len(data) > MAX_CARD_BYTES:
             raise KeyFileError("identity card file too large")
         try:
@@ -142,23 +160,21 @@ class Identity:
         return self.card.fingerprint
 
     @classmethod
-    def generate(cls, role: str, name: str | None = None) -> "Identity":
+    def generate(cls, role: str, name: str | None = None) -> Identity:
         """A fresh in-memory identity (tests, simulations); ``init_identity`` also writes it."""
         sign_key = Ed25519PrivateKey.generate()
         seal_key = X25519PrivateKey.generate()
         return cls._from_keys(role, name or role, sign_key, seal_key)
 
     @classmethod
-    def from_private_bytes(cls, role: str, name: str, signing: bytes, sealing: bytes) -> "Identity":
+    def from_private_bytes(cls, role: str, name: str, signing: bytes, sealing: bytes) -> Identity:
         """An identity from raw 32-byte private keys (golden test vectors, key import)."""
         if len(signing) != 32 or len(sealing) != 32:
             raise KeyFileError("private keys must be 32 bytes each")
-        return cls._from_keys(
-            role, name, Ed25519PrivateKey.from_private_bytes(signing), X25519PrivateKey.from_private_bytes(sealing)
-        )
+        return cls._from_keys(role, name, Ed25519PrivateKey.from_private_bytes(signing), X25519PrivateKey.from_private_bytes(sealing))
 
     @classmethod
-    def _from_keys(cls, role: str, name: str, sign_key: Ed25519PrivateKey, seal_key: X25519PrivateKey) -> "Identity":
+    def _from_keys(cls, role: str, name: str, sign_key: Ed25519PrivateKey, seal_key: X25519PrivateKey) -> Identity:
         card = IdentityCard(
             role=role,
             name=name,
@@ -312,8 +328,7 @@ def admit(fingerprint: str, registry: dict[str, IdentityCard], *, what: str = "o
     card = registry.get(fingerprint)
     if card is None:
         raise AdmissionError(
-            f"{what} {fingerprint[:16]} is not registered with this entity; "
-            f"its operator must add the {what}'s card.json to the registry folder"
+            f"{what} {fingerprint[:16]} is not registered with this entity; its operator must add the {what}'s card.json to the registry folder"
         )
     return card
 
@@ -339,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p_reg = sub.add_parser("register", help="admit an owner: check its card and copy it into the registry folder")
     p_reg.add_argument("--card", required=True, type=Path, help="the owner's card.json")
     p_reg.add_argument("--owners", required=True, type=Path, help="the entity's registry folder (entity.serve --owners)")
-    p_reg.add_argument("--fingerprint", default=None,
-                       help="the fingerprint the owner told you out of band; registration fails if it differs")
+    p_reg.add_argument("--fingerprint", default=None, help="the fingerprint the owner told you out of band; registration fails if it differs")
     args = parser.parse_args(argv)
 
     def body() -> int:

@@ -7,21 +7,33 @@ masks only on pattern-prunable conv weights, and every 3x3 kernel either removed
 them). A mask that keeps a fifth weight, drops the centre, or uses a pattern outside the library
 describes a model the code generator cannot emit and the entity did not say it made.
 """
+
 from __future__ import annotations
 
-import math
-import struct
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._wire.masks import MAGIC, MAX_HEADER, MAX_RANK, pack_masks, unpack_masks
 from .errors import MaskError
 
-__all__ = ["CENTRE", "DEFAULT_LIBRARY_SIZE", "KERNEL", "MAGIC", "MAX_HEADER", "MAX_LIBRARY", "MAX_RANK", "MaskStats", "PATTERN_ENTRIES", "check_pattern_masks", "pack_masks", "parse_library", "unpack_masks"]
+__all__ = [
+    "CENTRE",
+    "DEFAULT_LIBRARY_SIZE",
+    "KERNEL",
+    "MAGIC",
+    "MAX_HEADER",
+    "MAX_LIBRARY",
+    "MAX_RANK",
+    "MaskStats",
+    "PATTERN_ENTRIES",
+    "check_pattern_masks",
+    "pack_masks",
+    "parse_library",
+    "unpack_masks",
+]
 
 KERNEL = 9
 CENTRE = 4
@@ -60,8 +72,9 @@ def parse_library(value: Any) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.bool)
 
 
-def check_pattern_masks(masks: Mapping[str, torch.Tensor], prunable: Set[str], library: torch.Tensor | None = None,
-                        library_size: int = DEFAULT_LIBRARY_SIZE) -> MaskStats:
+def check_pattern_masks(
+    masks: Mapping[str, torch.Tensor], prunable: Set[str], library: torch.Tensor | None = None, library_size: int = DEFAULT_LIBRARY_SIZE
+) -> MaskStats:
     """Refuse (``MaskError``) any mask that is not a pattern mask of a prunable conv weight.
 
     ``prunable`` holds the weights a mask may cover (see ``protocol.tensors.graph_roles``). Every
@@ -85,8 +98,10 @@ def check_pattern_masks(masks: Mapping[str, torch.Tensor], prunable: Set[str], l
         patterns = {tuple(row) for row in torch.unique(live, dim=0).tolist()} if live.numel() else set()
         for row in sorted(patterns):
             if not _is_pattern(row):
-                raise MaskError(f"mask {name!r} keeps kernel entries {list(row)}: not {PATTERN_ENTRIES} weights "
-                                "including the centre (a library pattern) nor an all-zero kernel")
+                raise MaskError(
+                    f"mask {name!r} keeps kernel entries {list(row)}: not {PATTERN_ENTRIES} weights "
+                    "including the centre (a library pattern) nor an all-zero kernel"
+                )
             if allowed is not None and row not in allowed:
                 raise MaskError(f"mask {name!r} uses pattern {list(row)}, which is not in the report's pattern library")
         seen |= patterns

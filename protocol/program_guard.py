@@ -9,10 +9,12 @@ export before sending); ``check_program`` is the egress guard's check that nothi
 along: strict JSON (no duplicate keys, no NaN), bytes equal to the serializer's own encoding of
 the parsed value (no white-space channel), and node metadata only from an allow-list.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .canonical import JSONDepthError, check_depth
 from .errors import EgressViolation

@@ -9,6 +9,7 @@ offer and result do not collide while a replay of either is refused. State is an
 torn final line left by a crash is dropped (the event it described never completed). One process
 owns a store at a time.
 """
+
 from __future__ import annotations
 
 import os

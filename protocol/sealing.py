@@ -16,12 +16,14 @@ Order on opening: framing checks, admission of the sender, HPKE open, DSSE signa
 statement bytes, statement bindings, then every file and tensor hash. ``open_bundle`` returns an
 ``OpenedBundle`` only when everything holds; on failure it raises and leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -32,7 +34,22 @@ from .keys import Identity, IdentityCard
 from .signing import FILE_NAME_RE, check_kind, digest, make_statement, sign_statement, subject_digests
 from .verifying import check_statement, verify_statement_envelope
 
-__all__ = ["BUNDLE_MAGIC", "DEFAULT_MAX_BUNDLE", "INFO_LABEL", "MAX_FILES", "MAX_HEADER", "OpenedBundle", "SEAL_MAGIC", "SUITE_NAME", "Sealed", "open_bundle", "peek_header", "seal_bundle", "seal_bundle_detailed", "sender_fingerprint"]
+__all__ = [
+    "BUNDLE_MAGIC",
+    "DEFAULT_MAX_BUNDLE",
+    "INFO_LABEL",
+    "MAX_FILES",
+    "MAX_HEADER",
+    "OpenedBundle",
+    "SEAL_MAGIC",
+    "SUITE_NAME",
+    "Sealed",
+    "open_bundle",
+    "peek_header",
+    "seal_bundle",
+    "seal_bundle_detailed",
+    "sender_fingerprint",
+]
 
 SEAL_MAGIC = b"BPSEAL1\n"
 BUNDLE_MAGIC = b"BPBNDL1\n"
@@ -69,9 +86,7 @@ class OpenedBundle:
 
 
 def _info(kind: str, job_id: str, request_hash: str, sender: str, recipient: str) -> bytes:
-    return INFO_LABEL + canonical.dumps(
-        {"kind": kind, "job_id": job_id, "request_hash": request_hash, "sender": sender, "recipient": recipient}
-    )
+    return INFO_LABEL + canonical.dumps({"kind": kind, "job_id": job_id, "request_hash": request_hash, "sender": sender, "recipient": recipient})
 
 
 def _check_id(value: Any, what: str) -> str:
@@ -119,9 +134,7 @@ def seal_bundle(
     ``request_hash`` is the ``digest()`` of what this bundle answers (the offer for a model
     artifact, ``request.json`` for a result). ``claims`` is small canonical JSON (no floats).
     """
-    return seal_bundle_detailed(
-        files, kind=kind, job_id=job_id, request_hash=request_hash, sender=sender, recipient=recipient, claims=claims
-    ).blob
+    return seal_bundle_detailed(files, kind=kind, job_id=job_id, request_hash=request_hash, sender=sender, recipient=recipient, claims=claims).blob
 
 
 def seal_bundle_detailed(
@@ -141,8 +154,13 @@ def seal_bundle_detailed(
     if not files or len(files) > MAX_FILES:
         raise ArtifactError(f"a bundle holds 1 to {MAX_FILES} files, got {len(files)}")
     statement = make_statement(
-        files, kind=kind, job_id=job_id, request_hash=request_hash,
-        sender=sender.card, recipient=recipient, claims=claims or {},
+        files,
+        kind=kind,
+        job_id=job_id,
+        request_hash=request_hash,
+        sender=sender.card,
+        recipient=recipient,
+        claims=claims or {},
     )
     envelope = sign_statement(statement, sender)
     blob = _seal_frames(envelope, files, kind, job_id, request_hash, sender.fingerprint, recipient)
@@ -166,8 +184,15 @@ def _seal_frames(
     plaintext = b"".join(parts)
     del parts
     header = canonical.dumps(
-        {"v": 1, "suite": SUITE_NAME, "kind": kind, "job_id": job_id, "request_hash": request_hash,
-         "sender": sender_fp, "recipient": recipient.fingerprint}
+        {
+            "v": 1,
+            "suite": SUITE_NAME,
+            "kind": kind,
+            "job_id": job_id,
+            "request_hash": request_hash,
+            "sender": sender_fp,
+            "recipient": recipient.fingerprint,
+        }
     )
     info = _info(kind, job_id, request_hash, sender_fp, recipient.fingerprint)
     sealed = _SUITE.encrypt(plaintext, recipient.seal_key(), info=info)
@@ -272,9 +297,7 @@ def open_bundle(
         raise SealError(f"sealed bundle is for recipient {header['recipient'][:16]}, not this party ({recipient.fingerprint[:16]})")
     sender = senders.get(header["sender"])
     if sender is None:
-        raise AdmissionError(
-            f"sender {header['sender'][:16]} is not registered here; add its identity card to the registry to admit it"
-        )
+        raise AdmissionError(f"sender {header['sender'][:16]} is not registered here; add its identity card to the registry to admit it")
     if sender.fingerprint != header["sender"]:
         raise AdmissionError("registry maps a fingerprint to a card with other keys")
     if len(blob) - body_start < _ENC_LEN + _TAG_LEN:
@@ -283,15 +306,11 @@ def open_bundle(
     try:
         plain = _SUITE.decrypt(memoryview(blob)[body_start:], recipient.sealing_key, info=info)
     except InvalidTag as exc:
-        raise SealError(
-            "cannot open sealed bundle: tampered bytes, or sealed for another job, request or sender (replayed?)"
-        ) from exc
+        raise SealError("cannot open sealed bundle: tampered bytes, or sealed for another job, request or sender (replayed?)") from exc
     envelope, files = _split_plaintext(plain)
     del plain
     statement = verify_statement_envelope(envelope, sender)
-    check_statement(
-        statement, files, kind=kind, job_id=job_id, request_hash=request_hash, sender=sender, recipient=recipient.card
-    )
+    check_statement(statement, files, kind=kind, job_id=job_id, request_hash=request_hash, sender=sender, recipient=recipient.card)
     return OpenedBundle(
         files=MappingProxyType(files),
         claims=MappingProxyType(dict(statement["predicate"]["claims"])),

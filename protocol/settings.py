@@ -5,6 +5,7 @@ default name in the working directory if present; settings live under a ``[owner
 ``[entity]`` table (or at top level); relative paths in the file are relative to the file; a flag
 given on the command line wins; an unknown key is an error, not silently ignored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,7 @@ class SettingsError(ValueError):
     """A settings file is missing, malformed, or names an unknown setting."""
 
 
-def merge_settings(args: argparse.Namespace, *, section: str, default_file: str, known: Iterable[str],
-                   path_keys: Iterable[str]) -> dict[str, Any]:
+def merge_settings(args: argparse.Namespace, *, section: str, default_file: str, known: Iterable[str], path_keys: Iterable[str]) -> dict[str, Any]:
     """The file's settings under ``section`` overridden by every flag in ``args`` that was given."""
     known = set(known)
     path_keys = tuple(path_keys)

@@ -11,11 +11,13 @@ Two shapes of signed content:
   ``_wire.safetensors.tree_digest``) so that its bytes are hashed once; other files carry SHA-256.
   ``sealing.seal_bundle`` signs it and seals it together with the files.
 """
+
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from . import canonical
 from ._wire import dsse as _dsse
@@ -24,7 +26,23 @@ from ._wire.safetensors import TREE_DIGEST, parse_header, tensor_digests, tree_d
 from .errors import ArtifactError, SignatureError
 from .keys import Identity, IdentityCard
 
-__all__ = ["BUNDLE_PREDICATE", "FILE_NAME_RE", "MESSAGE_PAYLOAD_TYPE", "MESSAGE_TYPE", "STATEMENT_TYPE", "check_kind", "describe_files", "digest", "make_statement", "message_signer", "read_message_unchecked", "sign_message", "sign_statement", "subject_digests", "verify_message"]
+__all__ = [
+    "BUNDLE_PREDICATE",
+    "FILE_NAME_RE",
+    "MESSAGE_PAYLOAD_TYPE",
+    "MESSAGE_TYPE",
+    "STATEMENT_TYPE",
+    "check_kind",
+    "describe_files",
+    "digest",
+    "make_statement",
+    "message_signer",
+    "read_message_unchecked",
+    "sign_message",
+    "sign_statement",
+    "subject_digests",
+    "verify_message",
+]
 
 MESSAGE_PAYLOAD_TYPE = "application/vnd.blindprune.message+json"
 MESSAGE_TYPE = "blindprune/message/v1"

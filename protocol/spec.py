@@ -4,6 +4,7 @@ The input specification (shape, channel order, pixel range, normalisation) is al
 learns about the owner's data; the audit trail lists it as such. Fractions are kept as decimal
 strings on the wire because signed JSON carries no floats (see ``canonical``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -59,11 +60,15 @@ class InputSpec:
             raise SpecError(f"input shape must be three positive integers (C, H, W), got {self.shape!r:.80}")
         channels, height, width = self.shape
         if channels > self.MAX_CHANNELS or height > self.MAX_SIDE or width > self.MAX_SIDE:
-            raise SpecError(f"input shape {tuple(self.shape)} exceeds the limit of {self.MAX_CHANNELS} channels and "
-                            f"{self.MAX_SIDE} pixels a side; describe the model's input at a smaller size")
+            raise SpecError(
+                f"input shape {tuple(self.shape)} exceeds the limit of {self.MAX_CHANNELS} channels and "
+                f"{self.MAX_SIDE} pixels a side; describe the model's input at a smaller size"
+            )
         if channels * height * width > self.MAX_ELEMENTS:
-            raise SpecError(f"input shape {tuple(self.shape)} has {channels * height * width} values, more than the "
-                            f"limit of {self.MAX_ELEMENTS}; describe the model's input at a smaller size")
+            raise SpecError(
+                f"input shape {tuple(self.shape)} has {channels * height * width} values, more than the "
+                f"limit of {self.MAX_ELEMENTS}; describe the model's input at a smaller size"
+            )
         if len(self.mean) != channels or len(self.std) != channels:
             raise SpecError(f"mean and std need {channels} values each (one per channel)")
         if any(float(s) <= 0 for s in self.std):
@@ -85,7 +90,7 @@ class InputSpec:
         }
 
     @classmethod
-    def from_json(cls, data: Any) -> "InputSpec":
+    def from_json(cls, data: Any) -> InputSpec:
         try:
             lo, hi = data["pixel_range"]
             return cls(
@@ -119,7 +124,7 @@ class PruneRequest:
         return out
 
     @classmethod
-    def from_json(cls, data: Any) -> "PruneRequest":
+    def from_json(cls, data: Any) -> PruneRequest:
         try:
             recipe = data.get("recipe")
             return cls(
@@ -284,12 +289,18 @@ class RetrainLimits:
     def check(self, recipe: RetrainRecipe) -> None:
         """Refuse a recipe over these limits (``SpecError`` naming the flag that raises the limit)."""
         if recipe.epochs > self.max_epochs:
-            raise SpecError(f"the entity's recipe asks for {recipe.epochs} retraining epochs, over this owner's limit "
-                            f"of {self.max_epochs}; raise it with --max-epochs (max_epochs in owner.toml) to accept")
+            raise SpecError(
+                f"the entity's recipe asks for {recipe.epochs} retraining epochs, over this owner's limit "
+                f"of {self.max_epochs}; raise it with --max-epochs (max_epochs in owner.toml) to accept"
+            )
         if recipe.batch_size > self.max_batch_size:
-            raise SpecError(f"the entity's recipe asks for batch size {recipe.batch_size}, over this owner's limit "
-                            f"of {self.max_batch_size}; raise it with --max-batch-size (max_batch_size in owner.toml) to accept")
+            raise SpecError(
+                f"the entity's recipe asks for batch size {recipe.batch_size}, over this owner's limit "
+                f"of {self.max_batch_size}; raise it with --max-batch-size (max_batch_size in owner.toml) to accept"
+            )
         late = [m for m in recipe.milestones if m > self.max_epochs]
         if late:
-            raise SpecError(f"the entity's recipe has a learning-rate milestone at epoch {late[0]}, past this owner's "
-                            f"limit of {self.max_epochs} epochs; raise it with --max-epochs (max_epochs in owner.toml) to accept")
+            raise SpecError(
+                f"the entity's recipe has a learning-rate milestone at epoch {late[0]}, past this owner's "
+                f"limit of {self.max_epochs} epochs; raise it with --max-epochs (max_epochs in owner.toml) to accept"
+            )

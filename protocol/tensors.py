@@ -11,6 +11,7 @@ author chose) which stored tensors are 3x3 group-1 convolution weights (the only
 mask may touch) and which are BatchNorm running variances (which must stay positive: a negative
 one makes the normalisation divide by the square root of a negative number).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -27,8 +28,15 @@ __all__ = ["GraphRoles", "Schema", "check_masks", "check_running_vars", "check_s
 Schema = Mapping[str, tuple[str, tuple[int, ...]]]
 
 _TORCH_TO_ST = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 
@@ -134,8 +142,13 @@ def graph_roles(program: torch.export.ExportedProgram) -> GraphRoles:
             weight = bound.get("weight")
             key = key_of.get(getattr(weight, "name", None))
             shape = tuple(state[key].shape) if key in state else ()
-            if (key is not None and len(shape) == 4 and shape[2:] == (3, 3) and int(bound.get("groups", 1) or 1) == 1
-                    and not bound.get("transposed", False)):
+            if (
+                key is not None
+                and len(shape) == 4
+                and shape[2:] == (3, 3)
+                and int(bound.get("groups", 1) or 1) == 1
+                and not bound.get("transposed", False)
+            ):
                 conv_uses.add(key)
                 as_weight = weight
         var = bound.get("running_var")
@@ -147,8 +160,7 @@ def graph_roles(program: torch.export.ExportedProgram) -> GraphRoles:
     return GraphRoles(pattern_convs=frozenset(conv_uses - other_uses), running_vars=frozenset(running_vars))
 
 
-def check_running_vars(tensors: Mapping[str, torch.Tensor], names: frozenset[str],
-                       own: Mapping[str, torch.Tensor]) -> None:
+def check_running_vars(tensors: Mapping[str, torch.Tensor], names: frozenset[str], own: Mapping[str, torch.Tensor]) -> None:
     """Every BatchNorm running variance in ``names`` positive, or equal to the owner's ``own`` value.
 
     The owner's own model is the one exception: a variance it already had (a dead channel's 0)
@@ -160,5 +172,7 @@ def check_running_vars(tensors: Mapping[str, torch.Tensor], names: frozenset[str
             raise ArtifactError(f"BatchNorm running variance {name!r} is not a floating-point tensor")
         bad = (value <= 0) & (value != own[name].to(value.dtype))
         if bool(bad.any()):
-            raise ArtifactError(f"BatchNorm running variance {name!r} holds {int(bad.sum())} value(s) <= 0 "
-                                f"(the smallest {float(value.min()):.3g}); variances must be positive")
+            raise ArtifactError(
+                f"BatchNorm running variance {name!r} holds {int(bad.sum())} value(s) <= 0 "
+                f"(the smallest {float(value.min()):.3g}); variances must be positive"
+            )

@@ -20,15 +20,16 @@ DIR`` make the same files from the command line (README "Deployment notes"). The
 certificate always names 127.0.0.1 as well: the entity's own ``flwr`` calls and its ServerApp
 reach the SuperLink over loopback, with TLS verified like any other client.
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
 import ipaddress
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -82,7 +83,7 @@ def make_tls_files(directory: Path, hosts: Iterable[str] = ("127.0.0.1", "localh
     for path in (files.ca_cert, files.server_cert, files.server_key):
         if path.exists():
             raise KeyFileError(f"{path} already exists; refusing to overwrite key material")
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "blindprune private CA")])
     ca_cert = (
@@ -94,9 +95,20 @@ def make_tls_files(directory: Path, hosts: Iterable[str] = ("127.0.0.1", "localh
         .not_valid_before(now - _dt.timedelta(minutes=5))
         .not_valid_after(now + _dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     server_key = ec.generate_private_key(ec.SECP256R1())
@@ -133,10 +145,10 @@ def make_supernode_auth_keys(directory: Path, name: str = "supernode") -> AuthKe
         if path.exists():
             raise KeyFileError(f"{path} already exists; refusing to overwrite key material")
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_new(keys.private_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                   serialization.NoEncryption()), 0o600)
-    _write_new(keys.public_key, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                              serialization.PublicFormat.OpenSSH) + b"\n", 0o644)
+    _write_new(
+        keys.private_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), 0o600
+    )
+    _write_new(keys.public_key, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n", 0o644)
     return keys
 
 
@@ -154,8 +166,7 @@ def certificate_names(path: Path) -> frozenset[str]:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return frozenset()
-    return frozenset([*san.get_values_for_type(x509.DNSName),
-                      *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))])
+    return frozenset([*san.get_values_for_type(x509.DNSName), *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))])
 
 
 def check_node_public_key(path: Path) -> bytes:
@@ -168,11 +179,11 @@ def check_node_public_key(path: Path) -> bytes:
     try:
         key = serialization.load_ssh_public_key(data.strip())
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise KeyFileError(f"SuperNode public key {path} is not an OpenSSH public key; "
-                           "give the .pub file made by `python -m protocol.transport node-key`") from None
+        raise KeyFileError(
+            f"SuperNode public key {path} is not an OpenSSH public key; give the .pub file made by `python -m protocol.transport node-key`"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise KeyFileError(f"SuperNode public key {path} is not an elliptic-curve (ECDSA) key; "
-                           "Flower accepts only NIST curves such as P-384")
+        raise KeyFileError(f"SuperNode public key {path} is not an elliptic-curve (ECDSA) key; Flower accepts only NIST curves such as P-384")
     return data
 
 
@@ -181,8 +192,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     tls = sub.add_parser("tls", help="a private CA and a server certificate for the entity's SuperLink")
     tls.add_argument("dir", type=Path, help="folder for ca.pem, server.pem, server.key (created)")
-    tls.add_argument("--host", action="append", default=[], metavar="NAME",
-                     help="DNS name or IP address owners use to reach the entity (repeatable); 127.0.0.1 is always added")
+    tls.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="DNS name or IP address owners use to reach the entity (repeatable); 127.0.0.1 is always added",
+    )
     tls.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     node = sub.add_parser("node-key", help="a key pair for an owner's SuperNode (SuperNode authentication)")
     node.add_argument("dir", type=Path, help="folder for NAME_auth and NAME_auth.pub (created)")

@@ -7,10 +7,12 @@ exactly the files listed (naming any extra, missing or changed file), their dige
 (the file's own ``sha256-safetensors`` digest is then derived from those, not hashed again).
 Nothing is returned before all of that holds.
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from . import canonical
 from ._wire import dsse as _dsse

@@ -6,6 +6,7 @@ the entity and pins the entity's card at each owner, starts ``python -m entity.s
 limits, reports, and stops everything it started. ``--demo`` runs the full flow on the embedded
 Fashion-MNIST subset with the shipped pre-trained small VGG (the ``make demo`` target).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,9 +92,17 @@ class OwnerRun:
 class LocalDeployment:
     """An entity service plus owners, all as child processes of this one, on loopback."""
 
-    def __init__(self, work: Path, *, recipe: str | None = None, entity_epochs: int | None = None,
-                 env: dict[str, str] | None = None, start_timeout: float = 120.0, tls: bool = False,
-                 entity_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        work: Path,
+        *,
+        recipe: str | None = None,
+        entity_epochs: int | None = None,
+        env: dict[str, str] | None = None,
+        start_timeout: float = 120.0,
+        tls: bool = False,
+        entity_options: dict[str, Any] | None = None,
+    ):
         from protocol.keys import init_identity
 
         self.work = work.resolve()
@@ -125,8 +134,13 @@ class LocalDeployment:
         return self.entity_home / "events.jsonl"
 
     def start_entity(self) -> None:
-        values = {"home": str(self.entity_home), "port": self.port, "host": "127.0.0.1",
-                  "recipe": self.recipe or "", "start_timeout": self.start_timeout}
+        values = {
+            "home": str(self.entity_home),
+            "port": self.port,
+            "host": "127.0.0.1",
+            "recipe": self.recipe or "",
+            "start_timeout": self.start_timeout,
+        }
         if self.entity_epochs is not None:
             values["epochs"] = self.entity_epochs
         values.update(self.entity_options)
@@ -136,7 +150,11 @@ class LocalDeployment:
         log = open(self.work / "entity.log", "ab")
         self.entity = subprocess.Popen(
             [sys.executable, "-m", "entity.serve", "--config", str(self.work / "entity.toml")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=self.work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.work,
             start_new_session=True,
         )
         log.close()
@@ -174,12 +192,21 @@ class LocalDeployment:
         if plan.registered:
             shutil.copyfile(keys / "card.json", self.entity_home / "owners" / f"{plan.name}.json")
         values: dict[str, Any] = {
-            "data": str(plan.data.resolve()), "model": plan.model,
+            "data": str(plan.data.resolve()),
+            "model": plan.model,
             "weights": str(plan.weights) if plan.weights else None,
-            "input_shape": list(plan.input_shape), "mean": list(plan.mean), "std": list(plan.std),
-            "entity": f"127.0.0.1:{self.port}", "entity_card": str(self.entity_card),
-            "keys": str(keys), "rate": plan.rate, "epochs": plan.epochs, "train_limit": plan.train_limit,
-            "out": str(folder / "out"), "connect_timeout": 60.0, "timeout": 900.0,
+            "input_shape": list(plan.input_shape),
+            "mean": list(plan.mean),
+            "std": list(plan.std),
+            "entity": f"127.0.0.1:{self.port}",
+            "entity_card": str(self.entity_card),
+            "keys": str(keys),
+            "rate": plan.rate,
+            "epochs": plan.epochs,
+            "train_limit": plan.train_limit,
+            "out": str(folder / "out"),
+            "connect_timeout": 60.0,
+            "timeout": 900.0,
         }
         if self.tls is not None:
             values["tls_ca"] = str(self.tls.ca_cert)
@@ -192,7 +219,11 @@ class LocalDeployment:
         log = open(folder / "owner.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "owner.run", "--config", str(folder / "owner.toml"), "--quiet"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=folder,
             start_new_session=True,
         )
         log.close()
@@ -207,8 +238,14 @@ class LocalDeployment:
             return OwnerRun(plan.name, -1, time.monotonic() - started, None, f"timed out after {timeout:.0f} s", folder / "out")
         summary_path = folder / "out" / "summary.json"
         summary = json.loads(summary_path.read_text()) if proc.returncode == 0 and summary_path.is_file() else None
-        return OwnerRun(plan.name, proc.returncode, time.monotonic() - started, summary,
-                        _owner_failure(folder / "out", proc.returncode, folder / "owner.log"), folder / "out")
+        return OwnerRun(
+            plan.name,
+            proc.returncode,
+            time.monotonic() - started,
+            summary,
+            _owner_failure(folder / "out", proc.returncode, folder / "owner.log"),
+            folder / "out",
+        )
 
     def run_owner(self, plan: OwnerPlan, timeout: float = 900.0) -> OwnerRun:
         started = time.monotonic()
@@ -274,14 +311,17 @@ def _audit_verdict(deployment: LocalDeployment, run: OwnerRun) -> str:
     from protocol.keys import load_card
 
     try:
-        verdict = verify_log(run.out / "audit.jsonl", owner=load_card(deployment.work / run.name / "keys" / "card.json"),
-                             entity=load_card(deployment.entity_card))
+        verdict = verify_log(
+            run.out / "audit.jsonl", owner=load_card(deployment.work / run.name / "keys" / "card.json"), entity=load_card(deployment.entity_card)
+        )
     except ProtocolError as exc:
         return f"FAILS: {exc}"
     if not verdict.ok:
         return f"FAILS at record {verdict.first_bad}: {verdict.error}"
-    return (f"verifies: {verdict.records} records, {verdict.checkpoints} signed checkpoints, "
-            f"{verdict.countersigned} records countersigned by the entity, {verdict.receipts} receipt(s)")
+    return (
+        f"verifies: {verdict.records} records, {verdict.checkpoints} signed checkpoints, "
+        f"{verdict.countersigned} records countersigned by the entity, {verdict.receipts} receipt(s)"
+    )
 
 
 def _print_report(runs: list[OwnerRun], deployment: LocalDeployment, wall: float, console) -> None:
@@ -298,9 +338,14 @@ def _print_report(runs: list[OwnerRun], deployment: LocalDeployment, wall: float
     for run in runs:
         s = run.summary or {}
         acc = s.get("accuracy", {})
-        table.add_row(run.name, str(run.returncode), f"{run.seconds:.1f}", f"{s.get('achieved_rate', '-')}x",
-                      *(f"{acc[k]:.2%}" if k in acc else "-" for k in ("dense", "pruned", "retrained")),
-                      "ok" if run.returncode == 0 else run.error)
+        table.add_row(
+            run.name,
+            str(run.returncode),
+            f"{run.seconds:.1f}",
+            f"{s.get('achieved_rate', '-')}x",
+            *(f"{acc[k]:.2%}" if k in acc else "-" for k in ("dense", "pruned", "retrained")),
+            "ok" if run.returncode == 0 else run.error,
+        )
     console.print(table)
     delivered = sum(1 for e in deployment.entity_events() if e.get("event") == "delivered")
     refused = sum(1 for e in deployment.entity_events() if e.get("event") == "refused")
@@ -348,8 +393,10 @@ def _simulate(args: argparse.Namespace) -> int:
     # The embedded subset has 6,000 training images: smaller batches give retraining enough steps.
     extra = {"batch_size": 64} if args.demo else {}
     # The demo trades some synthetic-image quality for a run of about three minutes on 2 cores.
-    synthetic = {"synthetic_images": args.synthetic_images or (64 if args.demo else None),
-                 "synthetic_steps": args.synthetic_steps or (50 if args.demo else None)}
+    synthetic = {
+        "synthetic_images": args.synthetic_images or (64 if args.demo else None),
+        "synthetic_steps": args.synthetic_steps or (50 if args.demo else None),
+    }
     deployment = LocalDeployment(work, recipe=args.recipe, entity_options={k: v for k, v in synthetic.items() if v})
     plans = [OwnerPlan(f"owner-{i + 1}", data, rate=args.rate, epochs=epochs, extra=extra) for i in range(args.owners)]
     for plan in plans:

@@ -7,6 +7,7 @@
 
     python -m simulations.make_demo_assets [--shared ../shared/data] [--epochs 4]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ They stand in for a data owner's own code: the entity never imports them, it onl
 exported graph. All take ``in_channels`` and ``num_classes`` so the same factory serves
 Fashion-MNIST (1 channel) and CIFAR-style (3 channels) inputs.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Shared fixtures: small exported models, and where the real data lives (if it does)."""
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--update-goldens", action="store_true", default=False,
-                     help="rewrite tests/golden/vectors.json and add this version's bundle and log to tests/golden/compat/")
+    parser.addoption(
+        "--update-goldens",
+        action="store_true",
+        default=False,
+        help="rewrite tests/golden/vectors.json and add this version's bundle and log to tests/golden/compat/",
+    )
+
+
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-
 
 
 @pytest.fixture(scope="module")

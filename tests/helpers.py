@@ -1,4 +1,5 @@
 """Helpers several test modules share: a bounded wait on code that may block, a test Flower app."""
+
 from __future__ import annotations
 
 import os
@@ -14,11 +15,13 @@ import torch
 
 def unblock_fifo(path: Path) -> Callable[[], None]:
     """A callable that gives a reader blocked on the FIFO at ``path`` its EOF."""
+
     def unblock() -> None:
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
         except OSError:
             pass
+
     return unblock
 
 
@@ -43,12 +46,12 @@ def within(seconds: float, fn: Callable[[], Any], unblock: Callable[[], None] | 
     return out
 
 
-def write_flower_app(folder: Path, name: str, *, serverapp: str, clientapp: str, description: str,
-                     publisher: str, config: str = "") -> Path:
+def write_flower_app(folder: Path, name: str, *, serverapp: str, clientapp: str, description: str, publisher: str, config: str = "") -> Path:
     """A minimal Flower app folder (``pyproject.toml`` only; the caller writes the modules).
     ``config``: the ``[tool.flwr.app.config]`` table's lines, if any."""
     folder.mkdir(parents=True)
-    (folder / "pyproject.toml").write_text(textwrap.dedent(f"""
+    (folder / "pyproject.toml").write_text(
+        textwrap.dedent(f"""
         [build-system]
         requires = ["setuptools"]
         build-backend = "setuptools.build_meta"
@@ -63,7 +66,9 @@ def write_flower_app(folder: Path, name: str, *, serverapp: str, clientapp: str,
         [tool.flwr.app.components]
         serverapp = "{serverapp}"
         clientapp = "{clientapp}"
-        """) + (f"[tool.flwr.app.config]\n{config}\n" if config else ""))
+        """)
+        + (f"[tool.flwr.app.config]\n{config}\n" if config else "")
+    )
     return folder
 
 

@@ -11,6 +11,7 @@ so a renamed placeholder cannot silently leave ``@X@`` in the C.
 The files ship as package data (this folder is a package, so ``"*.in"`` in pyproject's
 ``[tool.setuptools.package-data]`` covers it).
 """
+
 from __future__ import annotations
 
 import re

@@ -9,9 +9,9 @@ report (``engine``). The recipes are listed in one table, ``recipes.RECIPES``: `
 least-squares refit, weight-norm rescale). Each owns its settings (``options.RecipeSettings``
 subclasses), which ``PruneConfig.options`` overrides.
 """
+
 from .engine import PruneConfig, PruneResult, prune
 from .options import PruneError, RecipeSettings
 from .recipes import DEFAULT_RECIPE, RECIPES, Recipe, recipe_settings
 
-__all__ = ["DEFAULT_RECIPE", "RECIPES", "PruneConfig", "PruneError", "PruneResult", "Recipe", "RecipeSettings", "prune",
-           "recipe_settings"]
+__all__ = ["DEFAULT_RECIPE", "RECIPES", "PruneConfig", "PruneError", "PruneResult", "Recipe", "RecipeSettings", "prune", "recipe_settings"]

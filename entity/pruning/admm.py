@@ -13,6 +13,7 @@ with rho growing geometrically (1e-4 x10 up to 1e-1), then a hard prune ``W = pr
 What mattered when it was tried here: the already-pruned inputs, BatchNorm frozen, the model's own
 input normalisation on the noise, and Adam (plain SGD at lr 1e-3 barely moves the weights).
 """
+
 from __future__ import annotations
 
 import time
@@ -40,7 +41,7 @@ class RhoSchedule:
     stages: int = 4
 
     def __iter__(self) -> Iterator[float]:
-        return iter(self.start * self.growth ** k for k in range(self.stages))
+        return iter(self.start * self.growth**k for k in range(self.stages))
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,7 @@ class LayerProblem:
 
     def relative_error(self, weight: torch.Tensor) -> float:
         with torch.no_grad():
-            err = sum(float((self.forward(x, weight) - t).pow(2).sum())
-                      for x, t in zip(self.inputs.split(256), self.targets.split(256), strict=True))
+            err = sum(float((self.forward(x, weight) - t).pow(2).sum()) for x, t in zip(self.inputs.split(256), self.targets.split(256), strict=True))
         return (err / max(float(self.targets.pow(2).sum()), 1e-30)) ** 0.5
 
 
@@ -124,8 +124,18 @@ def _optimiser(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.
     return torch.optim.Adam(params, lr=lr)
 
 
-def admm_layer(problem: LayerProblem, weight: torch.Tensor, *, rho: RhoSchedule, iters: int, lr: float,
-               batch_size: int, update_every: int, optimiser: str, gen: torch.Generator) -> torch.Tensor:
+def admm_layer(
+    problem: LayerProblem,
+    weight: torch.Tensor,
+    *,
+    rho: RhoSchedule,
+    iters: int,
+    lr: float,
+    batch_size: int,
+    update_every: int,
+    optimiser: str,
+    gen: torch.Generator,
+) -> torch.Tensor:
     """ADMM for one layer; returns the hard-pruned weight."""
     w = weight.detach().clone().requires_grad_(True)
     z = problem.project(w)
@@ -163,17 +173,37 @@ def run_layer_solver(job: Job, solve: LayerSolver, schedule: RhoSchedule) -> Non
         w = solve(problem, dense_w, schedule, gen)
         mask = pat.project(w.cpu(), job.library, job.keep[layer.key])
         job.apply(layer, mask, w.detach())
-        job.progress({"event": "layer", "layer": layer.key, "index": i, "total": len(job.layers),
-                      "kept": job.keep[layer.key], "kernels": layer.kernels,
-                      "error": f"{problem.relative_error(w):.4f}",
-                      "dense_error": f"{problem.relative_error(dense_w):.4f}",
-                      "seconds": f"{time.perf_counter() - start:.2f}"})
+        job.progress(
+            {
+                "event": "layer",
+                "layer": layer.key,
+                "index": i,
+                "total": len(job.layers),
+                "kept": job.keep[layer.key],
+                "kernels": layer.kernels,
+                "error": f"{problem.relative_error(w):.4f}",
+                "dense_error": f"{problem.relative_error(dense_w):.4f}",
+                "seconds": f"{time.perf_counter() - start:.2f}",
+            }
+        )
 
 
 def run_admm(job: Job) -> None:
     """The recipe: layer by layer in topological order, ADMM then hard prune."""
     opts = job.recipe_settings(AdmmSettings)
     batch_size = job.config.batch_size
-    run_layer_solver(job, lambda problem, dense_w, schedule, gen: admm_layer(
-        problem, dense_w, rho=schedule, iters=opts.admm_iters, lr=opts.admm_lr, batch_size=batch_size,
-        update_every=opts.admm_update_every, optimiser=opts.admm_optimiser, gen=gen), opts.rho)
+    run_layer_solver(
+        job,
+        lambda problem, dense_w, schedule, gen: admm_layer(
+            problem,
+            dense_w,
+            rho=schedule,
+            iters=opts.admm_iters,
+            lr=opts.admm_lr,
+            batch_size=batch_size,
+            update_every=opts.admm_update_every,
+            optimiser=opts.admm_optimiser,
+            gen=gen,
+        ),
+        opts.rho,
+    )

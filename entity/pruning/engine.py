@@ -6,6 +6,7 @@ prunable convs, builds the pattern library and splits the kernel budget exactly;
 bakes the masks in, measures each layer's reconstruction error on synthetic data and writes a
 canonical-JSON-safe report (fractions as strings, never floats).
 """
+
 from __future__ import annotations
 
 import copy
@@ -123,9 +124,15 @@ class Job:
             kind = self.config.synthetic or RECIPES[self.config.recipe].synthetic
             start = time.perf_counter()
             if kind == "bn":
-                x, losses = bn_matched_inputs(self.dense, self.spec, self.config.synthetic_images, self.config.seed,
-                                              steps=self.config.synthetic_steps, device=self.device,
-                                              progress=self.progress)
+                x, losses = bn_matched_inputs(
+                    self.dense,
+                    self.spec,
+                    self.config.synthetic_images,
+                    self.config.seed,
+                    steps=self.config.synthetic_steps,
+                    device=self.device,
+                    progress=self.progress,
+                )
                 self.notes["bn_match_loss"] = f"{max(losses):.4f}" if losses else "none"
             else:
                 x = uniform_inputs(self.spec, self.config.synthetic_images, self.config.seed, self.device)
@@ -170,8 +177,7 @@ def layer_errors(job: Job, x: torch.Tensor) -> dict[str, float]:
     return {layer.key: (sums[_probe(layer)][0] / max(sums[_probe(layer)][1], 1e-30)) ** 0.5 for layer in job.layers}
 
 
-def prepare(program: torch.export.ExportedProgram, spec: InputSpec, config: PruneConfig,
-            progress: Progress | None = None) -> Job:
+def prepare(program: torch.export.ExportedProgram, spec: InputSpec, config: PruneConfig, progress: Progress | None = None) -> Job:
     """Find prunable convs, build the pattern library from the dense weights, split the budget."""
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -199,9 +205,18 @@ def prepare(program: torch.export.ExportedProgram, spec: InputSpec, config: Prun
         raise PruneError(str(exc)) from exc
     library = pat.build_library([get_tensor(dense, lay.key).cpu() for lay in layers], config.patterns)
     work = copy.deepcopy(dense)
-    return Job(config=config, spec=spec, work=work, dense=dense, layers=layers, all_layers=all_layers,
-               keep={lay.key: k for lay, k in zip(layers, counts, strict=True)}, library=library, device=device,
-               progress=progress or (lambda event: None))
+    return Job(
+        config=config,
+        spec=spec,
+        work=work,
+        dense=dense,
+        layers=layers,
+        all_layers=all_layers,
+        keep={lay.key: k for lay, k in zip(layers, counts, strict=True)},
+        library=library,
+        device=device,
+        progress=progress or (lambda event: None),
+    )
 
 
 def finalize(job: Job, program: torch.export.ExportedProgram, started: float) -> PruneResult:
@@ -225,12 +240,17 @@ def finalize(job: Job, program: torch.export.ExportedProgram, started: float) ->
     per_layer = []
     for lay in job.layers:
         lk = int(job.masks[lay.key].sum())
-        per_layer.append({
-            "layer": lay.key, "shape": list(lay.shape), "kernels": lay.kernels,
-            "kept_kernels": int(job.masks[lay.key].any(dim=(2, 3)).sum()),
-            "kept_weights": lk, "rate": _fraction(pat.compression_rate(9 * lay.kernels, lk)),
-            "error": _fraction(errors[lay.key]),
-        })
+        per_layer.append(
+            {
+                "layer": lay.key,
+                "shape": list(lay.shape),
+                "kernels": lay.kernels,
+                "kept_kernels": int(job.masks[lay.key].any(dim=(2, 3)).sum()),
+                "kept_weights": lk,
+                "rate": _fraction(pat.compression_rate(9 * lay.kernels, lk)),
+                "error": _fraction(errors[lay.key]),
+            }
+        )
     report = {
         "recipe": job.config.recipe,
         "recipe_description": RECIPES[job.config.recipe].description,
@@ -251,8 +271,14 @@ def finalize(job: Job, program: torch.export.ExportedProgram, started: float) ->
     return PruneResult(state_dict=state_dict, masks={k: v.clone() for k, v in job.masks.items()}, report=report)
 
 
-def prune(program: torch.export.ExportedProgram, spec: InputSpec, config: PruneConfig,
-          progress: Progress | None = None, *, inputs: torch.Tensor | None = None) -> PruneResult:
+def prune(
+    program: torch.export.ExportedProgram,
+    spec: InputSpec,
+    config: PruneConfig,
+    progress: Progress | None = None,
+    *,
+    inputs: torch.Tensor | None = None,
+) -> PruneResult:
     """Prune every prunable 3x3 conv of ``program`` to ``config.rate`` without any real data.
 
     ``progress`` receives plain dict events (``{"event": "layer", "layer": key, ...}``,
@@ -269,8 +295,7 @@ def prune(program: torch.export.ExportedProgram, spec: InputSpec, config: PruneC
             raise PruneError(f"supplied inputs have shape {tuple(inputs.shape[1:])}, the spec says {spec.shape}")
         job._synthetic = inputs.to(job.device)
         job.notes.update({"synthetic": "supplied", "synthetic_images": int(inputs.shape[0])})
-    job.progress({"event": "start", "recipe": config.recipe, "layers": len(job.layers),
-                  "target_rate": _fraction(config.rate)})
+    job.progress({"event": "start", "recipe": config.recipe, "layers": len(job.layers), "target_rate": _fraction(config.rate)})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         RECIPES[config.recipe].run(job)
@@ -278,6 +303,5 @@ def prune(program: torch.export.ExportedProgram, spec: InputSpec, config: PruneC
     if missing:
         raise PruneError(f"recipe {config.recipe} left layers without a mask: {missing}")
     result = finalize(job, program, started)
-    job.progress({"event": "done", "achieved_rate": result.report["achieved_rate"],
-                  "seconds": result.report["seconds"]})
+    job.progress({"event": "done", "achieved_rate": result.report["achieved_rate"], "seconds": result.report["seconds"]})
     return result

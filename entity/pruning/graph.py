@@ -6,6 +6,7 @@ graph holds ``aten.conv2d`` / ``aten.convolution`` calls reading their weights t
 ``ConvLayer`` facts and runs it while recording chosen intermediate values (the inputs and
 outputs of convolutions, the inputs of batch norms), which is all the layer-wise solvers need.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -121,12 +122,22 @@ def find_convs(gm: fx.GraphModule) -> list[ConvLayer]:
         padding = args.get("padding", 0)
         pad: tuple[int, int] | str = padding if isinstance(padding, str) else _pair(padding, 0)
         bn, relu = _follow(node)
-        layers.append(ConvLayer(
-            index=len(layers), node=node.name, key=key, bias=_attr_key(args.get("bias")),
-            shape=tuple(int(d) for d in weight.shape),  # type: ignore[arg-type]
-            stride=_pair(args.get("stride"), 1), padding=pad, dilation=_pair(args.get("dilation"), 1),
-            groups=int(args.get("groups", 1) or 1), bn=bn, relu=relu, is_stem=not upstream,
-        ))
+        layers.append(
+            ConvLayer(
+                index=len(layers),
+                node=node.name,
+                key=key,
+                bias=_attr_key(args.get("bias")),
+                shape=tuple(int(d) for d in weight.shape),  # type: ignore[arg-type]
+                stride=_pair(args.get("stride"), 1),
+                padding=pad,
+                dilation=_pair(args.get("dilation"), 1),
+                groups=int(args.get("groups", 1) or 1),
+                bn=bn,
+                relu=relu,
+                is_stem=not upstream,
+            )
+        )
     return layers
 
 
@@ -151,8 +162,15 @@ def _follow(node: fx.Node) -> tuple[BatchNormRef | None, bool]:
                 getitems = [g for g in user.users if g.op == "call_function" and g.args[1] == 0]
                 if len(getitems) == 1:
                     tail = getitems[0]
-            bn = BatchNormRef(node=user.name, weight=_attr_key(a[1]), bias=_attr_key(a[2]),
-                              running_mean=mean, running_var=var, eps=float(cast(float, eps)), output=tail.name)
+            bn = BatchNormRef(
+                node=user.name,
+                weight=_attr_key(a[1]),
+                bias=_attr_key(a[2]),
+                running_mean=mean,
+                running_var=var,
+                eps=float(cast(float, eps)),
+                output=tail.name,
+            )
     users = list(tail.users)
     relu = len(users) == 1 and users[0].op == "call_function" and users[0].target in _RELU_OPS
     return bn, relu

@@ -5,6 +5,7 @@ already pruned (fitting on the dense model's activations ignores the error upstr
 introduced and measured far worse here), and targets taken from the dense model on the same
 synthetic images.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,8 +16,9 @@ from torch import fx
 from .graph import ConvLayer, get_tensor, record
 
 
-def pairs(work: fx.GraphModule, dense: fx.GraphModule, layer: ConvLayer, x: torch.Tensor,
-          chunk: int = 128) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def pairs(
+    work: fx.GraphModule, dense: fx.GraphModule, layer: ConvLayer, x: torch.Tensor, chunk: int = 128
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(input of the conv in ``work``, output of the conv in ``dense``) for chunks of ``x``."""
     with torch.no_grad():
         for part in x.split(chunk):
@@ -35,8 +37,7 @@ def tail(model: fx.GraphModule, layer: ConvLayer, y: torch.Tensor) -> torch.Tens
         bn = layer.bn
         weight = get_tensor(model, bn.weight) if bn.weight else None
         bias = get_tensor(model, bn.bias) if bn.bias else None
-        y = torch.nn.functional.batch_norm(y, get_tensor(model, bn.running_mean), get_tensor(model, bn.running_var),
-                                           weight, bias, False, 0.0, bn.eps)
+        y = torch.nn.functional.batch_norm(y, get_tensor(model, bn.running_mean), get_tensor(model, bn.running_var), weight, bias, False, 0.0, bn.eps)
     if layer.relu:
         y = torch.relu(y)
     return y
@@ -46,6 +47,5 @@ def unfold(layer: ConvLayer, x: torch.Tensor) -> torch.Tensor:
     """im2col: rows are output positions, columns the layer's (in-channel, ky, kx) inputs."""
     if isinstance(layer.padding, str):
         raise ValueError("string padding is not supported by the least-squares solver")
-    cols = torch.nn.functional.unfold(x, layer.shape[2:], dilation=layer.dilation, padding=layer.padding,
-                                      stride=layer.stride)
+    cols = torch.nn.functional.unfold(x, layer.shape[2:], dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])

@@ -4,6 +4,7 @@ Each kernel takes the library pattern that keeps most of its energy; each layer 
 largest patterned kernels. It needs no synthetic inputs, so it is also the fastest recipe and
 the one the protocol tests run.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -19,5 +20,6 @@ def run_oneshot(job: Job) -> None:
     for i, layer in enumerate(job.layers):
         weight = job.dense_weight(layer)
         job.apply(layer, pat.project(weight, job.library, job.keep[layer.key]))
-        job.progress({"event": "layer", "layer": layer.key, "index": i, "total": len(job.layers),
-                      "kept": job.keep[layer.key], "kernels": layer.kernels})
+        job.progress(
+            {"event": "layer", "layer": layer.key, "index": i, "total": len(job.layers), "kept": job.keep[layer.key], "kernels": layer.kernels}
+        )

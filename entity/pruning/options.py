@@ -10,6 +10,7 @@ seed, device) stay on ``PruneConfig``.
 ``PruneError`` lives here, not in ``engine``, because the recipes' settings raise it and the
 engine imports the recipes.
 """
+
 from __future__ import annotations
 
 import typing
@@ -50,8 +51,7 @@ class RecipeSettings:
             raise PruneError(f"recipe {recipe!r} has no option {', '.join(map(repr, unknown))}; {has}")
         hints = typing.get_type_hints(cls)
         try:
-            values = {name: check_value(f"recipe {recipe!r} option {name!r}", value, hints[name])
-                      for name, value in options.items()}
+            values = {name: check_value(f"recipe {recipe!r} option {name!r}", value, hints[name]) for name, value in options.items()}
         except TypeError as exc:
             raise PruneError(str(exc)) from None
         return cls(**values)

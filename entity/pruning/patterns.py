@@ -10,6 +10,7 @@ therefore 2.25 (patterns only).
 Everything here is deterministic: ties are broken by position (lowest index wins), never by the
 order a sort happens to return.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -147,8 +148,7 @@ def compression_rate(total_weights: int, kept_weights: int) -> float:
     return total_weights / kept_weights if kept_weights else math.inf
 
 
-def allocate_kernels(kernels: Sequence[int], rate: float, fixed: dict[int, float] | None = None,
-                     weights: Sequence[float] | None = None) -> list[int]:
+def allocate_kernels(kernels: Sequence[int], rate: float, fixed: dict[int, float] | None = None, weights: Sequence[float] | None = None) -> list[int]:
     """Kernels each layer keeps so the rate over all layers is ``rate`` (exact up to one kernel).
 
     ``kernels[i]`` is layer i's kernel count. Layers in ``fixed`` (index -> own rate) get exactly
@@ -170,8 +170,9 @@ def allocate_kernels(kernels: Sequence[int], rate: float, fixed: dict[int, float
     remaining = total_keep - sum(out)
     capacity = sum(kernels[i] for i in free)
     if remaining < len(free) or remaining > capacity:
-        raise RateError(f"rate {rate} cannot be met: {remaining} kernels left for {len(free)} layers holding "
-                        f"{capacity} (every layer keeps at least one kernel)")
+        raise RateError(
+            f"rate {rate} cannot be met: {remaining} kernels left for {len(free)} layers holding {capacity} (every layer keeps at least one kernel)"
+        )
     # Water-filling: proportional shares, capped at each layer's size, at least one kernel.
     cap = {i: kernels[i] for i in free}
     share = {i: 0.0 for i in free}

@@ -7,6 +7,7 @@ are the ones listed here and nowhere else. A recipe is a module with a run funct
 line below. The names are part of the protocol: the offer lists them and the job report names
 the one that ran.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -34,14 +35,14 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "oneshot": Recipe(run_oneshot, RecipeSettings, "uniform",
-                      "magnitude projection onto patterns + connectivity (no data)"),
-    "admm": Recipe(run_admm, AdmmSettings, "uniform",
-                   "the paper: layer-wise ADMM (Adam W-step, magnitude projection, rho 1e-4 x10 to 1e-1) on uniform noise"),
-    "slr": Recipe(run_slr, SlrSettings, "uniform",
-                  "surrogate Lagrangian relaxation (layer-wise, same inputs and projection as admm)"),
-    "refit": Recipe(run_refit, RefitSettings, "bn",
-                    "BN-matched synthetic images, OBS-style pattern/kernel choice, least-squares refit, weight-norm rescale"),
+    "oneshot": Recipe(run_oneshot, RecipeSettings, "uniform", "magnitude projection onto patterns + connectivity (no data)"),
+    "admm": Recipe(
+        run_admm, AdmmSettings, "uniform", "the paper: layer-wise ADMM (Adam W-step, magnitude projection, rho 1e-4 x10 to 1e-1) on uniform noise"
+    ),
+    "slr": Recipe(run_slr, SlrSettings, "uniform", "surrogate Lagrangian relaxation (layer-wise, same inputs and projection as admm)"),
+    "refit": Recipe(
+        run_refit, RefitSettings, "bn", "BN-matched synthetic images, OBS-style pattern/kernel choice, least-squares refit, weight-norm rescale"
+    ),
 }
 
 # The measured winner on benchmarks/results/paper_table.md: BN-matched synthetic images, OBS-style

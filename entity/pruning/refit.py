@@ -14,6 +14,7 @@ Refitted weights come out far larger than the one-shot projection's (1.1-1.7x th
 retrains several times slower and loses its head start; ``rescale`` brings each layer back to the
 one-shot weight norm and adjusts BatchNorm's running statistics so the function is unchanged.
 """
+
 from __future__ import annotations
 
 import time
@@ -83,15 +84,14 @@ def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
     return gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
 
-def obs_costs(stats: LayerStats, shape: tuple[int, int, int, int], library: torch.Tensor,
-              damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+def obs_costs(stats: LayerStats, shape: tuple[int, int, int, int], library: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per kernel: the OBS cost of each library pattern (O, I, P) and of removing the kernel (O, I)."""
     out_ch, in_ch = shape[0], shape[1]
     h = damped(stats.gram, damping)
     hinv = torch.linalg.inv(h)
     w_star = torch.linalg.solve(h, stats.cross).T  # (O, D)
     w = w_star[:, : in_ch * 9].reshape(out_ch, in_ch, 9)
-    blocks = torch.stack([hinv[9 * i: 9 * i + 9, 9 * i: 9 * i + 9] for i in range(in_ch)])  # (I, 9, 9)
+    blocks = torch.stack([hinv[9 * i : 9 * i + 9, 9 * i : 9 * i + 9] for i in range(in_ch)])  # (I, 9, 9)
     lib = library.reshape(library.shape[0], 9).to(w.device)
     removed = torch.stack([(~p).nonzero().flatten() for p in lib])  # (P, 5)
     sub = blocks[:, removed[:, :, None], removed[:, None, :]]  # (I, P, 5, 5)
@@ -102,8 +102,7 @@ def obs_costs(stats: LayerStats, shape: tuple[int, int, int, int], library: torc
     return pattern_cost, kernel_cost
 
 
-def choose_mask(stats: LayerStats, weight: torch.Tensor, library: torch.Tensor, keep: int,
-                damping: float) -> torch.Tensor:
+def choose_mask(stats: LayerStats, weight: torch.Tensor, library: torch.Tensor, keep: int, damping: float) -> torch.Tensor:
     """OBS-style mask: cheapest pattern per kernel, then the kernels dearest to remove."""
     pattern_cost, kernel_cost = obs_costs(stats, tuple(weight.shape), library, damping)  # type: ignore[arg-type]
     pattern = pat.project_patterns(weight.cpu(), library, cost=pattern_cost.float().cpu())
@@ -157,7 +156,7 @@ def write_layer(job: Job, layer: ConvLayer, weight: torch.Tensor, offset: torch.
         if layer.bias is None and offset is not None:
             mean = mean - offset.to(mean.device)
         mean = mean * scale
-        var = (scale ** 2 * (var + bn.eps) - bn.eps).clamp_min(0)
+        var = (scale**2 * (var + bn.eps) - bn.eps).clamp_min(0)
         set_tensor(model, bn.running_mean, mean)
         set_tensor(model, bn.running_var, var)
     set_tensor(model, layer.key, weight.float())
@@ -191,7 +190,7 @@ def sensitivity_allocation(job: Job, x: torch.Tensor) -> dict[str, int]:
     # Candidates beyond each layer's floor, ranked globally (stable: ties to earlier layers).
     cand_scores, cand_layer = [], []
     for lay, gain in zip(free, gains, strict=True):
-        ranked = torch.sort(gain, descending=True, stable=True).values[floors[lay.key]:]
+        ranked = torch.sort(gain, descending=True, stable=True).values[floors[lay.key] :]
         cand_scores.append(ranked)
         cand_layer.append(torch.full((ranked.numel(),), free.index(lay)))
     scores, owner = torch.cat(cand_scores), torch.cat(cand_layer)
@@ -230,6 +229,16 @@ def run_refit(job: Job) -> None:
             scale = float(oneshot.norm()) / norm if norm > 0 else 1.0
         write_layer(job, layer, (w * scale).float(), b, scale)
         job.apply(layer, mask.cpu())
-        job.progress({"event": "layer", "layer": layer.key, "index": i, "total": total, "kept": keep,
-                      "kernels": layer.kernels, "error": f"{err ** 0.5:.4f}", "scale": f"{scale:.3f}",
-                      "seconds": f"{time.perf_counter() - start:.2f}"})
+        job.progress(
+            {
+                "event": "layer",
+                "layer": layer.key,
+                "index": i,
+                "total": total,
+                "kept": keep,
+                "kernels": layer.kernels,
+                "error": f"{err**0.5:.4f}",
+                "scale": f"{scale:.3f}",
+                "seconds": f"{time.perf_counter() - start:.2f}",
+            }
+        )

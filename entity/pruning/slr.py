@@ -6,6 +6,7 @@ step just taken decreased L (the surrogate optimality condition), and by a step 
 by ``alpha_k = 1 - 1 / (M k^(1 - 1/k^r))`` times the ratio of successive constraint violations.
 That is what makes SLR converge where ADMM's fixed steps oscillate at high compression.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,12 +31,23 @@ class SlrSettings(AdmmSettings):
 
 def alpha(k: int, m: float, r: float) -> float:
     """SLR's step-size factor alpha_k = 1 - 1/(M k^(1 - 1/k^r)), k >= 1."""
-    return 1.0 - 1.0 / (m * k ** (1.0 - 1.0 / k ** r))
+    return 1.0 - 1.0 / (m * k ** (1.0 - 1.0 / k**r))
 
 
-def slr_layer(problem: LayerProblem, weight: torch.Tensor, *, rho: RhoSchedule, iters: int, lr: float,
-              batch_size: int, update_every: int, optimiser: str, m: float, r: float,
-              gen: torch.Generator) -> torch.Tensor:
+def slr_layer(
+    problem: LayerProblem,
+    weight: torch.Tensor,
+    *,
+    rho: RhoSchedule,
+    iters: int,
+    lr: float,
+    batch_size: int,
+    update_every: int,
+    optimiser: str,
+    m: float,
+    r: float,
+    gen: torch.Generator,
+) -> torch.Tensor:
     """SLR for one layer; returns the hard-pruned weight."""
     w = weight.detach().clone().requires_grad_(True)
     z = problem.project(w)
@@ -94,7 +106,20 @@ def run_slr(job: Job) -> None:
     """The recipe: layer by layer in topological order, SLR then hard prune."""
     opts = job.recipe_settings(SlrSettings)
     batch_size = job.config.batch_size
-    run_layer_solver(job, lambda problem, dense_w, schedule, gen: slr_layer(
-        problem, dense_w, rho=schedule, iters=opts.admm_iters, lr=opts.admm_lr, batch_size=batch_size,
-        update_every=opts.admm_update_every, optimiser=opts.admm_optimiser, m=opts.slr_m, r=opts.slr_r,
-        gen=gen), opts.rho)
+    run_layer_solver(
+        job,
+        lambda problem, dense_w, schedule, gen: slr_layer(
+            problem,
+            dense_w,
+            rho=schedule,
+            iters=opts.admm_iters,
+            lr=opts.admm_lr,
+            batch_size=batch_size,
+            update_every=opts.admm_update_every,
+            optimiser=opts.admm_optimiser,
+            m=opts.slr_m,
+            r=opts.slr_r,
+            gen=gen,
+        ),
+        opts.rho,
+    )

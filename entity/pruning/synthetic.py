@@ -8,6 +8,7 @@ its inputs looked like on average, and nothing about any single owner image.
 
 Both are deterministic for a seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,10 +68,20 @@ def _tv(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
-def bn_matched_inputs(gm: fx.GraphModule, spec: InputSpec, count: int, seed: int, *, steps: int = 200,
-                      batch_size: int = 128, lr: float = 0.2, tv_weight: float = 0.01, ce_weight: float = 0.0,
-                      device: str | torch.device = "cpu",
-                      progress: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, list[float]]:
+def bn_matched_inputs(
+    gm: fx.GraphModule,
+    spec: InputSpec,
+    count: int,
+    seed: int,
+    *,
+    steps: int = 200,
+    batch_size: int = 128,
+    lr: float = 0.2,
+    tv_weight: float = 0.01,
+    ce_weight: float = 0.0,
+    device: str | torch.device = "cpu",
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[torch.Tensor, list[float]]:
     """ZeroQ-style synthetic inputs whose BatchNorm statistics match the model's running statistics.
 
     Images are optimised with Adam (cosine-decayed learning rate) on
@@ -127,8 +138,7 @@ def bn_matched_inputs(gm: fx.GraphModule, spec: InputSpec, count: int, seed: int
                 x.clamp_(lo, hi)
             loss_value = float(match)
             if progress is not None and (step % 50 == 0 or step == steps - 1):
-                progress({"event": "synthetic", "batch": b, "batches": batches, "step": step, "steps": steps,
-                          "loss": f"{loss_value:.4f}"})
+                progress({"event": "synthetic", "batch": b, "batches": batches, "step": step, "steps": steps, "loss": f"{loss_value:.4f}"})
         out.append(x.detach())
         losses.append(loss_value)
     return torch.cat(out), losses

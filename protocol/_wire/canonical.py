@@ -9,6 +9,7 @@ Decoding refuses arrays and objects nested deeper than ``MAX_DEPTH`` before the 
 depends on the caller's stack), while no blindprune document comes near the limit (a signed
 statement nests 6 levels, an audit record 5, an exported CNN's program 9).
 """
+
 from __future__ import annotations
 
 import json

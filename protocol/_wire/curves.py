@@ -8,6 +8,7 @@
 * X25519: a low-order public key gives an all-zero shared secret; HPKE (RFC 9180) then fails
   inside ``encrypt``. One exchange with a throwaway key detects it up front.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

@@ -4,6 +4,7 @@ The signature covers ``PAE(payloadType, payload)``, so the payload type cannot b
 payload is verified as bytes before it is parsed. The envelope itself is canonical JSON, so an
 envelope embedded in an audit record re-serialises to exactly the bytes that were received.
 """
+
 from __future__ import annotations
 
 import base64
@@ -14,8 +15,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import canonical
 from ..errors import SignatureError
+from . import canonical
 
 INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024

@@ -6,6 +6,7 @@ bits are ``numpy.packbits`` (big bit order) of its flattened 0/1 values. Padding
 and the sections must tile the data exactly, so one mask has exactly one encoding (nothing can
 ride along in spare bits). ``unpack_masks`` returns ``torch.bool`` tensors.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,7 @@ def unpack_masks(data: bytes) -> dict[str, torch.Tensor]:
     except canonical.CanonicalJSONError as exc:
         raise MaskError(f"packed mask header malformed: {exc}") from exc
     if not isinstance(header, dict) or set(header) != {"tensors"} or not isinstance(header["tensors"], list):
-        raise MaskError("packed mask header must be {\"tensors\": [...]}")
+        raise MaskError('packed mask header must be {"tensors": [...]}')
     body = memoryview(data)[start + n :]
     out: dict[str, torch.Tensor] = {}
     cursor = 0
@@ -88,5 +89,3 @@ def unpack_masks(data: bytes) -> dict[str, torch.Tensor]:
     if cursor != len(body):
         raise MaskError(f"{len(body) - cursor} trailing bytes after the last mask")
     return out
-
-

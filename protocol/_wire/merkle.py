@@ -6,6 +6,7 @@ perfect subtrees along the right edge (at most log2 n hashes), so appending is O
 root of every prefix is available as the log grows: that is how checkpoints are checked in one
 pass over a log.
 """
+
 from __future__ import annotations
 
 import hashlib

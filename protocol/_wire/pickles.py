@@ -16,16 +16,17 @@ with the pickle magic (a 640-byte header is ``80 02 00 ...``): the bytes are ref
 do not parse as safetensors, or if they also read as a pickle past the length field (a
 safetensors/pickle polyglot).
 """
+
 from __future__ import annotations
 
 import io
 import pickletools
 import zipfile
-from typing import IO
 from dataclasses import dataclass
+from typing import IO
 
-from .safetensors import parse_header
 from ..errors import ArtifactError
+from .safetensors import parse_header
 
 _PICKLE_SUFFIXES = (".pkl", ".pickle")
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -117,10 +118,12 @@ class _Scan:
     def _inflate(self, entry: str, info: zipfile.ZipInfo, head: bytes, handle: IO[bytes]) -> bytes:
         """A nested archive's bytes, refused before or while inflating once a bound is crossed."""
         if info.file_size > self.limits.max_ratio * max(info.compress_size, 1):
-            raise ArtifactError(f"{entry}: nested archive claims more than {self.limits.max_ratio}x compression "
-                                "(a zip bomb); send the files uncompressed")
-        too_much = ArtifactError(f"{entry}: nested archives inflate past the scan's limit of "
-                                 f"{self.limits.max_inflated} bytes; send the files uncompressed and unnested")
+            raise ArtifactError(
+                f"{entry}: nested archive claims more than {self.limits.max_ratio}x compression (a zip bomb); send the files uncompressed"
+            )
+        too_much = ArtifactError(
+            f"{entry}: nested archives inflate past the scan's limit of {self.limits.max_inflated} bytes; send the files uncompressed and unnested"
+        )
         if info.file_size > self.budget:
             raise too_much
         chunks, size = [head], len(head)

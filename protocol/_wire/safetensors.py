@@ -5,6 +5,7 @@ Used on received and outbound bytes before anything else reads them: the header 
 bounds, match its dtype and shape, and the ranges must tile the data section exactly (no gaps, no
 overlap, no trailing bytes: nowhere to hide a side channel).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,18 +15,29 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .canonical import JSONDepthError, check_depth
 from ..errors import ArtifactError
+from .canonical import JSONDepthError, check_depth
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TENSORS = 100_000
 MAX_RANK = 8
 
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"}
 
@@ -94,11 +106,7 @@ def parse_header(data: bytes | memoryview, *, what: str = "safetensors file", ma
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in DTYPE_SIZES:
             raise ArtifactError(f"{what}: tensor {name!r} has unknown dtype {dtype!r}")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > MAX_RANK
-            or not all(type(d) is int and 0 <= d < 2**40 for d in shape)
-        ):
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
             raise ArtifactError(f"{what}: tensor {name!r} has a malformed shape")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
             raise ArtifactError(f"{what}: tensor {name!r} has malformed data_offsets")

@@ -1,4 +1,5 @@
 """The aarch64 NEON build, run under qemu-aarch64, agrees with PyTorch."""
+
 from __future__ import annotations
 
 import re
@@ -53,8 +54,9 @@ def test_neon_inner_loops_use_vector_fma(tmp_path):
     masks = fixtures.prune_model(model, 6.0)
     gen = generate(lower(export(model, (8, 16, 16)), masks), AARCH64_NEON)
     build.write_files(gen.files, tmp_path)
-    asm = subprocess.run([AARCH64_NEON.cc, *AARCH64_NEON.cflags, "-S", "-o", "-", "bp_model.c"], cwd=tmp_path,
-                         capture_output=True, text=True, check=True).stdout
+    asm = subprocess.run(
+        [AARCH64_NEON.cc, *AARCH64_NEON.cflags, "-S", "-o", "-", "bp_model.c"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
     assert re.search(r"\bfmla\s+v\d+\.4s", asm)
 
 

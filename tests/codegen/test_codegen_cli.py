@@ -1,4 +1,5 @@
 """python -m codegen: model directory in, C library out; one-line errors."""
+
 from __future__ import annotations
 
 import shutil
@@ -25,9 +26,17 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> tuple[Path, nn.Module]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    ).eval()
     fixtures.randomize_batchnorm(model)
     masks = fixtures.prune_model(model, 6.0)
     path = tmp_path_factory.mktemp("final")
@@ -48,8 +57,7 @@ def test_cli_writes_a_library_that_make_builds_and_matches_pytorch(model_dir, tm
     subprocess.run(["make", "-s", "clean", "all"], cwd=out, check=True, capture_output=True)
     x = torch.randn(3, 1, 12, 12)
     (tmp_path / "in.bin").write_bytes(x.numpy().astype("<f4").tobytes())
-    subprocess.run([str(out / "bp_main"), str(out / "weights.bin"), str(tmp_path / "in.bin"), str(tmp_path / "o.bin")],
-                   check=True)
+    subprocess.run([str(out / "bp_main"), str(out / "weights.bin"), str(tmp_path / "in.bin"), str(tmp_path / "o.bin")], check=True)
     got = np.frombuffer((tmp_path / "o.bin").read_bytes(), dtype="<f4").reshape(3, 4)
     with torch.no_grad():
         ref = model(x).numpy()
@@ -63,8 +71,7 @@ def test_harness_refuses_a_weight_file_of_another_model(model_dir, tmp_path):
     assert _cli(str(path), "--target", "host", "--out", str(a), "--build").returncode == 0
     assert _cli(str(path), "--target", "host", "--out", str(b), "--no-compact").returncode == 0
     (tmp_path / "in.bin").write_bytes(np.zeros(144, "<f4").tobytes())
-    proc = subprocess.run([str(a / "bp_main"), str(b / "weights.bin"), str(tmp_path / "in.bin"), str(tmp_path / "o")],
-                          capture_output=True, text=True)
+    proc = subprocess.run([str(a / "bp_main"), str(b / "weights.bin"), str(tmp_path / "in.bin"), str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 1 and "another model" in proc.stderr
 
 

@@ -1,4 +1,5 @@
 """Generated host C vs PyTorch: every supported op, whole models, several compression rates."""
+
 from __future__ import annotations
 
 import shutil
@@ -115,7 +116,7 @@ def _adversarial_masks(model: nn.Module) -> dict[str, torch.Tensor]:
             ids = torch.randint(0, 8, (cout, cin), generator=g)
             mask = library[ids].reshape(cout, cin, 3, 3).clone()
             mask &= torch.rand(cout, cin, generator=g)[:, :, None, None] < 0.5
-            mask[0] = False                       # empty filter
+            mask[0] = False  # empty filter
             mask[1] = False
             mask[1, 2] = library[5].reshape(3, 3)  # a filter with a single kernel
             mask[2, 0] = torch.tensor([[0, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)
@@ -151,8 +152,7 @@ def test_rare_patterns_beyond_the_cap_are_widened_exactly(tmp_path):
     assert result.generated.layers[0].patterns <= Options().max_patterns
 
 
-@pytest.mark.parametrize("reorder,compact,lre", [(False, False, False), (True, False, False),
-                                                 (False, True, True), (True, True, False)])
+@pytest.mark.parametrize("reorder,compact,lre", [(False, False, False), (True, False, False), (False, True, True), (True, True, False)])
 def test_optimisation_switches_keep_results_exact(tmp_path, reorder, compact, lre):
     from simulations.models import resnet20
 
@@ -169,7 +169,7 @@ def test_batch_of_one_and_many_agree(tmp_path):
     result = verify(export(model, (4, 8, 8)), masks, HOST, tmp_path, n=1)
     x = torch.randn(5, 4, 8, 8)
     many, _ = build.run_harness(tmp_path, HOST, x.numpy(), result.generated.out_shape)
-    ones = [build.run_harness(tmp_path, HOST, x[i:i + 1].numpy(), result.generated.out_shape)[0] for i in range(5)]
+    ones = [build.run_harness(tmp_path, HOST, x[i : i + 1].numpy(), result.generated.out_shape)[0] for i in range(5)]
     assert (many == torch.cat([torch.from_numpy(o) for o in ones]).numpy()).all()
     with torch.no_grad():
         assert abs(many - model(x).numpy()).max() <= TOL * abs(model(x).numpy()).max()
@@ -193,9 +193,9 @@ def test_input_channel_blocks_with_late_first_kernels_and_empty_blocks_match_pyt
     masks = fixtures.prune_model(model, 6.0)
     for key in ("c1.weight", "c2.weight"):
         m = masks[key]
-        m[0, :40] = False   # first kernels only in a late block
-        m[1] = False        # no kernel at all: bias and epilogue only
-        m[2, 8:] = False    # kernels only in the first block
+        m[0, :40] = False  # first kernels only in a late block
+        m[1] = False  # no kernel at all: bias and epilogue only
+        m[2, 8:] = False  # kernels only in the first block
         m[3, 10:50] = False  # empty middle blocks
         with torch.no_grad():
             dict(model.named_parameters())[key].mul_(m)

@@ -1,4 +1,5 @@
 """Lowering, pattern analysis and compact storage (no compiler needed)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,19 +24,17 @@ def test_batchnorm_is_folded_and_relu_fused():
     assert isinstance(conv, Conv) and conv.relu
     bn = model[1]
     scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
-    np.testing.assert_allclose(conv.weight, model[0].weight.detach().double().numpy() * scale[:, None, None, None],
-                               rtol=1e-6)
-    np.testing.assert_allclose(conv.bias, (bn.bias.detach().double().numpy()
-                                           - bn.running_mean.double().numpy() * scale), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(conv.weight, model[0].weight.detach().double().numpy() * scale[:, None, None, None], rtol=1e-6)
+    np.testing.assert_allclose(conv.bias, (bn.bias.detach().double().numpy() - bn.running_mean.double().numpy() * scale), rtol=1e-6, atol=1e-9)
 
 
 def test_residual_add_is_fused_into_the_later_conv():
     from simulations.models import resnet20
 
     graph = lower(export(resnet20(), (1, 16, 16)))
-    convs = [l for l in graph.layers if isinstance(l, Conv)]
+    convs = [layer for layer in graph.layers if isinstance(layer, Conv)]
     assert sum(c.residual is not None for c in convs) == 9
-    assert not any(isinstance(l, Add) for l in graph.layers)
+    assert not any(isinstance(layer, Add) for layer in graph.layers)
     assert isinstance(graph.layers[-1], Linear)
 
 
@@ -45,8 +44,8 @@ def test_decomposed_program_lowers_to_the_same_layers():
     program = export(resnet20(), (1, 16, 16))
     a = lower(program)
     b = lower(program.run_decompositions())
-    assert [type(l).__name__ for l in a.layers] == [type(l).__name__ for l in b.layers]
-    for la, lb in zip(a.layers, b.layers):
+    assert [type(layer).__name__ for layer in a.layers] == [type(layer).__name__ for layer in b.layers]
+    for la, lb in zip(a.layers, b.layers, strict=False):
         if isinstance(la, Conv):
             np.testing.assert_allclose(la.weight, lb.weight)
             assert (la.relu, la.residual is None, la.stride) == (lb.relu, lb.residual is None, lb.stride)
@@ -96,7 +95,7 @@ def test_pattern_cap_widens_rare_patterns_to_full_kernel():
     mask = rng.random((16, 16, 3, 3)) < 0.5
     ps = kernel_patterns(mask, max_patterns=6)
     assert len(ps.patterns) == 6 and tuple(range(9)) in ps.patterns
-    for o, i in zip(*np.nonzero(ps.ids >= 0)):
+    for o, i in zip(*np.nonzero(ps.ids >= 0), strict=True):
         assert set(np.flatnonzero(mask[o, i])) <= set(ps.patterns[ps.ids[o, i]])
 
 
@@ -122,8 +121,7 @@ def test_packing_keeps_every_kernel_and_groups_by_pattern(reorder):
                     for _ in range(sw.counts[b, f, p]):
                         c = sw.kci[k]
                         assert ps.ids[sw.perm[f], c] == p and b * 4 <= c < b * 4 + 4
-                        np.testing.assert_allclose(sw.weights[4 * k:4 * k + 4],
-                                                   w[sw.perm[f], c].reshape(9)[list(ps.patterns[p])], rtol=1e-6)
+                        np.testing.assert_allclose(sw.weights[4 * k : 4 * k + 4], w[sw.perm[f], c].reshape(9)[list(ps.patterns[p])], rtol=1e-6)
                         k += 1
 
 

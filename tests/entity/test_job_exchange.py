@@ -1,4 +1,5 @@
 """The owner/entity exchange without Flower: offer -> sealed request -> prune -> sealed result."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from protocol.errors import AdmissionError, ProtocolError, ReplayError
 from protocol.keys import init_identity
 from protocol.replay import NonceStore
 from protocol.spec import InputSpec, PruneRequest
-
 from tests.helpers import export_eval
 
 SPEC = InputSpec((1, 28, 28), (0.286,), (0.353,))
@@ -27,8 +27,9 @@ def parties(tmp_path):
     entity = init_identity(tmp_path / "entity", "entity", name="entity")
     owner = init_identity(tmp_path / "owner", "owner", name="owner")
     registry = {owner.card.fingerprint: owner.card}
-    jobs = EntityJobs(entity, lambda: registry, NonceStore(tmp_path / "nonces.jsonl"),
-                      EventLog(tmp_path / "events.jsonl"), EntitySettings(recipe="oneshot"))
+    jobs = EntityJobs(
+        entity, lambda: registry, NonceStore(tmp_path / "nonces.jsonl"), EventLog(tmp_path / "events.jsonl"), EntitySettings(recipe="oneshot")
+    )
     program = export_eval(small_vgg())
     audit = AuditLog.open(tmp_path / "audit.jsonl", owner)
     session = OwnerSession(owner, entity.card, program, SPEC, PruneRequest(8.0), audit)
@@ -130,8 +131,7 @@ def test_restarted_owner_refuses_an_offer_it_already_answered(parties, tmp_path)
     store = tmp_path / "seen.jsonl"
     session.nonces = NonceStore(store)
     session.answer_offer(offer.blob, None)
-    restarted = OwnerSession(session.identity, session.entity_card, session.program, SPEC, PruneRequest(8.0),
-                             session.audit, nonces=NonceStore(store))
+    restarted = OwnerSession(session.identity, session.entity_card, session.program, SPEC, PruneRequest(8.0), session.audit, nonces=NonceStore(store))
     with pytest.raises(SessionError, match="replay"):
         restarted.answer_offer(offer.blob, None)
 
@@ -151,8 +151,9 @@ def test_default_recipe_runs_through_the_job_with_progress_events(parties):
     events = []
     offer = jobs.make_offer(node_id=1)
     request = session.answer_offer(offer.blob, None)
-    result, summary = jobs.prune(offer, jobs.open_request(offer, request), request,
-                                 lambda e: jobs.events.write("pruning", {**e, "phase": e.get("event")}) or events.append(e))
+    result, summary = jobs.prune(
+        offer, jobs.open_request(offer, request), request, lambda e: jobs.events.write("pruning", {**e, "phase": e.get("event")}) or events.append(e)
+    )
     assert summary["recipe"] == PruneConfig.__dataclass_fields__["recipe"].default
     assert events and all("event" in e for e in events)
     logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
@@ -166,8 +167,13 @@ def test_operator_settings_reach_the_pruning_process(parties, monkeypatch):
     from entity.sandbox import GiB, PruningRefused, SandboxLimits
 
     jobs, session, _, _ = parties
-    jobs.settings = EntitySettings(recipe="admm", synthetic_images=16, prune_memory_gib=3, prune_timeout=90,
-                                   recipe_options={"admm": {"admm_iters": 5}, "refit": {"damping": 0.1}})
+    jobs.settings = EntitySettings(
+        recipe="admm",
+        synthetic_images=16,
+        prune_memory_gib=3,
+        prune_timeout=90,
+        recipe_options={"admm": {"admm_iters": 5}, "refit": {"damping": 0.1}},
+    )
     seen: dict = {}
 
     def no_child(files, spec_json, config, progress, limits):

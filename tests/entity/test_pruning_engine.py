@@ -1,4 +1,5 @@
 """prune(): the interface the entity's flow calls, on tiny exported models."""
+
 from __future__ import annotations
 
 import pytest
@@ -124,14 +125,21 @@ def test_each_recipe_owns_its_settings_merged_over_its_defaults():
     from entity.pruning.slr import SlrSettings
 
     assert {name: recipe.settings for name, recipe in RECIPES.items()} == {
-        "oneshot": RecipeSettings, "admm": AdmmSettings, "slr": SlrSettings, "refit": RefitSettings}
+        "oneshot": RecipeSettings,
+        "admm": AdmmSettings,
+        "slr": SlrSettings,
+        "refit": RefitSettings,
+    }
     config = PruneConfig(rate=8.0, recipe="admm", options={"admm_iters": 7, "rho_stages": 2})
     assert config.settings == AdmmSettings(admm_iters=7, rho_stages=2)
     assert list(config.settings.rho) == [1e-4, 1e-3]
     assert PruneConfig(rate=8.0, recipe="refit").settings == RefitSettings()
     # SLR takes ADMM's options as well as its own.
     assert PruneConfig(rate=8.0, recipe="slr", options={"admm_lr": 0.1, "slr_m": 50.0}).settings.to_json() == {
-        **AdmmSettings(admm_lr=0.1).to_json(), "slr_m": 50.0, "slr_r": 0.1}
+        **AdmmSettings(admm_lr=0.1).to_json(),
+        "slr_m": 50.0,
+        "slr_r": 0.1,
+    }
 
 
 def test_an_unknown_recipe_option_is_refused_naming_the_known_ones():

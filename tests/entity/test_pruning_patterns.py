@@ -1,4 +1,5 @@
 """Pattern library, projections and exact rate allocation (pure tensor functions)."""
+
 from __future__ import annotations
 
 import pytest
@@ -79,13 +80,12 @@ def test_rate_below_pattern_only_is_refused():
 
 
 @settings(max_examples=60, deadline=None)
-@given(kernels=st.lists(st.integers(1, 5000), min_size=1, max_size=12),
-       rate=st.floats(2.25, 40.0))
+@given(kernels=st.lists(st.integers(1, 5000), min_size=1, max_size=12), rate=st.floats(2.25, 40.0))
 def test_allocation_hits_the_global_rate_exactly(kernels, rate):
     assume(pat.kept_kernels_for_rate(sum(kernels), rate) >= len(kernels))
     out = pat.allocate_kernels(kernels, rate)
     assert sum(out) == pat.kept_kernels_for_rate(sum(kernels), rate)
-    assert all(1 <= k <= n for k, n in zip(out, kernels))
+    assert all(1 <= k <= n for k, n in zip(out, kernels, strict=False))
 
 
 def test_allocation_respects_pinned_layer_rates():
@@ -101,5 +101,5 @@ def test_allocation_respects_pinned_layer_rates():
 
 def test_uniform_allocation_gives_every_layer_the_same_rate():
     out = pat.allocate_kernels([256, 512, 1024], 8.0)
-    rates = [9 * n / (4 * k) for n, k in zip([256, 512, 1024], out)]
+    rates = [9 * n / (4 * k) for n, k in zip([256, 512, 1024], out, strict=False)]
     assert max(rates) - min(rates) < 0.2

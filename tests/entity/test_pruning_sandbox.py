@@ -3,6 +3,7 @@
 Each test that starts a child pays its start-up (importing torch: a few seconds), so the models
 are tiny and the recipe is one-shot.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,6 @@ from protocol.errors import ArtifactError
 from protocol.keys import init_identity
 from protocol.replay import NonceStore
 from protocol.spec import InputSpec, PruneRequest
-
 from tests.helpers import export_eval
 
 SPEC = InputSpec((1, 12, 12), (0.5,), (0.25,))
@@ -35,10 +35,15 @@ ONESHOT = {"rate": 4.0, "recipe": "oneshot"}
 def _model(flat: bool = False) -> torch.nn.Module:
     """Two 3x3 convs (the second prunable) and a head: pooled, or flattened (fixes the input size)."""
     torch.manual_seed(0)
-    head = [torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 3)] if flat else \
-        [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)]
+    head = (
+        [torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 3)] if flat else [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)]
+    )
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), *head,
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        *head,
     ).eval()
 
 
@@ -145,10 +150,12 @@ def job(tmp_path):
     entity = init_identity(tmp_path / "entity", "entity", name="entity")
     owner = init_identity(tmp_path / "owner", "owner", name="owner")
     registry = {owner.card.fingerprint: owner.card}
-    jobs = EntityJobs(entity, lambda: registry, NonceStore(tmp_path / "nonces.jsonl"),
-                      EventLog(tmp_path / "events.jsonl"), EntitySettings(recipe="oneshot"))
-    session = OwnerSession(owner, entity.card, export_eval(_model(flat=True), (1, 12, 12)), SPEC, PruneRequest(4.0),
-                           AuditLog.open(tmp_path / "audit.jsonl", owner))
+    jobs = EntityJobs(
+        entity, lambda: registry, NonceStore(tmp_path / "nonces.jsonl"), EventLog(tmp_path / "events.jsonl"), EntitySettings(recipe="oneshot")
+    )
+    session = OwnerSession(
+        owner, entity.card, export_eval(_model(flat=True), (1, 12, 12)), SPEC, PruneRequest(4.0), AuditLog.open(tmp_path / "audit.jsonl", owner)
+    )
     offer = jobs.make_offer(node_id=1)
     request = session.answer_offer(offer.blob, None)
     return jobs, offer, jobs.open_request(offer, request), request, tmp_path

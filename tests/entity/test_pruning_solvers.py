@@ -1,4 +1,5 @@
 """Layer-wise solvers (least-squares refit, ADMM, SLR) and synthetic inputs on tiny models."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(cin: int = 8, cout: int = 6) -> ConvLayer:
-    return ConvLayer(index=0, node="conv", key="w", bias=None, shape=(cout, cin, 3, 3), stride=(1, 1),
-                     padding=(1, 1), dilation=(1, 1), groups=1, bn=None, relu=False, is_stem=False)
+    return ConvLayer(
+        index=0,
+        node="conv",
+        key="w",
+        bias=None,
+        shape=(cout, cin, 3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        groups=1,
+        bn=None,
+        relu=False,
+        is_stem=False,
+    )
 
 
 def _data(cin: int = 8, cout: int = 6, n: int = 24, seed: int = 0):
@@ -84,8 +97,9 @@ def _problem(seed: int = 3) -> tuple[LayerProblem, torch.Tensor]:
 def test_admm_and_slr_reduce_the_layer_error_below_projection(solver):
     problem, w = _problem()
     baseline = problem.relative_error(problem.project(w))
-    kwargs = dict(rho=RhoSchedule(1e-2, 10.0, 3), iters=100, lr=1e-2, batch_size=8, update_every=10,
-                  optimiser="adam", gen=torch.Generator().manual_seed(0))
+    kwargs = dict(
+        rho=RhoSchedule(1e-2, 10.0, 3), iters=100, lr=1e-2, batch_size=8, update_every=10, optimiser="adam", gen=torch.Generator().manual_seed(0)
+    )
     if solver == "admm":
         out = admm_layer(problem, w, **kwargs)
     else:
@@ -136,8 +150,7 @@ def test_bn_matching_lowers_the_statistics_mismatch(program):
 
 FAST = dict(synthetic_images=16, synthetic_steps=5, eval_images=8)
 # Each recipe's own settings, shortened (refit has no iterations to cut).
-FAST_OPTIONS: dict[str, dict] = {"refit": {}, "admm": {"admm_iters": 10, "rho_stages": 2},
-                                 "slr": {"admm_iters": 10, "rho_stages": 2}}
+FAST_OPTIONS: dict[str, dict] = {"refit": {}, "admm": {"admm_iters": 10, "rho_stages": 2}, "slr": {"admm_iters": 10, "rho_stages": 2}}
 
 
 @pytest.mark.parametrize("recipe", ["refit", "admm", "slr"])

@@ -4,6 +4,7 @@ A fake Grid (the three calls the loop makes, over in-memory queues, failing on d
 real flwr Messages between the loop and a scripted owner; the entity side is a real
 ``EntityJobs`` with keys from ``init_identity``, so requests are opened and checked for real.
 """
+
 from __future__ import annotations
 
 import io
@@ -102,8 +103,9 @@ class World:
     def jobs(self) -> EntityJobs:
         home = Path(tempfile.mkdtemp(dir=self.root))
         registry = {self.owner.card.fingerprint: self.owner.card}
-        return EntityJobs(self.entity, lambda: registry, NonceStore(home / "nonces.jsonl"), EventLog(home / "events.jsonl"),
-                          EntitySettings(recipe="oneshot"))
+        return EntityJobs(
+            self.entity, lambda: registry, NonceStore(home / "nonces.jsonl"), EventLog(home / "events.jsonl"), EntitySettings(recipe="oneshot")
+        )
 
     def loop(self, nodes: list[int], jobs: EntityJobs | None = None) -> tuple[JobLoop, FakeGrid]:
         grid = FakeGrid(nodes)
@@ -121,8 +123,7 @@ class World:
         if request_json is None:
             request_json = canonical.dumps(valid_request(job_id, nonce))
         bundle = {"request.json": request_json, "program.json": b"{}", "weights.safetensors": WEIGHTS, **(files or {})}
-        return seal_bundle(bundle, kind=REQUEST_KIND, job_id=job_id, request_hash=digest(blob),
-                           sender=self.owner, recipient=self.entity.card)
+        return seal_bundle(bundle, kind=REQUEST_KIND, job_id=job_id, request_hash=digest(blob), sender=self.owner, recipient=self.entity.card)
 
 
 def valid_request(job_id: str, nonce: str) -> dict:
@@ -202,7 +203,8 @@ HOSTILE_REQUESTS = {
     "a float": lambda job, nonce: canonical.dumps(valid_request(job, nonce))[:-1] + b',"rate":8.5}',
     "nested 10000 deep": lambda job, nonce: b"[" * 10000 + b"]" * 10000,
     "nested 10000 deep in a field": lambda job, nonce: canonical.dumps(valid_request(job, nonce)).replace(
-        b'"prune":', b'"prune":' + b'{"a":' * 10000 + b"1" + b"}" * 10000 + b',"x":'),
+        b'"prune":', b'"prune":' + b'{"a":' * 10000 + b"1" + b"}" * 10000 + b',"x":'
+    ),
     "a string job id of the wrong type": lambda job, nonce: canonical.dumps({**valid_request(job, nonce), "job_id": 7}),
     "prune as a list": lambda job, nonce: canonical.dumps({**valid_request(job, nonce), "prune": ["8"]}),
     "a missing input spec": lambda job, nonce: canonical.dumps({k: v for k, v in valid_request(job, nonce).items() if k != "input_spec"}),
@@ -243,8 +245,14 @@ def test_open_request_without_a_program_is_a_job_error(world: World) -> None:
     offer = jobs.make_offer(node_id=1)
     message = Message(pack({"job_id": offer.job_id}, offer.blob), dst_node_id=1, message_type=OFFER)
     job_id, nonce, blob = world.offer_of(message)
-    sealed = seal_bundle({"request.json": canonical.dumps(valid_request(job_id, nonce))}, kind=REQUEST_KIND, job_id=job_id,
-                         request_hash=digest(blob), sender=world.owner, recipient=world.entity.card)
+    sealed = seal_bundle(
+        {"request.json": canonical.dumps(valid_request(job_id, nonce))},
+        kind=REQUEST_KIND,
+        job_id=job_id,
+        request_hash=digest(blob),
+        sender=world.owner,
+        recipient=world.entity.card,
+    )
     with pytest.raises(JobError, match="lacks program.json, weights.safetensors"):
         jobs.open_request(offer, sealed)
 
@@ -295,8 +303,17 @@ def test_reply_with_error_to_an_offer_finishes_the_job(world: World) -> None:
 def test_reply_to_an_unknown_message_id_is_logged_as_stray_and_the_job_stays_open(world: World) -> None:
     loop, grid = world.loop([7])
     loop.step()
-    metadata = Metadata(run_id=0, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id="msg-unknown",
-                        group_id="", created_at=time.time(), ttl=60.0, message_type=OFFER)
+    metadata = Metadata(
+        run_id=0,
+        message_id="",
+        src_node_id=7,
+        dst_node_id=0,
+        reply_to_message_id="msg-unknown",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=OFFER,
+    )
     grid.inbox.append(Message(metadata=metadata, content=pack({"status": "declined"})))
     loop.step()
     assert any(e["event"] == "stray-reply" for e in events(loop))
@@ -400,16 +417,16 @@ def test_payload_array_image_round_trips_as_flower_writes_it() -> None:
     assert blob_of(content) == b"0123456789"
 
 
-@pytest.mark.parametrize(("claim", "error"), [(10**9, "length does not match"), (9, "length does not match"),
-                                              (11, "length does not match"), (10**13, "exceeds the")])
+@pytest.mark.parametrize(
+    ("claim", "error"), [(10**9, "length does not match"), (9, "length does not match"), (11, "length does not match"), (10**13, "exceeds the")]
+)
 def test_payload_whose_array_header_lies_about_its_length_is_a_record_error(claim: int, error: str) -> None:
     lying = Array(dtype="uint8", shape=(10,), stype="numpy.ndarray", data=_npy((claim,), b"0123456789"))
     with pytest.raises(RecordError, match=error):
         blob_of(RecordDict({"payload": ArrayRecord({"sealed": lying})}))
 
 
-@pytest.mark.parametrize("data", [b"abc", _npy((10,), b"0123456789", descr="<f8"), _npy((2, 5), b"0123456789"),
-                                  b"\x93NUMPY\x03\x00" + b"\x00" * 20])
+@pytest.mark.parametrize("data", [b"abc", _npy((10,), b"0123456789", descr="<f8"), _npy((2, 5), b"0123456789"), b"\x93NUMPY\x03\x00" + b"\x00" * 20])
 def test_payload_that_is_not_a_flat_byte_array_image_is_a_record_error(data: bytes) -> None:
     array = Array(dtype="uint8", shape=(10,), stype="numpy.ndarray", data=data)
     with pytest.raises(RecordError, match="sealed payload is not"):
@@ -435,15 +452,26 @@ def test_honest_job_through_the_loop_is_delivered_and_finished(world: World, sma
     audit.close()
     assert [facts_of(m.content)["outcome"] for m in grid.of_type(FINISH)] == ["delivered"]
     assert [e["event"] for e in events(loop) if e["event"] in {"admitted", "pruned", "delivered", "finished"}] == [
-        "admitted", "pruned", "delivered", "finished"]
+        "admitted",
+        "pruned",
+        "delivered",
+        "finished",
+    ]
 
 
 # ------------------------------------------------------------------------------------- the fuzz
 
 _CONFIG_VALUES = st.one_of(
-    st.integers(min_value=-(2**70), max_value=2**70), st.floats(), st.text(max_size=12), st.binary(max_size=48), st.booleans(),
-    st.lists(st.integers(-3, 3), max_size=3), st.lists(st.floats(), max_size=3), st.lists(st.text(max_size=4), max_size=3),
-    st.lists(st.binary(max_size=8), max_size=3), st.lists(st.booleans(), max_size=3),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(),
+    st.text(max_size=12),
+    st.binary(max_size=48),
+    st.booleans(),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.lists(st.floats(), max_size=3),
+    st.lists(st.text(max_size=4), max_size=3),
+    st.lists(st.binary(max_size=8), max_size=3),
+    st.lists(st.booleans(), max_size=3),
 )
 _FACT_KEYS = st.one_of(st.sampled_from(["status", "reason", "checkpoint", "job_id", "owner"]), st.text(min_size=1, max_size=6))
 _CONFIGS = st.dictionaries(_FACT_KEYS, _CONFIG_VALUES, max_size=4).map(ConfigRecord)
@@ -455,9 +483,11 @@ _ARRAYS = st.one_of(
 )
 _METRICS = st.dictionaries(st.text(min_size=1, max_size=4), st.integers(-5, 5), max_size=2).map(MetricRecord)
 _RECORDS = st.dictionaries(st.sampled_from(["facts", "payload", "extra"]), st.one_of(_CONFIGS, _ARRAYS, _METRICS), max_size=3).map(RecordDict)
-_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=6)),
-                     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
-                     max_leaves=8)
+_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=6)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    max_leaves=8,
+)
 
 
 def _request_json(draw, job_id: str, nonce: str) -> bytes:
@@ -482,9 +512,17 @@ def _owner_reply(draw, world: World, grid: FakeGrid, message_id: str, message: M
         return
     if choice == "stray":
         reply_to = draw(st.one_of(st.text(max_size=12), st.sampled_from(sorted(grid.sent))))
-        metadata = Metadata(run_id=0, message_id="", src_node_id=message.metadata.dst_node_id, dst_node_id=0,
-                            reply_to_message_id=reply_to, group_id="", created_at=time.time(), ttl=60.0,
-                            message_type=message.metadata.message_type)
+        metadata = Metadata(
+            run_id=0,
+            message_id="",
+            src_node_id=message.metadata.dst_node_id,
+            dst_node_id=0,
+            reply_to_message_id=reply_to,
+            group_id="",
+            created_at=time.time(),
+            ttl=60.0,
+            message_type=message.metadata.message_type,
+        )
         grid.inbox.append(Message(metadata=metadata, content=draw(_RECORDS)))
         return
     if choice in ("sealed", "tampered") and message.metadata.message_type == OFFER:
@@ -505,8 +543,7 @@ def _owner_reply(draw, world: World, grid: FakeGrid, message_id: str, message: M
         grid.inbox.append(Message(draw(_RECORDS), reply_to=message))
 
 
-@settings(max_examples=200, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_loop_never_raises_and_every_job_is_finished_whatever_the_owners_send(world: World, data) -> None:
     draw = data.draw

@@ -1,4 +1,5 @@
 """Bad flags and bad inputs give one-line errors (no traceback) and exit 1; bad usage exits 2."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,9 +14,14 @@ from simulations.local import REPO
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=180,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "FLWR_TELEMETRY_ENABLED": "0",
-                               "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"},
+    )
 
 
 @pytest.fixture()
@@ -23,10 +29,27 @@ def owner_args(tmp_path) -> list[str]:
     init_identity(tmp_path / "entity", "entity")
     data = tmp_path / "private"
     (data / "FashionMNIST" / "raw").mkdir(parents=True)
-    return ["-m", "owner.run", "--data", str(data), "--model", "simulations.models:small_vgg",
-            "--input-shape", "1,28,28", "--mean", "0.286", "--std", "0.353",
-            "--entity-card", str(tmp_path / "entity" / "card.json"), "--keys", str(tmp_path / "keys"),
-            "--out", str(tmp_path / "out"), "--quiet"]
+    return [
+        "-m",
+        "owner.run",
+        "--data",
+        str(data),
+        "--model",
+        "simulations.models:small_vgg",
+        "--input-shape",
+        "1,28,28",
+        "--mean",
+        "0.286",
+        "--std",
+        "0.353",
+        "--entity-card",
+        str(tmp_path / "entity" / "card.json"),
+        "--keys",
+        str(tmp_path / "keys"),
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+    ]
 
 
 def _one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:

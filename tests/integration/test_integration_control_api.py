@@ -5,6 +5,7 @@ reached the owners' port could `flwr run` a ServerApp of their own (it ran as th
 and read its signing key), `flwr ls` the runs and `flwr stop` the entity's. Also checked here:
 SuperNode authentication (`--auth`), the FAB carrying no host path, and private file modes.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -37,9 +38,16 @@ def _mode(path: Path) -> int:
 
 def _small_app(folder: Path, marker: Path) -> Path:
     """A ServerApp that proves it ran by writing ``marker``, then idles (so that it can be stopped)."""
-    write_flower_app(folder, "intruder", serverapp="intruder_server:app", clientapp="intruder_server:app",
-                     description="a ServerApp submitted from outside", publisher="outsider")
-    (folder / "intruder_server.py").write_text(textwrap.dedent(f"""
+    write_flower_app(
+        folder,
+        "intruder",
+        serverapp="intruder_server:app",
+        clientapp="intruder_server:app",
+        description="a ServerApp submitted from outside",
+        publisher="outsider",
+    )
+    (folder / "intruder_server.py").write_text(
+        textwrap.dedent(f"""
         import time
         from pathlib import Path
         from flwr.serverapp import ServerApp
@@ -48,15 +56,15 @@ def _small_app(folder: Path, marker: Path) -> Path:
         def main(grid, context):
             Path({str(marker)!r}).write_text("ran")
             time.sleep(120)
-    """))
+    """)
+    )
     return folder
 
 
 def _flwr(home: Path, *args: str) -> tuple[int, dict]:
-    done = subprocess.run([flower_command("flwr"), *args, "--format", "json"], env=flower_env(home),
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([flower_command("flwr"), *args, "--format", "json"], env=flower_env(home), capture_output=True, text=True, timeout=60)
     try:
-        answer = json.loads(done.stdout[done.stdout.index("{"):])
+        answer = json.loads(done.stdout[done.stdout.index("{") :])
     except ValueError:
         answer = {}
     return done.returncode, answer
@@ -101,7 +109,8 @@ def test_outsider_at_the_owners_address_cannot_run_list_or_stop(deployment, tmp_
     outsider = tmp_path / "outsider"
     outsider.mkdir()
     (outsider / "config.toml").write_text(
-        f'[superlink]\ndefault = "entity"\n[superlink.entity]\naddress = "127.0.0.1:{deployment.port}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "entity"\n[superlink.entity]\naddress = "127.0.0.1:{deployment.port}"\ninsecure = true\n'
+    )
     marker = tmp_path / "INTRUDER_RAN"
     app = _small_app(tmp_path / "app", marker)
 
@@ -218,8 +227,20 @@ def test_auth_without_tls_is_refused_naming_the_fix(tmp_path, capsys):
 
 def test_a_certificate_without_loopback_is_refused(tmp_path, capsys):
     tls = make_tls_files(tmp_path / "tls", ["entity.example.org"])
-    line = _serve_error(capsys, ["--home", str(tmp_path / "home"), "--tls-cert", str(tls.server_cert),
-                                 "--tls-key", str(tls.server_key), "--tls-ca", str(tls.ca_cert), "--quiet"])
+    line = _serve_error(
+        capsys,
+        [
+            "--home",
+            str(tmp_path / "home"),
+            "--tls-cert",
+            str(tls.server_cert),
+            "--tls-key",
+            str(tls.server_key),
+            "--tls-ca",
+            str(tls.ca_cert),
+            "--quiet",
+        ],
+    )
     assert "does not name 127.0.0.1" in line and "protocol.transport tls" in line
 
 
@@ -235,10 +256,29 @@ def test_owner_node_key_needs_tls(tmp_path, capsys):
     (tmp_path / "private").mkdir()
     keys = make_supernode_auth_keys(tmp_path / "node")
     with pytest.raises(SystemExit) as exit_info:
-        owner_main(["--data", str(tmp_path / "private"), "--model", "simulations.models:small_vgg",
-                    "--input-shape", "1,28,28", "--mean", "0.286", "--std", "0.353",
-                    "--entity-card", str(tmp_path / "entity" / "card.json"), "--keys", str(tmp_path / "keys"),
-                    "--out", str(tmp_path / "out"), "--node-key", str(keys.private_key), "--quiet"])
+        owner_main(
+            [
+                "--data",
+                str(tmp_path / "private"),
+                "--model",
+                "simulations.models:small_vgg",
+                "--input-shape",
+                "1,28,28",
+                "--mean",
+                "0.286",
+                "--std",
+                "0.353",
+                "--entity-card",
+                str(tmp_path / "entity" / "card.json"),
+                "--keys",
+                str(tmp_path / "keys"),
+                "--out",
+                str(tmp_path / "out"),
+                "--node-key",
+                str(keys.private_key),
+                "--quiet",
+            ]
+        )
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("owner.run: error:") and "--node-key needs --tls-ca" in err[-1], err
@@ -246,8 +286,19 @@ def test_owner_node_key_needs_tls(tmp_path, capsys):
 
 def _supernode(name: str, work: Path, port: int, ca: Path, key: Path | None) -> ManagedProcess:
     runtime = free_port()
-    command = [flower_command("flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--isolation", "process",
-               "--host", "127.0.0.1", "--port", str(runtime), "--root-certificates", str(ca)]
+    command = [
+        flower_command("flower-supernode"),
+        "--superlink",
+        f"127.0.0.1:{port}",
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime),
+        "--root-certificates",
+        str(ca),
+    ]
     if key is not None:
         command += ["--auth-supernode-private-key", str(key)]
     (work / name).mkdir(parents=True, exist_ok=True)

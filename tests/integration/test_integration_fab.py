@@ -4,6 +4,7 @@ A hostile server submits a FAB whose ClientApp writes a marker file when it is i
 it handles a message. A stock SuperNode would run it; the owner's own executor must not: the
 marker never appears and the owner's audit log records the bundle as ignored.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,17 @@ pytestmark = pytest.mark.integration
 
 
 def _hostile_app(folder: Path, marker: Path) -> Path:
-    write_flower_app(folder, "hostile", serverapp="hostile_server:app", clientapp="hostile_client:app",
-                     description="a bundle whose ClientApp must never run at the owner", publisher="attacker",
-                     config="rounds = 1")
-    (folder / "hostile_client.py").write_text(textwrap.dedent(f"""
+    write_flower_app(
+        folder,
+        "hostile",
+        serverapp="hostile_server:app",
+        clientapp="hostile_client:app",
+        description="a bundle whose ClientApp must never run at the owner",
+        publisher="attacker",
+        config="rounds = 1",
+    )
+    (folder / "hostile_client.py").write_text(
+        textwrap.dedent(f"""
         from pathlib import Path
         Path({str(marker)!r}).write_text("imported")
         from flwr.clientapp import ClientApp
@@ -34,8 +42,10 @@ def _hostile_app(folder: Path, marker: Path) -> Path:
         def handle(msg, context):
             Path({str(marker)!r}).write_text("ran")
             raise SystemExit(0)
-    """))
-    (folder / "hostile_server.py").write_text(textwrap.dedent("""
+    """)
+    )
+    (folder / "hostile_server.py").write_text(
+        textwrap.dedent("""
         import time
         from flwr.app import Message, RecordDict, ConfigRecord
         from flwr.serverapp import ServerApp
@@ -50,11 +60,13 @@ def _hostile_app(folder: Path, marker: Path) -> Path:
                         continue
                     done.add(node)
                     for kind in ("query.offer", "query.finish"):
-                        ids = list(grid.push_messages([Message(RecordDict({"facts": ConfigRecord({"job_id": "x"})}), dst_node_id=node, message_type=kind)]))
+                        message = Message(RecordDict({"facts": ConfigRecord({"job_id": "x"})}), dst_node_id=node, message_type=kind)
+                        ids = list(grid.push_messages([message]))
                         while not list(grid.pull_messages(ids)):
                             time.sleep(0.2)
                 time.sleep(0.2)
-    """))
+    """)
+    )
     return folder
 
 
@@ -65,15 +77,27 @@ def test_owner_ignores_the_servers_bundle(tmp_path):
     link_home.mkdir()
     port = free_port()
     env = flower_env(link_home)
-    link = ManagedProcess("SuperLink", [flower_command("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                        "--port", str(port), "--database", str(link_home / "state.db"),
-                                        "--disable-runtime-dependency-installation"], link_home / "superlink.log", env)
+    link = ManagedProcess(
+        "SuperLink",
+        [
+            flower_command("flower-superlink"),
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(link_home / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ],
+        link_home / "superlink.log",
+        env,
+    )
     link.start()
     try:
         wait_for_port(link, "127.0.0.1", port, 60)
         (link_home / "config.toml").write_text(f'[superlink]\ndefault = "x"\n[superlink.x]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-        done = subprocess.run([flower_command("flwr"), "run", str(app), "x", "--format", "json"], env=env,
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run([flower_command("flwr"), "run", str(app), "x", "--format", "json"], env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         # A genuine entity card to pin: the hostile server cannot produce a matching offer.
         dep = LocalDeployment(tmp_path / "owner-side")
@@ -93,6 +117,5 @@ def test_marker_would_appear_if_the_bundle_were_run(tmp_path):
     """Control: the hostile ClientApp really does write the marker when executed."""
     marker = tmp_path / "MARKER"
     app = _hostile_app(tmp_path / "hostile", marker)
-    subprocess.run([sys.executable, "-c", "import hostile_client"], cwd=app, check=True,
-                   env={**flower_env(tmp_path), "PYTHONPATH": str(REPO)})
+    subprocess.run([sys.executable, "-c", "import hostile_client"], cwd=app, check=True, env={**flower_env(tmp_path), "PYTHONPATH": str(REPO)})
     assert marker.read_text() == "imported"

@@ -1,4 +1,5 @@
 """Real processes on 127.0.0.1: entity.serve, owners one after the other, refusal, clean shutdown."""
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@
 With ``--auth`` on top, the owner's SuperNode signs in with the key ``owner.run --node-key``
 names, registered at the entity by dropping its ``.pub`` into ``HOME/nodes``.
 """
+
 from __future__ import annotations
 
 import shutil

@@ -1,4 +1,5 @@
 """``python -m owner.audit``: verify exit codes, report formats, Art. 30 fields, hostile content."""
+
 from __future__ import annotations
 
 import csv
@@ -32,7 +33,9 @@ def trail(tmp_path: Path) -> Path:
     with AuditLog.open(path, OWNER) as log:
         log.record_sent(sealed, recipient=ENTITY.card, request={"job_id": "job-1", "input_spec": SPEC})
         cp = log.checkpoint()
-        opened = open_bundle(sealed.blob, kind="model", job_id="job-1", request_hash=digest(b"o"), recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card})
+        opened = open_bundle(
+            sealed.blob, kind="model", job_id="job-1", request_hash=digest(b"o"), recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card}
+        )
         log.record_countersignature(countersign_checkpoint(cp, owner=OWNER.card, entity=ENTITY), entity=ENTITY.card)
         log.record_receipt(make_receipt(opened, entity=ENTITY, job_id="job-1"), entity=ENTITY.card)
         log.append("egress.blocked", {"reason": "egress blocked: <script>alert(1)</script> tensor 'images'"})
@@ -152,8 +155,16 @@ def test_report_of_a_broken_log_covers_only_the_verified_prefix(trail: Path) -> 
 
 def test_verify_accepts_several_entity_cards(trail: Path, tmp_path: Path) -> None:
     (tmp_path / "other.json").write_bytes(Identity.generate("entity", "other").card.to_bytes())
-    out = _run("verify", str(trail), "--owner", str(trail.parent / "owner.json"),
-               "--entity", str(trail.parent / "entity.json"), "--entity", str(tmp_path / "other.json"))
+    out = _run(
+        "verify",
+        str(trail),
+        "--owner",
+        str(trail.parent / "owner.json"),
+        "--entity",
+        str(trail.parent / "entity.json"),
+        "--entity",
+        str(tmp_path / "other.json"),
+    )
     assert out.returncode == 0 and "1 receipts" in out.stdout and out.stderr == ""
 
 
@@ -169,4 +180,3 @@ def test_default_verify_and_every_signature_both_catch_a_forged_earlier_checkpoi
     every = _run("verify", str(trail), *_pins(trail), "--every-signature")
     assert default.returncode == 1 and every.returncode == 1, default.stdout + every.stdout
     assert f"record {first_checkpoint} " in every.stdout
-

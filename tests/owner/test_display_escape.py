@@ -1,4 +1,5 @@
 """Text from the other party is shown escaped: no terminal control, no bidi trickery, bounded length."""
+
 from __future__ import annotations
 
 import io
@@ -10,24 +11,33 @@ from protocol.display import TRUNCATED, printable
 CLEAR_SCREEN = "\x1b[2J"
 
 
-@pytest.mark.parametrize("hidden, shown", [
-    ("\x1b", "\\x1b"),  # ESC: starts every CSI/OSC sequence
-    ("\x00", "\\x00"),
-    ("\x07", "\\x07"),  # BEL ends an OSC sequence
-    ("\n", "\\n"),
-    ("\r", "\\r"),  # returns to the line start to overwrite what was printed
-    ("\t", "\\t"),
-    ("\x7f", "\\x7f"),  # DEL
-    ("\x9b", "\\x9b"),  # C1 CSI, a one-byte escape sequence on some terminals
-    ("\x85", "\\x85"),  # C1 next line
-    ("\u202a", "\\u202a"), ("\u202b", "\\u202b"), ("\u202c", "\\u202c"), ("\u202d", "\\u202d"),
-    ("\u202e", "\\u202e"),  # right-to-left override
-    ("\u2066", "\\u2066"), ("\u2067", "\\u2067"), ("\u2068", "\\u2068"), ("\u2069", "\\u2069"),
-    ("\u200b", "\\u200b"),  # zero-width space
-    ("\u2028", "\\u2028"),  # line separator
-    ("\ufeff", "\\ufeff"),
-    ("\U000e0041", "\\U000e0041"),  # tag character (format)
-])
+@pytest.mark.parametrize(
+    "hidden, shown",
+    [
+        ("\x1b", "\\x1b"),  # ESC: starts every CSI/OSC sequence
+        ("\x00", "\\x00"),
+        ("\x07", "\\x07"),  # BEL ends an OSC sequence
+        ("\n", "\\n"),
+        ("\r", "\\r"),  # returns to the line start to overwrite what was printed
+        ("\t", "\\t"),
+        ("\x7f", "\\x7f"),  # DEL
+        ("\x9b", "\\x9b"),  # C1 CSI, a one-byte escape sequence on some terminals
+        ("\x85", "\\x85"),  # C1 next line
+        ("\u202a", "\\u202a"),
+        ("\u202b", "\\u202b"),
+        ("\u202c", "\\u202c"),
+        ("\u202d", "\\u202d"),
+        ("\u202e", "\\u202e"),  # right-to-left override
+        ("\u2066", "\\u2066"),
+        ("\u2067", "\\u2067"),
+        ("\u2068", "\\u2068"),
+        ("\u2069", "\\u2069"),
+        ("\u200b", "\\u200b"),  # zero-width space
+        ("\u2028", "\\u2028"),  # line separator
+        ("\ufeff", "\\ufeff"),
+        ("\U000e0041", "\\U000e0041"),  # tag character (format)
+    ],
+)
 def test_hidden_characters_become_visible_escapes(hidden, shown):
     assert printable(f"a{hidden}b") == f"a{shown}b"
 
@@ -69,13 +79,18 @@ def test_entity_refusal_with_escape_sequences_is_kept_escaped(tmp_path):
     from protocol.keys import init_identity
     from protocol.spec import InputSpec, PruneRequest
     from simulations.models import small_vgg
-
     from tests.helpers import export_eval
 
     owner = init_identity(tmp_path / "owner", "owner", name="owner")
     entity = init_identity(tmp_path / "entity", "entity", name="entity")
-    session = OwnerSession(owner, entity.card, export_eval(small_vgg()), InputSpec((1, 28, 28), (0.286,), (0.353,)),
-                           PruneRequest(8.0), AuditLog.open(tmp_path / "audit.jsonl", owner))
+    session = OwnerSession(
+        owner,
+        entity.card,
+        export_eval(small_vgg()),
+        InputSpec((1, 28, 28), (0.286,), (0.353,)),
+        PruneRequest(8.0),
+        AuditLog.open(tmp_path / "audit.jsonl", owner),
+    )
     session.refused(f"no {CLEAR_SCREEN}\u202etxt.exe" + "!" * 100_000)
     assert session.refusal is not None and "\x1b" not in session.refusal and "\u202e" not in session.refusal
     assert "\\x1b[2J" in session.refusal and len(session.refusal) < 400
@@ -100,10 +115,19 @@ def test_summary_table_shows_entity_text_without_markup_or_escapes():
     from owner.run import print_summary
 
     summary = {
-        "job_id": "job-[bold]1[/]", "recipe": f"[red]one{CLEAR_SCREEN}shot[/", "achieved_rate": "8.0000",
-        "target_rate": 8.0, "accuracy": {"dense": 0.9, "pruned": 0.5, "retrained": 0.88}, "epochs": 3,
-        "bytes_sent": 1, "bytes_received": 2, "transfers": [], "ignored_fabs": [], "final_model": "/tmp/final",
-        "audit_log": "/tmp/audit.jsonl", "seconds": {"total": 1.0},
+        "job_id": "job-[bold]1[/]",
+        "recipe": f"[red]one{CLEAR_SCREEN}shot[/",
+        "achieved_rate": "8.0000",
+        "target_rate": 8.0,
+        "accuracy": {"dense": 0.9, "pruned": 0.5, "retrained": 0.88},
+        "epochs": 3,
+        "bytes_sent": 1,
+        "bytes_received": 2,
+        "transfers": [],
+        "ignored_fabs": [],
+        "final_model": "/tmp/final",
+        "audit_log": "/tmp/audit.jsonl",
+        "seconds": {"total": 1.0},
     }
     buffer = io.StringIO()
     print_summary(summary, Console(file=buffer, width=200, color_system=None))

@@ -1,4 +1,5 @@
 """The owner's inputs: data layouts, model factories, weights files, export."""
+
 from __future__ import annotations
 
 import gzip

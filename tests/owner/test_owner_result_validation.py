@@ -5,6 +5,7 @@ entity's identity, with a genuine receipt and countersignature for this job) wit
 thing changed; the owner must refuse it with a one-line ``SessionError`` naming the problem, and
 record it as refused, never as received.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,17 +19,16 @@ import torch
 
 from entity.jobs import EntityJobs, EntitySettings, EventLog
 from owner.session import OwnerSession, SessionError
-from protocol.contract import RESULT_KIND
 from protocol import canonical
 from protocol.artifact import dump_tensors
 from protocol.audit import EV_REFUSED, AuditLog, countersign_checkpoint, make_receipt, read_records, verify_log
+from protocol.contract import RESULT_KIND
 from protocol.keys import Identity, init_identity
 from protocol.masks import pack_masks
 from protocol.replay import NonceStore
 from protocol.sealing import seal_bundle
 from protocol.signing import digest, sign_message
 from protocol.spec import InputSpec, PruneRequest, RetrainLimits, RetrainRecipe
-
 from tests.helpers import export_eval
 
 SPEC = InputSpec((1, 28, 28), (0.286,), (0.353,))
@@ -55,8 +55,14 @@ def pruned(tmp_path_factory, one_thread) -> Pruned:
     torch.manual_seed(0)
     program = export_eval(small_vgg())
     result = prune(program, SPEC, PruneConfig(rate=8.0, recipe="oneshot", eval_images=4))
-    return Pruned(init_identity(root / "owner", "owner", name="owner"), init_identity(root / "entity", "entity", name="entity"),
-                  program, result.state_dict, result.masks, dict(result.report))
+    return Pruned(
+        init_identity(root / "owner", "owner", name="owner"),
+        init_identity(root / "entity", "entity", name="entity"),
+        program,
+        result.state_dict,
+        result.masks,
+        dict(result.report),
+    )
 
 
 @dataclass
@@ -72,18 +78,31 @@ class Exchange:
     def result(self, mutate: Callable[[dict[str, Any]], None] | None = None, **raw: bytes) -> bytes:
         """The sealed result, after ``mutate`` edits its decoded parts (state, masks, report, recipe)
         and ``raw`` replaces whole files by name."""
-        parts = {"state": {k: v.clone() for k, v in self.pruned.state.items()},
-                 "masks": {k: v.clone() for k, v in self.pruned.masks.items()},
-                 "report": {**copy.deepcopy(self.pruned.report), "job_id": self.session.job_id},
-                 "recipe": RetrainRecipe().to_json()}
+        parts = {
+            "state": {k: v.clone() for k, v in self.pruned.state.items()},
+            "masks": {k: v.clone() for k, v in self.pruned.masks.items()},
+            "report": {**copy.deepcopy(self.pruned.report), "job_id": self.session.job_id},
+            "recipe": RetrainRecipe().to_json(),
+        }
         if mutate is not None:
             mutate(parts)
-        files = {"weights.safetensors": dump_tensors(parts["state"]), "masks.bin": pack_masks(parts["masks"]),
-                 "report.json": canonical.dumps(parts["report"]), "recipe.json": canonical.dumps(parts["recipe"]),
-                 "receipt.json": self.receipt, "countersignature.json": self.countersignature}
+        files = {
+            "weights.safetensors": dump_tensors(parts["state"]),
+            "masks.bin": pack_masks(parts["masks"]),
+            "report.json": canonical.dumps(parts["report"]),
+            "recipe.json": canonical.dumps(parts["recipe"]),
+            "receipt.json": self.receipt,
+            "countersignature.json": self.countersignature,
+        }
         files.update({name.replace("_", "."): data for name, data in raw.items()})
-        return seal_bundle(files, kind=RESULT_KIND, job_id=self.session.job_id, request_hash=digest(self.session.request_blob),
-                           sender=self.pruned.entity, recipient=self.pruned.owner.card)
+        return seal_bundle(
+            files,
+            kind=RESULT_KIND,
+            job_id=self.session.job_id,
+            request_hash=digest(self.session.request_blob),
+            sender=self.pruned.entity,
+            recipient=self.pruned.owner.card,
+        )
 
     def refused(self, blob: bytes, match: str) -> str:
         """Refused with a message matching ``match``; on record as refused, not received; log valid."""
@@ -108,8 +127,13 @@ def _session(pruned: Pruned, tmp_path: Path, **kwargs: Any) -> OwnerSession:
 def _exchange(pruned: Pruned, tmp_path: Path, **kwargs: Any) -> Exchange:
     tmp_path.mkdir(parents=True, exist_ok=True)
     registry = {pruned.owner.card.fingerprint: pruned.owner.card}
-    jobs = EntityJobs(pruned.entity, lambda: registry, NonceStore(tmp_path / "entity-nonces.jsonl"),
-                      EventLog(tmp_path / "events.jsonl"), EntitySettings(recipe="oneshot"))
+    jobs = EntityJobs(
+        pruned.entity,
+        lambda: registry,
+        NonceStore(tmp_path / "entity-nonces.jsonl"),
+        EventLog(tmp_path / "events.jsonl"),
+        EntitySettings(recipe="oneshot"),
+    )
     session = _session(pruned, tmp_path, **kwargs)
     offer = jobs.make_offer(node_id=1)
     request = session.answer_offer(offer.blob, None)
@@ -187,8 +211,9 @@ def test_nan_in_an_unmasked_batchnorm_weight_is_refused(exchange):
 
 
 def test_negative_running_variance_is_refused(exchange):
-    exchange.refused(exchange.result(lambda p: p["state"]["features.4.running_var"].__setitem__(3, -1.0)),
-                     "running variance 'features.4.running_var'")
+    exchange.refused(
+        exchange.result(lambda p: p["state"]["features.4.running_var"].__setitem__(3, -1.0)), "running variance 'features.4.running_var'"
+    )
 
 
 # --------------------------------------------------------------------------- masks
@@ -253,8 +278,9 @@ def test_without_a_stated_library_more_than_eight_patterns_are_refused(exchange)
 
 
 def test_rate_off_the_claim_is_refused(exchange):
-    exchange.refused(exchange.result(lambda p: p["report"].update(achieved_rate="16.0000")),
-                     "claims an achieved rate of 16.0000, the masks achieve 8.0")
+    exchange.refused(
+        exchange.result(lambda p: p["report"].update(achieved_rate="16.0000")), "claims an achieved rate of 16.0000, the masks achieve 8.0"
+    )
 
 
 # --------------------------------------------------------------------------- report.json
@@ -285,12 +311,15 @@ def test_receipt_the_audit_log_refuses_is_a_refusal_and_leaves_the_log_valid(pru
 
 
 # --------------------------------------------------------------------------- offers
-@pytest.mark.parametrize("payload, problem", [
-    ({"nonce": "n-1"}, "lacks a job_id or nonce"),
-    ({"job_id": "job-1"}, "lacks a job_id or nonce"),
-    ({"job_id": 7, "nonce": "n-1"}, "lacks a job_id or nonce"),
-    ({"job_id": "job-1", "nonce": "n-1", "asks_for": "everything"}, "asks_for is not a list"),
-])
+@pytest.mark.parametrize(
+    "payload, problem",
+    [
+        ({"nonce": "n-1"}, "lacks a job_id or nonce"),
+        ({"job_id": "job-1"}, "lacks a job_id or nonce"),
+        ({"job_id": 7, "nonce": "n-1"}, "lacks a job_id or nonce"),
+        ({"job_id": "job-1", "nonce": "n-1", "asks_for": "everything"}, "asks_for is not a list"),
+    ],
+)
 def test_malformed_offer_is_a_clear_refusal(pruned, tmp_path, payload, problem):
     session = _session(pruned, tmp_path)
     offer = sign_message(payload, kind="offer", signer=pruned.entity)
@@ -304,8 +333,9 @@ def test_malformed_offer_is_a_clear_refusal(pruned, tmp_path, payload, problem):
 def _message(kind: str, content) -> Any:
     from flwr.app import Message, Metadata
 
-    meta = Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=2, reply_to_message_id="", group_id="",
-                    created_at=0.0, ttl=3600.0, message_type=kind)
+    meta = Metadata(
+        run_id=1, message_id="m-1", src_node_id=0, dst_node_id=2, reply_to_message_id="", group_id="", created_at=0.0, ttl=3600.0, message_type=kind
+    )
     return Message(metadata=meta, content=content)
 
 
@@ -354,8 +384,26 @@ def test_limit_flags_reach_the_owner_config(tmp_path, monkeypatch):
     from owner.run import _parser, load_config
 
     monkeypatch.chdir(tmp_path)  # no owner.toml here
-    args = _parser().parse_args(["--data", "d", "--model", "m:f", "--entity-card", "c.json", "--input-shape", "1,28,28",
-                                 "--mean", "0.5", "--std", "0.25", "--max-epochs", "120", "--max-batch-size", "512"])
+    args = _parser().parse_args(
+        [
+            "--data",
+            "d",
+            "--model",
+            "m:f",
+            "--entity-card",
+            "c.json",
+            "--input-shape",
+            "1,28,28",
+            "--mean",
+            "0.5",
+            "--std",
+            "0.25",
+            "--max-epochs",
+            "120",
+            "--max-batch-size",
+            "512",
+        ]
+    )
     config = load_config(args)
     assert (config.max_epochs, config.max_batch_size) == (120, 512)
     assert RetrainLimits(config.max_epochs, config.max_batch_size) == RetrainLimits(120, 512)

@@ -1,4 +1,5 @@
 """Masked retraining keeps pruned weights exactly zero and still learns."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,11 +12,7 @@ from simulations.models import small_vgg
 
 def _random_masks(model: torch.nn.Module, keep: float = 0.3) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {
-        name: torch.rand(p.shape, generator=g) < keep
-        for name, p in model.named_parameters()
-        if p.dim() == 4 and p.shape[-1] == 3
-    }
+    return {name: torch.rand(p.shape, generator=g) < keep for name, p in model.named_parameters() if p.dim() == 4 and p.shape[-1] == 3}
 
 
 def _toy_loader(n: int = 64, batch: int = 16):
@@ -125,8 +122,16 @@ def test_recipe_round_trips_and_old_recipes_still_parse():
     recipe = RetrainRecipe(epochs=3, lr=0.02, schedule="cosine", distill=0.5, temperature=2, batch_size=128)
     assert RetrainRecipe.from_json(recipe.to_json()) == recipe
     # A recipe from before schedules existed meant the step schedule.
-    old = {"optimizer": "sgd", "epochs": 3, "lr": "0.01", "momentum": "0.9", "weight_decay": "0.0005",
-           "milestones": [2], "gamma": "0.1", "batch_size": 256}
+    old = {
+        "optimizer": "sgd",
+        "epochs": 3,
+        "lr": "0.01",
+        "momentum": "0.9",
+        "weight_decay": "0.0005",
+        "milestones": [2],
+        "gamma": "0.1",
+        "batch_size": 256,
+    }
     assert RetrainRecipe.from_json(old) == RetrainRecipe(lr=0.01, batch_size=256, schedule="step")
     with pytest.raises(SpecError, match="schedule"):
         RetrainRecipe.from_json({**recipe.to_json(), "schedule": "warp"})

@@ -1,4 +1,5 @@
 """Model artifacts: graph JSON + safetensors round-trip, and refusal of anything unexpected."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,10 @@ import pytest
 import torch
 
 from protocol.artifact import (
-    ArtifactError,
     CONSTANTS_FILE,
     PROGRAM_FILE,
     WEIGHTS_FILE,
+    ArtifactError,
     dump_tensors,
     load_model_dir,
     load_tensors,

@@ -4,6 +4,7 @@ A log must not verify unless the pinned owner signed a checkpoint of it; content
 but that does not match what this log holds never enters the log; the log path is never followed
 through a symlink; reports never let log text act as a formula, markup or terminal escape.
 """
+
 from __future__ import annotations
 
 import base64
@@ -50,8 +51,13 @@ def _forge(path: Path, events: list[tuple[str, dict[str, Any]]], *, signer: Iden
     for seq, (event, details) in enumerate(events):
         if event == "checkpoint":
             assert signer is not None
-            body = {"log_id": log_id, "tree_size": seq, "root_hash": "sha256:" + acc.root().hex(),
-                    "last_record": prev, "time": "2024-01-01T00:00:00Z"}
+            body = {
+                "log_id": log_id,
+                "tree_size": seq,
+                "root_hash": "sha256:" + acc.root().hex(),
+                "last_record": prev,
+                "time": "2024-01-01T00:00:00Z",
+            }
             details = {"checkpoint": canonical.loads(sign_message(body, kind=CHECKPOINT_KIND, signer=signer))}
         line = canonical.dumps({"seq": seq, "time": "2024-01-01T00:00:00Z", "event": event, "details": details, "prev": prev})
         lines.append(line)
@@ -61,8 +67,7 @@ def _forge(path: Path, events: list[tuple[str, dict[str, Any]]], *, signer: Iden
 
 
 def _created_by(owner: Identity, log_id: str = "log-forged") -> tuple[str, dict[str, Any]]:
-    return "log.created", {"log_id": log_id, "owner": owner.fingerprint, "owner_name": owner.card.name,
-                           "owner_card": owner.card.to_json()}
+    return "log.created", {"log_id": log_id, "owner": owner.fingerprint, "owner_name": owner.card.name, "owner_card": owner.card.to_json()}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -80,8 +85,9 @@ def _sent(log: AuditLog, job_id: str = "job-1", files: dict[str, bytes] | None =
     files = files or {"a.bin": b"payload"}
     sealed = seal_bundle_detailed(files, kind="model", job_id=job_id, request_hash=digest(b"o"), sender=OWNER, recipient=ENTITY.card)
     log.record_sent(sealed, recipient=ENTITY.card)
-    opened = open_bundle(sealed.blob, kind="model", job_id=job_id, request_hash=digest(b"o"), recipient=ENTITY,
-                         senders={OWNER.fingerprint: OWNER.card})
+    opened = open_bundle(
+        sealed.blob, kind="model", job_id=job_id, request_hash=digest(b"o"), recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card}
+    )
     return sealed, opened
 
 
@@ -165,14 +171,27 @@ def test_countersignature_of_a_checkpoint_this_log_never_issued_is_refused_and_t
     with AuditLog.open(path, OWNER) as log:
         real = log.checkpoint()
         # a checkpoint the owner's key signed for this log id, but never appended to it
-        never = sign_message({"log_id": log.log_id, "tree_size": 1, "root_hash": "sha256:" + "00" * 32,
-                              "last_record": GENESIS_PREV, "time": "2024-01-01T00:00:00Z"}, kind=CHECKPOINT_KIND, signer=OWNER)
+        never = sign_message(
+            {"log_id": log.log_id, "tree_size": 1, "root_hash": "sha256:" + "00" * 32, "last_record": GENESIS_PREV, "time": "2024-01-01T00:00:00Z"},
+            kind=CHECKPOINT_KIND,
+            signer=OWNER,
+        )
         with pytest.raises(AuditError, match="never issued"):
             log.record_countersignature(countersign_checkpoint(never, owner=OWNER.card, entity=ENTITY), entity=ENTITY.card)
         # the real checkpoint's digest, but another tree size
-        lying = sign_message({"checkpoint": digest(real), "log_id": log.log_id, "tree_size": 7, "root_hash": log.root_hash,
-                              "owner": OWNER.fingerprint, "entity": ENTITY.fingerprint, "time": "2024-01-01T00:00:00Z"},
-                             kind=COUNTERSIGN_KIND, signer=ENTITY)
+        lying = sign_message(
+            {
+                "checkpoint": digest(real),
+                "log_id": log.log_id,
+                "tree_size": 7,
+                "root_hash": log.root_hash,
+                "owner": OWNER.fingerprint,
+                "entity": ENTITY.fingerprint,
+                "time": "2024-01-01T00:00:00Z",
+            },
+            kind=COUNTERSIGN_KIND,
+            signer=ENTITY,
+        )
         size = log.size
         with pytest.raises(AuditError, match="another tree size or root"):
             log.record_countersignature(lying, entity=ENTITY.card)

@@ -1,4 +1,5 @@
 """Audit log: hash chain, RFC 9162 checkpoints, countersignatures, receipts, crash safety."""
+
 from __future__ import annotations
 
 import base64
@@ -34,7 +35,9 @@ def _job(log: AuditLog) -> None:
     log.append("job.started", {"job_id": "job-1"})
     log.record_sent(sealed, recipient=ENTITY.card, request={"job_id": "job-1"})
     checkpoint = log.checkpoint()
-    opened = open_bundle(sealed.blob, kind="model", job_id="job-1", request_hash=digest(b"offer"), recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card})
+    opened = open_bundle(
+        sealed.blob, kind="model", job_id="job-1", request_hash=digest(b"offer"), recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card}
+    )
     log.record_countersignature(countersign_checkpoint(checkpoint, owner=OWNER.card, entity=ENTITY), entity=ENTITY.card)
     log.record_receipt(make_receipt(opened, entity=ENTITY, job_id="job-1"), entity=ENTITY.card)
     log.append("job.finished", {"job_id": "job-1"})
@@ -195,7 +198,9 @@ def test_receipt_for_something_never_sent_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     files = {"a.bin": b"hello"}
     sealed = seal_bundle_detailed(files, kind="model", job_id="job-9", request_hash=digest(b"o"), sender=OWNER, recipient=ENTITY.card)
-    opened = open_bundle(sealed.blob, kind="model", job_id="job-9", request_hash=digest(b"o"), recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card})
+    opened = open_bundle(
+        sealed.blob, kind="model", job_id="job-9", request_hash=digest(b"o"), recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card}
+    )
     receipt = make_receipt(opened, entity=ENTITY, job_id="job-9")
     with AuditLog.open(path, OWNER) as log, pytest.raises(AuditError, match="never recorded as sent"):
         log.record_receipt(receipt, entity=ENTITY.card)
@@ -333,7 +338,9 @@ def test_log_with_two_entities_verifies_with_a_mapping_of_their_cards(tmp_path: 
         sealed = seal_bundle_detailed(files, kind="model", job_id="job-2", request_hash=digest(b"o2"), sender=OWNER, recipient=other.card)
         log.record_sent(sealed, recipient=other.card)
         cp = log.checkpoint()
-        opened = open_bundle(sealed.blob, kind="model", job_id="job-2", request_hash=digest(b"o2"), recipient=other, senders={OWNER.fingerprint: OWNER.card})
+        opened = open_bundle(
+            sealed.blob, kind="model", job_id="job-2", request_hash=digest(b"o2"), recipient=other, senders={OWNER.fingerprint: OWNER.card}
+        )
         log.record_countersignature(countersign_checkpoint(cp, owner=OWNER.card, entity=other), entity=other.card)
         log.record_receipt(make_receipt(opened, entity=other, job_id="job-2"), entity=other.card)
         log.checkpoint()
@@ -350,7 +357,9 @@ def test_receipt_signed_by_an_entity_other_than_the_recipient_is_refused(tmp_pat
     path = tmp_path / "audit.jsonl"
     files = {"a.bin": b"payload"}
     sealed = seal_bundle_detailed(files, kind="model", job_id="job-3", request_hash=digest(b"o"), sender=OWNER, recipient=ENTITY.card)
-    opened = open_bundle(sealed.blob, kind="model", job_id="job-3", request_hash=digest(b"o"), recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card})
+    opened = open_bundle(
+        sealed.blob, kind="model", job_id="job-3", request_hash=digest(b"o"), recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card}
+    )
     forged = make_receipt(opened, entity=other, job_id="job-3")  # the other entity signs for what ENTITY received
     with AuditLog.open(path, OWNER) as log:
         log.record_sent(sealed, recipient=ENTITY.card)

@@ -1,4 +1,5 @@
 """The one CLI boundary: every expected failure is one escaped line and exit 1; bugs keep their traceback."""
+
 from __future__ import annotations
 
 import errno
@@ -39,8 +40,7 @@ def test_full_disk_names_the_path_and_the_fix(capsys: pytest.CaptureFixture[str]
 
 
 def test_domain_errors_are_listed_by_the_command(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _line(capsys, _fail_with(DomainError("model has no prunable layer")), errors=(DomainError,)).endswith(
-        "no prunable layer")
+    assert _line(capsys, _fail_with(DomainError("model has no prunable layer")), errors=(DomainError,)).endswith("no prunable layer")
     with pytest.raises(DomainError):
         run_cli("tool", _fail_with(DomainError("unlisted")))
 

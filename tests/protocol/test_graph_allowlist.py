@@ -4,6 +4,7 @@ Every hostile graph here is crafted the way an owner could: by editing the ``pro
 small export. Each is refused by ``program_from_files`` before torch's deserializer runs (the
 ``no_deserializer`` fixture fails the test if it does), so nothing in it ever executes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,14 +29,14 @@ from protocol.errors import ArtifactError
 from protocol.graph_ops import ALLOWED_OPS, check_expression, check_graph
 from protocol.program_guard import strip_program
 from protocol.spec import InputSpec, SpecError
-
 from tests.helpers import export_eval
 
 
 def _small_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +81,31 @@ def test_graph_reading_a_file_is_refused_before_the_deserializer_runs(files, tmp
     secret.write_bytes(b"ENTITY-SECRET-KEY-0123456789")
 
     def read_file(program: dict) -> None:
-        _nodes(program).insert(0, {
-            "target": "torch.ops.aten.from_file.default", "name": "leak", "metadata": {},
-            "inputs": [{"name": "filename", "arg": {"as_string": str(secret)}, "kind": 1},
-                       {"name": "shared", "arg": {"as_bool": False}, "kind": 1},
-                       {"name": "size", "arg": {"as_int": 28}, "kind": 1},
-                       {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2}],
-            "outputs": [{"as_tensor": {"name": "leak"}}], "is_hop_single_tensor_return": None,
-        })
+        _nodes(program).insert(
+            0,
+            {
+                "target": "torch.ops.aten.from_file.default",
+                "name": "leak",
+                "metadata": {},
+                "inputs": [
+                    {"name": "filename", "arg": {"as_string": str(secret)}, "kind": 1},
+                    {"name": "shared", "arg": {"as_bool": False}, "kind": 1},
+                    {"name": "size", "arg": {"as_int": 28}, "kind": 1},
+                    {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2},
+                ],
+                "outputs": [{"as_tensor": {"name": "leak"}}],
+                "is_hop_single_tensor_return": None,
+            },
+        )
         program["graph_module"]["graph"]["tensor_values"]["leak"] = {
-            "dtype": 1, "sizes": [{"as_int": 28}], "requires_grad": False, "device": {"type": "cpu", "index": None},
-            "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7}
+            "dtype": 1,
+            "sizes": [{"as_int": 28}],
+            "requires_grad": False,
+            "device": {"type": "cpu", "index": None},
+            "strides": [{"as_int": 1}],
+            "storage_offset": {"as_int": 0},
+            "layout": 7,
+        }
 
     hostile = _edited(files, read_file)
     with pytest.raises(ArtifactError, match=r"graph node 'leak' calls aten\.from_file\.default, .*reads a file") as info:
@@ -126,20 +141,23 @@ def test_graph_allocating_a_size_it_names_is_refused(no_deserializer):
         program_from_files(_edited(files, huge))
 
 
-@pytest.mark.parametrize("target, why", [
-    ("torch.ops.aten.copy_.default", "writes into an existing tensor"),
-    ("torch.ops.aten.empty.memory_format", "allocates"),
-    ("torch.ops.aten.zeros_like.default", "allocates"),
-    ("torch.ops.aten.arange.default", "allocates"),
-    ("torch.ops.aten.randn.default", "allocates"),
-    ("torch.ops.aten.sigmoid_.default", "in place"),
-    ("torch.ops.higher_order.cond", "runs a subgraph"),
-    ("torch.ops.profiler._record_function_enter.default", "not a tensor computation"),
-    ("torch.load", "not one of the compute ops"),
-    ("builtins.exec", "not one of the compute ops"),
-    ("#custom_extension", "not one of the compute ops"),
-    ("torch.ops.aten.relu", "not one of the compute ops"),  # a packet, not an overload
-])
+@pytest.mark.parametrize(
+    "target, why",
+    [
+        ("torch.ops.aten.copy_.default", "writes into an existing tensor"),
+        ("torch.ops.aten.empty.memory_format", "allocates"),
+        ("torch.ops.aten.zeros_like.default", "allocates"),
+        ("torch.ops.aten.arange.default", "allocates"),
+        ("torch.ops.aten.randn.default", "allocates"),
+        ("torch.ops.aten.sigmoid_.default", "in place"),
+        ("torch.ops.higher_order.cond", "runs a subgraph"),
+        ("torch.ops.profiler._record_function_enter.default", "not a tensor computation"),
+        ("torch.load", "not one of the compute ops"),
+        ("builtins.exec", "not one of the compute ops"),
+        ("#custom_extension", "not one of the compute ops"),
+        ("torch.ops.aten.relu", "not one of the compute ops"),  # a packet, not an overload
+    ],
+)
 def test_ops_off_the_list_are_refused_by_name(files, no_deserializer, target, why):
     hostile = _edited(files, lambda program: _relu(program).update(target=target))
     with pytest.raises(ArtifactError, match="graph node 'relu' calls") as info:
@@ -162,21 +180,24 @@ def _symbolic_paths(obj: Any, path: tuple = ()) -> list[tuple]:
     return []
 
 
-@pytest.mark.parametrize("expr", [
-    "__import__('os').getpid()",
-    "exec(chr(49))",
-    "S('1 + 1')",
-    "Symbol('s0').__class__",
-    "Symbol(chr(115))",
-    "Symbol('os.system')",
-    "Integer(1)[0]",
-    "(lambda: 1)()",
-    "Max(*[Integer(1)])",
-    "Symbol('s0', **{'positive': True})",
-    "Float('1.5', precision=53).evalf",
-    "Integer('12')",
-    "Pow(Integer(10), Integer(100000000000000000000000))",
-])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "__import__('os').getpid()",
+        "exec(chr(49))",
+        "S('1 + 1')",
+        "Symbol('s0').__class__",
+        "Symbol(chr(115))",
+        "Symbol('os.system')",
+        "Integer(1)[0]",
+        "(lambda: 1)()",
+        "Max(*[Integer(1)])",
+        "Symbol('s0', **{'positive': True})",
+        "Float('1.5', precision=53).evalf",
+        "Integer('12')",
+        "Pow(Integer(10), Integer(100000000000000000000000))",
+    ],
+)
 def test_symbolic_expressions_that_are_not_arithmetic_are_refused(files, no_deserializer, expr):
     program = json.loads(files[PROGRAM_FILE])
     paths = _symbolic_paths(program)
@@ -198,9 +219,13 @@ def test_the_expressions_torch_export_writes_are_accepted(files):
             node = node[key]
         written.add(node)
     assert written
-    for expr in written | {"Mul(Integer(2), Symbol('s77', positive=True, integer=True))",
-                           "FloorDiv(Add(Symbol('s1', integer=True), Integer(-1)), Integer(2))",
-                           "Max(Integer(1), Symbol('u0', integer=True))", "Float('1.5', precision=53)", "-int_oo"}:
+    for expr in written | {
+        "Mul(Integer(2), Symbol('s77', positive=True, integer=True))",
+        "FloorDiv(Add(Symbol('s1', integer=True), Integer(-1)), Integer(2))",
+        "Max(Integer(1), Symbol('u0', integer=True))",
+        "Float('1.5', precision=53)",
+        "-int_oo",
+    }:
         check_expression(expr)
 
 
@@ -288,8 +313,16 @@ def test_every_allowed_op_is_a_real_overload_that_computes_from_tensors():
         written = [a.name for a in arguments if a.alias_info is not None and a.alias_info.is_write]
         assert written in ([], ["self"]), f"{name} writes into {written}"
         assert not written or packet.endswith("_"), f"{name} mutates but is not an in-place activation"
-    for refused in ("aten.from_file.default", "aten._print.default", "aten.full.default", "aten.copy_.default",
-                    "aten.empty.memory_format", "aten.ones.default", "aten.zeros.default", "aten.arange.default"):
+    for refused in (
+        "aten.from_file.default",
+        "aten._print.default",
+        "aten.full.default",
+        "aten.copy_.default",
+        "aten.empty.memory_format",
+        "aten.ones.default",
+        "aten.zeros.default",
+        "aten.arange.default",
+    ):
         assert refused not in ALLOWED_OPS
 
 
@@ -311,8 +344,7 @@ def test_input_spec_larger_than_the_limits_is_refused_before_anything_is_allocat
     with pytest.raises(SpecError, match="more than the limit of 1048576"):
         InputSpec((3, 1024, 1024), (0.5,) * 3, (0.25,) * 3, "RGB")
     with pytest.raises(SpecError, match="exceeds the limit"):
-        InputSpec.from_json({"shape": [1, 4096, 4096], "channel_order": "L", "pixel_range": [0, 255],
-                             "mean": ["0.5"], "std": ["0.25"]})
+        InputSpec.from_json({"shape": [1, 4096, 4096], "channel_order": "L", "pixel_range": [0, 255], "mean": ["0.5"], "std": ["0.25"]})
     assert InputSpec((3, 512, 512), (0.5,) * 3, (0.25,) * 3, "RGB").shape == (3, 512, 512)
     assert InputSpec((1, 1024, 1024), (0.5,), (0.25,)).shape == (1, 1024, 1024)
 

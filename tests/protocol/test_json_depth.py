@@ -1,4 +1,5 @@
 """Depth-limited JSON: nesting past ``MAX_DEPTH`` is a one-line refusal, never a RecursionError."""
+
 from __future__ import annotations
 
 import json
@@ -75,9 +76,11 @@ def test_unterminated_string_full_of_escaped_quotes_is_scanned_in_linear_time() 
 
 
 _TRICKY_TEXT = st.text(alphabet='[]{}"\\ab', max_size=8)  # brackets, quotes and backslashes inside strings
-_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), _TRICKY_TEXT),
-                       lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_TRICKY_TEXT, inner, max_size=3)),
-                       max_leaves=30)
+_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), _TRICKY_TEXT),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_TRICKY_TEXT, inner, max_size=3)),
+    max_leaves=30,
+)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)

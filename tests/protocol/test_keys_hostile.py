@@ -1,6 +1,7 @@
 """Identity cards and key files against hostile files (issue 9): a FIFO, a device or a folder where
 a card or key is expected is refused at once, never waited on; an oversized card is refused
 without being read whole."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The pickle scan (``protocol._pickles``): bounded work on hostile archives, no false alarm on safetensors."""
+
 from __future__ import annotations
 
 import io

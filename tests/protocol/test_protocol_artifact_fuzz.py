@@ -3,6 +3,7 @@ altered must give ``ArtifactError``, never another exception. Structured mutatio
 leaf of the serialized program with a value of another type, which is what a hostile owner would
 try against the entity's ``program_from_files``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,9 @@ from protocol.program_guard import strip_program
 
 def _files() -> dict[str, bytes]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                                torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 10)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 10)
+    ).eval()
     files = program_to_files(torch.export.export(model, (torch.zeros(1, 1, 28, 28),)))
     files["program.json"] = strip_program(files["program.json"])
     return files
@@ -71,10 +73,8 @@ def test_signature_names_of_the_wrong_type_give_the_clean_error_specific_cases()
             program_from_files({**FILES, "program.json": json.dumps(program).encode()})
         except ProtocolError:
             continue
-        except Exception as exc:  # noqa: BLE001 - the point of the test
+        except Exception as exc:
             pytest.fail(f"{'.'.join(map(str, path))} = {value!r}: {type(exc).__name__}: {exc}")
-
-
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -4,6 +4,7 @@ The derived digest must bind every byte of the file as a plain SHA-256 would: an
 header or tensor byte fails, a forged statement that cites another file by it is refused, and
 statements from older senders (plain SHA-256 of every file) still verify.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Egress guard: exactly the model's schema leaves, nothing else."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """One job end to end through the protocol API exactly as the Flower flow calls it, and the
 hostile variants of each step (no Flower here: the bytes are handed over directly)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,14 +64,16 @@ def _owner_request(w: World, offer: bytes) -> tuple[bytes, bytes, str]:
     model = _model()
     files = program_to_files(torch.export.export(model, (torch.zeros(1, 1, 28, 28),)))
     files["program.json"] = strip_program(files["program.json"])
-    request = {"job_id": body["job_id"], "nonce": body["nonce"], "prune": PruneRequest(rate=4.0).to_json(),
-               "input_spec": InputSpec(shape=(1, 28, 28), mean=(0.2860,), std=(0.3530,)).to_json()}
+    request = {
+        "job_id": body["job_id"],
+        "nonce": body["nonce"],
+        "prune": PruneRequest(rate=4.0).to_json(),
+        "input_spec": InputSpec(shape=(1, 28, 28), mean=(0.2860,), std=(0.3530,)).to_json(),
+    }
     files["request.json"] = canonical.dumps(request)
-    guard = EgressGuard(schema=schema_of(model.state_dict()), max_bytes=10_000_000,
-                        on_violation=w.owner_log.record_blocked)
+    guard = EgressGuard(schema=schema_of(model.state_dict()), max_bytes=10_000_000, on_violation=w.owner_log.record_blocked)
     guard.check(files, {})
-    sealed = seal_bundle_detailed(files, kind="model", job_id=body["job_id"], request_hash=digest(offer),
-                                  sender=w.owner, recipient=w.entity.card)
+    sealed = seal_bundle_detailed(files, kind="model", job_id=body["job_id"], request_hash=digest(offer), sender=w.owner, recipient=w.entity.card)
     w.owner_log.record_sent(sealed, recipient=w.entity.card, request=request)
     checkpoint = w.owner_log.checkpoint()
     return sealed.blob, checkpoint, body["job_id"]
@@ -80,8 +83,7 @@ def _entity_answer(w: World, offer: bytes, blob: bytes, checkpoint: bytes, *, ta
     """Entity: admit, open, redeem the offer, 'prune', seal the result to the owner."""
     registry = load_registry(w.owners_dir)
     header = peek_header(blob)
-    opened = open_bundle(blob, kind="model", job_id=header["job_id"], request_hash=digest(offer),
-                         recipient=w.entity, senders=registry)
+    opened = open_bundle(blob, kind="model", job_id=header["job_id"], request_hash=digest(offer), recipient=w.entity, senders=registry)
     request = canonical.loads(opened.files["request.json"])
     w.entity_nonces.redeem(request["job_id"], request["nonce"])
     from safetensors.torch import load
@@ -91,19 +93,25 @@ def _entity_answer(w: World, offer: bytes, blob: bytes, checkpoint: bytes, *, ta
     state["0.weight"] = state["0.weight"] * masks["0.weight"]
     if tamper:
         state, masks = tamper(state, masks)
-    result = {"weights.safetensors": save(state), "masks.bin": pack_masks(masks),
-              "report.json": canonical.dumps({"achieved_rate": "4"}), "recipe.json": canonical.dumps(RetrainRecipe().to_json())}
+    result = {
+        "weights.safetensors": save(state),
+        "masks.bin": pack_masks(masks),
+        "report.json": canonical.dumps({"achieved_rate": "4"}),
+        "recipe.json": canonical.dumps(RetrainRecipe().to_json()),
+    }
     request_hash = digest(opened.files["request.json"])
-    sealed = seal_bundle(result, kind="result", job_id=request["job_id"], request_hash=request_hash,
-                         sender=w.entity, recipient=registry[opened.sender.fingerprint])
+    sealed = seal_bundle(
+        result, kind="result", job_id=request["job_id"], request_hash=request_hash, sender=w.entity, recipient=registry[opened.sender.fingerprint]
+    )
     receipt = make_receipt(opened, entity=w.entity, job_id=request["job_id"])
     counter = countersign_checkpoint(checkpoint, owner=opened.sender, entity=w.entity)
     return sealed, receipt, counter, request_hash
 
 
 def _owner_receive(w: World, blob: bytes, request_hash: str, job_id: str, nonce: str):
-    opened = open_bundle(blob, kind="result", job_id=job_id, request_hash=request_hash, recipient=w.owner,
-                         senders={w.entity.fingerprint: w.entity.card})
+    opened = open_bundle(
+        blob, kind="result", job_id=job_id, request_hash=request_hash, recipient=w.owner, senders={w.entity.fingerprint: w.entity.card}
+    )
     schema = schema_of(_model().state_dict())
     weights = check_safetensors(opened.files["weights.safetensors"], schema)
     masks = unpack_masks(opened.files["masks.bin"])
@@ -208,5 +216,6 @@ def test_result_sealed_to_another_owner_cannot_be_opened(world: World) -> None:
     result, request_hash, job_id, nonce = _job(world)
     other = Identity.generate("owner")
     with pytest.raises(SealError):
-        open_bundle(result, kind="result", job_id=job_id, request_hash=request_hash, recipient=other,
-                    senders={world.entity.fingerprint: world.entity.card})
+        open_bundle(
+            result, kind="result", job_id=job_id, request_hash=request_hash, recipient=other, senders={world.entity.fingerprint: world.entity.card}
+        )

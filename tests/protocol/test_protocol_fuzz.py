@@ -4,6 +4,7 @@ Mutations are applied both outside the encryption (where HPKE refuses them) and 
 fuzzer seals its mutated plaintext correctly, so the framing, envelope, statement, safetensors and
 pickle checks behind the decryption all get exercised). Derandomised, so CI runs are repeatable.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ FUZZ = settings(max_examples=120, deadline=None, derandomize=True, suppress_heal
 OWNER = Identity.generate("owner", "clinic")
 ENTITY = Identity.generate("entity", "service")
 REQ = digest(b"offer")
-FILES = {"weights.safetensors": save({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)}),
-         "request.json": b'{"job_id":"j"}'}
+FILES = {
+    "weights.safetensors": save({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)}),
+    "request.json": b'{"job_id":"j"}',
+}
 BLOB = seal_bundle(FILES, kind="model", job_id="j", request_hash=REQ, sender=OWNER, recipient=ENTITY.card)
 
 
@@ -58,8 +61,17 @@ def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes
 
 
 def _reseal(plain: bytes) -> bytes:
-    header = canonical.dumps({"v": 1, "suite": "DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM", "kind": "model", "job_id": "j",
-                              "request_hash": REQ, "sender": OWNER.fingerprint, "recipient": ENTITY.fingerprint})
+    header = canonical.dumps(
+        {
+            "v": 1,
+            "suite": "DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM",
+            "kind": "model",
+            "job_id": "j",
+            "request_hash": REQ,
+            "sender": OWNER.fingerprint,
+            "recipient": ENTITY.fingerprint,
+        }
+    )
     sealed = _SUITE.encrypt(plain, ENTITY.card.seal_key(), info=_info("model", "j", REQ, OWNER.fingerprint, ENTITY.fingerprint))
     return b"BPSEAL1\n" + struct.pack(">I", len(header)) + header + sealed
 

@@ -7,6 +7,7 @@ versions that every later version must still open and verify. ``pytest --update-
 rewrites ``vectors.json`` from this version and adds this version's own bundle and log to
 ``compat/`` (older ones are never rewritten); say so in the commit when a format changes.
 """
+
 from __future__ import annotations
 
 import base64
@@ -47,8 +48,7 @@ def _signed_message() -> bytes:
 
 def _sealed_bundle() -> bytes:
     files = {"request.json": b'{"job_id":"job-golden"}', "weights.safetensors": save({"w": torch.arange(4, dtype=torch.float32)})}
-    return seal_bundle(files, kind="model", job_id="job-golden", request_hash=REQUEST_HASH, sender=OWNER,
-                       recipient=ENTITY.card, claims={"k": "v"})
+    return seal_bundle(files, kind="model", job_id="job-golden", request_hash=REQUEST_HASH, sender=OWNER, recipient=ENTITY.card, claims={"k": "v"})
 
 
 def _audit_log(path: Path) -> bytes:
@@ -73,8 +73,12 @@ def test_update_goldens(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """Only with ``--update-goldens``: regenerate the vectors, add this version's compat inputs."""
     if not request.config.getoption("--update-goldens"):
         pytest.skip("golden files are regenerated only with --update-goldens")
-    vectors = {"owner_fingerprint": OWNER.fingerprint, "entity_fingerprint": ENTITY.fingerprint,
-               "signed_message": _signed_message().decode(), "packed_masks_hex": pack_masks(MASKS).hex()}
+    vectors = {
+        "owner_fingerprint": OWNER.fingerprint,
+        "entity_fingerprint": ENTITY.fingerprint,
+        "signed_message": _signed_message().decode(),
+        "packed_masks_hex": pack_masks(MASKS).hex(),
+    }
     VECTORS.write_text(json.dumps(vectors, indent=2, sort_keys=True) + "\n")
     today = datetime.date.today().isoformat()
     for kind, data in (("sealed-bundle", _sealed_bundle()), ("audit-log", _audit_log(tmp_path / "audit.jsonl"))):
@@ -85,8 +89,7 @@ def test_update_goldens(request: pytest.FixtureRequest, tmp_path: Path) -> None:
 
 # RFC 6962 / 9162 reference vectors (certificate-transparency merkle_tree_test): tree heads over
 # the first n of these leaves.
-CT_LEAVES = [bytes.fromhex(h) for h in ["", "00", "10", "2021", "3031", "40414243", "5051525354555657",
-                                         "606162636465666768696a6b6c6d6e6f"]]
+CT_LEAVES = [bytes.fromhex(h) for h in ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"]]
 CT_ROOTS = [
     "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
     "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
@@ -124,8 +127,14 @@ def test_packed_masks_are_byte_for_byte_stable() -> None:
 
 @pytest.mark.parametrize("path", _compat("sealed-bundle"), ids=lambda p: p.stem)
 def test_golden_sealed_bundle_still_opens(path: Path) -> None:
-    opened = open_bundle(base64.b64decode(path.read_text()), kind="model", job_id="job-golden", request_hash=REQUEST_HASH,
-                         recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card})
+    opened = open_bundle(
+        base64.b64decode(path.read_text()),
+        kind="model",
+        job_id="job-golden",
+        request_hash=REQUEST_HASH,
+        recipient=ENTITY,
+        senders={OWNER.fingerprint: OWNER.card},
+    )
     assert opened.files["request.json"] == b'{"job_id":"job-golden"}'
     assert torch.equal(load(opened.files["weights.safetensors"])["w"], torch.arange(4, dtype=torch.float32))
     assert dict(opened.claims) == {"k": "v"}
@@ -142,8 +151,9 @@ def test_golden_audit_log_still_verifies(path: Path, tmp_path: Path) -> None:
 
 def test_this_versions_bundle_and_log_open_like_the_golden_ones(tmp_path: Path) -> None:
     """What ``--update-goldens`` would add is itself valid (so the flag never stores a broken input)."""
-    opened = open_bundle(_sealed_bundle(), kind="model", job_id="job-golden", request_hash=REQUEST_HASH,
-                         recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card})
+    opened = open_bundle(
+        _sealed_bundle(), kind="model", job_id="job-golden", request_hash=REQUEST_HASH, recipient=ENTITY, senders={OWNER.fingerprint: OWNER.card}
+    )
     assert dict(opened.claims) == {"k": "v"}
     _audit_log(tmp_path / "audit.jsonl")
     verdict = verify_log(tmp_path / "audit.jsonl", owner=OWNER.card, entity=ENTITY.card)

@@ -1,4 +1,5 @@
 """Identities: key files, cards, registries, the keys CLI."""
+
 from __future__ import annotations
 
 import os
@@ -158,8 +159,9 @@ def test_card_with_a_low_order_sealing_key_is_refused() -> None:
 
 def test_register_copies_a_checked_owner_card_into_the_registry(tmp_path: Path) -> None:
     owner = init_identity(tmp_path / "owner", "owner", "clinic")
-    out = _cli("register", "--card", str(tmp_path / "owner" / CARD_FILE), "--owners", str(tmp_path / "owners"),
-               "--fingerprint", owner.fingerprint[:16])
+    out = _cli(
+        "register", "--card", str(tmp_path / "owner" / CARD_FILE), "--owners", str(tmp_path / "owners"), "--fingerprint", owner.fingerprint[:16]
+    )
     assert out.returncode == 0, out.stderr
     assert set(load_registry(tmp_path / "owners")) == {owner.fingerprint}
     again = _cli("register", "--card", str(tmp_path / "owner" / CARD_FILE), "--owners", str(tmp_path / "owners"))
@@ -169,8 +171,7 @@ def test_register_copies_a_checked_owner_card_into_the_registry(tmp_path: Path) 
 def test_register_refuses_a_wrong_fingerprint_or_an_entity_card(tmp_path: Path) -> None:
     init_identity(tmp_path / "owner", "owner")
     init_identity(tmp_path / "entity", "entity")
-    wrong = _cli("register", "--card", str(tmp_path / "owner" / CARD_FILE), "--owners", str(tmp_path / "owners"),
-                 "--fingerprint", "0" * 16)
+    wrong = _cli("register", "--card", str(tmp_path / "owner" / CARD_FILE), "--owners", str(tmp_path / "owners"), "--fingerprint", "0" * 16)
     assert wrong.returncode == 1 and "not the expected" in wrong.stderr
     entity = _cli("register", "--card", str(tmp_path / "entity" / CARD_FILE), "--owners", str(tmp_path / "owners"))
     assert entity.returncode == 1 and "only owner cards" in entity.stderr

@@ -1,4 +1,5 @@
 """Bit-packed masks: exact round trip, one encoding per mask, strict decoding."""
+
 from __future__ import annotations
 
 import struct

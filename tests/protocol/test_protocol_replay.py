@@ -1,4 +1,5 @@
 """Replay protection: offers redeemed once, results accepted once, across restarts."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Signed + sealed bundles: round trip, and every refusal the brief lists."""
+
 from __future__ import annotations
 
 import io
@@ -137,12 +138,19 @@ def _forge(files: dict[str, bytes], tensors: dict[str, Any] | None = None, subje
 
     statement = {
         "_type": "https://in-toto.io/Statement/v1",
-        "subject": subjects if subjects is not None else [
-            {"name": n, "digest": {"sha256": hashlib.sha256(b).hexdigest()}} for n, b in sorted(files.items())
-        ],
+        "subject": subjects
+        if subjects is not None
+        else [{"name": n, "digest": {"sha256": hashlib.sha256(b).hexdigest()}} for n, b in sorted(files.items())],
         "predicateType": "https://blindprune.dev/bundle/v1",
-        "predicate": {"kind": "model", "job_id": "j1", "request_hash": REQ, "sender": OWNER.fingerprint,
-                      "recipient": ENTITY.fingerprint, "claims": {}, "tensors": tensors or {}},
+        "predicate": {
+            "kind": "model",
+            "job_id": "j1",
+            "request_hash": REQ,
+            "sender": OWNER.fingerprint,
+            "recipient": ENTITY.fingerprint,
+            "claims": {},
+            "tensors": tensors or {},
+        },
     }
     env = _dsse.sign(_dsse.INTOTO_PAYLOAD_TYPE, canonical.dumps(statement), OWNER.signing_key, OWNER.fingerprint).to_bytes()
     return _seal_frames(env, files, "model", "j1", REQ, OWNER.fingerprint, ENTITY.card)

@@ -1,4 +1,5 @@
 """TLS and SuperNode-auth key material: valid chain, right hosts, right formats, private keys 0600."""
+
 from __future__ import annotations
 
 import ipaddress

@@ -1,4 +1,5 @@
 """Settings files: relative paths, flags over the file, unknown keys refused."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,39 +17,49 @@ def _args(**kw) -> argparse.Namespace:
 def test_file_paths_are_relative_to_the_file_and_flags_win(tmp_path):
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "owner.toml").write_text('[owner]\ndata = "private"\nrate = 4\n')
-    data = merge_settings(_args(config=tmp_path / "conf" / "owner.toml", rate=16.0), section="owner",
-                          default_file="owner.toml", known={"data", "rate"}, path_keys=("data",))
+    data = merge_settings(
+        _args(config=tmp_path / "conf" / "owner.toml", rate=16.0),
+        section="owner",
+        default_file="owner.toml",
+        known={"data", "rate"},
+        path_keys=("data",),
+    )
     assert data == {"data": tmp_path / "conf" / "private", "rate": 16.0}
 
 
 def test_unknown_setting_and_bad_toml_are_refused(tmp_path):
-    (tmp_path / "a.toml").write_text('[owner]\nrat = 4\n')
+    (tmp_path / "a.toml").write_text("[owner]\nrat = 4\n")
     with pytest.raises(SettingsError, match="unknown setting.*rat"):
-        merge_settings(_args(config=tmp_path / "a.toml"), section="owner", default_file="owner.toml",
-                       known={"rate"}, path_keys=())
-    (tmp_path / "b.toml").write_text('[owner\n')
+        merge_settings(_args(config=tmp_path / "a.toml"), section="owner", default_file="owner.toml", known={"rate"}, path_keys=())
+    (tmp_path / "b.toml").write_text("[owner\n")
     with pytest.raises(SettingsError, match="b.toml"):
-        merge_settings(_args(config=tmp_path / "b.toml"), section="owner", default_file="owner.toml",
-                       known={"rate"}, path_keys=())
+        merge_settings(_args(config=tmp_path / "b.toml"), section="owner", default_file="owner.toml", known={"rate"}, path_keys=())
     with pytest.raises(SettingsError, match="does not exist"):
-        merge_settings(_args(config=tmp_path / "none.toml"), section="owner", default_file="owner.toml",
-                       known={"rate"}, path_keys=())
+        merge_settings(_args(config=tmp_path / "none.toml"), section="owner", default_file="owner.toml", known={"rate"}, path_keys=())
 
 
 def test_default_file_in_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    Path("entity.toml").write_text('[entity]\nport = 9999\n')
+    Path("entity.toml").write_text("[entity]\nport = 9999\n")
     assert merge_settings(_args(), section="entity", default_file="entity.toml", known={"port"}, path_keys=()) == {"port": 9999}
 
 
 # --- the entity's settings: one value from entity.serve's flags and TOML to the ServerApp ------------------------
 
+
 def _entity_settings():
     from entity.settings import EntitySettings
 
-    return EntitySettings(home=Path("/srv/entity"), port=9100, recipe="admm", epochs=2, synthetic_images=32,
-                          recipe_options={"admm": {"admm_iters": 5, "admm_optimiser": "sgd"}, "refit": {"rescale": False}},
-                          prune_memory_gib=2.5, prune_timeout=90.0)
+    return EntitySettings(
+        home=Path("/srv/entity"),
+        port=9100,
+        recipe="admm",
+        epochs=2,
+        synthetic_images=32,
+        recipe_options={"admm": {"admm_iters": 5, "admm_optimiser": "sgd"}, "refit": {"rescale": False}},
+        prune_memory_gib=2.5,
+        prune_timeout=90.0,
+    )
 
 
 def test_entity_settings_round_trip_through_their_json():
@@ -91,16 +102,31 @@ def test_entity_toml_keys_and_flags_fill_the_settings(tmp_path):
 
     (tmp_path / "entity.toml").write_text(
         '[entity]\nhome = "home"\nrecipe = ""\nepochs = 2\nsynthetic_images = 64\nsynthetic_steps = 50\n'
-        'start_timeout = 120.0\nprune_timeout = 90\n[entity.recipe_options.refit]\ndamping = 0.01\n')
-    config = _serve_config(["--config", str(tmp_path / "entity.toml"), "--prune-memory-gib", "3",
-                            "--recipe-option", "admm.admm_iters=5", "--recipe-option", "admm.admm_optimiser=sgd"])
+        "start_timeout = 120.0\nprune_timeout = 90\n[entity.recipe_options.refit]\ndamping = 0.01\n"
+    )
+    config = _serve_config(
+        [
+            "--config",
+            str(tmp_path / "entity.toml"),
+            "--prune-memory-gib",
+            "3",
+            "--recipe-option",
+            "admm.admm_iters=5",
+            "--recipe-option",
+            "admm.admm_optimiser=sgd",
+        ]
+    )
     assert config.home == (tmp_path / "home").resolve() and config.recipe == "" and config.epochs == 2
     assert (config.synthetic_images, config.synthetic_steps, config.start_timeout) == (64, 50, 120.0)
     # A flag replaces the file's table as a whole, as every flag replaces its key.
     assert config.recipe_options == {"admm": {"admm_iters": 5, "admm_optimiser": "sgd"}}
     assert config.sandbox == SandboxLimits(memory_bytes=3 * GiB, seconds=90)
-    assert config.prune_options("admm") == {"device": "cpu", "synthetic_images": 64, "synthetic_steps": 50,
-                                            "options": {"admm_iters": 5, "admm_optimiser": "sgd"}}
+    assert config.prune_options("admm") == {
+        "device": "cpu",
+        "synthetic_images": 64,
+        "synthetic_steps": 50,
+        "options": {"admm_iters": 5, "admm_optimiser": "sgd"},
+    }
     assert config.prune_options("refit")["options"] == {}
 
 
@@ -128,8 +154,9 @@ def test_a_new_operator_setting_reaches_the_serverapps_settings_and_sandbox_limi
 
     home = tmp_path / "home"
     init_identity(home / "keys", "entity")
-    config = _serve_config(["--home", str(home), "--prune-memory-gib", "2", "--prune-timeout", "75",
-                            "--recipe", "admm", "--recipe-option", "admm.admm_iters=5"])
+    config = _serve_config(
+        ["--home", str(home), "--prune-memory-gib", "2", "--prune-timeout", "75", "--recipe", "admm", "--recipe-option", "admm.admm_iters=5"]
+    )
     write_settings(home / SETTINGS_FILE, config)  # what EntityService.start writes before the SuperLink starts
     jobs = entity_from_config({}, {SETTINGS_ENV: str(home / SETTINGS_FILE)})
     assert jobs.settings == config.resolved()

@@ -402,7 +402,7 @@ def print_summary(summary: dict[str, Any], console) -> None:
     table.add_row("retraining epochs", str(summary["epochs"]))
     table.add_row("bytes sent / received", f"{summary['bytes_sent']:,} / {summary['bytes_received']:,}")
     for t in summary["transfers"]:
-        hashes = ", ".join(f"{k} {v[7:19]}" for k, v in sorted(t["files"].items()))
+        hashes = ", ".join(f"{k} {v.rpartition(':')[2][:12]}" for k, v in sorted(t["files"].items()))
         table.add_row(f"{t['direction']}: {t['kind']}", shown(f"{t['tensors']} tensors, {t['bytes']:,} bytes; {hashes}"))
     table.add_row("FAB from the entity", "ignored (never installed or run)" if summary["ignored_fabs"] else "none received")
     table.add_row("final model", summary["final_model"])

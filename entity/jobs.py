@@ -202,7 +202,14 @@ class EntityJobs:
             raise JobError(f"pruning request not supported: {exc}") from exc
         # The graph runs in a child process that holds no key; a failure's text stays in our log.
         try:
-            result = run_pruning(artifact, spec.to_json(), kwargs, progress, self.settings.sandbox)
+            result = run_pruning(
+                artifact,
+                spec.to_json(),
+                kwargs,
+                progress,
+                self.settings.sandbox,
+                on_confined=lambda line: self.events.write("sandbox", job_id=offer.job_id, filesystem=line),
+            )
         except PruningRefused as exc:
             raise JobError(str(exc)) from None
         except PruningFailed as exc:

@@ -5,7 +5,10 @@ Pruning executes the received graph on synthetic data. Even with the op allow-li
 large surface, so the engine runs in a fresh interpreter (``python -m entity.sandbox``; never a
 fork, which would copy the parent's memory, signing key included) that gets only what pruning
 needs over its stdin: the artifact files' bytes, the input spec and the engine configuration.
-Its environment is reduced to what Python and torch need (``child_environment``).
+Its environment is reduced to what Python and torch need (``child_environment``), and before it
+parses the graph it gives up the filesystem (``entity._landlock``, Linux Landlock): it can read
+only module and system folders, so the entity's home and keys are out of its reach even though it
+runs as the same user. The event log records whether that confinement took effect.
 
 Limits (``SandboxLimits``): memory through ``RLIMIT_DATA``, which counts the heap and anonymous
 mappings but not the address space CUDA merely reserves (``RLIMIT_AS`` would break CUDA and
@@ -112,12 +115,14 @@ def run_pruning(
     config: Mapping[str, Any],
     progress: Callable[[dict], None] | None = None,
     limits: SandboxLimits = SandboxLimits(),
+    on_confined: Callable[[str], None] | None = None,
 ) -> PruneResult:
     """Prune in a child process: ``PruneResult`` back, or ``PruningRefused`` / ``PruningFailed``.
 
     ``files`` are the model artifact's files (graph, weights, constants), ``spec_json`` the input
     specification as ``InputSpec.to_json`` writes it, ``config`` the ``PruneConfig`` keyword
-    arguments (JSON values). ``progress`` receives the engine's events in this process.
+    arguments (JSON values). ``progress`` receives the engine's events in this process;
+    ``on_confined`` the child's line on its filesystem confinement (for the operator's log).
     """
     import torch
 
@@ -147,7 +152,7 @@ def run_pruning(
     for thread in threads:
         thread.start()
     try:
-        outcome = _collect(process, frames, progress, limits)
+        outcome = _collect(process, frames, progress, limits, on_confined)
     finally:
         if process.poll() is None:
             process.kill()
@@ -180,7 +185,13 @@ def run_pruning(
     raise PruningFailed(f"the pruning process ended without a result ({died})", f"{payload}\n{stderr}")
 
 
-def _collect(process: subprocess.Popen, frames: queue.Queue, progress: Callable[[dict], None] | None, limits: SandboxLimits) -> tuple[str, Any]:
+def _collect(
+    process: subprocess.Popen,
+    frames: queue.Queue,
+    progress: Callable[[dict], None] | None,
+    limits: SandboxLimits,
+    on_confined: Callable[[str], None] | None = None,
+) -> tuple[str, Any]:
     """Wait for the child's frames until a result, an error, its end or the deadline."""
     deadline = time.monotonic() + limits.seconds
     outcome: tuple[str, Any] | None = None
@@ -202,6 +213,8 @@ def _collect(process: subprocess.Popen, frames: queue.Queue, progress: Callable[
                 continue
             if isinstance(event, dict):
                 progress(event)
+        elif kind == b"S" and on_confined is not None:
+            on_confined(payload.decode("utf-8", "replace")[:300])
         elif kind == b"R":
             outcome = ("result", payload)
         elif kind == b"E":
@@ -384,6 +397,8 @@ def _child(argv: list[str]) -> int:
         torch.set_num_threads(max(1, int(job.get("threads", 1))))
         spec = InputSpec.from_json(job["spec"])
         config = PruneConfig(**{key: _tuples(value) for key, value in job["config"].items()})
+        # From here on the received graph is parsed and run: the filesystem is closed first.
+        _send(out, b"S", _confine_filesystem().encode())
         program = program_from_files(files)
         del files
 
@@ -403,6 +418,39 @@ def _child(argv: list[str]) -> int:
             error = {"kind": "internal", "detail": f"{type(exc).__name__} (not classified)"}
         _send(out, b"E", json.dumps(error).encode())
         return 1
+
+
+def _confine_filesystem() -> str:
+    """Landlock this child (``entity._landlock``): reads only where Python and torch modules live,
+    writes only to ``/dev``, ``/proc``, ``/sys`` and a private temporary folder. The entity's home
+    (keys, registry, logs) is outside all of them. Returns the line the event log shows."""
+    import tempfile
+
+    from entity import _landlock
+
+    private = Path(tempfile.mkdtemp(prefix="blindprune-prune-"))
+    os.environ["TMPDIR"] = tempfile.tempdir = str(private)
+    root = Path(__file__).resolve().parents[1]
+    here = Path.cwd().resolve()
+    entries = {Path(entry).resolve() for entry in sys.path if entry and Path(entry).is_dir()}
+    # The project root and the working folder may hold the entity's home: only its packages are read.
+    entries -= {root, here}
+    readable = {
+        Path(sys.prefix),
+        Path(sys.base_prefix),
+        Path(sys.exec_prefix),
+        *entries,
+        *(root / name for name in ("entity", "protocol", "codegen")),
+        Path("/usr"),
+        Path("/lib"),
+        Path("/lib64"),
+        Path("/etc"),
+    }
+    try:
+        abi = _landlock.confine(sorted(readable), [Path("/dev"), Path("/proc"), Path("/sys"), private])
+    except _landlock.ConfinementError as exc:
+        return f"not confined: {exc.strerror}"
+    return f"confined (Landlock ABI {abi}): reads below {len(readable)} module and system folders only"
 
 
 def _classify(exc: BaseException) -> dict[str, str]:

@@ -176,7 +176,7 @@ def test_operator_settings_reach_the_pruning_process(parties, monkeypatch):
     )
     seen: dict = {}
 
-    def no_child(files, spec_json, config, progress, limits):
+    def no_child(files, spec_json, config, progress, limits, on_confined=None):
         seen.update(config=config, limits=limits)
         raise PruningRefused("stopped before a child was started")
 

@@ -76,3 +76,14 @@ def export_eval(model: torch.nn.Module, shape: tuple[int, ...] = (1, 28, 28)) ->
     """Export in eval mode with a dynamic batch dimension, as the owner does."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     return torch.export.export(model.eval(), (torch.randn(2, *shape),), dynamic_shapes=({0: batch},))
+
+
+def owner_run_args(tmp_path: Path, data: Path) -> list[str]:
+    """``owner.run`` flags for the shipped small VGG against a fresh entity card in ``tmp_path``
+    (the card is created; the data folder is the caller's)."""
+    from protocol.keys import init_identity
+
+    init_identity(tmp_path / "entity", "entity")
+    spec = ["--input-shape", "1,28,28", "--mean", "0.286", "--std", "0.353"]
+    paths = ["--entity-card", str(tmp_path / "entity" / "card.json"), "--keys", str(tmp_path / "keys"), "--out", str(tmp_path / "out")]
+    return ["--data", str(data), "--model", "simulations.models:small_vgg", *spec, *paths, "--quiet"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from protocol.flower_processes import free_port
-from protocol.keys import init_identity
 from simulations.local import REPO
+from tests.helpers import owner_run_args
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -26,30 +26,9 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def owner_args(tmp_path) -> list[str]:
-    init_identity(tmp_path / "entity", "entity")
     data = tmp_path / "private"
     (data / "FashionMNIST" / "raw").mkdir(parents=True)
-    return [
-        "-m",
-        "owner.run",
-        "--data",
-        str(data),
-        "--model",
-        "simulations.models:small_vgg",
-        "--input-shape",
-        "1,28,28",
-        "--mean",
-        "0.286",
-        "--std",
-        "0.353",
-        "--entity-card",
-        str(tmp_path / "entity" / "card.json"),
-        "--keys",
-        str(tmp_path / "keys"),
-        "--out",
-        str(tmp_path / "out"),
-        "--quiet",
-    ]
+    return ["-m", "owner.run", *owner_run_args(tmp_path, data)]
 
 
 def _one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:

@@ -26,10 +26,9 @@ import pytest
 from entity.serve import EntityService, ServeConfig, _app_pyproject
 from entity.serve import main as serve_main
 from protocol.flower_processes import ManagedProcess, flower_command, flower_env, free_port
-from protocol.keys import init_identity
 from protocol.transport import make_supernode_auth_keys, make_tls_files
 from simulations.local import LocalDeployment
-from tests.helpers import write_flower_app
+from tests.helpers import owner_run_args, write_flower_app
 
 
 def _mode(path: Path) -> int:
@@ -252,33 +251,10 @@ def test_control_port_equal_to_the_owners_port_is_refused(tmp_path, capsys):
 def test_owner_node_key_needs_tls(tmp_path, capsys):
     from owner.run import main as owner_main
 
-    init_identity(tmp_path / "entity", "entity")
     (tmp_path / "private").mkdir()
     keys = make_supernode_auth_keys(tmp_path / "node")
     with pytest.raises(SystemExit) as exit_info:
-        owner_main(
-            [
-                "--data",
-                str(tmp_path / "private"),
-                "--model",
-                "simulations.models:small_vgg",
-                "--input-shape",
-                "1,28,28",
-                "--mean",
-                "0.286",
-                "--std",
-                "0.353",
-                "--entity-card",
-                str(tmp_path / "entity" / "card.json"),
-                "--keys",
-                str(tmp_path / "keys"),
-                "--out",
-                str(tmp_path / "out"),
-                "--node-key",
-                str(keys.private_key),
-                "--quiet",
-            ]
-        )
+        owner_main([*owner_run_args(tmp_path, tmp_path / "private"), "--node-key", str(keys.private_key)])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("owner.run: error:") and "--node-key needs --tls-ca" in err[-1], err

@@ -79,7 +79,10 @@ class OwnerExecutor:
 
     def run_one(self) -> bool:
         """Acquire and run one task if one is waiting; return whether one ran."""
-        res = self.poller.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+        try:
+            res = self.poller.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+        except httpx.HTTPError as exc:  # retried already: the SuperNode's runtime API is gone
+            raise ExecutorError(f"the owner's SuperNode stopped answering on {self.address} ({type(exc).__name__})") from exc
         if not (res.HasField("task") and res.token):
             return False
         client = _client(self.address, RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(res.token))

@@ -78,7 +78,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
+    """Load ``path`` into ``model``; a file that does not fit is one line naming the first tensor
+    that differs (and, where only the output count differs, the kwarg that usually fixes it)."""
     state = read_state_dict(path)
+    own = model.state_dict()
+    for name, tensor in state.items():
+        mine = own.get(name)
+        if mine is None or tuple(mine.shape) == tuple(tensor.shape):
+            continue
+        hint = ""
+        if mine.dim() == tensor.dim() >= 1 and tuple(mine.shape[1:]) == tuple(tensor.shape[1:]):
+            hint = f"; if the model takes a class count, pass it: --model-kwargs '{{\"num_classes\": {tensor.shape[0]}}}'"
+        raise ModelError(
+            f"weights file {path} does not fit the model: {name} is {list(tensor.shape)} in the file, {list(mine.shape)} in the model{hint}"
+        )
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ModelError(f"weights file {path} does not fit the model: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")

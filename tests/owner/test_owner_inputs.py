@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,28 @@ def test_export_rejects_a_wrong_input_shape():
     assert program.module()(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
     with pytest.raises(ModelError, match="does not accept"):
         export_model(model, RGB)
+
+
+def test_weights_for_another_class_count_name_the_layer_and_the_kwarg(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(build_model("simulations.models:small_vgg", {"num_classes": 7}).state_dict(), tmp_path / "w.safetensors")
+    with pytest.raises(ModelError) as info:
+        load_weights(build_model("simulations.models:small_vgg"), tmp_path / "w.safetensors")
+    message = str(info.value)
+    assert "\n" not in message and re.search(r"\[7(, \d+)*\] in the file, \[10(, \d+)*\] in the model", message)
+    assert "--model-kwargs '{\"num_classes\": 7}'" in message
+
+
+def test_executor_whose_supernode_is_gone_raises_its_own_error_not_httpx():
+    from flwr.clientapp import ClientApp
+
+    from owner.executor import ExecutorError, OwnerExecutor
+    from protocol.flower_processes import free_port
+
+    executor = OwnerExecutor(f"127.0.0.1:{free_port()}", ClientApp())
+    try:
+        with pytest.raises(ExecutorError, match="stopped answering"):
+            executor.run_one()
+    finally:
+        executor.close()

@@ -90,6 +90,9 @@ def load_private_data(directory: Path, spec: InputSpec, *, eval_fraction: float 
         except RuntimeError as exc:
             raise DataError(f"{directory / 'cifar-10-batches-py'}: {str(exc).splitlines()[0]}") from exc
         return PrivateData("CIFAR10", train, test, tuple(train.classes))
+    layout = _inside_a_layout(directory)
+    if layout is not None:
+        raise DataError(f"{directory} is the inside of a {layout[0]} layout: pass --data {layout[1]} (the folder that holds {layout[2]})")
     transform = _transform(spec, resize=True)
     held_out = next((directory / n for n in ("test", "val") if _has_image_classes(directory / n)), None)
     if _has_image_classes(directory / "train") and held_out is not None:
@@ -111,3 +114,18 @@ def load_private_data(directory: Path, spec: InputSpec, *, eval_fraction: float 
     raise DataError(
         f"no dataset found in {directory}: expected FashionMNIST/raw, MNIST/raw, cifar-10-batches-py or an ImageFolder tree (one folder per class)"
     )
+
+
+def _inside_a_layout(directory: Path) -> tuple[str, Path, str] | None:
+    """(layout, folder to pass, what it holds) when ``directory`` is a known layout's inner folder."""
+    resolved = directory.resolve()
+    idx = any(resolved.glob("train-images-idx3-ubyte*"))
+    if idx and resolved.name == "raw" and resolved.parent.name in ("FashionMNIST", "MNIST"):
+        return resolved.parent.name, resolved.parent.parent, f"{resolved.parent.name}/raw"
+    if idx and resolved.name in ("FashionMNIST", "MNIST"):
+        return resolved.name, resolved.parent, f"{resolved.name}/raw"
+    if (resolved / "raw").is_dir() and resolved.name in ("FashionMNIST", "MNIST"):
+        return resolved.name, resolved.parent, f"{resolved.name}/raw"
+    if (resolved / "data_batch_1").is_file() and resolved.name == "cifar-10-batches-py":
+        return "CIFAR-10", resolved.parent, "cifar-10-batches-py"
+    return None

@@ -136,3 +136,11 @@ def test_executor_whose_supernode_is_gone_raises_its_own_error_not_httpx():
             executor.run_one()
     finally:
         executor.close()
+
+
+@pytest.mark.parametrize("inner", ["FashionMNIST/raw", "FashionMNIST"])
+def test_data_pointing_inside_a_layout_names_the_folder_to_pass(tmp_path, inner):
+    root = install_demo_data(tmp_path / "private")
+    with pytest.raises(DataError) as info:
+        load_private_data(root / inner, GRAY)
+    assert f"pass --data {root.resolve()} " in str(info.value) and "FashionMNIST/raw" in str(info.value)

@@ -22,11 +22,14 @@ The whole process tree runs with umask 077, so the SuperLink database is created
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import re
+import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -99,8 +102,52 @@ def _own_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+def _tie_to_parent() -> int:
+    """Make this process the root of every Flower process it starts, and end with its parent.
+
+    ``entity.serve`` may die by SIGKILL, which it cannot catch: Linux then sends this process
+    SIGTERM (a parent-death signal), and as a child subreaper it also adopts any SuperExec or
+    ServerApp whose own parent went first, so ``_stop_descendants`` finds them all. A restart then
+    finds the ports free. Returns the parent's pid.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent went before the request above took effect
+        raise SystemExit("entity.superlink: error: entity.serve ended during start-up")
+    return parent
+
+
+def _stop_descendants(grace: float = 5.0) -> None:
+    """SIGTERM every process below this one, then SIGKILL what is left after ``grace`` seconds."""
+    from protocol.flower_processes import descendants, pid_alive
+
+    tree = descendants(os.getpid())
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in tree):
+        time.sleep(0.1)
+    for pid in [*tree, *descendants(os.getpid())]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flower-superlink's own flags (all but ``--fleet-*``) with flwr, then serve both sockets."""
+    _tie_to_parent()
+    try:
+        _serve(argv)
+    finally:
+        _stop_descendants()
+
+
+def _serve(argv: list[str] | None) -> None:
     own, rest = _own_args(sys.argv[1:] if argv is None else argv)
     os.umask(0o077)
     for name in LEGACY_GRPC_SWITCHES:
@@ -137,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             log_config=get_uvicorn_log_config(console_handler.level),
             ssl_keyfile=config.ssl_keyfile,
             ssl_certfile=config.ssl_certfile,
+            timeout_graceful_shutdown=5,
         )
     )
     server.run(sockets=[control, fleet])

@@ -410,7 +410,9 @@ def render_html(report: Report) -> str:
         )
     if report.refused:
         parts.append(
-            "<h2>Refused admissions</h2><ul>" + "".join(f"<li>{_e(r.get('time'))}: {_e(r.get('reason'))}</li>" for r in report.refused) + "</ul>"
+            "<h2>Refusals (an admission, a job or a result refused by either party)</h2><ul>"
+            + "".join(f"<li>{_e(r.get('time'))}: {_e(r.get('reason'))}</li>" for r in report.refused)
+            + "</ul>"
         )
     parts.append("<h2>What this trail proves</h2><ul>" + "".join(f"<li>{_e(p)}</li>" for p in report.proves) + "</ul>")
     parts.append("<h2>What it cannot prove</h2><ul>" + "".join(f"<li>{_e(p)}</li>" for p in report.cannot_prove) + "</ul>")

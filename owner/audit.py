@@ -173,7 +173,7 @@ def _render_terminal(report: Report, console: Console | None = None) -> None:
     for blocked in report.blocked:
         console.print(_t(f"egress blocked {blocked.get('time')}: {blocked.get('reason')}", "red"), highlight=False)
     for refused in report.refused:
-        console.print(_t(f"admission refused {refused.get('time')}: {refused.get('reason')}", "red"), highlight=False)
+        console.print(_t(f"refused {refused.get('time')}: {refused.get('reason')}", "red"), highlight=False)
     console.print("[bold]What this trail proves[/bold]")
     for line in report.proves:
         console.print(f"- {line}", markup=False, highlight=False)

@@ -76,8 +76,8 @@ def _shape(text: str) -> tuple[int, ...]:
 def _kwargs(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object") from None
+    except (ValueError, RecursionError):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a JSON object") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
     return value

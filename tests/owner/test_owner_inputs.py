@@ -144,3 +144,12 @@ def test_data_pointing_inside_a_layout_names_the_folder_to_pass(tmp_path, inner)
     with pytest.raises(DataError) as info:
         load_private_data(root / inner, GRAY)
     assert f"pass --data {root.resolve()} " in str(info.value) and "FashionMNIST/raw" in str(info.value)
+
+
+def test_deeply_nested_model_kwargs_are_a_usage_error_not_a_recursion_error():
+    import argparse
+
+    from owner.run import _kwargs
+
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a JSON object"):
+        _kwargs("[" * 100_000 + "]" * 100_000)

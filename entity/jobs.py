@@ -60,12 +60,45 @@ class EventLog:
         """Append one event; ``fields`` may hold any keys (a pruning progress event's, say)."""
         record = {**(fields or {}), **more, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event}
         line = json.dumps(record, sort_keys=True, default=str) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line.encode())
+            size = os.fstat(fd).st_size
+            # A writer killed mid-line left a torn last line: start on a fresh one, so this event
+            # is not glued to it (and lost with it).
+            torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+            os.write(fd, (b"\n" if torn else b"") + line.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def open_jobs(self) -> list[str]:
+        """Job ids this log shows offered but never finished (or closed as abandoned), oldest first."""
+        open_ids: dict[str, None] = {}
+        try:
+            with open(self.path, "rb") as handle:
+                for line in handle:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue  # a torn last line from a killed writer
+                    job = record.get("job_id") if isinstance(record, dict) else None
+                    if not isinstance(job, str):
+                        continue
+                    if record.get("event") == "offered":
+                        open_ids[job] = None
+                    elif record.get("event") in ("finished", "abandoned"):
+                        open_ids.pop(job, None)
+        except FileNotFoundError:
+            return []
+        return list(open_ids)
+
+    def close_abandoned(self) -> list[str]:
+        """At start-up: close every job a previous run of the service left open (killed mid-job),
+        so that none stays open in the log for ever. Returns their ids."""
+        abandoned = self.open_jobs()
+        for job in abandoned:
+            self.write("abandoned", job_id=job, reason="the entity stopped before this job ended; the owner must start a new job")
+        return abandoned
 
 
 @dataclass

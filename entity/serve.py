@@ -445,6 +445,8 @@ def _describe(event: dict) -> str | None:
         return f"[{job}] result delivered"
     if kind == "finished":
         return f"[{job}] job finished"
+    if kind == "abandoned":
+        return f"[{job}] abandoned: {event.get('reason')}"
     if kind in ("owner-error", "error"):
         return f"[{job}] {kind}: {event.get('reason') or event.get('trace', '')}"
     return None

@@ -349,6 +349,10 @@ def main(grid: Grid, context: Context) -> None:
     except Exception as exc:  # read afresh for every request: the operator can still fix it
         owners = f"unreadable ({type(exc).__name__})"
     loop.log("service-started", entity=jobs.identity.card.fingerprint, owners=owners)
+    try:
+        jobs.events.close_abandoned()
+    except OSError as exc:  # the log is for the operator: the service still serves
+        print(f"entity: cannot close the jobs an earlier run left open: {exc}", file=sys.stderr)
     while True:
         loop.step()
         time.sleep(loop.delay())

@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from .canonical import JSONDepthError, check_depth
+from ._wire.canonical import JSONDepthError, check_depth, refuse_duplicate_keys
 from .errors import EgressViolation
 
 __all__ = ["MAX_PROGRAM_BYTES", "NODE_METADATA_ALLOWED", "check_program", "strip_program"]
@@ -26,13 +26,7 @@ MAX_PROGRAM_BYTES = 64 * 1024 * 1024
 
 
 def _parse(data: bytes) -> Any:
-    def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise EgressViolation(f"egress blocked: program.json has a duplicate key {key!r}")
-            out[key] = value
-        return out
+    no_dupes = refuse_duplicate_keys(lambda key: EgressViolation(f"egress blocked: program.json has a duplicate key {key!r}"))
 
     def no_constant(text: str) -> Any:
         raise EgressViolation(f"egress blocked: program.json holds {text}")

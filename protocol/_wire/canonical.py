@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from itertools import accumulate
 from typing import Any
 
 from ..errors import ProtocolError
 
-__all__ = ["CanonicalJSONError", "JSONDepthError", "MAX_DEPTH", "check_depth", "dumps", "json_depth", "loads"]
+__all__ = ["CanonicalJSONError", "JSONDepthError", "MAX_DEPTH", "check_depth", "dumps", "json_depth", "loads", "refuse_duplicate_keys"]
 
 MAX_DEPTH = 64
 
@@ -90,17 +91,26 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def refuse_duplicate_keys(error: Callable[[str], Exception]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """An ``object_pairs_hook`` that raises ``error(key)`` on a repeated key (``json`` keeps the last
+    one silently, so a reader and a signer could see different values)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, item in pairs:
+            if key in out:
+                raise error(key)
+            out[key] = item
+        return out
+
+    return hook
+
+
 def loads(data: bytes) -> Any:
     """Decode JSON bytes, refusing floats, NaN/Infinity, duplicate keys and nesting deeper than
     ``MAX_DEPTH`` (``JSONDepthError``, raised before the parser runs)."""
 
-    def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, item in pairs:
-            if key in out:
-                raise CanonicalJSONError(f"duplicate key {key!r}")
-            out[key] = item
-        return out
+    no_dupes = refuse_duplicate_keys(lambda key: CanonicalJSONError(f"duplicate key {key!r}"))
 
     def no_float(text: str) -> Any:
         raise CanonicalJSONError(f"float {text} in canonical JSON")

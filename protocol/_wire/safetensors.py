@@ -13,10 +13,9 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import ArtifactError
-from .canonical import JSONDepthError, check_depth
+from .canonical import JSONDepthError, check_depth, refuse_duplicate_keys
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TENSORS = 100_000
@@ -74,13 +73,7 @@ def parse_header(data: bytes | memoryview, *, what: str = "safetensors file", ma
         raise ArtifactError(f"{what}: safetensors header length {n} runs past the end of the file")
     raw = bytes(view[8 : 8 + n])
 
-    def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise ArtifactError(f"{what}: duplicate key {key!r} in safetensors header")
-            out[key] = value
-        return out
+    no_dupes = refuse_duplicate_keys(lambda key: ArtifactError(f"{what}: duplicate key {key!r} in safetensors header"))
 
     try:
         check_depth(raw)

@@ -47,15 +47,12 @@ def test_sigkill_of_the_entity_takes_every_flower_process_with_it(tmp_path: Path
     port, control = free_port(), free_port()
     home = tmp_path / "home"
     command = [sys.executable, "-m", "entity.serve", "--home", str(home), "--port", str(port), "--control-port", str(control), "--quiet"]
-    entity = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=flower_env(tmp_path / "flwr"),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+
+    def start() -> subprocess.Popen:
+        quiet = subprocess.DEVNULL
+        return subprocess.Popen(command, cwd=REPO, env=flower_env(tmp_path / "flwr"), stdin=quiet, stdout=quiet, stderr=quiet, start_new_session=True)
+
+    entity = start()
     tree: list[int] = []
     try:
         events = home / "events.jsonl"
@@ -69,15 +66,7 @@ def test_sigkill_of_the_entity_takes_every_flower_process_with_it(tmp_path: Path
         assert _wait(lambda: _port_free(port) and _port_free(control), 10), "a port is still taken"
         # A restart with the same home and ports comes up.
         started = events.read_bytes().count(b"service-started")
-        entity = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=flower_env(tmp_path / "flwr"),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        entity = start()
         assert _wait(lambda: events.read_bytes().count(b"service-started") > started, 120), "the restart did not come up"
         tree = descendants(entity.pid)
         entity.terminate()

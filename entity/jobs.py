@@ -11,7 +11,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,24 @@ from entity.sandbox import PruningFailed, PruningRefused, run_pruning
 from entity.settings import EntitySettings
 from protocol.artifact import check_program_files
 from protocol.audit import countersign_checkpoint, make_receipt
-from protocol.contract import OFFER_KIND, REQUEST_KIND, RESULT_KIND, ModelRequest, PruneResult
+from protocol.contract import (
+    ADMISSION_KIND,
+    HELLO_KIND,
+    OFFER_KIND,
+    REQUEST_KIND,
+    RESULT_KIND,
+    STATUS_KIND,
+    Admission,
+    Hello,
+    JobStatus,
+    ModelRequest,
+    PruneResult,
+)
 from protocol.errors import ProtocolError, ReplayError, RequestError
-from protocol.keys import Identity, IdentityCard
+from protocol.keys import Identity, IdentityCard, admit
 from protocol.replay import NonceStore
 from protocol.sealing import OpenedBundle, open_bundle, seal_bundle
-from protocol.signing import digest, sign_message
+from protocol.signing import digest, sign_message, verify_message
 from protocol.spec import RetrainRecipe
 
 
@@ -92,10 +104,11 @@ class EventLog:
             return []
         return list(open_ids)
 
-    def close_abandoned(self) -> list[str]:
+    def close_abandoned(self, keep: Collection[str] = ()) -> list[str]:
         """At start-up: close every job a previous run of the service left open (killed mid-job),
-        so that none stays open in the log for ever. Returns their ids."""
-        abandoned = self.open_jobs()
+        so that none stays open in the log for ever; ``keep`` are the jobs the journal resumes.
+        Returns the ids closed."""
+        abandoned = [job for job in self.open_jobs() if job not in keep]
         for job in abandoned:
             self.write("abandoned", job_id=job, reason="the entity stopped before this job ended; the owner must start a new job")
         return abandoned
@@ -146,8 +159,34 @@ class EntityJobs:
         self.events.write("offered", job_id=job_id, node_id=node_id)
         return Offer(job_id, nonce, blob)
 
-    def open_request(self, offer: Offer, blob: bytes) -> OpenedBundle:
+    def check_hello(self, offer: Offer, blob: bytes, claimed_owner: str) -> tuple[Hello, IdentityCard]:
+        """The owner's signed hello for ``offer``: a registered owner, its signature, this offer.
+
+        Cheap and before any model crosses: an owner that is not registered learns it here, with
+        the fix, instead of after sending its whole model.
+        """
+        if not isinstance(claimed_owner, str) or not claimed_owner.isprintable() or len(claimed_owner) > 128:
+            raise JobError("the hello names no owner fingerprint")
+        card = admit(claimed_owner, dict(self._senders()))
+        try:
+            hello = Hello.from_json(verify_message(blob, kind=HELLO_KIND, signer=card))
+        except RequestError as exc:
+            raise JobError(str(exc)) from None
+        if hello.job_id != offer.job_id or hello.nonce != offer.nonce or hello.owner != card.fingerprint:
+            raise JobError("the hello does not answer the offer it was sent for (job id, nonce or owner differ)")
+        return hello, card
+
+    def sign_admission(self, admission: Admission) -> bytes:
+        return sign_message(admission.to_json(), kind=ADMISSION_KIND, signer=self.identity)
+
+    def sign_status(self, status: JobStatus) -> bytes:
+        return sign_message(status.to_json(), kind=STATUS_KIND, signer=self.identity)
+
+    def open_request(self, offer: Offer, blob: bytes, *, redeem: bool = True) -> OpenedBundle:
         """Admit the sender, open and verify its bundle, and check it answers this offer exactly once.
+
+        ``redeem=False`` reopens a request the journal stored (its nonce was redeemed when it
+        first arrived), to prune it again after the service restarted.
 
         Everything the owner controls is refused with ``JobError`` (or the ``ProtocolError`` of
         the failed check), whose one-line text is ours and may go back to the owner; a failure
@@ -165,6 +204,8 @@ class EntityJobs:
         request = _request_of(opened)
         if request.job_id != offer.job_id or request.nonce != offer.nonce:
             raise JobError("request does not answer the offer it was sent for (job id or nonce differ)")
+        if not redeem:
+            return opened
         try:
             self.nonces.redeem(offer.job_id, offer.nonce)
         except ReplayError as exc:
@@ -199,6 +240,7 @@ class EntityJobs:
         progress: Callable[[dict], None] | None = None,
         *,
         checkpoint: bytes | None = None,
+        threads: int | None = None,
     ) -> tuple[bytes, dict]:
         """Prune the opened request's model and seal the result to its owner: (sealed blob, summary).
 
@@ -242,6 +284,7 @@ class EntityJobs:
                 progress,
                 self.settings.sandbox,
                 on_confined=lambda line: self.events.write("sandbox", job_id=offer.job_id, filesystem=line),
+                torch_threads=threads,
             )
         except PruningRefused as exc:
             raise JobError(str(exc)) from None

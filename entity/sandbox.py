@@ -116,12 +116,14 @@ def run_pruning(
     progress: Callable[[dict], None] | None = None,
     limits: SandboxLimits = SandboxLimits(),
     on_confined: Callable[[str], None] | None = None,
+    torch_threads: int | None = None,
 ) -> PruneResult:
     """Prune in a child process: ``PruneResult`` back, or ``PruningRefused`` / ``PruningFailed``.
 
     ``files`` are the model artifact's files (graph, weights, constants), ``spec_json`` the input
     specification as ``InputSpec.to_json`` writes it, ``config`` the ``PruneConfig`` keyword
-    arguments (JSON values). ``progress`` receives the engine's events in this process;
+    arguments (JSON values), ``torch_threads`` the child's torch threads (default: this process's).
+    ``progress`` receives the engine's events in this process;
     ``on_confined`` the child's line on its filesystem confinement (for the operator's log).
     """
     import torch
@@ -130,7 +132,12 @@ def run_pruning(
     from protocol.artifact import WEIGHTS_FILE
 
     names = sorted(files)
-    job = {"spec": dict(spec_json), "config": dict(config), "threads": torch.get_num_threads(), "files": [[name, len(files[name])] for name in names]}
+    job = {
+        "spec": dict(spec_json),
+        "config": dict(config),
+        "threads": torch_threads or torch.get_num_threads(),
+        "files": [[name, len(files[name])] for name in names],
+    }
     weights = parse_header(files[WEIGHTS_FILE], what=WEIGHTS_FILE)
     max_result = 2 * len(files[WEIGHTS_FILE]) + 64 * 1024 * 1024
     process = subprocess.Popen(

@@ -108,6 +108,13 @@ class EntitySettings:
     prune_timeout: float = setting(
         float(SandboxLimits.seconds), f"wall-clock limit of each job's pruning, seconds (default {SandboxLimits.seconds:g})", metavar="S"
     )
+    workers: int = setting(0, "pruning jobs run at once, each in its own process (default: one per GPU with CUDA, else one per core)", metavar="N")
+    max_queued: int = setting(16, "jobs that may wait for a worker; past that a new job is refused at once (default 16)", metavar="N")
+    max_jobs_per_owner: int = setting(2, "jobs one owner may have queued or pruning at a time (default 2)", metavar="N")
+    max_request_mib: float = setting(
+        1024.0, "largest model request accepted, MiB (default 1024); a larger one is refused before it is sent", metavar="MIB"
+    )
+    status_interval: float = setting(5.0, "seconds between the status messages each waiting owner gets (default 5)", metavar="S")
     start_timeout: float = setting(60.0, "seconds to wait for the SuperLink and ServerApp (default 60)")
     tls_cert: Path | None = setting(None, "PEM certificate for the SuperLink (enables TLS)")
     tls_key: Path | None = setting(None, "PEM private key for --tls-cert")
@@ -128,6 +135,10 @@ class EntitySettings:
             raise SettingsError(f"epochs must be 0 or more, got {self.epochs}")
         if not self.prune_memory_gib > 0 or not self.prune_timeout > 0:
             raise SettingsError("prune-memory-gib and prune-timeout must be positive")
+        if self.workers < 0 or self.max_queued < 0 or self.max_jobs_per_owner < 1:
+            raise SettingsError("--workers and --max-queued must be 0 or more (0 workers: sized to the machine), --max-jobs-per-owner at least 1")
+        if not self.max_request_mib > 0 or not 0.1 <= self.status_interval <= 300:
+            raise SettingsError("--max-request-mib must be positive and --status-interval within 0.1..300 seconds")
         if not 0 < self.port < 65536:
             raise SettingsError(f"port {self.port} is out of range")
         if not 0 <= self.control_port < 65536:
@@ -157,6 +168,16 @@ class EntitySettings:
     def sandbox(self) -> SandboxLimits:
         """The limits of each job's pruning process (``entity.sandbox``)."""
         return SandboxLimits(memory_bytes=int(self.prune_memory_gib * GiB), seconds=self.prune_timeout)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mib * 1024 * 1024)
+
+    def worker_count(self, cuda_devices: int = 0) -> int:
+        """``--workers``, or one per GPU (when pruning runs on CUDA) or per core."""
+        from entity.workers import default_workers
+
+        return self.workers or default_workers(cuda_devices if self.device.startswith("cuda") else 0)
 
     def prune_options(self, recipe: str) -> dict[str, Any]:
         """The ``PruneConfig`` keywords this operator sets for a job that runs ``recipe`` (JSON values).

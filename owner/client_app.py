@@ -55,9 +55,9 @@ def build_client_app(session: OwnerSession) -> ClientApp:
 
     @app.query("offer")
     def offer(msg: Message, context: Context) -> Message:
-        if session.job_id is not None:
+        if session.offer_job is not None:
             # The job under way goes on; this offer neither starts another nor becomes its failure reason.
-            return _decline(msg, f"job {session.job_id} is under way; one offer per run")
+            return _decline(msg, f"job {session.offer_job} is under way; one offer per run")
         try:
             card = facts_of(msg.content).get("entity_card")
             offer_blob = blob_of(msg.content)
@@ -65,16 +65,36 @@ def build_client_app(session: OwnerSession) -> ClientApp:
             session.refusal = f"the entity's offer is malformed: {exc}"
             return _decline(msg, session.refusal)
         try:
-            sealed = session.answer_offer(offer_blob, card if isinstance(card, bytes) else None)
+            hello = session.answer_offer(offer_blob, card if isinstance(card, bytes) else None)
         except (SessionError, ProtocolError) as exc:
             session.refusal = printable(exc, 400)
             return _decline(msg, session.refusal)
+        return Message(pack({"status": "hello", "owner": session.identity.card.fingerprint}, hello), reply_to=msg)
+
+    @app.query("admitted")
+    def admitted(msg: Message, context: Context) -> Message:
+        try:
+            sealed = session.answer_admission(blob_of(msg.content))
+        except (SessionError, ProtocolError, RecordError) as exc:
+            session.refusal = printable(exc, 400)
+            return _decline(msg, session.refusal)
+        if sealed is None:  # a check: the owner knows it is admitted, and nothing more leaves
+            return Message(pack({"status": "noted"}), reply_to=msg)
         facts: dict[str, str | int | bytes | bool] = {
             "status": "request",
             "owner": session.identity.card.fingerprint,
             "checkpoint": session.sent_checkpoint or b"",
         }
         return Message(pack(facts, sealed), reply_to=msg)
+
+    @app.query("status")
+    def status(msg: Message, context: Context) -> Message:
+        # A status that fails its checks is ignored, never the job's end: liveness is decided by time.
+        try:
+            session.receive_status(blob_of(msg.content))
+        except (SessionError, ProtocolError, RecordError) as exc:
+            return Message(pack({"status": "ignored", "reason": printable(exc, 200)}), reply_to=msg)
+        return Message(pack({"status": "noted"}), reply_to=msg)
 
     @app.query("result")
     def result(msg: Message, context: Context) -> Message:

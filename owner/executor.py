@@ -113,13 +113,19 @@ class OwnerExecutor:
         first_task_timeout: float | None = None,
         poll: float = 0.1,
         alive: Callable[[], bool] = lambda: True,
+        watch: Callable[[], None] | None = None,
     ) -> None:
-        """Run tasks until ``done()``; raise ExecutorTimeout past ``timeout`` (or no first task in time)."""
+        """Run tasks until ``done()``; raise ExecutorTimeout past ``timeout`` (or no first task in time).
+
+        ``watch`` is called between tasks and may raise to end the wait (the owner's liveness check).
+        """
         start = time.monotonic()
         ran_any = False
         while not done():
             if not alive():
                 raise ExecutorTimeout("the SuperNode stopped")
+            if watch is not None:
+                watch()
             if self.run_one():
                 ran_any = True
                 continue

@@ -9,9 +9,10 @@ end. Nothing here leaves the owner: it is plain torch code on local tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -117,6 +118,95 @@ class EpochStats:
     lr: float
 
 
+@dataclass(frozen=True)
+class MembershipDefence:
+    """Opt-in defence against membership inference during masked retraining: the min-max game of
+    Nasr et al. (CCS 2018), which MCMIA (Wang et al.) plays while retraining a compressed model.
+
+    An attack model learns to tell the training batch (members) from a reference set of the
+    owner's images that retraining never uses (non-members), from the model's softmax output and
+    the label; the model then minimises its loss plus ``weight`` times the attack's log-probability
+    of calling its training images members. ``attack_steps`` attack updates come before each model
+    update (Nasr et al.'s k). Off by default: without it retraining is unchanged.
+    """
+
+    weight: float = 3.0
+    attack_steps: int = 2
+    attack_lr: float = 1e-2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0 or self.attack_steps < 1 or not self.attack_lr > 0:
+            raise ValueError("the membership defence needs weight > 0, attack_steps >= 1 and attack_lr > 0")
+
+
+class _MembershipAttack(nn.Module):
+    """Nasr et al.'s attack model: the prediction vector and the one-hot label through their own
+    layers, joined, then one logit for "member"."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.prediction = nn.Sequential(nn.Linear(classes, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+        self.label = nn.Sequential(nn.Linear(classes, 32), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        onehot = nn.functional.one_hot(labels, probs.shape[1]).to(probs.dtype)
+        return self.head(torch.cat([self.prediction(probs), self.label(onehot)], dim=1)).squeeze(1)
+
+
+class _Adversary:
+    """The attack model, its optimiser and an endless stream of reference (non-member) batches."""
+
+    def __init__(self, defence: MembershipDefence, reference: Iterable[tuple[torch.Tensor, torch.Tensor]], device: str | torch.device):
+        self.defence = defence
+        self.device = device
+        self._reference = reference
+        self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
+        self.attack: _MembershipAttack | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def _next_reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(2):
+            for images, labels in self._batches:
+                return images.to(self.device), labels.to(self.device)
+            self._batches = iter(self._reference)  # a new pass over the reference set
+        raise ValueError("the membership defence's reference set is empty")
+
+    def _build(self, classes: int) -> tuple[_MembershipAttack, torch.optim.Optimizer]:
+        if self.attack is None or self.optimizer is None:
+            with torch.random.fork_rng(devices=[]):  # the model's own random stream stays as without the defence
+                torch.manual_seed(self.defence.seed)
+                self.attack = _MembershipAttack(classes).to(self.device)
+            self.optimizer = torch.optim.Adam(self.attack.parameters(), lr=self.defence.attack_lr)
+        return self.attack, self.optimizer
+
+    def penalty(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Train the attack ``attack_steps`` times, then return ``weight * mean log h(member)`` over
+        the training batch, differentiable in the model's logits only."""
+        attack, optimizer = self._build(logits.shape[1])
+        model.eval()  # attack inputs in eval mode: BatchNorm statistics never see reference images
+        try:
+            for _ in range(self.defence.attack_steps):
+                ref_images, ref_labels = self._next_reference()
+                with torch.no_grad():
+                    member = torch.softmax(model(images), dim=1)
+                    non_member = torch.softmax(model(ref_images), dim=1)
+                scores = torch.cat([attack(member, labels), attack(non_member, ref_labels)])
+                truth = torch.cat([torch.ones(len(labels)), torch.zeros(len(ref_labels))]).to(scores.device)
+                optimizer.zero_grad(set_to_none=True)
+                nn.functional.binary_cross_entropy_with_logits(scores, truth).backward()
+                optimizer.step()
+        finally:
+            model.train()
+        attack.requires_grad_(False)
+        try:
+            gain = nn.functional.logsigmoid(attack(torch.softmax(logits, dim=1), labels)).mean()
+        finally:
+            attack.requires_grad_(True)
+        return self.defence.weight * gain
+
+
 def masked_retrain(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor],
@@ -128,6 +218,10 @@ def masked_retrain(
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[EpochStats, nn.Module], None] | None = None,
     teacher: nn.Module | None = None,
+    resume: Mapping[str, Any] | None = None,
+    on_checkpoint: Callable[[Mapping[str, Any]], None] | None = None,
+    defence: MembershipDefence | None = None,
+    defence_reference: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[EpochStats]:
     """Retrain ``model`` in place with SGD per ``recipe``, keeping masked weights exactly zero.
 
@@ -136,8 +230,20 @@ def masked_retrain(
     evaluate. ``teacher`` is the owner's dense model, used when ``recipe.distill`` > 0 (it is
     required then: a recipe asking for distillation without one is a caller error). Returns
     per-epoch statistics; the masks are squashed into the weights at the end.
+
+    ``defence`` turns on the membership-inference defence (:class:`MembershipDefence`); it needs
+    ``defence_reference``, batches of the owner's images that ``loader`` does not hold.
+
+    ``on_checkpoint`` receives, after each epoch, what :func:`masked_retrain` needs to go on from
+    there (``resume=`` that mapping): the epoch, the model with its masks attached, the optimiser
+    and the schedule. A run cut short (Ctrl-C, a crash) thus loses at most one epoch.
     """
     epochs = recipe.epochs if epochs is None else epochs
+    adversary = None
+    if defence is not None:
+        if defence_reference is None:
+            raise ValueError("the membership defence needs defence_reference: owner images that retraining does not use")
+        adversary = _Adversary(defence, defence_reference, device)
     if recipe.distill > 0:
         if teacher is None:
             raise ValueError("the retraining recipe distils from the dense model, but no teacher was given")
@@ -155,8 +261,15 @@ def masked_retrain(
     else:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(recipe.milestones), gamma=recipe.gamma)
     history: list[EpochStats] = []
+    first = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        first = int(resume["epoch"])
+        history = [EpochStats(**h) for h in resume.get("history", [])]
     try:
-        for epoch in range(epochs):
+        for epoch in range(first, epochs):
             model.train()
             total_loss, correct, seen = 0.0, 0, 0
             lr = optimizer.param_groups[0]["lr"]
@@ -165,6 +278,8 @@ def masked_retrain(
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(images)
                 loss = retrain_loss(logits, labels, recipe, teacher, images)
+                if adversary is not None:
+                    loss = loss + adversary.penalty(model, images, labels, logits)
                 loss.backward()
                 optimizer.step()
                 _reapply(model)
@@ -181,6 +296,16 @@ def masked_retrain(
             history.append(stats)
             if on_epoch is not None:
                 on_epoch(stats, model)
+            if on_checkpoint is not None:
+                on_checkpoint(
+                    {
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "history": [dataclasses.asdict(h) for h in history],
+                    }
+                )
     finally:
         squash_masks(model)
     check_masks(model, masks)

@@ -49,6 +49,8 @@ class OwnerConfig:
     seed: int = 0
     tls_ca: Path | None = None
     node_key: Path | None = None
+    stall_timeout: float = 120.0
+    resume: bool = False
 
 
 class OwnerError(RuntimeError):
@@ -109,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--connect-timeout", type=float, help="seconds to reach the entity and get its offer (default 30)")
     p.add_argument("--timeout", type=float, help="seconds for the whole exchange with the entity (default 1800)")
+    p.add_argument("--stall-timeout", type=float, help="seconds without any signed status from the entity before giving up (default 120)")
+    p.add_argument("--check", action="store_true", help="dry run: every check, the plan, and a signed hello to the entity; the model is not sent")
+    p.add_argument("--resume", type=Path, metavar="OUT", help="continue the unfinished job in OUT with the settings it was started with")
     p.add_argument("--device", help="torch device for retraining (cpu or cuda)")
     p.add_argument("--seed", type=int, help="seed for data order (default 0)")
     p.add_argument("--tls-ca", type=Path, help="CA certificate to reach an entity that serves TLS")
@@ -127,6 +132,21 @@ def load_config(args: argparse.Namespace) -> OwnerConfig:
         data = merge_settings(args, section="owner", default_file="owner.toml", known=OwnerConfig.__dataclass_fields__, path_keys=_PATH_KEYS)
     except SettingsError as exc:
         raise OwnerError(str(exc)) from None
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        from owner.job_state import JobStateError, read_state
+
+        try:
+            state = read_state(resume)
+        except JobStateError as exc:
+            raise OwnerError(str(exc)) from None
+        if state is None:
+            raise OwnerError(f"{resume} holds no unfinished job to resume (no job.json); run without --resume to start one")
+        stored = {k: v for k, v in state.config.items() if k in OwnerConfig.__dataclass_fields__}
+        for key in _PATH_KEYS:
+            if stored.get(key) is not None:
+                stored[key] = Path(stored[key])
+        data = {**stored, **data, "out": resume, "resume": True}
     for required, flag in (
         ("data", "--data"),
         ("model", "--model"),
@@ -158,7 +178,7 @@ def _wait_reachable(host: str, port: int, timeout: float) -> None:
         if port_open(host, port):
             return
         time.sleep(0.5)
-    raise OwnerError(f"entity at {host}:{port} unreachable within {timeout:.0f} s")
+    raise OwnerError(f"entity at {host}:{port} unreachable within {timeout:.0f} s; is `python -m entity.serve` running there?")
 
 
 def _wait_replies_pushed(log_path: Path, count: int, timeout: float) -> None:
@@ -186,36 +206,41 @@ def _supernode_exit(supernode, node_key: Path | None) -> str:
     return reason
 
 
-def run(config: OwnerConfig, console) -> dict[str, Any]:
-    """The whole job; returns the summary (also written to OUT/summary.json)."""
-    import torch
+# ---------------------------------------------------------------------------------------- stages
+# The real run and ``--check`` share these, cheapest first; each fails with its own one line.
 
-    from owner.client_app import build_client_app
-    from owner.data import count, load_private_data
-    from owner.executor import ExecutorError, OwnerExecutor
-    from owner.model import build_model, export_model, load_weights
-    from owner.retrain import apply_masks, evaluate, masked_retrain
-    from owner.session import OwnerSession, save_outcome_files
-    from protocol._files import atomic_write
-    from protocol.artifact import save_model_dir
-    from protocol.audit import AuditLog
-    from protocol.flower_processes import ManagedProcess, flower_command, flower_env, free_port
+
+@dataclass
+class Inputs:
+    """Stage ``check``: flags and files, read and checked; nothing loaded, nothing sent."""
+
+    spec: Any
+    request: Any
+    limits: Any
+    entity_card: Any
+    identity: Any
+    host: str
+    port: int
+
+
+def check_inputs(config: OwnerConfig, console) -> Inputs:
     from protocol.keys import init_identity, load_card, load_identity
     from protocol.spec import InputSpec, PruneRequest, RetrainLimits
 
-    started = time.monotonic()
-    limits = RetrainLimits(config.max_epochs, config.max_batch_size)
-    timings: dict[str, float] = {}
     if not config.data.is_dir():
         raise OwnerError(f"data directory {config.data} does not exist")
     if not config.entity_card.is_file():
-        raise OwnerError(f"entity card {config.entity_card} does not exist")
+        raise OwnerError(f"entity card {config.entity_card} does not exist (the entity's operator gives you HOME/keys/card.json)")
+    if config.weights is not None and not config.weights.is_file():
+        raise OwnerError(f"weights file {config.weights} does not exist")
     if config.tls_ca is not None and not config.tls_ca.is_file():
         raise OwnerError(f"TLS CA file {config.tls_ca} does not exist")
     if config.node_key is not None and not config.node_key.is_file():
         raise OwnerError(f"node key {config.node_key} does not exist (make one with `python -m protocol.transport node-key DIR`)")
     if config.node_key is not None and config.tls_ca is None:
         raise OwnerError("--node-key needs --tls-ca: Flower authenticates SuperNodes only over TLS")
+    if not config.stall_timeout > 0:
+        raise OwnerError("--stall-timeout must be positive")
     host, port = _entity_address(config.entity)
     channel_order = config.channel_order or ("L" if config.input_shape[0] == 1 else "RGB")
     spec = InputSpec(tuple(config.input_shape), tuple(config.mean), tuple(config.std), channel_order)  # type: ignore[arg-type]
@@ -225,70 +250,100 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
         raise OwnerError(f"{config.entity_card} is a {entity_card.role} card, not an entity's")
     if not (config.keys / "card.json").is_file():
         init_identity(config.keys, "owner", name=f"owner-{config.keys.resolve().parent.name}")
-        console.print(f"[cyan]owner:[/] created owner keys; register {config.keys / 'card.json'} with the entity")
-    identity = load_identity(config.keys)
-    torch.manual_seed(config.seed)
+        console.print(
+            f"[cyan]owner:[/] created owner keys; send {config.keys / 'card.json'} to the entity's operator to be registered "
+            f"(`python -m protocol.keys show --dir {config.keys}` prints the fingerprint to check with them)"
+        )
+    return Inputs(spec, request, RetrainLimits(config.max_epochs, config.max_batch_size), entity_card, load_identity(config.keys), host, port)
 
+
+def export_stage(config: OwnerConfig, spec) -> tuple[Any, Any]:
+    """Stage ``export``: the owner's model with its weights, and its exported graph."""
+    import torch
+
+    from owner.model import build_model, export_model, load_weights
+
+    torch.manual_seed(config.seed)
     model = build_model(config.model, config.model_kwargs)
     if config.weights is not None:
         load_weights(model, config.weights)
-    data = load_private_data(config.data, spec, eval_fraction=config.eval_fraction, seed=config.seed)
-    program = export_model(model, spec)
-    _, test_loader = data.loaders(256)
-    with console.status("evaluating the dense model on the held-out split..."):
-        dense_acc = evaluate(model, test_loader, config.device)
-    console.print(f"[cyan]owner:[/] {data.layout}: {count(data.train)} train / {count(data.test)} held-out images; dense accuracy {dense_acc:.2%}")
+    return model, export_model(model, spec)
+
+
+def plan_stage(config: OwnerConfig, program, console) -> list:
+    """Stage ``plan``: which layers the entity will prune and why the others stay dense."""
+    from protocol.prune_plan import prune_plan, pruned_share
+
+    plan = prune_plan(program, config.skip_layers)
+    pruned, total = pruned_share(plan)
+    dense = [p for p in plan if not p.pruned]
+    console.print(
+        f"[cyan]owner:[/] plan: {sum(p.pruned for p in plan)} of {len(plan)} weight layers pattern-pruned "
+        f"({pruned:,} of {total:,} weights at {config.rate:g}x); {len(dense)} stay dense"
+    )
+    for layer in plan:
+        console.print(f"  {'prune' if layer.pruned else 'dense'}  {layer.weight}  {layer.kind} {list(layer.shape)}: {layer.why}", markup=False)
+    if not any(p.pruned for p in plan):
+        reasons = sorted({p.why for p in dense})
+        raise OwnerError(
+            f"nothing to prune: no layer of this model is pattern-pruned ({'; '.join(reasons) or 'no conv or linear layers'}); nothing was sent"
+        )
+    return plan
+
+
+def data_stage(config: OwnerConfig, spec):
+    """Stage ``data``: the private data's layout (read here; it never leaves)."""
+    from owner.data import load_private_data
+
+    return load_private_data(config.data, spec, eval_fraction=config.eval_fraction, seed=config.seed)
+
+
+def exchange_stage(config: OwnerConfig, session, console) -> None:
+    """Stage ``exchange``: the owner's SuperNode and executor until the entity closes the job.
+
+    Liveness, not one long wait: once the entity has made its offer, each of its signed messages
+    (admission, status, result) resets the clock; ``--stall-timeout`` seconds of silence means the
+    entity is gone, and the error says how to resume.
+    """
+    from owner.client_app import build_client_app
+    from owner.executor import ExecutorError, OwnerExecutor
+    from protocol.flower_processes import ManagedProcess, flower_command, flower_env, free_port, wait_for_port
 
     out = config.out
-    out.mkdir(parents=True, exist_ok=True)
-    audit = AuditLog.open(out / "audit.jsonl", identity)
-    audit.append(
-        "job.started",
-        {
-            "purpose": "compress the owner's model by pattern pruning; retrain locally",
-            "entity": entity_card.fingerprint,
-            "entity_name": entity_card.name,
-            "entity_address": config.entity,
-            "model_factory": config.model,
-            "data_layout": data.layout,
-            "data_stays_local": True,
-            "classes": len(data.classes),
-        },
-    )
-    from protocol.replay import NonceStore
-
-    session = OwnerSession(identity, entity_card, program, spec, request, audit, nonces=NonceStore(config.keys / "seen-nonces.jsonl"), limits=limits)
-    _wait_reachable(host, port, config.connect_timeout)
-
     runtime_port = free_port()
-    node_cmd = [
-        flower_command("flower-supernode"),
-        "--superlink",
-        f"{host}:{port}",
-        "--isolation",
-        "process",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(runtime_port),
-    ]
+    node_cmd = [flower_command("flower-supernode"), "--superlink", config.entity, "--isolation", "process"]
+    node_cmd += ["--host", "127.0.0.1", "--port", str(runtime_port)]
     node_cmd += ["--root-certificates", str(config.tls_ca)] if config.tls_ca else ["--insecure"]
     node_cmd += ["--auth-supernode-private-key", str(config.node_key)] if config.node_key else []
     (out / "flwr").mkdir(exist_ok=True)
     supernode = ManagedProcess("SuperNode", node_cmd, out / "supernode.log", flower_env(out / "flwr"))
-    exchange_start = time.monotonic()
+
+    def watch() -> None:
+        silent = time.monotonic() - session.last_heard
+        if session.offer_job is not None and session.outcome is None and silent > config.stall_timeout:
+            job = session.job_id or session.offer_job
+            hint = f"; when it is back, run `python -m owner.run --resume {out}`" if session.request_digest else "; try again when it is back"
+            raise OwnerError(f"the entity has sent nothing for {silent:.0f} s (job {job}): it stopped or is unreachable{hint}")
+
     try:
         supernode.start()
-        from protocol.flower_processes import wait_for_port
-
         wait_for_port(supernode, "127.0.0.1", runtime_port, 30)
         executor = OwnerExecutor(f"127.0.0.1:{runtime_port}", build_client_app(session), on_fab=session.note_ignored_fab)
         try:
-            with console.status("exchanging with the entity (model out; pruned weights and mask back)..."):
-                executor.run_until(lambda: session.finished, config.timeout, first_task_timeout=config.connect_timeout + 60, alive=supernode.running)
+            with console.status("waiting for the entity's offer...") as shown:
+                session.on_status = lambda status: shown.update(_describe_status(status))
+                executor.run_until(
+                    lambda: session.finished,
+                    config.timeout,
+                    first_task_timeout=config.connect_timeout + 60,
+                    alive=supernode.running,
+                    watch=watch,
+                )
         except (TimeoutError, ExecutorError) as exc:
             why = "" if supernode.running() else f": {_supernode_exit(supernode, config.node_key)}"
             raise OwnerError(f"{exc}{why} (entity {config.entity}; SuperNode log: {supernode.log_path})") from None
+        except OwnerError:
+            raise
         except Exception:
             # A SuperNode the entity refuses (an unregistered --node-key, say) opens its runtime port
             # and exits a moment later: report Flower's reason, not the executor's connection error.
@@ -305,25 +360,220 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
             executor.close()
     finally:
         supernode.stop()
-    timings["exchange"] = time.monotonic() - exchange_start
-    if session.outcome is None:
-        reason = session.refusal or "the entity closed the job without a result"
-        audit.append("job.failed", {"reason": reason})
-        audit.checkpoint()
-        raise OwnerError(f"job failed: {reason}")
-    outcome = session.outcome
-    save_outcome_files(outcome, out / "received")
 
+
+def _describe_status(status) -> str:
+    """One line for the live display; the entity's texts are escaped (they are not ours)."""
+    from rich.markup import escape
+
+    from protocol.display import printable
+
+    if status.state == "queued":
+        eta = f", about {status.estimate_s // 60} min {status.estimate_s % 60} s to start" if status.estimate_s is not None else ""
+        return f"queued at the entity: position {status.position}{eta}"
+    if status.state == "pruning":
+        done = f" {status.percent}%" if status.percent is not None else ""
+        where = f" {escape(printable(status.phase, 40))}" if status.phase else ""
+        layer = f" {escape(printable(status.layer, 60))}" if status.layer else ""
+        return f"pruning at the entity ({status.elapsed_s} s):{where}{layer}{done}"
+    return "the entity is sending the result..."
+
+
+def _session(config: OwnerConfig, inputs: Inputs, program, audit, *, intent: str, resume: Any = None):
+    from owner.job_state import JobState, write_state
+    from owner.session import OwnerSession
+    from protocol.replay import NonceStore
+
+    def keep(sent) -> None:
+        write_state(
+            config.out,
+            JobState(sent.job_id, sent.nonce, sent.request_digest, inputs.entity_card.fingerprint, "requested", config=_config_json(config)),
+        )
+
+    return OwnerSession(
+        inputs.identity,
+        inputs.entity_card,
+        program,
+        inputs.spec,
+        inputs.request,
+        audit,
+        nonces=NonceStore(config.keys / "seen-nonces.jsonl"),
+        limits=inputs.limits,
+        intent=intent,
+        resume=resume,
+        on_request_sealed=keep,
+    )
+
+
+def _config_json(config: OwnerConfig) -> dict[str, Any]:
+    """The run's settings as JSON (absolute paths), kept in OUT/job.json for ``--resume``."""
+    out: dict[str, Any] = {}
+    for name in OwnerConfig.__dataclass_fields__:
+        value = getattr(config, name)
+        out[name] = str(value.resolve()) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check(config: OwnerConfig, console) -> dict[str, Any]:
+    """``--check``: every stage before the model would leave, then a signed hello; only the hello leaves.
+
+    Returns the plan (also printed): layers pruned and kept dense, the data layout, and the
+    entity's admission (queue length and workers).
+    """
+    from owner.data import count
+    from protocol.audit import AuditLog
+
+    inputs = check_inputs(config, console)
+    _, program = export_stage(config, inputs.spec)
+    plan = plan_stage(config, program, console)
+    data = data_stage(config, inputs.spec)
+    console.print(f"[cyan]owner:[/] data: {data.layout}, {count(data.train)} train / {count(data.test)} held-out images, {len(data.classes)} classes")
+    _wait_reachable(inputs.host, inputs.port, config.connect_timeout)
+    config.out.mkdir(parents=True, exist_ok=True)
+    with AuditLog.open(config.out / "audit.jsonl", inputs.identity) as audit:
+        audit.append("check.started", {"entity": inputs.entity_card.fingerprint, "entity_address": config.entity, "model_factory": config.model})
+        session = _session(config, inputs, program, audit, intent="check")
+        exchange_stage(config, session, console)
+        if session.admission is None:
+            reason = session.refusal or "the entity closed the check without an answer"
+            audit.append("check.failed", {"reason": reason})
+            audit.checkpoint()
+            raise OwnerError(f"check failed: {reason}")
+        audit.append("check.finished", {"admitted": True, "sent": "the signed hello only"})
+        audit.checkpoint()
+    admission = session.admission
+    console.print(
+        f"[cyan]owner:[/] the entity admits this owner: {admission.queued} jobs waiting, {admission.workers} workers; "
+        f"requests up to {admission.max_request_bytes / 2**20:.0f} MiB. Nothing but the hello was sent."
+    )
+    return {
+        "admitted": True,
+        "queued": admission.queued,
+        "workers": admission.workers,
+        "layers": [{"weight": p.weight, "kind": p.kind, "shape": list(p.shape), "pruned": p.pruned, "why": p.why} for p in plan],
+        "data": {"layout": data.layout, "train_images": count(data.train), "held_out_images": count(data.test)},
+    }
+
+
+def run(config: OwnerConfig, console) -> dict[str, Any]:
+    """The whole job, stage by stage; returns the summary (also written to OUT/summary.json).
+
+    An unfinished job in OUT (``job.json``) is continued: a request already sent is collected
+    with a resume hello, a result already received is not asked for again, and retraining goes on
+    from its last epoch checkpoint. Ctrl-C is on record in the audit log as an interruption.
+    """
+    from owner.job_state import claim
+
+    started = time.monotonic()
+    inputs = check_inputs(config, console)
+    state = claim(config.out, resume=config.resume)
+    model, program = export_stage(config, inputs.spec)
+    if state is None:
+        plan_stage(config, program, console)
+    data = data_stage(config, inputs.spec)
+    if state is None or state.stage == "requested":
+        _wait_reachable(inputs.host, inputs.port, config.connect_timeout)
+    config.out.mkdir(parents=True, exist_ok=True)
+    from protocol.audit import AuditLog
+
+    audit = AuditLog.open(config.out / "audit.jsonl", inputs.identity)
+    try:
+        return _run_job(config, inputs, model, program, data, audit, state, console, started)
+    except KeyboardInterrupt:
+        from owner.job_state import read_state
+
+        now = read_state(config.out)
+        audit.append("job.interrupted", {"job_id": now.job_id if now else "", "stage": now.stage if now else "before the request", "by": "Ctrl-C"})
+        audit.checkpoint()
+        hint = f"; run `python -m owner.run --resume {config.out}` to continue" if now else "; nothing was sent, run it again"
+        raise OwnerError(f"interrupted{hint}") from None
+    except OSError as exc:  # a full disk, say: on record, and what was received or checkpointed stays
+        from protocol.cli import describe_os_error
+
+        try:
+            audit.append("job.failed", {"reason": describe_os_error(exc)})
+            audit.checkpoint()
+        except OSError:
+            pass
+        raise
+    finally:
+        audit.close()
+
+
+def _run_job(config: OwnerConfig, inputs: Inputs, model, program, data, audit, state, console, started: float) -> dict[str, Any]:
+    from owner.data import count
+    from owner.job_state import CHECKPOINT_FILE, JobState, load_checkpoint, read_state, save_checkpoint, write_state
+    from owner.model import export_model
+    from owner.retrain import apply_masks, evaluate, masked_retrain
+    from owner.session import ResumeState, load_outcome_files, save_outcome_files
+    from protocol._files import atomic_write
+    from protocol.artifact import save_model_dir
+
+    out = config.out
+    timings: dict[str, float] = {}
+    if state is not None:
+        audit.append("job.resumed", {"job_id": state.job_id, "stage": state.stage, "epoch": state.epoch})
+        console.print(f"[cyan]owner:[/] resuming job {state.job_id} from {out} (stage {state.stage})")
+    else:
+        audit.append(
+            "job.started",
+            {
+                "purpose": "compress the owner's model by pattern pruning; retrain locally",
+                "entity": inputs.entity_card.fingerprint,
+                "entity_name": inputs.entity_card.name,
+                "entity_address": config.entity,
+                "model_factory": config.model,
+                "data_layout": data.layout,
+                "data_stays_local": True,
+                "classes": len(data.classes),
+            },
+        )
+    exchange_start = time.monotonic()
+    session = None
+    if state is None or state.stage == "requested":
+        resume = ResumeState(state.job_id, state.nonce, state.request_digest) if state is not None else None
+        session = _session(config, inputs, program, audit, intent="request", resume=resume)
+        exchange_stage(config, session, console)
+        if session.outcome is None:
+            reason = session.refusal or "the entity closed the job without a result"
+            audit.append("job.failed", {"reason": reason})
+            audit.checkpoint()
+            if session.request_digest is not None:
+                # Refused for good: the folder's job is over, and a new run may start afresh here.
+                (out / "job.json").unlink(missing_ok=True)
+            raise OwnerError(f"job failed: {reason}")
+        outcome = session.outcome
+        save_outcome_files(outcome, out / "received")
+        state = (
+            read_state(out) or JobState(outcome.job_id, "", "", inputs.entity_card.fingerprint, "requested", config=_config_json(config))
+        ).advanced("received")
+        write_state(out, state)
+    else:
+        outcome = load_outcome_files(out / "received", state.job_id, inputs.limits)
+        console.print(f"[cyan]owner:[/] using the verified result already in {out / 'received'} (not asked for again)")
+    timings["exchange"] = time.monotonic() - exchange_start
+
+    _, test_loader = data.loaders(256)
     recipe = outcome.recipe
     # Distillation teaches the pruned model from the owner's own dense one, which stays here.
     teacher = copy.deepcopy(model).eval() if recipe.distill > 0 else None
+    with console.status("evaluating the dense model on the held-out split..."):
+        dense_acc = evaluate(model, test_loader, config.device)
     model.load_state_dict(outcome.state_dict)
     apply_masks(model, outcome.masks)
     pruned_acc = evaluate(model, test_loader, config.device)
+    console.print(
+        f"[cyan]owner:[/] {data.layout}: {count(data.train)} train / {count(data.test)} held-out images;"
+        f" dense accuracy {dense_acc:.2%}, pruned {pruned_acc:.2%}"
+    )
     epochs = recipe.epochs if config.epochs is None else config.epochs
     batch = config.batch_size or recipe.batch_size
     train_loader, test_loader = data.loaders(batch, seed=config.seed, train_limit=config.train_limit)
-    history = []
+    history: list[dict[str, Any]] = []
+    resume_from = load_checkpoint(out) if state.stage == "retraining" else None
+    if resume_from is not None:
+        history = list(resume_from.get("evaluated", []))
+        console.print(f"[cyan]owner:[/] retraining goes on after epoch {resume_from['epoch']} of {epochs} ({out / CHECKPOINT_FILE})")
     retrain_start = time.monotonic()
     if epochs > 0:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -348,22 +598,37 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
                 history.append({"epoch": stats.epoch, "loss": round(stats.loss, 4), "held_out_accuracy": round(acc, 4)})
                 console.print(f"[cyan]owner:[/] epoch {stats.epoch}: loss {stats.loss:.3f}, held-out accuracy {acc:.2%}")
 
+            def on_checkpoint(saved) -> None:
+                nonlocal state
+                save_checkpoint(out, {**saved, "evaluated": history})
+                state = state.advanced("retraining", int(saved["epoch"]))
+                write_state(out, state)
+
             masked_retrain(
-                model, outcome.masks, train_loader, recipe, epochs=epochs, device=config.device, on_step=on_step, on_epoch=on_epoch, teacher=teacher
+                model,
+                outcome.masks,
+                train_loader,
+                recipe,
+                epochs=epochs,
+                device=config.device,
+                on_step=on_step,
+                on_epoch=on_epoch,
+                teacher=teacher,
+                resume=resume_from,
+                on_checkpoint=on_checkpoint,
             )
     timings["retrain"] = time.monotonic() - retrain_start
     model.to("cpu")
     final_acc = evaluate(model, test_loader)
-    final_program = export_model(model, spec)
+    final_program = export_model(model, inputs.spec)
     save_model_dir(out / "final", final_program, outcome.masks)
-    audit.append("retrain.finished", {"epochs": epochs, "images": count(train_loader.dataset), "stayed_local": True})
+    audit.append("retrain.finished", {"job_id": outcome.job_id, "epochs": epochs, "images": count(train_loader.dataset), "stayed_local": True})
     audit.append("model.saved", {"path": str((out / "final").resolve()), "sent_anywhere": False})
     audit.checkpoint()
-    audit.close()
     timings["total"] = time.monotonic() - started
     summary = {
         "job_id": outcome.job_id,
-        "entity": entity_card.fingerprint,
+        "entity": inputs.entity_card.fingerprint,
         "recipe": outcome.recipe_name,
         "target_rate": config.rate,
         "achieved_rate": outcome.achieved_rate,
@@ -371,16 +636,18 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
         "epochs": epochs,
         "retraining": {**recipe.to_json(), "epochs": epochs, "batch_size": batch},
         "history": history,
-        "bytes_sent": session.bytes_sent,
+        "bytes_sent": session.bytes_sent if session else 0,
         "bytes_received": outcome.bytes_received,
-        "transfers": session.transfers,
-        "ignored_fabs": session.ignored_fabs,
+        "transfers": session.transfers if session else [],
+        "ignored_fabs": session.ignored_fabs if session else [],
         "audit_log": str((out / "audit.jsonl").resolve()),
         "final_model": str((out / "final").resolve()),
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "data": {"layout": data.layout, "train_images": count(data.train), "held_out_images": count(data.test)},
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=2).encode())
+    write_state(out, state.advanced("finished"))
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return summary
 
 
@@ -416,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from owner.data import DataError
+    from owner.job_state import JobStateError
     from owner.model import ModelError
     from owner.retrain import MaskError as RetrainMaskError
     from protocol._files import atomic_write
@@ -430,6 +698,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args)
         out.append(config.out)
         (config.out / FAILURE_FILE).unlink(missing_ok=True)
+        if args.check:
+            plan = check(config, console)
+            print(json.dumps({"check": "passed", **plan}))
+            return 0
         summary = run(config, console)
         print_summary(summary, console)
         # Machine-readable result on stdout.
@@ -441,7 +713,9 @@ def main(argv: list[str] | None = None) -> int:
         if out and out[0].is_dir():
             atomic_write(out[0] / FAILURE_FILE, json.dumps({"error": line}).encode())
 
-    return run_cli(PROG, body, errors=(OwnerError, DataError, ModelError, SpecError, ProcessError, RetrainMaskError), on_error=record_failure)
+    return run_cli(
+        PROG, body, errors=(OwnerError, DataError, ModelError, SpecError, ProcessError, RetrainMaskError, JobStateError), on_error=record_failure
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ is recorded as refused. Text from the entity is escaped (``protocol.display``) b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from protocol import canonical
 from protocol.artifact import PROGRAM_FILE, WEIGHTS_FILE, dump_tensors, program_to_files
 from protocol.audit import EV_BLOCKED, EV_REFUSED, AuditLog
 from protocol.contract import (
+    ADMISSION_KIND,
     COUNTERSIGNATURE_FILE,
+    HELLO_KIND,
     MAX_ID_CHARS,
     OFFER_KIND,
     RECEIPT_FILE,
@@ -32,6 +35,10 @@ from protocol.contract import (
     REPORT_FILE,
     REQUEST_KIND,
     RESULT_KIND,
+    STATUS_KIND,
+    Admission,
+    Hello,
+    JobStatus,
     ModelRequest,
     PruneResult,
 )
@@ -42,7 +49,7 @@ from protocol.keys import Identity, IdentityCard
 from protocol.program_guard import check_program
 from protocol.replay import NonceStore
 from protocol.sealing import open_bundle, seal_bundle_detailed
-from protocol.signing import digest, verify_message
+from protocol.signing import digest, sign_message, verify_message
 from protocol.spec import InputSpec, PruneRequest, RetrainLimits, RetrainRecipe, SpecError
 from protocol.tensors import GraphRoles, graph_roles
 
@@ -58,6 +65,18 @@ class SessionError(RuntimeError):
 def _short_id(value: Any) -> bool:
     """A job id or nonce the rest of the protocol accepts (sealing binds them as printable text)."""
     return isinstance(value, str) and 1 <= len(value) <= MAX_ID_CHARS and value.isprintable()
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What the owner keeps of a request it sent, to collect its result in a later run."""
+
+    job_id: str
+    nonce: str
+    request_digest: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"job_id": self.job_id, "nonce": self.nonce, "request_digest": self.request_digest}
 
 
 @dataclass
@@ -89,9 +108,20 @@ class OwnerSession:
     nonces: NonceStore | None = None
     max_bytes: int = MAX_REQUEST_BYTES
     limits: RetrainLimits = field(default_factory=RetrainLimits)
+    intent: str = "request"  # "check": a dry run; "resume": collect ``resume``'s job
+    resume: ResumeState | None = None
+    on_request_sealed: Callable[[ResumeState], None] | None = None  # keep it (OUT/job.json) before it goes out
+    on_status: Callable[[JobStatus], None] | None = None
     job_id: str | None = None
     nonce: str | None = None
+    offer_job: str | None = None
+    offer_nonce: str | None = None
+    offer_digest: str = ""
     request_blob: bytes | None = None
+    request_digest: str | None = None
+    admission: Admission | None = None
+    status: JobStatus | None = None
+    last_heard: float = field(default_factory=time.monotonic)
     outcome: PruneOutcome | None = None
     refusal: str | None = None
     finished: bool = False
@@ -108,15 +138,16 @@ class OwnerSession:
         # Read from the owner's own graph, never from what the entity says about it.
         self._roles: GraphRoles = graph_roles(self.program)
 
-    # ---------------------------------------------------------------- offer -> request
+    # ---------------------------------------------------------------- offer -> hello
     def answer_offer(self, offer_blob: bytes, presented_card: bytes | None) -> bytes:
-        """Verify the entity's signed offer against the pinned card; return the sealed request.
+        """Verify the entity's signed offer against the pinned card; return the signed hello.
 
-        The signed audit checkpoint taken after recording the request is left in
-        ``sent_checkpoint``; it travels beside the sealed bundle for the entity to countersign.
+        The hello (who this owner is, what it wants, how large its model is) is all that leaves
+        before the entity admits the owner: an unregistered owner, a full queue or a model over
+        the entity's limit is refused before the model crosses. It is on record as sent.
         """
-        if self.job_id is not None:
-            raise SessionError(f"a second offer arrived during job {self.job_id}; refusing it")
+        if self.offer_job is not None:
+            raise SessionError(f"a second offer arrived during job {self.offer_job}; refusing it")
         if presented_card is not None:
             try:
                 presented = IdentityCard.from_bytes(presented_card)
@@ -149,23 +180,71 @@ class OwnerSession:
         if problem is not None:
             self.audit.append(EV_REFUSED, {"reason": f"malformed offer: {problem}", "offer": digest(offer_blob)})
             raise SessionError(f"the entity's offer is malformed: {problem}; refusing it")
-        self.job_id, self.nonce = offer["job_id"], offer["nonce"]
+        offer_job, offer_nonce = offer["job_id"], offer["nonce"]
         if self.nonces is not None:
             try:
-                self.nonces.accept_once(self.job_id, self.nonce, scope="offer")
+                self.nonces.accept_once(offer_job, offer_nonce, scope="offer")
             except ProtocolError as exc:
                 reason = printable(exc, REASON_CHARS)
-                self.audit.record_refused(f"replayed offer: {reason}", peer=self.entity_card.fingerprint, job_id=self.job_id)
+                self.audit.record_refused(f"replayed offer: {reason}", peer=self.entity_card.fingerprint, job_id=offer_job)
                 raise SessionError(f"the entity's offer was seen before (replay): {reason}") from exc
+        self.offer_job, self.offer_nonce, self.last_heard = offer_job, offer_nonce, time.monotonic()
+        self.offer_digest = digest(offer_blob)
+        if self.resume is not None:
+            self.job_id, self.nonce, self.request_digest = self.resume.job_id, self.resume.nonce, self.resume.request_digest
+        else:
+            self.job_id, self.nonce = offer_job, offer_nonce
         self.audit.append(
             "offer.received",
             {
-                "job_id": self.job_id,
+                "job_id": offer_job,
                 "entity": self.entity_card.fingerprint,
                 "offer": digest(offer_blob),
                 "asks_for": [printable(a) for a in asks_for],
             },
         )
+        hello = Hello(
+            offer_job,
+            offer_nonce,
+            self.identity.fingerprint,
+            "resume" if self.resume is not None else self.intent,
+            request_bytes=sum(len(v) for v in self._artifact.values()),
+            resume_job=self.resume.job_id if self.resume is not None else None,
+        )
+        blob = sign_message(hello.to_json(), kind=HELLO_KIND, signer=self.identity)
+        self.audit.append("hello.sent", {**hello.to_json(), "entity": self.entity_card.fingerprint, "hello": digest(blob), "bytes": len(blob)})
+        self.bytes_sent += len(blob)
+        return blob
+
+    # ---------------------------------------------------------------- admission -> request
+    def answer_admission(self, blob: bytes) -> bytes | None:
+        """Verify the entity's signed admission; return the sealed request (None for a check).
+
+        The signed audit checkpoint taken after recording the request is left in
+        ``sent_checkpoint``; it travels beside the sealed bundle for the entity to countersign.
+        """
+        if self.offer_job is None:
+            raise SessionError("an admission arrived before any offer")
+        if self.admission is not None:
+            raise SessionError(f"a second admission arrived for job {self.offer_job}; refusing it")
+        try:
+            admission = Admission.from_json(verify_message(blob, kind=ADMISSION_KIND, signer=self.entity_card))
+        except ProtocolError as exc:
+            reason = printable(exc, REASON_CHARS)
+            self.audit.append(EV_REFUSED, {"job_id": self.offer_job, "reason": f"admission failed verification: {reason}"})
+            raise SessionError(f"the entity's admission failed verification: {reason}") from exc
+        if admission.job_id != self.offer_job or admission.owner != self.identity.fingerprint or admission.intent != self.intent:
+            self.audit.append(EV_REFUSED, {"job_id": self.offer_job, "reason": "admission is for another job, owner or intent"})
+            raise SessionError("the entity's admission is for another job, owner or intent; refusing it")
+        self.admission, self.last_heard = admission, time.monotonic()
+        self.audit.append("admission.received", {"job_id": self.offer_job, "queued": admission.queued, "workers": admission.workers})
+        if self.intent == "check":
+            return None
+        return self._sealed_request()
+
+    def _sealed_request(self) -> bytes:
+        if self.job_id is None or self.nonce is None:
+            raise SessionError("no offer to answer with a request")
         bundle = ModelRequest(self.job_id, self.nonce, self.request, self.spec, self._artifact)
         request = bundle.to_json()
         files = bundle.files()
@@ -182,11 +261,14 @@ class OwnerSession:
             files,
             kind=REQUEST_KIND,
             job_id=self.job_id,
-            request_hash=digest(offer_blob),
+            request_hash=self.offer_digest,
             sender=self.identity,
             recipient=self.entity_card,
             claims=claims,
         )
+        self.request_digest = digest(sealed.blob)
+        if self.on_request_sealed is not None:  # kept before it leaves: a crash after sending can resume
+            self.on_request_sealed(ResumeState(self.job_id, self.nonce, self.request_digest))
         record = self.audit.record_sent(sealed, recipient=self.entity_card, request=request)
         # Taken after the transfer is on record, so the entity's countersignature covers it.
         self.sent_checkpoint = self.audit.checkpoint()
@@ -220,7 +302,7 @@ class OwnerSession:
         log as they are appended (they must match this log's transfers and checkpoints); a failure
         there is a refusal too, recorded after the received transfer, and the log stays valid.
         """
-        if self.job_id is None or self.request_blob is None:
+        if self.job_id is None or self.request_digest is None:
             raise SessionError("a result arrived before any request was sent")
         if self.outcome is not None:
             raise SessionError(f"a second result arrived for job {self.job_id}; refusing it (replay)")
@@ -229,7 +311,7 @@ class OwnerSession:
                 blob,
                 kind=RESULT_KIND,
                 job_id=self.job_id,
-                request_hash=digest(self.request_blob),
+                request_hash=self.request_digest,
                 recipient=self.identity,
                 senders={self.entity_card.fingerprint: self.entity_card},
             )
@@ -275,6 +357,22 @@ class OwnerSession:
         )
         return {"status": "verified"}
 
+    # ---------------------------------------------------------------- status
+    def receive_status(self, blob: bytes) -> JobStatus | None:
+        """A signed status of this job: the entity is alive. An older one than the last is ignored (None)."""
+        try:
+            status = JobStatus.from_json(verify_message(blob, kind=STATUS_KIND, signer=self.entity_card))
+        except ProtocolError as exc:
+            raise SessionError(f"the entity's status message failed verification: {printable(exc, REASON_CHARS)}") from exc
+        if status.job_id != self.job_id:
+            raise SessionError("the entity's status message is for another job; ignoring it")
+        if self.status is not None and status.seq <= self.status.seq:
+            return None
+        self.status, self.last_heard = status, time.monotonic()
+        if self.on_status is not None:
+            self.on_status(status)
+        return status
+
     def _check_result(self, files: Mapping[str, bytes]) -> PruneResult:
         """Every content check of a verified result (``contract.PruneResult``); logs nothing."""
         return PruneResult.from_files(
@@ -315,4 +413,36 @@ def save_outcome_files(outcome: PruneOutcome, directory: Path) -> None:
             REPORT_FILE: canonical.dumps(outcome.report),
             RECIPE_FILE: canonical.dumps(outcome.recipe.to_json()),
         },
+    )
+
+
+def load_outcome_files(directory: Path, job_id: str, limits: RetrainLimits) -> PruneOutcome:
+    """What :func:`save_outcome_files` kept of a verified result, for a run that resumes after it.
+
+    These are the owner's own files, written after every check passed; the recipe is checked
+    against the owner's limits again, as they may have changed since.
+    """
+    from protocol.artifact import MASKS_FILE, load_tensors
+
+    try:
+        weights = load_tensors((directory / WEIGHTS_FILE).read_bytes())
+        masks = load_tensors((directory / MASKS_FILE).read_bytes())
+        report = canonical.loads((directory / REPORT_FILE).read_bytes())
+        recipe = RetrainRecipe.from_json(canonical.loads((directory / RECIPE_FILE).read_bytes()))
+        limits.check(recipe)
+    except (OSError, ProtocolError, SpecError) as exc:
+        raise SessionError(f"the result kept in {directory} is unreadable ({exc}); move the folder aside and start a new job") from None
+    size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    rate = report.get("achieved_rate") if isinstance(report, dict) else None
+    name = report.get("recipe") if isinstance(report, dict) else None
+    return PruneOutcome(
+        job_id,
+        weights,
+        masks,
+        dict(report) if isinstance(report, dict) else {},
+        recipe,
+        size,
+        {},
+        recipe_name=printable(name) if name is not None else None,
+        achieved_rate=printable(rate) if rate is not None else None,
     )

@@ -38,8 +38,16 @@ from .spec import InputSpec, PruneRequest, RetrainLimits, RetrainRecipe, SpecErr
 from .tensors import GraphRoles, check_masks, check_running_vars, check_safetensors, schema_of
 
 __all__ = [
+    "ADMISSION_KIND",
+    "ADMITTED",
+    "Admission",
     "COUNTERSIGNATURE_FILE",
     "FINISH",
+    "HELLO_KIND",
+    "Hello",
+    "INTENTS",
+    "JOB_STATES",
+    "JobStatus",
     "MASKS_FILE",
     "MAX_ID_CHARS",
     "MAX_RECIPE_BYTES",
@@ -62,12 +70,17 @@ __all__ = [
     "RESULT_KIND",
     "RESULT_OPTIONAL",
     "RESULT_REQUIRED",
+    "STATUS",
+    "STATUS_KIND",
     "check_files",
     "json_kind",
 ]
 
 # ------------------------------------------------------------------------------ signed kinds
 OFFER_KIND = "offer"  # entity -> owner: a signed message (job id, nonce, what it supports)
+HELLO_KIND = "owner-hello"  # owner -> entity: a signed message (who, for which offer, what it wants)
+ADMISSION_KIND = "admission"  # entity -> owner: a signed answer to the hello (admitted, queue)
+STATUS_KIND = "job-status"  # entity -> owner: a signed status of a job (queued, pruning, done)
 REQUEST_KIND = "model-request"  # owner -> entity: a sealed bundle (graph, weights, request.json)
 RESULT_KIND = "prune-result"  # entity -> owner: a sealed bundle (pruned weights, masks, report...)
 # RECEIPT_KIND (what the entity received, signed) and COUNTERSIGN_KIND (the owner's checkpoint,
@@ -75,11 +88,13 @@ RESULT_KIND = "prune-result"  # entity -> owner: a sealed bundle (pruned weights
 
 # ------------------------------------------------------------------------------ Flower message types
 # Flower's ``query.<action>`` convention, one handler per type on the owner's ClientApp.
-OFFER = "query.offer"  # entity -> owner: signed offer; reply: sealed model request (or declined)
+OFFER = "query.offer"  # entity -> owner: signed offer; reply: signed hello (or declined)
+ADMITTED = "query.admitted"  # entity -> owner: signed admission; reply: sealed model request (or noted, for a check)
+STATUS = "query.status"  # entity -> owner: signed job status; reply: acknowledgement
 RESULT = "query.result"  # entity -> owner: sealed pruning result; reply: acknowledgement
 REFUSED = "query.refused"  # entity -> owner: the request was refused (reason); reply: acknowledgement
 FINISH = "query.finish"  # entity -> owner: the job is over; reply: goodbye
-MESSAGE_TYPES = frozenset({OFFER, RESULT, REFUSED, FINISH})
+MESSAGE_TYPES = frozenset({OFFER, ADMITTED, STATUS, RESULT, REFUSED, FINISH})
 
 # ------------------------------------------------------------------------------ bundle files
 REQUEST_FILE = "request.json"
@@ -293,3 +308,185 @@ def _check_claimed_rate(claim: Any, stats: MaskStats) -> str:
             f"report.json claims an achieved rate of {claim}, the masks achieve {float(actual):.4f} ({stats.total} weights, {stats.kept} kept)"
         )
     return claim
+
+
+# ------------------------------------------------------------------------------ job control
+# Before any model leaves, the owner answers the offer with a signed hello: who it is and what it
+# wants. The entity checks it (registered? queue full? within this owner's limits?) and answers
+# with a signed admission, or a refusal; only then does the model go out. While a job waits or
+# runs, the entity sends signed status messages, so the owner decides on liveness, not on one long
+# timeout. Everything here is small signed JSON: integers and short strings, no floats.
+INTENTS = ("check", "request", "resume")  # a dry run, a new job, or a job an earlier run started
+JOB_STATES = ("queued", "pruning", "done")
+MAX_TEXT_CHARS = 200
+
+
+def _field(body: Mapping[str, Any], name: str, kind: type, what: str) -> Any:
+    value = body.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise RequestError(f"{what} field {name} must be a JSON {json_kind(kind())}, got a JSON {json_kind(value)}")
+    if isinstance(value, str) and not (len(value) <= MAX_ID_CHARS and value.isprintable()):
+        raise RequestError(f"{what} field {name} must be printable text of at most {MAX_ID_CHARS} characters")
+    return value
+
+
+def _optional_int(body: Mapping[str, Any], name: str, what: str, low: int = 0, high: int = 2**53) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(f"{what} field {name} must be an integer in {low}..{high} or null")
+    return value
+
+
+def _exact_fields(body: Any, names: frozenset[str], what: str) -> Mapping[str, Any]:
+    if not isinstance(body, dict):
+        raise RequestError(f"{what} must be a JSON object, got a JSON {json_kind(body)}")
+    if set(body) != names:
+        raise RequestError(f"{what} must hold exactly the fields {', '.join(sorted(names))}")
+    return body
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The owner's first answer to an offer: who, for which offer, and what it wants.
+
+    ``request_bytes`` is the size of the model the owner would send, so that a model over the
+    entity's limit is refused before it crosses. ``resume_job`` names the job an earlier run of
+    this owner started (intent ``resume``); the entity hands that job's status and result to this
+    connection instead of starting a new one.
+    """
+
+    job_id: str
+    nonce: str
+    owner: str
+    intent: str
+    request_bytes: int = 0
+    resume_job: str | None = None
+
+    FIELDS = frozenset({"job_id", "nonce", "owner", "intent", "request_bytes", "resume_job"})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "nonce": self.nonce,
+            "owner": self.owner,
+            "intent": self.intent,
+            "request_bytes": self.request_bytes,
+            "resume_job": self.resume_job,
+        }
+
+    @classmethod
+    def from_json(cls, body: Any) -> Hello:
+        body = _exact_fields(body, cls.FIELDS, "the hello")
+        intent = _field(body, "intent", str, "the hello")
+        if intent not in INTENTS:
+            raise RequestError(f"the hello's intent must be one of {', '.join(INTENTS)}")
+        resume = body["resume_job"]
+        if intent == "resume":
+            resume = _field(body, "resume_job", str, "the hello")
+        elif resume is not None:
+            raise RequestError("the hello names a job to resume but its intent is not resume")
+        size = _optional_int(body, "request_bytes", "the hello")
+        return cls(
+            _field(body, "job_id", str, "the hello"),
+            _field(body, "nonce", str, "the hello"),
+            _field(body, "owner", str, "the hello"),
+            intent,
+            size or 0,
+            resume,
+        )
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The entity's signed answer to a hello: this owner may go on (a refusal is a REFUSED message)."""
+
+    job_id: str
+    owner: str
+    intent: str
+    queued: int  # jobs waiting before this one would start
+    workers: int
+    max_request_bytes: int
+
+    FIELDS = frozenset({"job_id", "owner", "intent", "queued", "workers", "max_request_bytes"})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "owner": self.owner,
+            "intent": self.intent,
+            "queued": self.queued,
+            "workers": self.workers,
+            "max_request_bytes": self.max_request_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, body: Any) -> Admission:
+        body = _exact_fields(body, cls.FIELDS, "the admission")
+        intent = _field(body, "intent", str, "the admission")
+        if intent not in INTENTS:
+            raise RequestError(f"the admission's intent must be one of {', '.join(INTENTS)}")
+        return cls(
+            _field(body, "job_id", str, "the admission"),
+            _field(body, "owner", str, "the admission"),
+            intent,
+            _optional_int(body, "queued", "the admission") or 0,
+            _optional_int(body, "workers", "the admission", 1, 4096) or 1,
+            _optional_int(body, "max_request_bytes", "the admission") or 0,
+        )
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """Where one job stands, signed by the entity; ``seq`` only grows, so an old one is ignored.
+
+    ``position`` (1 = next to start) and ``estimate_s`` describe a queued job; ``phase``,
+    ``layer`` and ``percent`` a running one, as the pruning engine reports them.
+    """
+
+    job_id: str
+    seq: int
+    state: str
+    position: int | None = None
+    estimate_s: int | None = None
+    phase: str = ""
+    layer: str = ""
+    percent: int | None = None
+    elapsed_s: int = 0
+
+    FIELDS = frozenset({"job_id", "seq", "state", "position", "estimate_s", "phase", "layer", "percent", "elapsed_s"})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "seq": self.seq,
+            "state": self.state,
+            "position": self.position,
+            "estimate_s": self.estimate_s,
+            "phase": self.phase[:MAX_TEXT_CHARS],
+            "layer": self.layer[:MAX_TEXT_CHARS],
+            "percent": self.percent,
+            "elapsed_s": self.elapsed_s,
+        }
+
+    @classmethod
+    def from_json(cls, body: Any) -> JobStatus:
+        body = _exact_fields(body, cls.FIELDS, "the job status")
+        state = _field(body, "state", str, "the job status")
+        if state not in JOB_STATES:
+            raise RequestError(f"the job status's state must be one of {', '.join(JOB_STATES)}")
+        texts = {name: _field(body, name, str, "the job status") for name in ("phase", "layer")}
+        if any(len(text) > MAX_TEXT_CHARS for text in texts.values()):
+            raise RequestError(f"the job status's phase and layer must be at most {MAX_TEXT_CHARS} characters")
+        return cls(
+            _field(body, "job_id", str, "the job status"),
+            _optional_int(body, "seq", "the job status") or 0,
+            state,
+            _optional_int(body, "position", "the job status"),
+            _optional_int(body, "estimate_s", "the job status"),
+            texts["phase"],
+            texts["layer"],
+            _optional_int(body, "percent", "the job status", 0, 100),
+            _optional_int(body, "elapsed_s", "the job status") or 0,
+        )

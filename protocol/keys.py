@@ -328,7 +328,8 @@ def admit(fingerprint: str, registry: dict[str, IdentityCard], *, what: str = "o
     card = registry.get(fingerprint)
     if card is None:
         raise AdmissionError(
-            f"{what} {fingerprint[:16]} is not registered with this entity; its operator must add the {what}'s card.json to the registry folder"
+            f"{what} {fingerprint[:16]} is not registered with this entity: the {what} sends its card.json to the entity's operator, "
+            f"who checks its fingerprint with the {what} and runs `python -m protocol.keys register --card CARD --owners HOME/owners`"
         )
     return card
 

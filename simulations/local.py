@@ -186,6 +186,8 @@ class LocalDeployment:
 
         folder = self.work / plan.name
         folder.mkdir(parents=True, exist_ok=True)
+        # Each simulation is a new job: an owner's OUT holds one job and refuses a second one.
+        shutil.rmtree(folder / "out", ignore_errors=True)
         keys = folder / "keys"
         if not (keys / "card.json").is_file():
             init_identity(keys, "owner", name=plan.name)

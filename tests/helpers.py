@@ -87,3 +87,15 @@ def owner_run_args(tmp_path: Path, data: Path) -> list[str]:
     spec = ["--input-shape", "1,28,28", "--mean", "0.286", "--std", "0.353"]
     paths = ["--entity-card", str(tmp_path / "entity" / "card.json"), "--keys", str(tmp_path / "keys"), "--out", str(tmp_path / "out")]
     return ["--data", str(data), "--model", "simulations.models:small_vgg", *spec, *paths, "--quiet"]
+
+
+def sealed_request(session, jobs, offer, card: bytes | None = None) -> bytes:
+    """The owner's sealed request for ``offer``, through the hello and the entity's admission, without Flower."""
+    from protocol.contract import Admission
+
+    hello = session.answer_offer(offer.blob, card)
+    checked, owner = jobs.check_hello(offer, hello, session.identity.fingerprint)
+    admission = Admission(offer.job_id, owner.fingerprint, checked.intent, 0, 1, jobs.settings.max_request_bytes)
+    sealed = session.answer_admission(jobs.sign_admission(admission))
+    assert sealed is not None
+    return sealed

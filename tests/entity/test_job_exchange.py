@@ -14,7 +14,7 @@ from protocol.errors import AdmissionError, ProtocolError, ReplayError
 from protocol.keys import init_identity
 from protocol.replay import NonceStore
 from protocol.spec import InputSpec, PruneRequest
-from tests.helpers import export_eval
+from tests.helpers import export_eval, sealed_request
 
 SPEC = InputSpec((1, 28, 28), (0.286,), (0.353,))
 
@@ -39,7 +39,7 @@ def parties(tmp_path):
 def test_exchange_delivers_masked_weights_at_the_requested_rate(parties):
     jobs, session, _, tmp_path = parties
     offer = jobs.make_offer(node_id=1)
-    request = session.answer_offer(offer.blob, session.entity_card.to_bytes())
+    request = sealed_request(session, jobs, offer, session.entity_card.to_bytes())
     opened = jobs.open_request(offer, request)
     result, summary = jobs.prune(offer, opened, request, checkpoint=session.sent_checkpoint)
     assert summary["bytes_sent"] == len(result)
@@ -77,7 +77,7 @@ def test_training_step_counters_leave_as_zeros(parties):
 def test_replayed_request_is_refused(parties):
     jobs, session, _, _ = parties
     offer = jobs.make_offer(node_id=1)
-    request = session.answer_offer(offer.blob, None)
+    request = sealed_request(session, jobs, offer)
     jobs.open_request(offer, request)
     with pytest.raises(ReplayError):
         jobs.open_request(offer, request)
@@ -86,18 +86,31 @@ def test_replayed_request_is_refused(parties):
 def test_request_for_another_offer_is_refused(parties):
     jobs, session, _, _ = parties
     first, second = jobs.make_offer(node_id=1), jobs.make_offer(node_id=2)
-    request = session.answer_offer(first.blob, None)
+    request = sealed_request(session, jobs, first)
     with pytest.raises((ProtocolError, JobError)):
         jobs.open_request(second, request)
 
 
-def test_unregistered_owner_is_refused(parties):
+def test_unregistered_owner_is_refused_at_its_hello_before_its_model_is_sealed(parties):
     jobs, session, registry, _ = parties
     registry.clear()
     offer = jobs.make_offer(node_id=1)
-    request = session.answer_offer(offer.blob, None)
-    with pytest.raises(AdmissionError):
-        jobs.open_request(offer, request)
+    hello = session.answer_offer(offer.blob, None)
+    with pytest.raises(AdmissionError, match="protocol.keys register"):
+        jobs.check_hello(offer, hello, session.identity.fingerprint)
+    assert session.request_blob is None
+
+
+def test_hello_for_another_offer_or_signed_by_another_owner_is_refused(parties, tmp_path):
+    jobs, session, registry, _ = parties
+    first, second = jobs.make_offer(node_id=1), jobs.make_offer(node_id=2)
+    hello = session.answer_offer(first.blob, None)
+    with pytest.raises(JobError, match="does not answer the offer"):
+        jobs.check_hello(second, hello, session.identity.fingerprint)
+    other = init_identity(tmp_path / "other", "owner", name="other")
+    registry[other.card.fingerprint] = other.card
+    with pytest.raises(ProtocolError):
+        jobs.check_hello(first, hello, other.card.fingerprint)
 
 
 def test_offer_signed_by_another_entity_is_refused(parties, tmp_path):
@@ -112,7 +125,7 @@ def test_offer_signed_by_another_entity_is_refused(parties, tmp_path):
 def test_tampered_result_is_refused_and_second_result_too(parties):
     jobs, session, _, _ = parties
     offer = jobs.make_offer(node_id=1)
-    request = session.answer_offer(offer.blob, None)
+    request = sealed_request(session, jobs, offer)
     result, _ = jobs.prune(offer, jobs.open_request(offer, request), request)
     tampered = bytearray(result)
     tampered[-10] ^= 1
@@ -150,7 +163,7 @@ def test_default_recipe_runs_through_the_job_with_progress_events(parties):
     jobs.settings = EntitySettings(synthetic_images=32, synthetic_steps=5)
     events = []
     offer = jobs.make_offer(node_id=1)
-    request = session.answer_offer(offer.blob, None)
+    request = sealed_request(session, jobs, offer)
     result, summary = jobs.prune(
         offer, jobs.open_request(offer, request), request, lambda e: jobs.events.write("pruning", {**e, "phase": e.get("event")}) or events.append(e)
     )
@@ -176,13 +189,13 @@ def test_operator_settings_reach_the_pruning_process(parties, monkeypatch):
     )
     seen: dict = {}
 
-    def no_child(files, spec_json, config, progress, limits, on_confined=None):
+    def no_child(files, spec_json, config, progress, limits, on_confined=None, torch_threads=None):
         seen.update(config=config, limits=limits)
         raise PruningRefused("stopped before a child was started")
 
     monkeypatch.setattr(entity.jobs, "run_pruning", no_child)
     offer = jobs.make_offer(node_id=1)
-    request = session.answer_offer(offer.blob, None)
+    request = sealed_request(session, jobs, offer)
     with pytest.raises(JobError, match="stopped before"):
         jobs.prune(offer, jobs.open_request(offer, request), request)
     assert seen["limits"] == SandboxLimits(memory_bytes=3 * GiB, seconds=90)

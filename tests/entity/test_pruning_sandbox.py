@@ -26,7 +26,7 @@ from protocol.errors import ArtifactError
 from protocol.keys import init_identity
 from protocol.replay import NonceStore
 from protocol.spec import InputSpec, PruneRequest
-from tests.helpers import export_eval
+from tests.helpers import export_eval, sealed_request
 
 SPEC = InputSpec((1, 12, 12), (0.5,), (0.25,))
 ONESHOT = {"rate": 4.0, "recipe": "oneshot"}
@@ -157,7 +157,7 @@ def job(tmp_path):
         owner, entity.card, export_eval(_model(flat=True), (1, 12, 12)), SPEC, PruneRequest(4.0), AuditLog.open(tmp_path / "audit.jsonl", owner)
     )
     offer = jobs.make_offer(node_id=1)
-    request = session.answer_offer(offer.blob, None)
+    request = sealed_request(session, jobs, offer)
     return jobs, offer, jobs.open_request(offer, request), request, tmp_path
 
 
@@ -213,23 +213,24 @@ def flower_task():
 
 
 def test_service_answers_an_unexpected_pruning_error_with_an_error_id_not_its_text(job, flower_task):
-    from flwr.app import Message
-
-    from entity.server_app import JobLoop, Pending
-    from protocol.contract import OFFER
-    from protocol.flower_records import facts_of, pack
+    from entity.job_loop import Job, JobLoop
+    from entity.workers import WorkerPool
+    from protocol.flower_records import facts_of
 
     jobs, offer, opened, request, tmp_path = job
 
     def prune(*args, **kwargs):
         raise RuntimeError("bytes of /home/entity/keys/signing.key: 9f8e7d6c")
 
-    jobs.open_request = lambda offer_, blob: opened
+    jobs.open_request = lambda offer_, blob, redeem=True: opened
     jobs.prune = prune
-    loop = JobLoop(None, jobs, b"card")
-    sent = Message(pack({"job_id": offer.job_id}, offer.blob), dst_node_id=7, message_type=OFFER)
-    sent.metadata.__dict__["_message_id"] = "msg-1"
-    loop.on_request(Pending(7, "offer", offer), Message(pack({"status": "request"}, request), reply_to=sent))
+    loop = JobLoop(None, jobs, b"card", pool=WorkerPool(1, 4))
+    loop.journal.add(offer.job_id, owner="owner", nonce=offer.nonce, offer=offer.blob, checkpoint=None, request=request)
+    loop.enqueue(Job(offer, "owner", 7))
+    deadline = time.monotonic() + 30
+    while not loop.outbox and time.monotonic() < deadline:
+        loop.collect()
+        time.sleep(0.05)
     reason = str(facts_of(loop.outbox[-1].message.content)["reason"])
     assert reason.startswith("pruning failed: internal error (error id ")
     assert "signing.key" not in reason and "9f8e7d6c" not in reason and "RuntimeError" not in reason

@@ -12,7 +12,7 @@ import itertools
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +23,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from entity.jobs import EntityJobs, EntitySettings, EventLog, JobError
-from entity.server_app import INTERNAL_REFUSAL, SERVICE_REFUSAL, UNDELIVERABLE_RESULT, JobLoop, LoopTiming
+from entity.job_loop import INTERNAL_REFUSAL, SERVICE_REFUSAL, UNDELIVERABLE_RESULT, JobLoop, LoopTiming
 from protocol import canonical
 from protocol.artifact import dump_tensors
-from protocol.contract import FINISH, OFFER, OFFER_KIND, REFUSED, REQUEST_KIND, RESULT
+from protocol.contract import ADMITTED, FINISH, HELLO_KIND, OFFER, OFFER_KIND, REFUSED, REQUEST_KIND, RESULT, STATUS, Hello
 from protocol.flower_records import RecordError, blob_of, facts_of, pack
 from protocol.keys import Identity, init_identity
 from protocol.replay import NonceStore
 from protocol.sealing import seal_bundle
-from protocol.signing import digest, verify_message
+from protocol.signing import digest, sign_message, verify_message
 from protocol.spec import InputSpec, PruneRequest
 
 SPEC = InputSpec((1, 28, 28), (0.286,), (0.353,))
@@ -99,6 +99,7 @@ class World:
     root: Path
     entity: Identity
     owner: Identity
+    offers: dict = field(default_factory=dict)
 
     def jobs(self) -> EntityJobs:
         home = Path(tempfile.mkdtemp(dir=self.root))
@@ -115,11 +116,20 @@ class World:
     def offer_of(self, offer: Message) -> tuple[str, str, bytes]:
         blob = blob_of(offer.content)
         body = verify_message(blob, kind=OFFER_KIND, signer=self.entity.card)
+        self.offers[body["job_id"]] = (body["job_id"], body["nonce"], blob)
         return body["job_id"], body["nonce"], blob
 
-    def sealed_request(self, offer: Message, request_json: bytes | None = None, files: dict | None = None) -> bytes:
+    def hello(self, offer: Message, intent: str = "request") -> RecordDict:
+        """The registered owner's signed hello for ``offer``."""
+        job_id, nonce, _ = self.offer_of(offer)
+        resume = "job-from-an-earlier-run" if intent == "resume" else None
+        hello = Hello(job_id, nonce, self.owner.fingerprint, intent, 1000, resume)
+        blob = sign_message(hello.to_json(), kind=HELLO_KIND, signer=self.owner)
+        return pack({"status": "hello", "owner": self.owner.fingerprint}, blob)
+
+    def sealed_request(self, admitted: Message, request_json: bytes | None = None, files: dict | None = None) -> bytes:
         """A request sealed by the registered owner, as a real owner would, around any request.json."""
-        job_id, nonce, blob = self.offer_of(offer)
+        job_id, nonce, blob = self.offers[str(facts_of(admitted.content)["job_id"])]
         if request_json is None:
             request_json = canonical.dumps(valid_request(job_id, nonce))
         bundle = {"request.json": request_json, "program.json": b"{}", "weights.safetensors": WEIGHTS, **(files or {})}
@@ -160,15 +170,17 @@ def answer_all(grid: FakeGrid, content_for) -> None:
         answer(grid, message_id, content_for(message))
 
 
-def drain(loop: JobLoop, grid: FakeGrid, rounds: int = 12) -> None:
-    """Acknowledge everything the loop sends until no job is open (bounded)."""
+def drain(loop: JobLoop, grid: FakeGrid, seconds: float = 60) -> None:
+    """Acknowledge everything the loop sends until no job is open (bounded; workers run meanwhile)."""
     grid.fail_push = grid.fail_pull = grid.fail_nodes = 0
-    for _ in range(rounds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         loop.step()
         answer_all(grid, lambda m: pack({"status": "bye"}))
-        if not grid.unanswered() and not loop.pending and not loop.outbox and not grid.inbox:
+        if not grid.unanswered() and loop.idle() and not grid.inbox:
             return
-    raise AssertionError(f"loop did not drain: pending {loop.pending}, outbox {loop.outbox}")
+        time.sleep(0.01)
+    raise AssertionError(f"loop did not drain: pending {loop.pending}, outbox {loop.outbox}, active {list(loop.active)}")
 
 
 def refusals(grid: FakeGrid) -> list[str]:
@@ -179,6 +191,18 @@ def offer_and_answer(world: World, content_for, nodes: list[int] | None = None) 
     """One step (offers go out), the owner's answer to each offer, one more step."""
     loop, grid = world.loop(nodes or [7])
     loop.step()
+    answer_all(grid, content_for)
+    loop.step()
+    return loop, grid
+
+
+def admit_and_answer(world: World, content_for, jobs: EntityJobs | None = None) -> tuple[JobLoop, FakeGrid]:
+    """Offers out, the owner's hello, admissions out, the owner's answer to each admission, one more step."""
+    loop, grid = world.loop([7], jobs)
+    loop.step()
+    answer_all(grid, world.hello)
+    loop.step()
+    assert grid.of_type(ADMITTED), refusals(grid)
     answer_all(grid, content_for)
     loop.step()
     return loop, grid
@@ -216,11 +240,11 @@ HOSTILE_REQUESTS = {
 
 @pytest.mark.parametrize("name", sorted(HOSTILE_REQUESTS))
 def test_registered_owners_malformed_request_json_is_refused_and_the_loop_goes_on(world: World, name: str) -> None:
-    def reply(offer: Message) -> RecordDict:
-        job_id, nonce, _ = world.offer_of(offer)
-        return pack({"status": "request"}, world.sealed_request(offer, HOSTILE_REQUESTS[name](job_id, nonce)))
+    def reply(admitted: Message) -> RecordDict:
+        job_id, nonce, _ = world.offers[str(facts_of(admitted.content)["job_id"])]
+        return pack({"status": "request"}, world.sealed_request(admitted, HOSTILE_REQUESTS[name](job_id, nonce)))
 
-    loop, grid = offer_and_answer(world, reply)
+    loop, grid = admit_and_answer(world, reply)
     [reason] = refusals(grid)
     assert reason.startswith("request.json"), reason
     assert "Traceback" not in reason and "\n" not in reason
@@ -236,6 +260,7 @@ def test_open_request_refuses_a_malformed_request_json_with_a_job_error(world: W
     offer = jobs.make_offer(node_id=1)
     job_id, nonce = offer.job_id, offer.nonce
     message = Message(pack({"job_id": job_id}, offer.blob), dst_node_id=1, message_type=OFFER)
+    world.offer_of(message)
     with pytest.raises(JobError, match=r"^request\.json"):
         jobs.open_request(offer, world.sealed_request(message, HOSTILE_REQUESTS[name](job_id, nonce)))
 
@@ -266,7 +291,7 @@ def test_broken_owner_registry_is_refused_with_our_text_and_its_cause_stays_in_t
     jobs.registry = registry
     loop, grid = world.loop([7], jobs)
     loop.step()
-    answer_all(grid, lambda m: pack({"status": "request"}, world.sealed_request(m)))
+    answer_all(grid, world.hello)  # the registry is read at the hello, before any model crosses
     loop.step()
     assert refusals(grid) == [SERVICE_REFUSAL]
     assert "entity-secret" in loop.jobs.events.path.read_text()  # the operator sees the cause
@@ -277,14 +302,11 @@ def test_broken_owner_registry_is_refused_with_our_text_and_its_cause_stays_in_t
 def test_unexpected_exception_is_refused_with_a_fixed_text_not_its_message(world: World) -> None:
     jobs = world.jobs()
 
-    def open_request(offer, blob):
+    def open_request(offer, blob, redeem=True):
         raise KeyError("/home/entity/keys/sealing.key")
 
     jobs.open_request = open_request
-    loop, grid = world.loop([7], jobs)
-    loop.step()
-    answer_all(grid, lambda m: pack({"status": "request"}, b"x"))
-    loop.step()
+    loop, grid = admit_and_answer(world, lambda m: pack({"status": "request"}, b"x"), jobs)
     assert refusals(grid) == [INTERNAL_REFUSAL]
     assert any(e["event"] == "error" and "sealing.key" in e["trace"] for e in events(loop))
 
@@ -362,10 +384,9 @@ def test_offer_the_superlink_never_takes_is_offered_again_then_the_node_is_given
 
 
 def test_result_the_superlink_never_takes_becomes_a_refusal(world: World) -> None:
-    loop, grid = world.loop([7])
-    loop.step()
-    [(message_id, offer)] = grid.unanswered()
-    loop.jobs.prune = lambda *args, **kwargs: (b"sealed result", {"job_id": "x"})
+    jobs = world.jobs()
+    jobs.prune = lambda *args, **kwargs: (b"sealed result", {"job_id": "x"})
+    loop, grid = world.loop([7], jobs)
     real_push = grid.push_messages
 
     def push(messages):
@@ -374,9 +395,14 @@ def test_result_the_superlink_never_takes_becomes_a_refusal(world: World) -> Non
         return real_push(messages)
 
     grid.push_messages = push
-    answer(grid, message_id, pack({"status": "request"}, world.sealed_request(offer)))
-    for _ in range(FAST.push_attempts + 1):
+    loop.step()
+    answer_all(grid, world.hello)
+    loop.step()
+    answer_all(grid, lambda m: pack({"status": "request"}, world.sealed_request(m)))
+    deadline = time.monotonic() + 30
+    while not refusals(grid) and time.monotonic() < deadline:
         loop.step()
+        answer_all(grid, lambda m: pack({"status": "noted"}))
     assert refusals(grid) == [UNDELIVERABLE_RESULT]
 
 
@@ -443,20 +469,36 @@ def test_honest_job_through_the_loop_is_delivered_and_finished(world: World, sma
     loop, grid = world.loop([7])
     loop.step()
     [(message_id, offer)] = grid.unanswered()
-    sealed = session.answer_offer(blob_of(offer.content), facts_of(offer.content)["entity_card"])
-    answer(grid, message_id, pack({"status": "request", "checkpoint": session.sent_checkpoint or b""}, sealed))
+    hello = session.answer_offer(blob_of(offer.content), facts_of(offer.content)["entity_card"])
+    answer(grid, message_id, pack({"status": "hello", "owner": world.owner.fingerprint}, hello))
     loop.step()
-    [(message_id, result)] = grid.unanswered()
-    answer(grid, message_id, pack(session.receive_result(blob_of(result.content))))
+    [(message_id, admitted)] = grid.unanswered()
+    sealed = session.answer_admission(blob_of(admitted.content))
+    answer(grid, message_id, pack({"status": "request", "checkpoint": session.sent_checkpoint or b""}, sealed))
+    statuses = []
+    deadline = time.monotonic() + 120
+    while session.outcome is None and time.monotonic() < deadline:
+        loop.step()
+        for message_id, message in grid.unanswered():
+            if message.metadata.message_type == STATUS:
+                statuses.append(session.receive_status(blob_of(message.content)))
+                answer(grid, message_id, pack({"status": "noted"}))
+            elif message.metadata.message_type == RESULT:
+                answer(grid, message_id, pack(session.receive_result(blob_of(message.content))))
     drain(loop, grid)
     audit.close()
+    assert statuses and statuses[0] is not None and statuses[0].state in ("queued", "pruning")
     assert [facts_of(m.content)["outcome"] for m in grid.of_type(FINISH)] == ["delivered"]
-    assert [e["event"] for e in events(loop) if e["event"] in {"admitted", "pruned", "delivered", "finished"}] == [
+    assert [e["event"] for e in events(loop) if e["event"] in {"hello", "admitted", "queued", "pruned", "delivered", "finished"}] == [
+        "hello",
         "admitted",
+        "queued",
         "pruned",
         "delivered",
         "finished",
     ]
+    assert loop.journal.get(session.job_id).state == "delivered"
+    assert not (loop.journal.blobs / session.job_id).exists()  # the owner's model is not kept after delivery
 
 
 # ------------------------------------------------------------------------------------- the fuzz
@@ -504,7 +546,7 @@ def _request_json(draw, job_id: str, nonce: str) -> bytes:
 
 def _owner_reply(draw, world: World, grid: FakeGrid, message_id: str, message: Message) -> None:
     """What a hostile or broken owner might answer to ``message`` (or nothing, yet)."""
-    choice = draw(st.sampled_from(["wait", "error", "records", "records", "sealed", "tampered", "stray", "twice", "bye", "declined"]))
+    choice = draw(st.sampled_from(["wait", "error", "records", "hello", "hello", "sealed", "tampered", "stray", "twice", "bye", "declined"]))
     if choice == "wait":
         return
     if choice == "error":
@@ -525,8 +567,11 @@ def _owner_reply(draw, world: World, grid: FakeGrid, message_id: str, message: M
         )
         grid.inbox.append(Message(metadata=metadata, content=draw(_RECORDS)))
         return
-    if choice in ("sealed", "tampered") and message.metadata.message_type == OFFER:
-        job_id, nonce, _ = world.offer_of(message)
+    if choice == "hello" and message.metadata.message_type == OFFER:
+        answer(grid, message_id, world.hello(message, draw(st.sampled_from(["request", "request", "check", "resume"]))))
+        return
+    if choice in ("sealed", "tampered") and message.metadata.message_type == ADMITTED:
+        job_id, nonce, _ = world.offers[str(facts_of(message.content)["job_id"])]
         sealed = bytearray(world.sealed_request(message, _request_json(draw, job_id, nonce)))
         if choice == "tampered":
             sealed[draw(st.integers(0, len(sealed) - 1))] ^= 1 << draw(st.integers(0, 7))

@@ -29,7 +29,7 @@ from protocol.replay import NonceStore
 from protocol.sealing import seal_bundle
 from protocol.signing import digest, sign_message
 from protocol.spec import InputSpec, PruneRequest, RetrainLimits, RetrainRecipe
-from tests.helpers import export_eval
+from tests.helpers import export_eval, sealed_request
 
 SPEC = InputSpec((1, 28, 28), (0.286,), (0.353,))
 CENTRE = 4
@@ -136,7 +136,7 @@ def _exchange(pruned: Pruned, tmp_path: Path, **kwargs: Any) -> Exchange:
     )
     session = _session(pruned, tmp_path, **kwargs)
     offer = jobs.make_offer(node_id=1)
-    request = session.answer_offer(offer.blob, None)
+    request = sealed_request(session, jobs, offer)
     opened = jobs.open_request(offer, request)
     receipt = make_receipt(opened, entity=pruned.entity, job_id=offer.job_id)
     counter = countersign_checkpoint(session.sent_checkpoint, owner=opened.sender, entity=pruned.entity)
@@ -370,7 +370,7 @@ def test_client_app_declines_a_second_offer_and_keeps_the_job(pruned, tmp_path):
     app = build_client_app(session)
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     first = app(_message("query.offer", pack({}, jobs.make_offer(1).blob)), context)
-    assert _facts(first)["status"] == "request"
+    assert _facts(first)["status"] == "hello" and session.request_blob is None  # nothing but the hello before the admission
     job = session.job_id
     second = app(_message("query.offer", pack({}, jobs.make_offer(1).blob)), context)
     assert _facts(second)["status"] == "declined" and "under way" in _facts(second)["reason"]

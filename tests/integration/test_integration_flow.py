@@ -68,3 +68,29 @@ def test_unregistered_owner_is_refused_on_both_sides(deployment, data):
     assert refused, "the entity records the refusal"
     records = [json.loads(line) for line in (run.out / "audit.jsonl").read_text().splitlines()]
     assert any(r["event"] == "admission.refused" for r in records)
+
+
+def test_check_sends_only_the_hello_and_prints_the_plan(deployment, data):
+    import subprocess
+    import sys
+
+    folder = deployment.prepare_owner(_plan("checker", data))
+    done = subprocess.run(
+        [sys.executable, "-m", "owner.run", "--config", str(folder / "owner.toml"), "--check", "--quiet"],
+        cwd=folder,
+        env=deployment.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["check"] == "passed" and report["admitted"] is True
+    pruned = [layer for layer in report["layers"] if layer["pruned"]]
+    assert pruned and any(layer["why"].startswith("the stem") for layer in report["layers"])
+    records = [json.loads(line) for line in (folder / "out" / "audit.jsonl").read_text().splitlines()]
+    events = [r["event"] for r in records]
+    assert "hello.sent" in events and "admission.received" in events and "check.finished" in events
+    assert "transfer.sent" not in events  # nothing but the hello left
+    assert not (folder / "out" / "job.json").exists()
+    assert any(e["event"] == "checked" for e in deployment.entity_events())

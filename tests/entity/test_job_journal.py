@@ -1,0 +1,178 @@
+"""The entity's journal: a job survives the service's death, and every queued job reaches its owner.
+
+The loop runs over the fake Grid of the loop tests with a real ``EntityJobs``; pruning is replaced
+by a function that seals a fixed result, so these tests check the bookkeeping (journal, workers,
+resume), not the engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from entity.job_loop import JobLoop
+from entity.journal import DELIVERED, DONE, QUEUED, REFUSED, JobJournal
+from entity.workers import WorkerPool
+from protocol.contract import ADMITTED, HELLO_KIND, OFFER, RESULT, STATUS, STATUS_KIND, Hello, JobStatus
+from protocol.contract import REFUSED as REFUSED_MESSAGE
+from protocol.flower_records import blob_of, facts_of, pack
+from protocol.signing import sign_message, verify_message
+from tests.entity import test_server_loop_fuzz as loop_tests
+from tests.entity.test_server_loop_fuzz import FAST, FakeGrid, World, answer, answer_all, refusals
+
+world = loop_tests.world  # the loop tests' fixtures: real keys, a fake Grid
+task_identity = loop_tests.task_identity
+
+
+def _loop(world: World, jobs, grid: FakeGrid, workers: int = 1, max_queued: int = 4) -> JobLoop:
+    home = jobs.events.path.parent
+    return JobLoop(
+        grid, jobs, world.entity.card.to_bytes(), FAST, pool=WorkerPool(workers, max_queued), journal=JobJournal(home / "jobs.db", home / "jobs")
+    )
+
+
+def _blocking_prune(release: threading.Event):
+    def prune(offer, opened, blob, progress=None, **kwargs):
+        progress({"event": "refit", "layer": "features.3.weight", "percent": 40})
+        release.wait(30)
+        return b"sealed result for " + offer.job_id.encode(), {"job_id": offer.job_id}
+
+    return prune
+
+
+def _resume_hello(world: World, offer_message, job_id: str):
+    offer_job, nonce, _ = world.offer_of(offer_message)
+    blob = sign_message(Hello(offer_job, nonce, world.owner.fingerprint, "resume", 0, job_id).to_json(), kind=HELLO_KIND, signer=world.owner)
+    return pack({"status": "hello", "owner": world.owner.fingerprint}, blob)
+
+
+def _steps_until(loop: JobLoop, grid: FakeGrid, done, seconds: float = 20.0, reply=lambda m: pack({"status": "noted"})) -> None:
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        loop.step()
+        for message_id, message in grid.unanswered():
+            if message.metadata.message_type in (STATUS,):
+                answer(grid, message_id, reply(message))
+        time.sleep(0.01)
+    assert done(), "timed out"
+
+
+def _admit_request(world: World, loop: JobLoop, grid: FakeGrid) -> str:
+    loop.step()
+    answer_all(grid, world.hello)
+    loop.step()
+    [(message_id, admitted)] = [(i, m) for i, m in grid.unanswered() if m.metadata.message_type == ADMITTED]
+    answer(grid, message_id, pack({"status": "request"}, world.sealed_request(admitted)))
+    loop.step()
+    return str(facts_of(admitted.content)["job_id"])
+
+
+def test_every_owner_gets_its_offer_and_a_queue_position_while_another_job_prunes(world: World) -> None:
+    jobs = world.jobs()
+    release = threading.Event()
+    jobs.prune = _blocking_prune(release)
+    grid = FakeGrid([7])
+    loop = _loop(world, jobs, grid, workers=1)
+    first = _admit_request(world, loop, grid)
+    grid.nodes.append(8)  # a second owner arrives while the first job prunes
+    loop.step()
+    offers = {m.metadata.dst_node_id for m in grid.of_type(OFFER)}
+    assert offers == {7, 8}
+    for message_id, message in grid.unanswered():
+        if message.metadata.message_type == OFFER:
+            answer(grid, message_id, world.hello(message))
+    loop.step()
+    for message_id, message in grid.unanswered():
+        if message.metadata.message_type == ADMITTED:
+            answer(grid, message_id, pack({"status": "request"}, world.sealed_request(message)))
+    seen: dict[int, list[JobStatus]] = {7: [], 8: []}
+
+    def record(message):
+        status = JobStatus.from_json(verify_message(blob_of(message.content), kind=STATUS_KIND, signer=world.entity.card))
+        seen[message.metadata.dst_node_id].append(status)
+        return pack({"status": "noted"})
+
+    _steps_until(loop, grid, lambda: seen[7] and seen[8], reply=record)
+    assert seen[7][0].state == "pruning" and seen[7][0].layer == "features.3.weight" and seen[7][0].percent == 40
+    assert seen[8][0].state == "queued" and seen[8][0].position == 1
+    release.set()
+    _steps_until(loop, grid, lambda: len(grid.of_type(RESULT)) == 2, reply=record)
+    assert loop.journal.get(first).state == DONE
+    loop.close()
+
+
+def test_full_queue_and_per_owner_limit_are_refusals_before_the_model_is_sent(world: World) -> None:
+    jobs = world.jobs()
+    release = threading.Event()
+    jobs.prune = _blocking_prune(release)
+    grid = FakeGrid([7])
+    loop = _loop(world, jobs, grid, workers=1, max_queued=0)
+    _admit_request(world, loop, grid)
+    grid.nodes.append(8)
+    loop.step()
+    answer_all(grid, lambda m: world.hello(m) if m.metadata.message_type == OFFER else pack({"status": "noted"}))
+    loop.step()
+    assert any("queue is full" in r for r in refusals(grid)), refusals(grid)
+    assert len(grid.of_type(ADMITTED)) == 1  # the second owner never got to send its model
+    release.set()
+    loop.close()
+
+
+def test_a_job_survives_the_entity_and_its_owner_collects_the_result_by_resuming(world: World) -> None:
+    jobs = world.jobs()
+    release = threading.Event()
+    jobs.prune = _blocking_prune(release)
+    grid = FakeGrid([7])
+    loop = _loop(world, jobs, grid)
+    job_id = _admit_request(world, loop, grid)
+    assert loop.journal.get(job_id).state in (QUEUED, "pruning")
+    loop.close()  # the entity dies mid-prune (its worker never returns)
+    loop.journal.close()
+
+    restarted_jobs = world.jobs()
+    restarted_jobs.events = jobs.events
+    restarted_jobs.nonces = jobs.nonces
+    restarted_jobs.prune = lambda offer, opened, blob, progress=None, **kwargs: (b"sealed again " + offer.job_id.encode(), {"job_id": offer.job_id})
+    grid2 = FakeGrid([21])  # the owner's new SuperNode
+    restarted = _loop(world, restarted_jobs, grid2)
+    assert restarted.recover() == [job_id]
+    restarted.step()
+    [(message_id, offer)] = grid2.unanswered()
+    answer(grid2, message_id, _resume_hello(world, offer, job_id))
+    _steps_until(restarted, grid2, lambda: grid2.of_type(RESULT))
+    [result] = grid2.of_type(RESULT)
+    assert facts_of(result.content)["job_id"] == job_id and blob_of(result.content) == b"sealed again " + job_id.encode()
+    [(message_id, _)] = [(i, m) for i, m in grid2.unanswered() if m.metadata.message_type == RESULT]
+    answer(grid2, message_id, pack({"status": "verified"}))
+    _steps_until(restarted, grid2, lambda: restarted.journal.get(job_id).state == DELIVERED)
+    logged = [e["event"] for e in map(__import__("json").loads, jobs.events.path.read_text().splitlines()) if e.get("job_id") == job_id]
+    assert "recovered" in logged and "resumed" in logged and "delivered" in logged
+    restarted.close()
+    release.set()
+
+
+def test_a_job_cut_short_by_restarts_too_often_is_refused_not_forgotten(world: World) -> None:
+    jobs = world.jobs()
+    home = jobs.events.path.parent
+    journal = JobJournal(home / "jobs.db", home / "jobs")
+    journal.add("job-1", owner=world.owner.fingerprint, nonce="n", offer=b"{}", checkpoint=None, request=b"sealed")
+    for _ in range(3):
+        journal.set_state("job-1", "pruning", attempt=True)
+    loop = JobLoop(FakeGrid([]), jobs, world.entity.card.to_bytes(), FAST, pool=WorkerPool(1, 4), journal=journal)
+    assert loop.recover() == []
+    entry = journal.get("job-1")
+    assert entry is not None and entry.state == REFUSED and "restarted" in entry.reason
+    assert not (journal.blobs / "job-1").exists()
+    loop.close()
+
+
+def test_resume_of_an_unknown_job_is_a_clear_refusal(world: World) -> None:
+    jobs = world.jobs()
+    grid = FakeGrid([7])
+    loop = _loop(world, jobs, grid)
+    loop.step()
+    answer_all(grid, lambda m: _resume_hello(world, m, "job-nobody-knows"))
+    loop.step()
+    assert [r for r in refusals(grid)] and "not known to this entity" in refusals(grid)[0]
+    assert grid.of_type(REFUSED_MESSAGE)
+    loop.close()

@@ -141,6 +141,8 @@ class EntityJobs:
         self.nonces = nonces
         self.events = events
         self.settings = settings if settings is not None else EntitySettings()
+        # Where the pruning child runs: here (``run_pruning``), or a Ray task (``entity.ray_runner``).
+        self.runner: Callable[..., Any] | None = None
 
     def make_offer(self, node_id: int) -> Offer:
         """A signed offer: job id, nonce, the entity's card fingerprint and what it supports."""
@@ -277,7 +279,7 @@ class EntityJobs:
             raise JobError(f"pruning request not supported: {exc}") from exc
         # The graph runs in a child process that holds no key; a failure's text stays in our log.
         try:
-            result = run_pruning(
+            result = (self.runner or run_pruning)(
                 artifact,
                 spec.to_json(),
                 kwargs,

@@ -140,6 +140,16 @@ def load_config(args: argparse.Namespace) -> EntitySettings:
             )
     if config.recipe_options:
         _check_recipe_options(config.recipe_options)
+    if config.ray:
+        from entity.ray_runner import RayUnavailable, check_ray
+
+        try:
+            check_ray()
+        except RayUnavailable as exc:
+            raise ServeError(str(exc)) from None
+        host, _, port = config.ray.rpartition(":")
+        if not host or not port.isdigit():
+            raise ServeError(f"--ray {config.ray!r} must be the Ray head's HOST:PORT (the address `ray start --head` prints)")
     return config
 
 

@@ -65,6 +65,15 @@ def main(grid: Grid, context: Context) -> None:
     jobs = entity_from_config(dict(context.run_config))
     settings = jobs.settings
     workers = settings.worker_count(_cuda_devices(settings.device))
+    if settings.ray:
+        from entity.ray_runner import RayRunner
+
+        cuda = settings.device.startswith("cuda")
+        runner = RayRunner(settings.ray, gpus_per_job=1.0 if cuda else 0.0)
+        jobs.runner = runner
+        if not settings.workers:  # as many jobs at once as the cluster has GPUs (with CUDA) or CPUs
+            resources = runner.cluster_resources()
+            workers = max(1, int(resources.get("GPU" if cuda else "CPU", 1)))
     loop = JobLoop(
         grid,
         jobs,

@@ -114,6 +114,9 @@ class EntitySettings:
     max_request_mib: float = setting(
         1024.0, "largest model request accepted, MiB (default 1024); a larger one is refused before it is sent", metavar="MIB"
     )
+    ray: str = setting(
+        "", "run each pruning job as a task on this existing Ray cluster, HOST:PORT of its head (needs the ray extra)", metavar="ADDRESS"
+    )
     status_interval: float = setting(5.0, "seconds between the status messages each waiting owner gets (default 5)", metavar="S")
     start_timeout: float = setting(60.0, "seconds to wait for the SuperLink and ServerApp (default 60)")
     tls_cert: Path | None = setting(None, "PEM certificate for the SuperLink (enables TLS)")

@@ -397,6 +397,9 @@ class JobLoop:
             job.seq += 1
             progress = place.progress
             percent = progress.get("percent")
+            index, total = progress.get("index"), progress.get("total")
+            if percent is None and isinstance(index, int) and isinstance(total, int) and total > 0:
+                percent = 100 * index / total  # the engine's layer events: layer ``index`` of ``total``
             status = JobStatus(
                 job_id,
                 job.seq,

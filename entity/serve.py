@@ -433,6 +433,17 @@ def _describe(event: dict) -> str | None:
         return f"ServerApp running; {event.get('owners')} owner(s) registered"
     if kind == "offered":
         return f"[{job}] offer sent to node {event.get('node_id')}"
+    if kind == "hello":
+        return f"[{job}] hello from {event.get('owner_name')} ({str(event.get('owner'))[:23]}): {event.get('intent')}"
+    if kind == "queued":
+        position = event.get("position")
+        return f"[{job}] " + ("pruning starts" if position == 0 else f"queued at position {position} ({event.get('waiting')} waiting)")
+    if kind in ("resumed", "recovered"):
+        return f"[{job}] {kind} ({event.get('state')})"
+    if kind == "checked":
+        return f"[{job}] check answered (nothing but the hello crossed)"
+    if kind in ("pull-stalled", "unanswered"):
+        return f"[{job}] {kind}: {event.get('note') or event.get('stage', '')}"
     if kind == "admitted":
         return f"[{job}] admitted owner {event.get('owner_name')} ({str(event.get('owner'))[:23]}), {event.get('bytes')} bytes"
     if kind == "pruning":

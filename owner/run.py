@@ -122,6 +122,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# What every run needs; the rest has defaults. All that are missing are named at once.
+REQUIRED_FLAGS = (
+    ("data", "--data"),
+    ("model", "--model"),
+    ("entity_card", "--entity-card"),
+    ("input_shape", "--input-shape"),
+    ("mean", "--mean"),
+    ("std", "--std"),
+)
 _PATH_KEYS = ("data", "weights", "entity_card", "keys", "out", "tls_ca", "node_key")
 
 
@@ -147,16 +156,14 @@ def load_config(args: argparse.Namespace) -> OwnerConfig:
             if stored.get(key) is not None:
                 stored[key] = Path(stored[key])
         data = {**stored, **data, "out": resume, "resume": True}
-    for required, flag in (
-        ("data", "--data"),
-        ("model", "--model"),
-        ("entity_card", "--entity-card"),
-        ("input_shape", "--input-shape"),
-        ("mean", "--mean"),
-        ("std", "--std"),
-    ):
-        if data.get(required) in (None, "", ()):
-            raise OwnerError(f"missing {flag} (or `{required}` in owner.toml)")
+    missing = [flag for key, flag in REQUIRED_FLAGS if data.get(key) in (None, "", ())]
+    if missing:
+        raise OwnerError(
+            f"missing {', '.join(missing)} (flags, or keys in owner.toml); a complete command is "
+            "`python -m owner.run --data ./private --model torchvision.models:resnet18 --model-kwargs '{\"num_classes\": 10}' "
+            "--weights resnet18.pt --input-shape 3,32,32 --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25 --entity-card entity-card.json` "
+            "(README, Quick start)"
+        )
     for key in ("input_shape", "mean", "std", "skip_layers"):
         if key in data:
             data[key] = tuple(data[key])

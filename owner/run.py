@@ -508,16 +508,24 @@ def run(config: OwnerConfig, console) -> dict[str, Any]:
 
 
 def _run_job(config: OwnerConfig, inputs: Inputs, model, program, data, audit, state, console, started: float) -> dict[str, Any]:
-    from owner.data import count
-    from owner.job_state import CHECKPOINT_FILE, JobState, load_checkpoint, read_state, save_checkpoint, write_state
-    from owner.model import export_model
-    from owner.retrain import apply_masks, evaluate, masked_retrain
+    """The stages after the checks: exchange (or the kept result), retrain, write."""
+    timings: dict[str, float] = {}
+    exchange_start = time.monotonic()
+    outcome, state, session = exchange_or_resume_stage(config, inputs, program, data, audit, state, console)
+    timings["exchange"] = time.monotonic() - exchange_start
+    retrain_start = time.monotonic()
+    retrained = retrain_stage(config, model, outcome, data, state, console)
+    timings["retrain"] = time.monotonic() - retrain_start
+    return write_stage(config, inputs, model, data, outcome, retrained, session, audit, timings, started)
+
+
+def exchange_or_resume_stage(config: OwnerConfig, inputs: Inputs, program, data, audit, state, console):
+    """Stage ``exchange``: the hello, the request and the verified result, or the result a
+    resumed job already holds in ``OUT/received/``. Returns (outcome, job state, session or None)."""
+    from owner.job_state import JobState, read_state, write_state
     from owner.session import ResumeState, load_outcome_files, save_outcome_files
-    from protocol._files import atomic_write
-    from protocol.artifact import save_model_dir
 
     out = config.out
-    timings: dict[str, float] = {}
     if state is not None:
         audit.append("job.resumed", {"job_id": state.job_id, "stage": state.stage, "epoch": state.epoch})
         console.print(f"[cyan]owner:[/] resuming job {state.job_id} from {out} (stage {state.stage})")
@@ -535,7 +543,6 @@ def _run_job(config: OwnerConfig, inputs: Inputs, model, program, data, audit, s
                 "classes": len(data.classes),
             },
         )
-    exchange_start = time.monotonic()
     session = None
     if state is None or state.stage == "requested":
         resume = ResumeState(state.job_id, state.nonce, state.request_digest) if state is not None else None
@@ -558,8 +565,31 @@ def _run_job(config: OwnerConfig, inputs: Inputs, model, program, data, audit, s
     else:
         outcome = load_outcome_files(out / "received", state.job_id, inputs.limits)
         console.print(f"[cyan]owner:[/] using the verified result already in {out / 'received'} (not asked for again)")
-    timings["exchange"] = time.monotonic() - exchange_start
+    return outcome, state, session
 
+
+@dataclass(frozen=True)
+class Retrained:
+    """What the retrain stage hands the write stage: accuracies, the recipe as run, the job state."""
+
+    dense: float
+    pruned: float
+    final: float
+    epochs: int
+    batch: int
+    history: list[dict[str, Any]]
+    train_images: int
+    state: Any
+
+
+def retrain_stage(config: OwnerConfig, model, outcome, data, state, console) -> Retrained:
+    """Stage ``retrain``: masked retraining on the private data, checkpointed after every epoch
+    (``OUT/retrain-checkpoint.pt``), from the last checkpoint when the job resumes."""
+    from owner.data import count
+    from owner.job_state import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, write_state
+    from owner.retrain import apply_masks, evaluate, masked_retrain
+
+    out = config.out
     _, test_loader = data.loaders(256)
     recipe = outcome.recipe
     # Distillation teaches the pruned model from the owner's own dense one, which stays here.
@@ -581,7 +611,6 @@ def _run_job(config: OwnerConfig, inputs: Inputs, model, program, data, audit, s
     if resume_from is not None:
         history = list(resume_from.get("evaluated", []))
         console.print(f"[cyan]owner:[/] retraining goes on after epoch {resume_from['epoch']} of {epochs} ({out / CHECKPOINT_FILE})")
-    retrain_start = time.monotonic()
     if epochs > 0:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -624,12 +653,27 @@ def _run_job(config: OwnerConfig, inputs: Inputs, model, program, data, audit, s
                 resume=resume_from,
                 on_checkpoint=on_checkpoint,
             )
-    timings["retrain"] = time.monotonic() - retrain_start
     model.to("cpu")
-    final_acc = evaluate(model, test_loader)
+    return Retrained(dense_acc, pruned_acc, evaluate(model, test_loader), epochs, batch, history, count(train_loader.dataset), state)
+
+
+def write_stage(
+    config: OwnerConfig, inputs: Inputs, model, data, outcome, retrained: Retrained, session, audit, timings, started: float
+) -> dict[str, Any]:
+    """Stage ``write``: the final model (the input of codegen), the audit records, the summary; the job is finished."""
+    from owner.data import count
+    from owner.job_state import CHECKPOINT_FILE, write_state
+    from owner.model import export_model
+    from protocol._files import atomic_write
+    from protocol.artifact import save_model_dir
+
+    out = config.out
+    recipe, state = outcome.recipe, retrained.state
+    epochs, batch, history = retrained.epochs, retrained.batch, retrained.history
+    dense_acc, pruned_acc, final_acc = retrained.dense, retrained.pruned, retrained.final
     final_program = export_model(model, inputs.spec)
     save_model_dir(out / "final", final_program, outcome.masks)
-    audit.append("retrain.finished", {"job_id": outcome.job_id, "epochs": epochs, "images": count(train_loader.dataset), "stayed_local": True})
+    audit.append("retrain.finished", {"job_id": outcome.job_id, "epochs": epochs, "images": retrained.train_images, "stayed_local": True})
     audit.append("model.saved", {"path": str((out / "final").resolve()), "sent_anywhere": False})
     audit.checkpoint()
     timings["total"] = time.monotonic() - started

@@ -10,9 +10,13 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from entity.job_loop import JobLoop
+from entity.jobs import JobError
 from entity.journal import DELIVERED, DONE, QUEUED, REFUSED, JobJournal
 from entity.workers import WorkerPool
+from protocol.audit import verify_log
 from protocol.contract import ADMITTED, HELLO_KIND, OFFER, RESULT, STATUS, STATUS_KIND, Hello, JobStatus
 from protocol.contract import REFUSED as REFUSED_MESSAGE
 from protocol.flower_records import blob_of, facts_of, pack
@@ -175,4 +179,69 @@ def test_resume_of_an_unknown_job_is_a_clear_refusal(world: World) -> None:
     loop.step()
     assert [r for r in refusals(grid)] and "not known to this entity" in refusals(grid)[0]
     assert grid.of_type(REFUSED_MESSAGE)
+    loop.close()
+
+
+def test_a_model_over_the_size_limit_and_an_owner_over_its_job_limit_are_refused_at_the_hello(world: World) -> None:
+    jobs = world.jobs()
+    jobs.settings = type(jobs.settings)(recipe="oneshot", max_request_mib=0.001, max_jobs_per_owner=1)
+    loop = _loop(world, jobs, FakeGrid([]))
+    with pytest.raises(JobError, match="over this entity's limit.*--max-request-mib"):
+        loop.check_limits(Hello("j", "n", world.owner.fingerprint, "request", 10_000))
+    loop.check_limits(Hello("j", "n", world.owner.fingerprint, "request", 10))
+    loop.journal.add("job-0", owner=world.owner.fingerprint, nonce="n", offer=b"{}", checkpoint=None, request=b"x")
+    with pytest.raises(JobError, match="1 jobs queued or pruning already"):
+        loop.check_limits(Hello("j", "n", world.owner.fingerprint, "request", 10))
+    loop.close()
+
+
+def test_an_owner_that_restarts_collects_its_verified_result_with_a_resume_hello(world: World, tmp_path) -> None:
+    """The owner's side for real: the result of a job sent by an earlier run opens and verifies in a new one."""
+    import torch
+
+    from owner.session import OwnerSession, ResumeState
+    from protocol.audit import AuditLog
+    from protocol.spec import InputSpec, PruneRequest
+    from tests.helpers import export_eval
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3),
+    )  # fmt: skip
+    spec = InputSpec((1, 12, 12), (0.5,), (0.25,))
+    program = export_eval(model, (1, 12, 12))
+    jobs = world.jobs()
+    grid = FakeGrid([7])
+    loop = _loop(world, jobs, grid)
+    kept: list[ResumeState] = []
+    log = tmp_path / "audit.jsonl"  # OUT/audit.jsonl: the resumed run appends to the same trail
+    first = OwnerSession(world.owner, world.entity.card, program, spec, PruneRequest(4.0), AuditLog.open(log, world.owner))
+    first.on_request_sealed = kept.append
+    loop.step()
+    [(message_id, offer)] = grid.unanswered()
+    answer(grid, message_id, pack({"status": "hello", "owner": world.owner.fingerprint}, first.answer_offer(blob_of(offer.content), None)))
+    loop.step()
+    [(message_id, admitted)] = grid.unanswered()
+    answer(
+        grid, message_id, pack({"status": "request", "checkpoint": first.sent_checkpoint or b""}, first.answer_admission(blob_of(admitted.content)))
+    )
+    loop.step()
+    [state] = kept
+    first.audit.close()
+    grid.nodes.remove(7)  # the owner's run ends here (Ctrl-C); its job goes on at the entity
+    _steps_until(loop, grid, lambda: loop.journal.get(state.job_id).state == DONE, seconds=120)
+
+    second = OwnerSession(world.owner, world.entity.card, program, spec, PruneRequest(4.0), AuditLog.open(log, world.owner), resume=state)
+    grid.nodes.append(9)
+    loop.step()
+    [(message_id, offer)] = [(i, m) for i, m in grid.unanswered() if m.metadata.message_type == OFFER]
+    answer(grid, message_id, pack({"status": "hello", "owner": world.owner.fingerprint}, second.answer_offer(blob_of(offer.content), None)))
+    _steps_until(loop, grid, lambda: any(m.metadata.dst_node_id == 9 for m in grid.of_type(RESULT)))
+    [(message_id, result)] = [(i, m) for i, m in grid.unanswered() if m.metadata.message_type == RESULT and m.metadata.dst_node_id == 9]
+    answer(grid, message_id, pack(second.receive_result(blob_of(result.content))))
+    assert second.outcome is not None and second.outcome.job_id == state.job_id
+    _steps_until(loop, grid, lambda: loop.journal.get(state.job_id).state == DELIVERED)
+    second.audit.close()
+    assert verify_log(log, owner=world.owner.card, entity=world.entity.card).ok
     loop.close()

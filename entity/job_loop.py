@@ -293,6 +293,9 @@ class JobLoop:
             raise JobError(f"the model request is {len(blob) / 2**20:.1f} MiB, over this entity's limit; ask its operator to raise --max-request-mib")
         opened = self.jobs.open_request(pending.offer, blob)
         owner = opened.sender.fingerprint
+        most = self.jobs.settings.max_jobs_per_owner
+        if self.journal.in_flight(owner) >= most:  # checked at the hello too; several hellos may race
+            raise JobError(f"this owner has {most} jobs queued or pruning already (the entity's limit); wait until one ends")
         checkpoint = facts.get("checkpoint")
         job = Job(pending.offer, owner, pending.node_id, checkpoint=checkpoint if isinstance(checkpoint, bytes) and checkpoint else None)
         try:

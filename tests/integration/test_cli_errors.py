@@ -63,6 +63,7 @@ def test_entity_unreachable_within_timeout(tmp_path, owner_args, fashion_root):
     args[args.index("--data") + 1] = str(fashion_root)
     args += ["--entity", f"127.0.0.1:{free_port()}", "--connect-timeout", "2"]
     _one_line_error(_run(args, tmp_path), "unreachable within 2 s")
+    assert not (tmp_path / "out" / "audit.jsonl").exists()  # nothing was sent: no half-started trail
 
 
 def test_bad_usage_exits_2(tmp_path):

@@ -46,6 +46,20 @@ def _signed_message() -> bytes:
     return sign_message({"job_id": "job-golden", "nonce": "00" * 16, "n": 7}, kind="offer", signer=ENTITY)
 
 
+def _job_control() -> dict[str, str]:
+    """The hello, the admission and a status, signed: the job-control messages of ``protocol.contract``."""
+    from protocol.contract import ADMISSION_KIND, HELLO_KIND, STATUS_KIND, Admission, Hello, JobStatus
+
+    hello = Hello("job-golden", "00" * 16, OWNER.fingerprint, "resume", 123456, "job-earlier")
+    admission = Admission("job-golden", OWNER.fingerprint, "request", 3, 2, 1 << 30)
+    status = JobStatus("job-golden", 4, "pruning", phase="layer", layer="features.3.weight", percent=40, elapsed_s=12)
+    return {
+        "hello": sign_message(hello.to_json(), kind=HELLO_KIND, signer=OWNER).decode(),
+        "admission": sign_message(admission.to_json(), kind=ADMISSION_KIND, signer=ENTITY).decode(),
+        "status": sign_message(status.to_json(), kind=STATUS_KIND, signer=ENTITY).decode(),
+    }
+
+
 def _sealed_bundle() -> bytes:
     files = {"request.json": b'{"job_id":"job-golden"}', "weights.safetensors": save({"w": torch.arange(4, dtype=torch.float32)})}
     return seal_bundle(files, kind="model", job_id="job-golden", request_hash=REQUEST_HASH, sender=OWNER, recipient=ENTITY.card, claims={"k": "v"})
@@ -78,6 +92,7 @@ def test_update_goldens(request: pytest.FixtureRequest, tmp_path: Path) -> None:
         "entity_fingerprint": ENTITY.fingerprint,
         "signed_message": _signed_message().decode(),
         "packed_masks_hex": pack_masks(MASKS).hex(),
+        "job_control": _job_control(),
     }
     VECTORS.write_text(json.dumps(vectors, indent=2, sort_keys=True) + "\n")
     today = datetime.date.today().isoformat()
@@ -117,6 +132,16 @@ def test_signed_message_is_byte_for_byte_stable() -> None:
     golden = _vectors()["signed_message"]
     assert _signed_message().decode() == golden
     assert verify_message(golden.encode(), kind="offer", signer=ENTITY.card)["n"] == 7
+
+
+def test_job_control_messages_are_byte_for_byte_stable_and_read_back() -> None:
+    from protocol.contract import ADMISSION_KIND, HELLO_KIND, STATUS_KIND, Admission, Hello, JobStatus
+
+    golden = _vectors()["job_control"]
+    assert _job_control() == golden
+    assert Hello.from_json(verify_message(golden["hello"].encode(), kind=HELLO_KIND, signer=OWNER.card)).resume_job == "job-earlier"
+    assert Admission.from_json(verify_message(golden["admission"].encode(), kind=ADMISSION_KIND, signer=ENTITY.card)).queued == 3
+    assert JobStatus.from_json(verify_message(golden["status"].encode(), kind=STATUS_KIND, signer=ENTITY.card)).percent == 40
 
 
 def test_packed_masks_are_byte_for_byte_stable() -> None:

@@ -337,8 +337,18 @@ def exchange_stage(config: OwnerConfig, session, console) -> None:
         wait_for_port(supernode, "127.0.0.1", runtime_port, 30)
         executor = OwnerExecutor(f"127.0.0.1:{runtime_port}", build_client_app(session), on_fab=session.note_ignored_fab)
         try:
-            with console.status("waiting for the entity's offer...") as shown:
-                session.on_status = lambda status: shown.update(_describe_status(status))
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+
+            columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn())
+            with Progress(*columns, console=console, transient=True, disable=console.quiet) as shown:
+                task = shown.add_task("waiting for the entity's offer...", total=None)
+
+                def on_status(status) -> None:
+                    # A bar only while the engine reports how far it is; otherwise a spinner and the text.
+                    total = 100 if status.state == "pruning" and status.percent is not None else None
+                    shown.update(task, description=_describe_status(status), total=total, completed=status.percent or 0)
+
+                session.on_status = on_status
                 executor.run_until(
                     lambda: session.finished,
                     config.timeout,

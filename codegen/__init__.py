@@ -1,11 +1,13 @@
 """Final model -> pattern-sparse C for aarch64 NEON and the host.
 
 Pipeline: :func:`ir.lower` turns the owner's exported program (ATen graph) and pruning masks into
-fused layers (BatchNorm folded into convs, ReLU and residual adds fused); :mod:`patterns` finds each
-3x3 layer's kernel patterns, reorders filters and packs compact weights; :mod:`emit` renders C for a
+fused layers (BatchNorm folded into convs; ReLU, ReLU6/hardtanh, hardswish, hardsigmoid, sigmoid
+and SiLU and residual adds fused; depthwise convs, squeeze-excitation products); :mod:`patterns`
+finds each 3x3 or depthwise layer's kernel patterns, reorders filters and packs compact weights; :mod:`emit` renders C for a
 :mod:`targets` entry (vector width and intrinsic spellings are data there), taking its register
-tiles from the one table in :mod:`kernels` and its fixed text from ``templates/*.in``;
-:mod:`build` writes, compiles and runs it.
+tiles from the one table in :mod:`kernels` and its fixed text from ``templates/*.in`` (including
+a small pthread pool: each layer splits its output channels over the threads, so results are
+bit-identical for any thread count); :mod:`build` writes, compiles and runs it.
 ``python -m codegen MODEL --target aarch64-neon|host --out DIR`` is the command-line front end.
 
 Adding a target: a :class:`~codegen.targets.Target` entry in ``targets.py`` (toolchain, register
@@ -23,11 +25,13 @@ import torch
 
 from .emit import Generated, LayerReport, Options, generate
 from .ir import CodegenError, Graph, UnsupportedOpError, lower
-from .targets import AARCH64_NEON, HOST, TARGETS, Target
+from .targets import AARCH64_NEON, HOST, HOST_AVX2, HOST_AVX512, TARGETS, Target
 
 __all__ = [
     "AARCH64_NEON",
     "HOST",
+    "HOST_AVX2",
+    "HOST_AVX512",
     "TARGETS",
     "CodegenError",
     "Generated",

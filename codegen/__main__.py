@@ -1,7 +1,9 @@
 """python -m codegen MODEL --target aarch64-neon|host --out DIR
 
 MODEL is a final-model directory (program.json, weights.safetensors, masks.safetensors) as the
-owner writes it. DIR receives bp_model.h, bp_model.c, weights.bin, bp_main.c, a Makefile and a
+owner writes it. ``--target host`` is the widest host vector flavour this CPU runs (AVX-512 or
+AVX2); ``host-avx2`` / ``host-avx512`` name one. ``--threads N`` sets the thread pool the library
+starts with. DIR receives bp_model.h, bp_model.c, weights.bin, bp_main.c, a Makefile and a
 README. With --build the library and harness are compiled (cross-compiled for aarch64); with
 --verify N they are also run on N random inputs (aarch64 under qemu-aarch64) and compared with
 PyTorch. Exit 0 ok, 1 error or failed verification, 2 bad usage.
@@ -45,11 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build", action="store_true", help="compile the library and harness")
     parser.add_argument("--verify", type=int, default=0, metavar="N", help="build, run N random inputs and compare with PyTorch (implies --build)")
     parser.add_argument("--cc", help="compiler to use instead of the target's default")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="threads the library starts (1..64; results do not depend on it; BP_THREADS overrides at run time)",
+    )
     args = parser.parse_args(argv)
     if args.verify < 0:
         parser.error("--verify must be >= 0")
+    if not 1 <= args.threads <= 64:
+        parser.error("--threads must be between 1 and 64")
     target = TARGETS[args.target]
-    options = Options(reorder=not args.no_reorder, compact=not args.no_compact, lre=not args.no_lre)
+    options = Options(reorder=not args.no_reorder, compact=not args.no_compact, lre=not args.no_lre, threads=args.threads)
 
     # heavy imports after argument parsing so that --help stays fast
     from protocol.artifact import load_model_dir

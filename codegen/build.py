@@ -54,16 +54,16 @@ def compile_dir(out_dir: Path, target: Target, *, cc: str | None = None, shared:
     """
     missing = target.missing() if cc is None else []
     if missing:
-        raise BuildError(f"target {target.name} needs Debian package(s) {', '.join(missing)}")
+        raise BuildError(f"target {target.name} needs {', '.join(missing)}")
     compiler = cc or target.cc
     flags = list(target.cflags) + (["-DBP_PROFILE", "-D_POSIX_C_SOURCE=199309L"] if profile else [])
     static = ["-static"] if target.static else []
     cmds = [
-        [compiler, *flags, "-fPIC", "-c", "-o", "bp_model.o", "bp_model.c"],
-        [compiler, *flags, "-o", "bp_main", "bp_main.c", "bp_model.o", "-lm", *static],
+        [compiler, *flags, "-pthread", "-fPIC", "-c", "-o", "bp_model.o", "bp_model.c"],
+        [compiler, *flags, "-pthread", "-o", "bp_main", "bp_main.c", "bp_model.o", "-lm", *static],
     ]
     if shared:
-        cmds.append([compiler, "-shared", "-o", "libbpmodel.so", "bp_model.o", "-lm"])
+        cmds.append([compiler, "-shared", "-pthread", "-o", "libbpmodel.so", "bp_model.o", "-lm"])
     for cmd in cmds:
         proc = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -96,6 +96,7 @@ class HostLibrary:
         self._lib.bp_load.argtypes = [ctypes.c_char_p]
         self._lib.bp_run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         self._lib.bp_free.argtypes = [ctypes.c_void_p]
+        self._lib.bp_set_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
         self._model = self._lib.bp_load(str(Path(out_dir) / "weights.bin").encode())
         if not self._model:
             raise BuildError(f"could not load {out_dir}/weights.bin")
@@ -108,6 +109,11 @@ class HostLibrary:
         out = np.empty((n, *self.out_shape), dtype=np.float32)
         self._lib.bp_run(self._model, x.ctypes.data, out.ctypes.data, n)
         return out
+
+    def set_threads(self, n: int) -> None:
+        """Run this model on ``n`` threads from now on (results do not depend on ``n``)."""
+        if self._lib.bp_set_threads(self._model, n) != 0:
+            raise BuildError(f"cannot run on {n} threads (1..64)")
 
     def profile(self) -> list[float]:
         """Milliseconds spent per layer since the last call (needs a ``profile=True`` build)."""

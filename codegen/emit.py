@@ -22,19 +22,29 @@ Pattern-sparse 3x3 conv (the paper's three optimisations, each with an :class:`O
   are read through the kernel's pattern);
 - lre: register blocking over R output rows x U vectors, and every distinct input vector of a tile
   is loaded once and feeds all the accumulators that need it (off: 1x1 tiles, a load per tap).
-Input channels are processed in blocks sized to keep the band's input slab in L1.
+Input channels are processed in blocks sized to keep the band's input slab in L1. Depthwise convs
+(3x3 or 5x5, dense or pattern-pruned) take the same path, each filter holding one kernel that reads
+its own channel. Dense convs and Linear layers skip structured sparsity: output channels (rows)
+whose weights are all pruned become act(bias) planes, input channels (columns) nothing reads are
+neither stored nor loaded.
+
+Threads: every layer is one or more step functions ``f(m, tid, nth)`` that ``bp_forward`` runs on
+the model's thread pool (``templates/bp_model.c.in``). A step deals its output channels (filters,
+channel blocks, planes, Linear rows) round-robin by ``tid`` and computes each exactly as the
+one-thread code does, so outputs do not depend on the thread count. A stride-2 conv's phase split
+is a step of its own, ahead of the conv.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from . import kernels as kr
 from . import patterns as pat
-from .ir import AdaptiveAvgPool, Add, CodegenError, Conv, Flatten, Graph, Layer, Linear, Pool, Relu, layer_inputs
+from .ir import Act, Activation, AdaptiveAvgPool, Add, CodegenError, Conv, Flatten, Graph, Layer, Linear, Mul, Pool, layer_inputs, scalar_act
 from .targets import Target, VectorIsa
 from .templates import render as render_template
 
@@ -52,6 +62,7 @@ class Options:
     lre: bool = True  # load redundancy elimination (register blocking + shared loads)
     max_patterns: int = 32  # distinct patterns per layer before rare ones widen to 3x3
     sparse_density: float = 0.75  # 3x3 convs keeping at most this fraction of weights go sparse
+    threads: int = 1  # threads bp_load starts (bp_set_threads / BP_THREADS change it at run time)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -266,7 +277,7 @@ def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str) -> None
     all_rows = used_rows == list(range(rows))
     if not all_rows:
         c(f"static const unsigned char used[{rows}] = {{{', '.join('1' if r in used_rows else '0' for r in range(rows))}}};")
-    c.open(f"for (int ci = 0; ci < {inp.c}; ++ci)")
+    c.open(f"for (int ci = tid; ci < {inp.c}; ci += nth)")
     c(f"const float *ip = {buf} + {inp.origin} + ci * {inp.plane};")
     for f in sorted({kx % s for kx in range(kw)}):
         lo = max(0, -(-(pw - f) // s))
@@ -296,13 +307,13 @@ def _masked_last(masked: bool, width: int) -> Callable[[str], bool]:
     return lambda name: masked and name.endswith(suffix)
 
 
-def _epilogue(c: _C, isa: VectorIsa, accs: list[tuple[str, str, str | None]], relu: bool, mask: Callable[[str], bool]) -> None:
+def _epilogue(c: _C, isa: VectorIsa, accs: list[tuple[str, str, str | None]], act: Act | None, mask: Callable[[str], bool]) -> None:
     """accs: (acc name, output address, residual address or None)."""
     for name, _, raddr in accs:
         if raddr is not None:
             c(isa.add.format(acc=name, a=isa.load.format(p=raddr)))
-        if relu:
-            c(isa.relu.format(v=name))
+        if act is not None:
+            c(isa.activation(act.kind).format(v=name, lo=_flt(act.lo), hi=_flt(act.hi)))
         if mask(name):
             c(isa.mask.format(v=name, m="mk"))
 
@@ -315,7 +326,10 @@ class Emitter:
     """Renders one graph for one target. ``render()`` returns the generated files."""
 
     def __init__(self, graph: Graph, target: Target, options: Options) -> None:
+        if not 1 <= options.threads <= 64:
+            raise CodegenError(f"threads must be between 1 and 64, not {options.threads}")
         self.g = graph
+        self.base = target  # the target asked for (self.t is narrowed while a narrow conv renders)
         self.t = target
         self.o = options
         self.layouts = plan_layouts(graph, target)
@@ -327,6 +341,7 @@ class Emitter:
         self.V = target.vec
         self.isa = target.isa
         self.prelude: list[str] = []
+        self.steps: list[tuple[int, str]] = []  # (layer index, step function), in run order
 
     # -- helpers
     def buf(self, name: str) -> str:
@@ -349,6 +364,19 @@ class Emitter:
 
     # -- convs
     def conv(self, i: int, conv: Conv) -> None:
+        """A conv no wider than the target's narrow vector flavour is rendered in it (layouts stay
+        the wide ones: their pitch is a multiple of both widths)."""
+        narrow = self.isa.narrow
+        if narrow is None or self.fmap(conv.out, conv).w > narrow.vec:
+            return self._conv(i, conv)
+        wide = self.t
+        self.t, self.isa, self.V = replace(wide, isa=narrow), narrow, narrow.vec
+        try:
+            self._conv(i, conv)
+        finally:
+            self.t, self.isa, self.V = wide, wide.isa, wide.vec
+
+    def _conv(self, i: int, conv: Conv) -> None:
         inp = self.fmap(conv.inp, conv)
         out = self.fmap(conv.out, conv)
         res = self.fmap(conv.residual, conv) if conv.residual is not None else None
@@ -356,98 +384,135 @@ class Emitter:
             raise CodegenError(f"layer {conv.name}: residual shape differs from the output")
         kh, kw = conv.kernel
         density = float(conv.mask.mean()) if conv.mask.size else 1.0
-        sparse = (kh, kw) == (3, 3) and density <= self.o.sparse_density
+        sparse = conv.depthwise or ((kh, kw) == (3, 3) and density <= self.o.sparse_density)
         src = _conv_src(conv, inp, self.buf(conv.inp), self.V, out.w)
+        fname = f"layer{i}"
         if src.phase is not None:
             self.scratch = max(self.scratch, src.phase[3])
-        fname = f"layer{i}"
+            c = self.funcs
+            c.open(f"static void {fname}_split(bp_model *m, int tid, int nth)")
+            c("float *scratch = m->scratch;")
+            _emit_phase_split(c, conv, inp, src, self.buf(conv.inp))
+            c.close()
+            c()
+            self.steps.append((i, f"{fname}_split"))
         if sparse:
             self.sparse_conv(fname, conv, inp, out, res, src)
         else:
             self.dense_conv(fname, conv, inp, out, res, src)
+        self.steps.append((i, fname))
 
     def _mask_decl(self, c: _C, out: FMap) -> None:
         rem = out.w % self.V
         if rem:
-            c(f"const {self.isa.vi} mk = {self.isa.load_mask.format(p=f'bp_lane_mask + {self.V - rem}')};")
+            c(f"const {self.isa.vi} mk = {self.isa.load_mask.format(p=f'{self.isa.lane_mask} + {self.V - rem}')};")
+
+    def _dead_channels(self, c: _C, conv: Conv, out: FMap, res: FMap | None, dead: np.ndarray) -> None:
+        """Output channels whose weights are all pruned: act(bias (+ residual)), nothing computed."""
+        if not len(dead):
+            return
+        DC = self.warr(dead.astype(np.int32), "const int32_t")
+        DB = self.warr(conv.bias[dead].astype(np.float32), "const float")
+        c.open(f"for (int j = tid; j < {len(dead)}; j += nth)")
+        c(f"const int o = {DC}[j];")
+        c.open(f"for (int y = 0; y < {out.h}; ++y)")
+        c(f"float *d = dst + o * {out.plane} + y * {out.pitch};")
+        if res is not None:
+            c(f"const float *r = res + o * {res.plane} + y * {res.pitch};")
+        c.open(f"for (int x = 0; x < {out.w}; ++x)")
+        c(f"const float v = {DB}[j]{' + r[x]' if res is not None else ''};")
+        c(f"d[x] = {scalar_act(conv.act)};")
+        c.close()
+        c.close()
+        c.close()
 
     def dense_conv(self, fname: str, conv: Conv, inp: FMap, out: FMap, res: FMap | None, src: _Src) -> None:
+        """Dense conv over the live channels only: output channels whose weights are all pruned
+        are a constant plane, input channels no output reads are skipped (structured sparsity)."""
         V, isa = self.V, self.isa
         cout, cin, kh, kw = conv.weight.shape
+        taps = kh * kw
+        live = np.asarray(conv.mask.reshape(cout, cin, taps).any(axis=-1))
+        outs = np.nonzero(live.any(axis=1))[0]
+        ins = np.nonzero(live.any(axis=0))[0]
+        nout, nin, all_in = len(outs), len(ins), len(ins) == cin
         n_vec = -(-out.w // V)
-        ob, u = kr.dense_blocking(self.t, cout, n_vec)
+        ob, u = kr.dense_blocking(self.t, max(1, nout), n_vec)
         masked = out.w % V != 0
         # weights: per output-channel block [ci][tap][ob'] so each tap broadcasts consecutive floats
-        w = conv.weight.reshape(cout, cin, kh * kw).astype(np.float32)
-        blocks = [(s, min(ob, cout - s)) for s in range(0, cout, ob)]
-        packed = np.concatenate([w[s : s + n].transpose(1, 2, 0).reshape(-1) for s, n in blocks])
+        w = conv.weight.reshape(cout, cin, taps)[np.ix_(outs, ins)].astype(np.float32)
+        blocks = [(s, min(ob, nout - s)) for s in range(0, nout, ob)]
+        packed = np.concatenate([w[s : s + n].transpose(1, 2, 0).reshape(-1) for s, n in blocks]) if blocks else np.zeros(0, np.float32)
         W = self.warr(packed, "const float")
-        B = self.warr(conv.bias.astype(np.float32), "const float")
+        B = self.warr(conv.bias[outs].astype(np.float32), "const float")
+        OCH = self.warr(outs.astype(np.int32), "const int32_t")
+        KIN = None if all_in else self.warr(ins.astype(np.int32), "const int32_t")
         c = self.funcs
         variants = sorted({(n, tw, tm) for _, n in blocks for _, tw, tm in kr.row_tiles(n_vec, u, masked)})
-        tiles = {v: kr.lookup(self.t, kr.DENSE, *v) for v in variants}
+        tiles = {v: kr.lookup(self.base, kr.DENSE, *v, isa=isa.name) for v in variants}
         symbol = {v: k.symbol(fname, f"{kh}x{kw}") for v, k in tiles.items()}
         for n, tw, tm in variants:
             c.open(
                 f"static inline BP_INLINE void {symbol[n, tw, tm]}(float *restrict op, "
                 f"const float *restrict sb, const float *restrict rp, const float *restrict w, "
-                f"const float *restrict bias{f', {isa.vi} mk' if tm else ''})"
+                f"const float *restrict bias, const int32_t *restrict och"
+                f"{'' if all_in else ', const int32_t *restrict kin'}{f', {isa.vi} mk' if tm else ''})"
             )
-            accs = [
-                (f"a{o}_{v}", f"op + {o * out.plane + v * V}", f"rp + {o * res.plane + v * V}" if res is not None else None)
-                for o in range(n)
-                for v in range(tw)
-            ]
+            for o in range(n):
+                c(f"float *restrict o{o} = op + och[{o}] * {out.plane};")
+                if res is not None:
+                    c(f"const float *restrict r{o} = rp + och[{o}] * {res.plane};")
+            accs = [(f"a{o}_{v}", f"o{o} + {v * V}", f"r{o} + {v * V}" if res is not None else None) for o in range(n) for v in range(tw)]
             for o in range(n):
                 c(f"{isa.vf} {', '.join(f'a{o}_{v} = ' + isa.bcast.format(x=f'bias[{o}]') for v in range(tw))};")
-            c.open(f"for (int ci = 0; ci < {cin}; ++ci, sb += {src.cs}, w += {kh * kw * n})")
+            c.open(f"for (int i = 0; i < {nin}; ++i, w += {taps * n})")
+            c(f"const float *s = sb + {'i' if all_in else 'kin[i]'} * {src.cs};")
             for t, off in enumerate(src.taps):
                 c.open("")
-                c(f"const {isa.vf} {', '.join(f'x{v} = ' + isa.load.format(p=f'sb + {off + v * V}') for v in range(tw))};")
+                c(f"const {isa.vf} {', '.join(f'x{v} = ' + isa.load.format(p=f's + {off + v * V}') for v in range(tw))};")
                 for o in range(n):
                     c(f"const {isa.vf} w{o} = {isa.bcast.format(x=f'w[{t * n + o}]')};")
                     c(" ".join(isa.fma.format(acc=f"a{o}_{v}", a=f"x{v}", b=f"w{o}") for v in range(tw)))
                 c.close()
             c.close()
-            _epilogue(c, isa, accs, conv.relu, _masked_last(tm, tw))
+            _epilogue(c, isa, accs, conv.act, _masked_last(tm, tw))
             for name, addr, _ in accs:
                 c(isa.store.format(p=addr, v=name))
             c.close()
-        c.open(f"static void {fname}(bp_model *m)")
+        c.open(f"static void {fname}(bp_model *m, int tid, int nth)")
         c("const float *src = " + (src.base if src.phase is None else "m->scratch") + ";")
-        if src.phase is not None:
-            c("float *scratch = m->scratch;")
-            _emit_phase_split(c, conv, inp, src, self.buf(conv.inp))
         c(f"float *restrict dst = {self.buf(conv.out)} + {out.origin};")
         c(f"const float *restrict res = {self._residual(conv, res)};")
         c(f"const float *restrict W = {W};")
         c(f"const float *restrict B = {B};")
+        c(f"const int32_t *restrict OCH = {OCH};")
+        if KIN:
+            c(f"const int32_t *restrict KIN = {KIN};")
         self._mask_decl(c, out)
-        # full blocks in a loop, a remainder block after
-        full = [b for b in blocks if b[1] == ob]
-        rest = [b for b in blocks if b[1] != ob]
+        # blocks dealt round-robin to the threads; the remainder block to the next thread in turn
+        n_full = nout // ob
+        rest = nout % ob
         groups = []
-        if full:
-            groups.append(("loop", len(full), ob))
-        for s, n in rest:
-            groups.append(("one", s, n))
-        for kind, a, n in groups:
-            if kind == "loop":
-                c.open(f"for (int s = 0; s < {a * ob}; s += {ob})")
-                c(f"const float *wb = W + s * {cin * kh * kw};")
-                start = "s"
-            else:
-                c.open("")
-                c(f"const float *wb = W + {a * cin * kh * kw};")
-                start = str(a)
+        if n_full:
+            groups.append((f"for (int j = tid; j < {n_full}; j += nth)", ob))
+        if rest:
+            groups.append((f"if (tid == {n_full} % nth)", rest))
+        for head, n in groups:
+            c.open(head)
+            c(f"const int s = {'j * ' + str(ob) if n == ob and n_full else str(n_full * ob)};")
+            c(f"const float *wb = W + s * {nin * taps};")
             c.open(f"for (int yo = 0; yo < {out.h}; ++yo)")
-            c(f"float *op = dst + {start} * {out.plane} + yo * {out.pitch};")
+            c(f"float *op = dst + yo * {out.pitch};")
             c(f"const float *sb = src + yo * {src.rs};")
-            c(f"const float *rp = res ? res + {start} * {res.plane if res else 0} + yo * {res.pitch if res else 0} : NULL;")
+            c(f"const float *rp = res ? res + yo * {res.pitch if res else 0} : NULL;")
             for x0, tw, tm in kr.row_tiles(n_vec, u, masked):
-                c(f"{symbol[n, tw, tm]}(op + {x0 * V}, sb + {x0 * V}, rp ? rp + {x0 * V} : NULL, wb, B + {start}{', mk' if tm else ''});")
+                args = [f"op + {x0 * V}", f"sb + {x0 * V}", f"rp ? rp + {x0 * V} : NULL", "wb", "B + s", "OCH + s"]
+                args += [] if all_in else ["KIN"]
+                args += ["mk"] if tm else []
+                c(f"{symbol[n, tw, tm]}({', '.join(args)});")
             c.close()
             c.close()
+        self._dead_channels(c, conv, out, res, np.setdiff1d(np.arange(cout), outs))
         c.close()
         c()
         self.reports.append(
@@ -458,23 +523,28 @@ class Emitter:
                 conv.stride[0],
                 (out.h, out.w),
                 0,
-                int(conv.mask.reshape(cout, cin, -1).any(-1).sum()),
+                int(live.sum()),
                 int(conv.mask.sum()) * out.h * out.w,
                 None,
-                f"ob{ob} u{u}",
+                f"ob{ob} u{u}" + ("" if nout == cout and all_in else f" out{nout}/{cout} in{nin}/{cin}"),
                 tuple(k.name for k in tiles.values()),
             )
         )
 
     def sparse_conv(self, fname: str, conv: Conv, inp: FMap, out: FMap, res: FMap | None, src: _Src) -> None:
+        """Pattern-sparse kernels (3x3, or depthwise of any size: one kernel per filter, reading
+        its own channel). Filters are dealt round-robin to the threads (they are sorted by kernel
+        count, so each thread gets a similar share); per (block, filter) tables say where its
+        counts, channel indices and weights start, so any thread can start anywhere."""
         V, o = self.V, self.o
-        cout, cin = conv.weight.shape[:2]
+        cout, cin, kh, kw = conv.weight.shape
+        taps = kh * kw
         ps = pat.kernel_patterns(conv.mask, o.max_patterns)
         n_vec = -(-out.w // V)
         r, u = kr.sparse_blocking(self.t, out.h, n_vec, o.lre)
         masked = out.w % V != 0
         s = conv.stride[0]
-        slab_rows = (s * (r - 1) + 3) * (s if s > 1 else 1)
+        slab_rows = (s * (r - 1) + kh) * (s if s > 1 else 1)
         slab = slab_rows * (src.rs // s if s > 1 else src.rs) * 4
         # Measured on the host: stride-1 tiles reuse rows and tolerate a slab in L2, and there
         # blocks of >= 32 channels (fewer accumulator round trips) won; wide strided tiles touch
@@ -483,27 +553,40 @@ class Emitter:
         floor = 4 if s > 1 and u > 1 else 32
         cb = max(floor, self.t.l1_bytes // max(1, slab))
         cb = cin if cb >= cin else cb
-        sw = pat.pack(conv.weight, ps, cb, reorder=o.reorder, compact=o.compact)
+        sw = pat.pack(conv.weight, ps, cb, reorder=o.reorder, compact=o.compact, depthwise=conv.depthwise)
         n_pat = len(ps.patterns)
         n_blocks = len(sw.blocks)
+        per = n_pat if o.reorder else 1
+        counts = sw.counts.reshape(n_blocks, cout, per).astype(np.int64)
+        nk = counts.sum(axis=2).reshape(-1)
+        plen = np.array([len(p) for p in ps.patterns] or [0], dtype=np.int64)
+        if o.reorder:
+            nw = (counts * plen[None, None, :]).sum(axis=2).reshape(-1)
+        else:
+            nw = np.zeros_like(nk)
+            kp_all = sw.kpat.astype(np.int64)
+            starts = np.concatenate([[0], np.cumsum(nk)])
+            for q in range(len(nk)):
+                nw[q] = int(plen[kp_all[starts[q] : starts[q + 1]]].sum()) if nk[q] else 0
+        koff = np.concatenate([[0], np.cumsum(nk)[:-1]]).astype(np.uint32)
+        woff = np.concatenate([[0], np.cumsum(nw)[:-1]]).astype(np.uint32)
         CNT = self.warr(sw.counts.reshape(-1), "const uint16_t")
         KCI = self.warr(sw.kci, "const uint16_t")
         KPAT = self.warr(sw.kpat, "const uint8_t") if not o.reorder else None
         KW = self.warr(sw.weights, "const float")
         BIAS = self.warr(conv.bias.astype(np.float32), "const float")
         PERM = self.warr(sw.perm.astype(np.int32), "const int32_t")
+        KOFF = self.warr(koff, "const uint32_t")
+        WOFF = self.warr(woff, "const uint32_t") if o.compact else None
         c = self.funcs
         rows_variants = [r] + ([out.h % r] if out.h % r else [])
         variants = sorted({(rr, tw, tm) for rr in rows_variants for _, tw, tm in kr.row_tiles(n_vec, u, masked)})
-        tiles = {v: kr.lookup(self.t, kr.SPARSE, *v) for v in variants}
+        tiles = {v: kr.lookup(self.base, kr.SPARSE, *v, isa=self.isa.name) for v in variants}
         symbol = {v: k.symbol(fname, f"_p{n_pat}") for v, k in tiles.items()}
         for rr, tw, tm in variants:
-            self._sparse_tile(symbol[rr, tw, tm], rr, tw, tm, ps, src, out, res, conv.relu)
-        c.open(f"static void {fname}(bp_model *m)")
+            self._sparse_tile(symbol[rr, tw, tm], rr, tw, tm, ps, src, out, res, conv.act, taps)
+        c.open(f"static void {fname}(bp_model *m, int tid, int nth)")
         c(f"const float *src = {src.base if src.phase is None else 'm->scratch'};")
-        if src.phase is not None:
-            c("float *scratch = m->scratch;")
-            _emit_phase_split(c, conv, inp, src, self.buf(conv.inp))
         c(f"float *restrict dst = {self.buf(conv.out)} + {out.origin};")
         c(f"const float *restrict res = {self._residual(conv, res)};")
         c(f"const uint16_t *restrict CNT = {CNT};")
@@ -513,8 +596,11 @@ class Emitter:
         c(f"const float *restrict KW = {KW};")
         c(f"const float *restrict BIAS = {BIAS};")
         c(f"const int32_t *restrict PERM = {PERM};")
+        c(f"const uint32_t *restrict KOFF = {KOFF};")
+        if WOFF:
+            c(f"const uint32_t *restrict WOFF = {WOFF};")
         if n_blocks > 1:
-            totals = sw.counts.reshape(n_blocks, cout, -1).sum(axis=2)
+            totals = counts.sum(axis=2)
             first = np.array([int(np.argmax(totals[:, f] > 0)) if totals[:, f].any() else n_blocks - 1 for f in range(cout)], dtype=np.uint16)
             c(f"const uint16_t *restrict FIRST = {self.warr(first, 'const uint16_t')};")
         self._mask_decl(c, out)
@@ -525,26 +611,24 @@ class Emitter:
             else:
                 c.open("")
                 c(f"const int yb = {a};")
-            c("const uint16_t *cnt = CNT, *ci = KCI;")
-            c("const float *w = KW;")
-            if KPAT:
-                c("const uint8_t *kp = KPAT;")
             c.open(f"for (int b = 0; b < {n_blocks}; ++b)")
-            c.open(f"for (int f = 0; f < {cout}; ++f)")
-            c("const int o = PERM[f];")
+            c.open(f"for (int f = tid; f < {cout}; f += nth)")
+            c(f"const int o = PERM[f], q = b * {cout} + f;")
+            c(f"const uint16_t *cnt = CNT + q * {per}, *ci = KCI + KOFF[q];")
+            if KPAT:
+                c("const uint8_t *kp = KPAT + KOFF[q];")
             c(f"float *op = dst + o * {out.plane} + yb * {out.pitch};")
             c(f"const float *sb = src + yb * {src.rs};")
             c(f"const float *rp = res ? res + o * {res.plane if res else 0} + yb * {res.pitch if res else 0} : NULL;")
-            wf = "w" if o.compact else f"KW + o * {cin * 9}"
-            if o.reorder:
-                c(f"const int nk = {' + '.join(f'cnt[{p}]' for p in range(n_pat)) or '0'};")
+            if o.compact:
+                wf = "KW + WOFF[q]"
             else:
-                c("const int nk = cnt[0];")
+                wf = "KW" if conv.depthwise else f"KW + o * {cin * taps}"
+            c(f"const int nk = {' + '.join(f'cnt[{p}]' for p in range(per))};")
             if n_blocks > 1:
                 # blocks before the filter's first kernel, and empty middle blocks, do nothing
                 c(f"const int first = b == FIRST[f], last = b == {n_blocks - 1};")
-                c("if (b >= FIRST[f] && (nk || first || last)) {")
-                c.depth += 1
+                c("if (b < FIRST[f] || (!nk && !first && !last)) continue;")
             else:
                 c("const int first = 1, last = 1;")
             for x0, tw, tm in kr.row_tiles(n_vec, u, masked):
@@ -555,32 +639,17 @@ class Emitter:
                 if tm:
                     args.append("mk")
                 c(f"{symbol[rr, tw, tm]}({', '.join(args)});")
-            if n_blocks > 1:
-                c.close()
-            if o.reorder:
-                if o.compact:
-                    c(f"w += {' + '.join(f'{len(ps.patterns[p])} * cnt[{p}]' for p in range(n_pat)) or '0'};")
-                c(f"ci += nk; cnt += {n_pat};")
-            else:
-                if o.compact:
-                    c.open("for (int k = 0; k < nk; ++k)")
-                    c(f"w += BP_PLEN_{fname}[kp[k]];")
-                    c.close()
-                c("ci += nk; kp += nk; cnt += 1;")
             c.close()
             c.close()
             c.close()
         c.close()
         c()
-        if not o.reorder and o.compact:
-            lens = ", ".join(str(len(p)) for p in ps.patterns) or "0"
-            self.prelude.append(f"static const uint8_t BP_PLEN_{fname}[] = {{{lens}}};")
         kernels = int((ps.ids >= 0).sum())
         self.reports.append(
             LayerReport(
                 conv.name,
-                "sparse3x3",
-                (cout, cin, 3, 3),
+                "depthwise" if conv.depthwise else "sparse3x3",
+                (cout, cin, kh, kw),
                 s,
                 (out.h, out.w),
                 n_pat,
@@ -592,7 +661,9 @@ class Emitter:
             )
         )
 
-    def _sparse_tile(self, symbol: str, rr: int, tw: int, tm: bool, ps: pat.PatternSet, src: _Src, out: FMap, res: FMap | None, relu: bool) -> None:
+    def _sparse_tile(
+        self, symbol: str, rr: int, tw: int, tm: bool, ps: pat.PatternSet, src: _Src, out: FMap, res: FMap | None, act: Act | None, n_taps: int
+    ) -> None:
         V, o, c, isa = self.V, self.o, self.funcs, self.isa
         params = [
             "float *restrict op",
@@ -654,13 +725,13 @@ class Emitter:
                 if o.compact:
                     body(p, lambda j, t: f"w[{j}]")
                 else:
-                    c("const float *wk = w + (int)ci[0] * 9;")
+                    c(f"const float *wk = w + (int)ci[0] * {n_taps};")
                     body(p, lambda j, t: f"wk[{t}]")
                 c.close()
         else:
             c.open("for (int k = cnt[0]; k > 0; --k, ++ci, ++kp)")
             if not o.compact:
-                c("const float *wk = w + (int)ci[0] * 9;")
+                c(f"const float *wk = w + (int)ci[0] * {n_taps};")
             c.open("switch (kp[0])")
             for p, taps in enumerate(ps.patterns):
                 c.open(f"case {p}:")
@@ -674,7 +745,7 @@ class Emitter:
             c.close()
             c.close()
         c.open("if (last)")
-        _epilogue(c, isa, accs, relu, lambda name: tm and name.endswith(f"_{tw - 1}"))
+        _epilogue(c, isa, accs, act, lambda name: tm and name.endswith(f"_{tw - 1}"))
         c.close()
         for a, addr, _ in accs:
             c(isa.store.format(p=addr, v=a))
@@ -688,14 +759,14 @@ class Emitter:
         (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
         is_max = layer.kind == "max"
         c = self.funcs
-        c.open(f"static void layer{i}(bp_model *m)")
+        c.open(f"static void layer{i}(bp_model *m, int tid, int nth)")
         c(f"const float *restrict src = {self.buf(layer.inp)} + {inp.origin};")
         c(f"float *restrict dst = {self.buf(layer.out)} + {out.origin};")
         # per tap column: the output range whose input column is inside the map
         lo = [max(0, -(-(pw - kx) // sw)) for kx in range(kw)]
         hi = [min(out.w, (inp.w - 1 + pw - kx) // sw + 1) for kx in range(kw)]
         c(f"static const int xlo[{kw}] = {{{', '.join(map(str, lo))}}}, xhi[{kw}] = {{{', '.join(map(str, hi))}}};")
-        c.open(f"for (int ch = 0; ch < {out.c}; ++ch)")
+        c.open(f"for (int ch = tid; ch < {out.c}; ch += nth)")
         c(f"const float *ip = src + ch * {inp.plane};")
         c.open(f"for (int yo = 0; yo < {out.h}; ++yo)")
         c(f"float *restrict d = dst + ch * {out.plane} + yo * {out.pitch};")
@@ -745,10 +816,10 @@ class Emitter:
     def adaptive(self, i: int, layer: AdaptiveAvgPool) -> None:
         inp, out = self.fmap(layer.inp, layer), self.fmap(layer.out, layer)
         c = self.funcs
-        c.open(f"static void layer{i}(bp_model *m)")
+        c.open(f"static void layer{i}(bp_model *m, int tid, int nth)")
         c(f"const float *restrict src = {self.buf(layer.inp)} + {inp.origin};")
         c(f"float *restrict dst = {self.buf(layer.out)} + {out.origin};")
-        c.open(f"for (int ch = 0; ch < {out.c}; ++ch)")
+        c.open(f"for (int ch = tid; ch < {out.c}; ch += nth)")
         c(f"const float *ip = src + ch * {inp.plane};")
         c.open(f"for (int yo = 0; yo < {out.h}; ++yo)")
         c(f"const int ya = (yo * {inp.h}) / {out.h}, yz = ((yo + 1) * {inp.h} + {out.h - 1}) / {out.h};")
@@ -767,66 +838,102 @@ class Emitter:
     def flatten(self, i: int, layer: Flatten) -> None:
         inp = self.layouts[layer.inp]
         c = self.funcs
-        c.open(f"static void layer{i}(bp_model *m)")
+        c.open(f"static void layer{i}(bp_model *m, int tid, int nth)")
         c(f"float *restrict dst = {self.buf(layer.out)};")
         if isinstance(inp, Vec):
-            c(f"memcpy(dst, {self.buf(layer.inp)}, sizeof(float) * {inp.n});")
+            c(f"if (tid == 0) memcpy(dst, {self.buf(layer.inp)}, sizeof(float) * {inp.n});")
         else:
             c(f"const float *restrict src = {self.buf(layer.inp)} + {inp.origin};")
-            c(f"for (int ch = 0; ch < {inp.c}; ++ch)")
+            c(f"for (int ch = tid; ch < {inp.c}; ch += nth)")
             c(f"    for (int y = 0; y < {inp.h}; ++y)")
             c(f"        memcpy(dst + (ch * {inp.h} + y) * {inp.w}, src + ch * {inp.plane} + y * {inp.pitch}, sizeof(float) * {inp.w});")
         c.close()
         c()
 
     def linear(self, i: int, layer: Linear) -> None:
+        """Dot products over the live columns only (input features some output reads, gathered
+        into scratch first); outputs whose rows are all pruned are act(bias)."""
         n_out, n_in = layer.weight.shape
         V = self.V
-        stride = _round_up(n_in, V)
-        w = np.zeros((n_out, stride), np.float32)
-        w[:, :n_in] = layer.weight
+        rows = np.nonzero(layer.mask.any(1))[0]
+        cols = np.nonzero(layer.mask.any(0))[0]
+        gather = len(cols) != n_in
+        stride = _round_up(len(cols), V)
+        w = np.zeros((len(rows), stride), np.float32)
+        w[:, : len(cols)] = layer.weight[np.ix_(rows, cols)]
         W = self.warr(w, "const float")
         B = self.warr(layer.bias.astype(np.float32), "const float")
+        ROW = self.warr(rows.astype(np.int32), "const int32_t")
         c = self.funcs
-        c.open(f"static void layer{i}(bp_model *m)")
-        c(f"const float *restrict x = {self.buf(layer.inp)};")
+        if gather:
+            self.scratch = max(self.scratch, stride)
+            COL = self.warr(cols.astype(np.int32), "const int32_t")
+            c.open(f"static void layer{i}_gather(bp_model *m, int tid, int nth)")
+            c("if (tid) return;")
+            c(f"const float *restrict x = {self.buf(layer.inp)};")
+            c(f"const int32_t *restrict COL = {COL};")
+            c(f"for (int k = 0; k < {len(cols)}; ++k) m->scratch[k] = x[COL[k]];")
+            c(f"for (int k = {len(cols)}; k < {stride}; ++k) m->scratch[k] = 0.0f;")
+            c.close()
+            c()
+            self.steps.append((i, f"layer{i}_gather"))
+        c.open(f"static void layer{i}(bp_model *m, int tid, int nth)")
+        c(f"const float *restrict x = {'m->scratch' if gather else self.buf(layer.inp)};")
         c(f"float *restrict y = {self.buf(layer.out)};")
         c(f"const float *restrict W = {W};")
         c(f"const float *restrict B = {B};")
+        c(f"const int32_t *restrict ROW = {ROW};")
         isa = self.isa
-        c.open(f"for (int j = 0; j < {n_out}; ++j)")
+        c.open(f"for (int j = tid; j < {len(rows)}; j += nth)")
         c(f"{isa.vf} acc = {isa.zero.format()};")
         fma = isa.fma.format(acc="acc", a=isa.load.format(p=f"W + j * {stride} + i"), b=isa.load.format(p="x + i"))
         c(f"for (int i = 0; i < {stride}; i += {V}) {fma}")
-        c("float v = B[j];")
+        c("float v = B[ROW[j]];")
         c(isa.hsum.format(n=V, s="v", v="acc"))
-        c(f"y[j] = {'v > 0.0f ? v : 0.0f' if layer.relu else 'v'};")
+        c(f"y[ROW[j]] = {scalar_act(layer.act)};")
         c.close()
+        dead = np.setdiff1d(np.arange(n_out), rows)
+        if len(dead):
+            DR = self.warr(dead.astype(np.int32), "const int32_t")
+            c.open(f"for (int j = tid; j < {len(dead)}; j += nth)")
+            c(f"const float v = B[{DR}[j]];")
+            c(f"y[{DR}[j]] = {scalar_act(layer.act)};")
+            c.close()
         c.close()
         c()
+        self.steps.append((i, f"layer{i}"))
 
-    def elementwise(self, i: int, layer: Add | Relu) -> None:
+    def elementwise(self, i: int, layer: Add | Mul | Activation) -> None:
+        """Add (with its activation), product (same shape or one factor per channel) or a lone
+        activation, channel planes dealt round-robin to the threads."""
         lay = self.layouts[layer.out]
         c = self.funcs
-        names = [layer.a, layer.b] if isinstance(layer, Add) else [layer.inp]
-        relu = isinstance(layer, Relu) or layer.relu
-        c.open(f"static void layer{i}(bp_model *m)")
+        names = [layer.inp] if isinstance(layer, Activation) else [layer.a, layer.b]
+        act = None if isinstance(layer, Mul) else layer.act
+        op = " * " if isinstance(layer, Mul) else " + "
+        c.open(f"static void layer{i}(bp_model *m, int tid, int nth)")
         if isinstance(lay, Vec):
             ptrs = [f"{self.buf(n)}" for n in names]
-            c.open(f"for (int k = 0; k < {lay.n}; ++k)")
-            c(f"float v = {' + '.join(p + '[k]' for p in ptrs)};")
-            c(f"{self.buf(layer.out)}[k] = {'v > 0.0f ? v : 0.0f' if relu else 'v'};")
+            c.open(f"for (int k = tid; k < {lay.n}; k += nth)")
+            c(f"float v = {op.join(p + '[k]' for p in ptrs)};")
+            c(f"{self.buf(layer.out)}[k] = {scalar_act(act)};")
             c.close()
         else:
             ins = [self.fmap(n, layer) for n in names]
-            c.open(f"for (int ch = 0; ch < {lay.c}; ++ch)")
+            c.open(f"for (int ch = tid; ch < {lay.c}; ch += nth)")
             c.open(f"for (int y = 0; y < {lay.h}; ++y)")
             c(f"float *d = {self.buf(layer.out)} + {lay.origin} + ch * {lay.plane} + y * {lay.pitch};")
-            for j, (n, f) in enumerate(zip(names, ins, strict=False)):
-                c(f"const float *s{j} = {self.buf(n)} + {f.origin} + ch * {f.plane} + y * {f.pitch};")
+            terms = []
+            for j, (n, f) in enumerate(zip(names, ins, strict=True)):
+                if (f.h, f.w) == (lay.h, lay.w):
+                    c(f"const float *s{j} = {self.buf(n)} + {f.origin} + ch * {f.plane} + y * {f.pitch};")
+                    terms.append(f"s{j}[x]")
+                else:  # one value per channel
+                    c(f"const float g{j} = {self.buf(n)}[{f.origin} + ch * {f.plane}];")
+                    terms.append(f"g{j}")
             c.open(f"for (int x = 0; x < {lay.w}; ++x)")
-            c(f"float v = {' + '.join(f's{j}[x]' for j in range(len(names)))};")
-            c(f"d[x] = {'v > 0.0f ? v : 0.0f' if relu else 'v'};")
+            c(f"float v = {op.join(terms)};")
+            c(f"d[x] = {scalar_act(act)};")
             c.close()
             c.close()
             c.close()
@@ -842,10 +949,13 @@ class Emitter:
             Flatten: self.flatten,
             Linear: self.linear,
             Add: self.elementwise,
-            Relu: self.elementwise,
+            Mul: self.elementwise,
+            Activation: self.elementwise,
         }
         for i, layer in enumerate(self.g.layers):
             dispatch[type(layer)](i, layer)
+            if not self.steps or self.steps[-1][0] != i:  # layers with a single step
+                self.steps.append((i, f"layer{i}"))
         payload = self.blob.payload()
         digest = checksum64(payload)
         in_shape = self.g.shapes[self.g.input]
@@ -874,8 +984,8 @@ class Emitter:
             )
         else:
             c(f"memcpy(m->buf[0], in, sizeof(float) * {inp.n});")
-        for i in range(len(self.g.layers)):
-            c(f"BP_TIC(); layer{i}(m); BP_TOC({i});")
+        for i, step in self.steps:
+            c(f"BP_TIC(); bp_parallel(m, {step}); BP_TOC({i});")
         ob = self.buf(self.g.output)
         if isinstance(outl, FMap):
             c(f"for (int ch = 0; ch < {outl.c}; ++ch)")
@@ -903,6 +1013,7 @@ class Emitter:
             OPTIONS=self.o,
             VECTOR=render_vector_prelude(self.isa),
             NBUF=len(self.buffer_sizes),
+            THREADS=self.o.threads,
             TABLES="\n".join(self.prelude),
             LAYERS=self.funcs.text(),
             N_LAYERS=len(self.g.layers),
@@ -916,9 +1027,19 @@ class Emitter:
 
 
 def render_vector_prelude(isa: VectorIsa) -> str:
-    """The vector types and helpers of ``isa`` (its prelude template), with its lane-mask table."""
+    """The vector types and helpers of ``isa`` (its prelude template), with its lane-mask table,
+    then those of its narrow flavour (same template, names suffixed) where it has one."""
     keep = f'__asm__("" : "+{isa.vreg}"(v))' if isa.vreg else "((void)0)"
-    return render_template(isa.prelude, VBYTES=4 * isa.vec, KEEP=keep, MASK_LEN=2 * isa.vec, LANE_MASK=", ".join(["-1"] * isa.vec + ["0"] * isa.vec))
+    text = render_template(
+        isa.prelude,
+        S=isa.suffix,
+        VBYTES=4 * isa.vec,
+        LANES=isa.vec,
+        KEEP=keep,
+        MASK_LEN=2 * isa.vec,
+        LANE_MASK=", ".join(["-1"] * isa.vec + ["0"] * isa.vec),
+    )
+    return text + (render_vector_prelude(isa.narrow) if isa.narrow is not None else "")
 
 
 def render_header(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> str:

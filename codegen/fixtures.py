@@ -60,20 +60,57 @@ def pattern_mask(weight: torch.Tensor, rate: float, n_patterns: int = 8) -> torc
     return (mask & alive[:, None]).reshape(weight.shape)
 
 
-def prune_model(model: nn.Module, rate: float, n_patterns: int = 8, skip_first: bool = True) -> dict[str, torch.Tensor]:
+def depthwise_mask(weight: torch.Tensor, n_patterns: int = 8) -> torch.Tensor:
+    """Mask of a (C, 1, 3, 3) depthwise weight: each channel's kernel keeps its best-energy
+    library pattern (PatDNN's depthwise pattern pruning: no kernel removed, 9/4 compression)."""
+    lib = pattern_library(weight, n_patterns).to(weight.dtype)
+    energy = weight.detach().reshape(-1, 9).pow(2) @ lib.T
+    return lib[energy.argmax(dim=1)].bool().reshape(weight.shape)
+
+
+def structured_mask(weight: torch.Tensor, rate: float) -> torch.Tensor:
+    """Mask of a 1x1 conv or Linear weight that keeps whole input columns and whole output rows:
+    the ``1/sqrt(rate)`` largest-norm columns, then as many largest-norm rows, so the kept weight
+    fraction is about ``1/rate``."""
+    w = weight.detach().reshape(weight.shape[0], weight.shape[1], -1).pow(2).sum(-1)
+    cout, cin = w.shape
+    keep_c = max(1, min(cin, round(cin / rate**0.5)))
+    keep_r = max(1, min(cout, round(cout / rate**0.5)))
+    cols = torch.zeros(cin, dtype=torch.bool)
+    cols[w.sum(0).topk(keep_c).indices] = True
+    rows = torch.zeros(cout, dtype=torch.bool)
+    rows[(w * cols).sum(1).topk(keep_r).indices] = True
+    mask = rows[:, None] & cols[None, :]
+    return mask.reshape(cout, cin, *([1] * (weight.dim() - 2))).expand(weight.shape).clone()
+
+
+def prune_model(
+    model: nn.Module, rate: float, n_patterns: int = 8, skip_first: bool = True, *, depthwise: bool = False, structured: float | None = None
+) -> dict[str, torch.Tensor]:
     """Pattern-prune every 3x3 conv (groups=1) in place; returns masks keyed by state_dict name.
 
     ``skip_first`` leaves a conv with fewer than 4 input channels dense (the usual stem rule).
+    ``depthwise`` also pattern-prunes 3x3 depthwise convs; ``structured`` (a rate) also prunes
+    1x1 convs and Linear layers by whole input columns and output rows.
     """
     masks: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
+        mask = None
         if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.groups == 1:
             if skip_first and module.in_channels < 4:
                 continue
             mask = pattern_mask(module.weight, rate, n_patterns)
-            with torch.no_grad():
-                module.weight.mul_(mask)
-            masks[f"{name}.weight" if name else "weight"] = mask
+        elif isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and depthwise and module.groups == module.in_channels > 1:
+            mask = depthwise_mask(module.weight, n_patterns)
+        elif structured and isinstance(module, (nn.Linear, nn.Conv2d)) and (isinstance(module, nn.Linear) or module.kernel_size == (1, 1)):
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                continue
+            mask = structured_mask(module.weight, structured)
+        if mask is None:
+            continue
+        with torch.no_grad():
+            module.weight.mul_(mask)
+        masks[f"{name}.weight" if name else "weight"] = mask
     return masks
 
 
@@ -106,7 +143,8 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
 
     Why: the kernel registry's instances are checked against PyTorch through the real emitter,
     one compile per chain instead of one per instance. Each link is an adaptive average pool to
-    the size that makes the blocking rules pick the tile, then a 3x3 conv with padding 1:
+    the size that makes the blocking rules pick the tile (no wider than one narrow vector for a tile
+    of the target's narrow flavour, wider for the others), then a 3x3 conv with padding 1:
     pattern-pruned (two patterns, to keep the C small) for a sparse tile of ``rows`` output rows
     x ``vecs`` vectors, unpruned for a dense tile of ``rows`` output channels. A masked tile ends
     in a partial vector (its length varies with ``rows``) and its conv is followed by a second
@@ -115,13 +153,15 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
     deep chain well inside float32.
     """
     g = torch.Generator().manual_seed(seed)
-    v = target.vec
+    narrow = target.isa.narrow
     links: list[nn.Module] = []
     masks: dict[str, torch.Tensor] = {}
     tiles: list[str] = []
     cin = channels
     for k in kernels:
-        width = k.vecs * v if not k.masked else (k.vecs - 1) * v + 1 + k.rows % (v - 1)
+        v = narrow.vec if narrow is not None and k.isa == narrow.name else target.vec
+        floor = narrow.vec if narrow is not None and k.isa != narrow.name and k.vecs == 1 else 0  # a wide tile must not fit the narrow flavour
+        width = k.vecs * v if not k.masked else (k.vecs - 1) * v + 1 + floor + k.rows % (v - 1 - floor)
         if k.op == SPARSE:
             size, cout = (k.rows, width), channels
         elif k.op == DENSE:

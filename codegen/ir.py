@@ -32,11 +32,46 @@ class UnsupportedOpError(CodegenError):
 
 
 @dataclass(frozen=True)
+class Act:
+    """An elementwise activation fused into a layer's epilogue or run on its own.
+
+    ``kind``: 'relu', 'clamp' (hardtanh, ReLU6: ``lo``/``hi``), 'hardswish', 'hardsigmoid',
+    'sigmoid' or 'silu'; each has one C spelling per vector flavour (targets.VectorIsa) and one
+    scalar spelling (:data:`SCALAR_ACT`).
+    """
+
+    kind: str
+    lo: float = 0.0
+    hi: float = 0.0
+
+
+RELU = Act("relu")
+ACT_KINDS = ("relu", "clamp", "hardswish", "hardsigmoid", "sigmoid", "silu")
+# scalar C of each activation on float ``v`` (helpers from the vector prelude template)
+SCALAR_ACT: Mapping[str, str] = {
+    "relu": "(v > 0.0f ? v : 0.0f)",
+    "clamp": "bp_clampf(v, {lo}, {hi})",
+    "hardswish": "bp_hswishf(v)",
+    "hardsigmoid": "bp_hsigmoidf(v)",
+    "sigmoid": "bp_sigmoidf(v)",
+    "silu": "bp_siluf(v)",
+}
+
+
+def scalar_act(act: Act | None) -> str:
+    """C expression of ``act`` applied to the float variable ``v`` (``v`` itself when None)."""
+    if act is None:
+        return "v"
+    return SCALAR_ACT[act.kind].format(lo=repr(float(np.float32(act.lo))) + "f", hi=repr(float(np.float32(act.hi))) + "f")
+
+
+@dataclass(frozen=True)
 class Conv:
-    """2-D convolution, groups=1, with BatchNorm folded into ``weight``/``bias``.
+    """2-D convolution with BatchNorm folded into ``weight``/``bias``: groups=1, or depthwise
+    (``groups`` = input = output channels, ``weight`` of shape (C, 1, kh, kw)).
 
     ``mask`` marks the weights that may be nonzero (the pruning mask, or the nonzeros when no mask
-    was given); ``residual`` names a tensor added before the (optional) ReLU.
+    was given); ``residual`` names a tensor added before the (optional) activation.
     """
 
     name: str
@@ -47,12 +82,21 @@ class Conv:
     mask: np.ndarray = field(repr=False)
     stride: tuple[int, int]
     padding: tuple[int, int]
-    relu: bool = False
+    act: Act | None = None
     residual: str | None = None
+    groups: int = 1
 
     @property
     def kernel(self) -> tuple[int, int]:
         return int(self.weight.shape[2]), int(self.weight.shape[3])
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1
+
+    @property
+    def relu(self) -> bool:
+        return self.act == RELU
 
 
 @dataclass(frozen=True)
@@ -88,12 +132,19 @@ class Flatten:
 
 @dataclass(frozen=True)
 class Linear:
+    """``mask`` as for :class:`Conv`: whole zero rows and columns are skipped by the emitter."""
+
     name: str
     inp: str
     out: str
     weight: np.ndarray = field(repr=False)
     bias: np.ndarray = field(repr=False)
-    relu: bool = False
+    mask: np.ndarray = field(repr=False)
+    act: Act | None = None
+
+    @property
+    def relu(self) -> bool:
+        return self.act == RELU
 
 
 @dataclass(frozen=True)
@@ -102,17 +153,34 @@ class Add:
     a: str
     b: str
     out: str
-    relu: bool = False
+    act: Act | None = None
+
+    @property
+    def relu(self) -> bool:
+        return self.act == RELU
 
 
 @dataclass(frozen=True)
-class Relu:
+class Mul:
+    """``a * b`` where ``b`` has ``a``'s shape or is one value per channel (squeeze-excitation)."""
+
     name: str
-    inp: str
+    a: str
+    b: str
     out: str
 
 
-Layer = Conv | Pool | AdaptiveAvgPool | Flatten | Linear | Add | Relu
+@dataclass(frozen=True)
+class Activation:
+    """An activation that could not fuse into its producer."""
+
+    name: str
+    inp: str
+    out: str
+    act: Act
+
+
+Layer = Conv | Pool | AdaptiveAvgPool | Flatten | Linear | Add | Mul | Activation
 
 
 @dataclass(frozen=True)
@@ -126,7 +194,7 @@ class Graph:
 
 
 def layer_inputs(layer: Layer) -> tuple[str, ...]:
-    if isinstance(layer, Add):
+    if isinstance(layer, (Add, Mul)):
         return (layer.a, layer.b)
     if isinstance(layer, Conv) and layer.residual is not None:
         return (layer.inp, layer.residual)
@@ -179,8 +247,9 @@ class _Conv:  # mutable while lowering
     mask: np.ndarray
     stride: tuple[int, int]
     padding: tuple[int, int]
-    relu: bool = False
+    act: Act | None = None
     residual: str | None = None
+    groups: int = 1
 
 
 @dataclass
@@ -190,7 +259,8 @@ class _Linear:
     out: str
     weight: np.ndarray
     bias: np.ndarray
-    relu: bool = False
+    mask: np.ndarray
+    act: Act | None = None
 
 
 @dataclass
@@ -199,14 +269,7 @@ class _Add:
     a: str
     b: str
     out: str
-    relu: bool = False
-
-
-@dataclass
-class _Relu:
-    name: str
-    inp: str
-    out: str
+    act: Act | None = None
 
 
 def _params(program: torch.export.ExportedProgram) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
@@ -313,7 +376,7 @@ class _Lowering:
         output_name = self.alias.get(self.out_arg.name, self.out_arg.name)
         unknown = set(self.masks) - self.used_masks
         if unknown:
-            raise CodegenError(f"mask {sorted(unknown)[0]} does not belong to any convolution weight")
+            raise CodegenError(f"mask {sorted(unknown)[0]} does not belong to any convolution or linear weight")
         # final output names: layers record their (possibly fused) output in .out
         final = _fuse_residuals(self.layers)
         final_layers = tuple(_freeze(layer) for layer in final)
@@ -373,14 +436,18 @@ def _conv(
 ) -> _Conv:
     if isinstance(padding, str):
         raise UnsupportedOpError(f"unsupported conv padding mode {padding!r} at node {node.name}")
-    if transposed or groups != 1 or _pair(dilation) != (1, 1) or weight is None or weight.ndim != 4:
-        raise UnsupportedOpError(f"unsupported convolution (transposed, grouped or dilated) at node {node.name}")
+    if transposed or _pair(dilation) != (1, 1) or weight is None or weight.ndim != 4:
+        raise UnsupportedOpError(f"unsupported convolution (transposed or dilated) at node {node.name}")
+    channels = lw.shapes[x][0]
+    depthwise = groups == channels and weight.shape[:2] == (channels, 1) and channels > 1
+    if groups != 1 and not depthwise:
+        raise UnsupportedOpError(f"unsupported grouped convolution (groups={groups}; only 1 or depthwise) at node {node.name}")
     if not isinstance(w_node, torch.fx.Node):
         raise UnsupportedOpError(f"convolution weight at node {node.name} is not a graph input")
     mask = lw.mask(w_node, weight)
     w = np.where(mask, weight, 0.0)
     b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
-    return _Conv(node.name, x, node.name, w, b, mask, _pair(stride), _pair(padding))
+    return _Conv(node.name, x, node.name, w, b, mask, _pair(stride), _pair(padding), groups=int(groups))  # type: ignore[call-overload]  # groups is an int here
 
 
 def _conv2d(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Conv:
@@ -423,7 +490,7 @@ def _fold_batch_norm(
     shift = beta - mean * scale  # type: ignore[operator]  # as above
     prev = lw.producer.get(x)
     source = node.args[0]
-    if isinstance(prev, _Conv) and not prev.relu and prev.residual is None and len(source.users) == 1:  # type: ignore[union-attr]  # a BN input is a node
+    if isinstance(prev, _Conv) and prev.act is None and prev.residual is None and len(source.users) == 1:  # type: ignore[union-attr]  # a BN input is a node
         prev.weight = prev.weight * scale[:, None, None, None]
         prev.bias = prev.bias * scale + shift
         lw.absorb(x, node, prev)
@@ -445,15 +512,60 @@ def _batch_norm_no_training(lw: _Lowering, node: torch.fx.Node, args: Args, kwar
     return _fold_batch_norm(lw, node, x, gamma, beta, mean, var, float(args[6]))
 
 
-def _relu(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Relu | None:
+def _activate(lw: _Lowering, node: torch.fx.Node, x_arg: object, act: Act) -> Activation | None:
     """Fused into its producer when nothing else reads the producer's output."""
-    x = lw.val(args[0], node)
+    x = lw.val(x_arg, node)
     prev = lw.producer.get(x)
-    if isinstance(prev, (_Conv, _Linear, _Add)) and not prev.relu and len(args[0].users) == 1 and args[0] is not lw.out_arg:
-        prev.relu = True
+    if isinstance(prev, (_Conv, _Linear, _Add)) and prev.act is None and len(x_arg.users) == 1 and x_arg is not lw.out_arg:  # type: ignore[attr-defined]  # lw.val checked it is a node
+        prev.act = act
         lw.absorb(x, node, prev)
         return None
-    return _Relu(node.name, x, node.name)
+    return Activation(node.name, x, node.name, act)
+
+
+def _relu(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> Activation | None:
+    return _activate(lw, node, args[0], RELU)
+
+
+def _hardtanh(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> Activation | None:
+    """hardtanh(min, max); ReLU6 is hardtanh(0, 6)."""
+    lo = float(args[1] if len(args) > 1 else kwargs.get("min_val", -1.0))
+    hi = float(args[2] if len(args) > 2 else kwargs.get("max_val", 1.0))
+    return _activate(lw, node, args[0], Act("clamp", lo, hi))
+
+
+def _relu6(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> Activation | None:
+    return _activate(lw, node, args[0], Act("clamp", 0.0, 6.0))
+
+
+def _clamp(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> Activation | None:
+    """clamp(min, max) with both bounds given (one-sided clamps are refused)."""
+    lo = args[1] if len(args) > 1 else kwargs.get("min")
+    hi = args[2] if len(args) > 2 else kwargs.get("max")
+    if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)):
+        raise UnsupportedOpError(f"unsupported clamp without both numeric bounds at node {node.name}")
+    return _activate(lw, node, args[0], Act("clamp", float(lo), float(hi)))
+
+
+def _unary(kind: str) -> Lowering:
+    """The lowering of a parameterless activation ``kind``."""
+
+    def rule(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> Activation | None:
+        return _activate(lw, node, args[0], Act(kind))
+
+    return rule
+
+
+def _mul(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> Mul:
+    """Elementwise product of two activations: same shape, or one operand one value per channel."""
+    a, b = lw.val(args[0], node), lw.val(args[1], node)
+    sa, sb = lw.shapes[a], lw.shapes[b]
+    if len(sa) == 3 and len(sb) == 3 and sa != sb and sa[1:] == (1, 1) and sb[0] == sa[0]:
+        a, b, sa, sb = b, a, sb, sa
+    per_channel = len(sa) == 3 and sb == (sa[0], 1, 1)
+    if sa != sb and not per_channel:
+        raise UnsupportedOpError(f"unsupported broadcasting mul {sa} * {sb} at node {node.name}")
+    return Mul(node.name, a, b, node.name)
 
 
 def _add(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Add:
@@ -524,19 +636,21 @@ def _flatten(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> 
     return Flatten(node.name, x, node.name)
 
 
-def _dense(lw: _Lowering, node: torch.fx.Node, x: str, weight: np.ndarray | None, bias: np.ndarray | None) -> _Linear:
+def _dense(lw: _Lowering, node: torch.fx.Node, x: str, weight: np.ndarray | None, bias: np.ndarray | None, mask: np.ndarray | None = None) -> _Linear:
     assert weight is not None
     if len(lw.shapes[x]) != 1:
         raise UnsupportedOpError(f"unsupported linear on a {len(lw.shapes[x]) + 1}-d tensor at node {node.name}")
     b = np.zeros(weight.shape[0]) if bias is None else bias
-    return _Linear(node.name, x, node.name, weight, b)
+    mask = weight != 0 if mask is None else mask
+    return _Linear(node.name, x, node.name, np.where(mask, weight, 0.0), b, mask)
 
 
 def _linear(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Linear:
     x = lw.val(args[0], node)
     weight = lw.const(args[1], node)
     bias = lw.const(args[2] if len(args) > 2 else kwargs.get("bias"), node)
-    return _dense(lw, node, x, weight, bias)
+    mask = lw.mask(args[1], weight) if isinstance(args[1], torch.fx.Node) and weight is not None else None
+    return _dense(lw, node, x, weight, bias, mask)
 
 
 def _addmm(lw: _Lowering, node: torch.fx.Node, args: Args, kwargs: Kwargs) -> _Linear:
@@ -574,6 +688,13 @@ LOWERINGS: Mapping[str, Lowering] = {
     "aten._native_batch_norm_legit_no_training.default": _batch_norm_no_training,
     "aten.relu.default": _relu,
     "aten.relu_.default": _relu,
+    "aten.hardtanh.default": _hardtanh,
+    "aten.hardtanh_.default": _hardtanh,
+    "aten.relu6.default": _relu6,
+    "aten.clamp.default": _clamp,
+    **{f"aten.{op}{inplace}.default": _unary(op) for op in ("hardswish", "hardsigmoid", "sigmoid", "silu") for inplace in ("", "_")},
+    "aten.mul.Tensor": _mul,
+    "aten.mul_.Tensor": _mul,
     "aten.add.Tensor": _add,
     "aten.add_.Tensor": _add,
     "aten.max_pool2d.default": _max_pool,
@@ -617,7 +738,7 @@ def lower(program: torch.export.ExportedProgram, masks: Mapping[str, torch.Tenso
 
 
 def _inputs(layer: object) -> tuple[str, ...]:
-    if isinstance(layer, (_Add, Add)):
+    if isinstance(layer, (_Add, Add, Mul)):
         return (layer.a, layer.b)
     if isinstance(layer, _Conv) and layer.residual is not None:
         return (layer.inp, layer.residual)
@@ -638,7 +759,7 @@ def _fuse_residuals(layers: list[object]) -> list[object]:
                 conv = out[j] if j is not None else None
                 if j is None or not isinstance(conv, _Conv):
                     continue
-                if conv.relu or conv.residual is not None:
+                if conv.act is not None or conv.residual is not None:
                     continue
                 n_users = sum(1 for layer in out for name in _inputs(layer) if name == mine)
                 if n_users != 1:
@@ -649,7 +770,7 @@ def _fuse_residuals(layers: list[object]) -> list[object]:
             if best is not None:
                 j, conv, other = best
                 conv.residual = other
-                conv.relu = add.relu
+                conv.act = add.act
                 conv.out = add.out
                 del out[i]
                 continue
@@ -659,13 +780,23 @@ def _fuse_residuals(layers: list[object]) -> list[object]:
 
 def _freeze(layer: object) -> Layer:
     if isinstance(layer, _Conv):
-        return Conv(layer.name, layer.inp, layer.out, layer.weight, layer.bias, layer.mask, layer.stride, layer.padding, layer.relu, layer.residual)
+        return Conv(
+            layer.name,
+            layer.inp,
+            layer.out,
+            layer.weight,
+            layer.bias,
+            layer.mask,
+            layer.stride,
+            layer.padding,
+            layer.act,
+            layer.residual,
+            layer.groups,
+        )
     if isinstance(layer, _Linear):
-        return Linear(layer.name, layer.inp, layer.out, np.asarray(layer.weight), np.asarray(layer.bias), layer.relu)
+        return Linear(layer.name, layer.inp, layer.out, np.asarray(layer.weight), np.asarray(layer.bias), np.asarray(layer.mask), layer.act)
     if isinstance(layer, _Add):
-        return Add(layer.name, layer.a, layer.b, layer.out, layer.relu)
-    if isinstance(layer, _Relu):
-        return Relu(layer.name, layer.inp, layer.out)
+        return Add(layer.name, layer.a, layer.b, layer.out, layer.act)
     return layer  # type: ignore[return-value]  # every other lowering already builds a final Layer
 
 

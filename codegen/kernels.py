@@ -77,33 +77,39 @@ def row_tiles(n_vec: int, u: int, masked: bool) -> list[tuple[int, int, bool]]:
     return out
 
 
-@cache
-def registry(target: Target) -> tuple[Kernel, ...]:
-    """Every tile the blocking rules can give ``target``, sorted (op, rows, vecs, masked).
-
-    A tile never holds more accumulators than the budget: ``rows * vecs <= accumulators`` with
-    ``vecs <= max_u`` (sparse) and ``rows <= min(8, dense_acc // vecs)`` with ``vecs <= dense_u``
-    (dense); remainder tiles (fewer rows, fewer vectors) stay inside the same bounds.
-    """
-    isa = target.isa.name
-    out = [
-        Kernel(SPARSE, r, v, m, isa)
-        for v in range(1, target.max_u + 1)
-        for r in range(1, max(1, target.accumulators // v) + 1)
-        for m in (False, True)
-    ]
+def _tiles(target: Target, isa: str, max_u: int, dense_u: int) -> list[Kernel]:
+    """Sparse tiles up to ``max_u`` and dense ones up to ``dense_u`` vectors wide, of ``isa``,
+    within ``target``'s accumulator budgets."""
+    out = [Kernel(SPARSE, r, v, m, isa) for v in range(1, max_u + 1) for r in range(1, max(1, target.accumulators // v) + 1) for m in (False, True)]
     out += [
         Kernel(DENSE, n, v, m, isa)
-        for v in range(1, target.dense_u + 1)
+        for v in range(1, dense_u + 1)
         for n in range(1, max(1, min(DENSE_MAX_CHANNELS, target.dense_acc // v)) + 1)
         for m in (False, True)
     ]
+    return out
+
+
+@cache
+def registry(target: Target) -> tuple[Kernel, ...]:
+    """Every tile the blocking rules can give ``target``, sorted (op, rows, vecs, masked, isa).
+
+    A tile never holds more accumulators than the budget: ``rows * vecs <= accumulators`` with
+    ``vecs <= max_u`` (sparse) and ``rows <= min(8, dense_acc // vecs)`` with ``vecs <= dense_u``
+    (dense); remainder tiles (fewer rows, fewer vectors) stay inside the same bounds. A target
+    whose vector flavour has a narrow one adds its one-vector tiles (the emitter uses it only for
+    maps no wider than one narrow vector).
+    """
+    out = _tiles(target, target.isa.name, target.max_u, target.dense_u)
+    if target.isa.narrow is not None:
+        out += _tiles(target, target.isa.narrow.name, 1, 1)
     return tuple(sorted(out))
 
 
-def lookup(target: Target, op: str, rows: int, vecs: int, masked: bool) -> Kernel:
-    """The registered instance; an unregistered one is a generator bug, refused here."""
-    kernel = Kernel(op, rows, vecs, masked, target.isa.name)
+def lookup(target: Target, op: str, rows: int, vecs: int, masked: bool, isa: str | None = None) -> Kernel:
+    """The registered instance (of ``isa``, by default the target's own flavour); an
+    unregistered one is a generator bug, refused here."""
+    kernel = Kernel(op, rows, vecs, masked, isa or target.isa.name)
     if kernel not in registry(target):
         raise CodegenError(f"tile {kernel.name} is not in the kernel registry of target {target.name}")
     return kernel

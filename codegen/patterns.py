@@ -1,9 +1,10 @@
 """Kernel patterns, filter kernel reorder and compact weight storage for pattern-sparse 3x3 convs.
 
 A kernel's pattern is the set of taps its mask keeps (any number, any shape: the generator does not
-assume the paper's library of 8). Each layer's distinct patterns get ids by frequency; beyond
-``max_patterns`` the rare ones are widened to the full 3x3 pattern (their extra weights are zero),
-which keeps the emitted code bounded while staying exact.
+assume the paper's library of 8; any kernel size, so 5x5 depthwise kernels have patterns too).
+Each layer's distinct patterns get ids by frequency; beyond ``max_patterns`` the rare ones are
+widened to the full kernel (their extra weights are zero), which keeps the emitted code bounded
+while staying exact.
 
 Filter kernel reorder: filters are sorted by kernel count and pattern mix, and each filter's
 kernels are grouped by pattern, so the inner loops run one pattern at a time without branches.
@@ -32,15 +33,16 @@ class PatternSet:
 
 
 def kernel_patterns(mask: np.ndarray, max_patterns: int = 32) -> PatternSet:
-    """Patterns of a (Cout, Cin, 3, 3) boolean mask, most frequent first."""
+    """Patterns of a (Cout, Cin, kh, kw) boolean mask (kh * kw <= 62), most frequent first."""
     cout, cin = mask.shape[:2]
-    flat = mask.reshape(cout * cin, 9)
-    codes = (flat.astype(np.int64) << np.arange(9)).sum(axis=1)
+    n_taps = int(np.prod(mask.shape[2:]))
+    flat = mask.reshape(cout * cin, n_taps)
+    codes = (flat.astype(np.int64) << np.arange(n_taps)).sum(axis=1)
     present = codes[codes != 0]
     uniq, counts = np.unique(present, return_counts=True)
     order = sorted(zip(-counts, uniq, strict=True))
     kept = [int(c) for _, c in order]
-    full_code = (1 << 9) - 1
+    full_code = (1 << n_taps) - 1
     if len(kept) > max_patterns:
         kept = kept[: max_patterns - 1]
         if full_code not in kept:
@@ -48,7 +50,7 @@ def kernel_patterns(mask: np.ndarray, max_patterns: int = 32) -> PatternSet:
     index = {c: i for i, c in enumerate(kept)}
     full_id = index.get(full_code, -1)
     ids = np.array([-1 if c == 0 else index.get(int(c), full_id) for c in codes], dtype=np.int32)
-    patterns = tuple(tuple(t for t in range(9) if (c >> t) & 1) for c in kept)
+    patterns = tuple(tuple(t for t in range(n_taps) if (c >> t) & 1) for c in kept)
     return PatternSet(patterns, ids.reshape(cout, cin))
 
 
@@ -79,10 +81,11 @@ def _filter_order(ps: PatternSet) -> np.ndarray:
     return np.array(sorted(range(len(keys)), key=lambda i: (keys[i], i)), dtype=np.int32)
 
 
-def pack(weight: np.ndarray, ps: PatternSet, ci_block: int, *, reorder: bool, compact: bool) -> SparseWeights:
-    """Lay out a (Cout, Cin, 3, 3) weight for the emitted kernel."""
+def pack(weight: np.ndarray, ps: PatternSet, ci_block: int, *, reorder: bool, compact: bool, depthwise: bool = False) -> SparseWeights:
+    """Lay out a (Cout, Cin, kh, kw) weight for the emitted kernel; ``depthwise``: a (C, 1, kh, kw)
+    weight whose filter o reads input channel o (the stored channel index is then o)."""
     cout, cin = weight.shape[:2]
-    w9 = weight.reshape(cout, cin, 9).astype(np.float32)
+    w9 = weight.reshape(cout, cin, -1).astype(np.float32)
     blocks = tuple(range(0, cin, ci_block))
     perm = _filter_order(ps) if reorder else np.arange(cout, dtype=np.int32)
     n_pat = len(ps.patterns)
@@ -103,12 +106,12 @@ def pack(weight: np.ndarray, ps: PatternSet, ci_block: int, *, reorder: bool, co
                 counts[b, f] = len(chans)
             for c in chans:
                 p = int(ps.ids[o, c])
-                kci.append(int(c))
+                kci.append(int(o) if depthwise else int(c))
                 kpat.append(p)
                 if compact:
                     vals.append(w9[o, c, list(ps.patterns[p])])
     weights = np.concatenate(vals).astype(np.float32) if compact and vals else (np.zeros(0, np.float32) if compact else w9.reshape(-1))
-    if cin > 65535:
+    if max(cin, cout if depthwise else 0) > 65535:
         raise ValueError("more than 65535 input channels")
     return SparseWeights(perm, counts, np.array(kci, dtype=np.uint16), np.array(kpat, dtype=np.uint8), weights, blocks, reorder, compact)
 
@@ -135,7 +138,7 @@ def storage_sizes(weight_mask: np.ndarray, ps: PatternSet) -> StorageReport:
     kernels = int((ps.ids >= 0).sum())
     taps = sum(len(ps.patterns[p]) * int(n) for p, n in enumerate(ps.count()))
     nnz = int(weight_mask.sum())
-    dense = cout * cin * 9 * 4
+    dense = int(weight_mask.size) * 4
     csr = nnz * 8 + (cout + 1) * 4
     compact = kernels * 2 + taps * 4 + cout * len(ps.patterns) * 2 + cout * 4 + len(ps.patterns) * 2
     return StorageReport(dense, csr, compact, kernels, nnz)

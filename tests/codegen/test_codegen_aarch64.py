@@ -11,7 +11,7 @@ from codegen import AARCH64_NEON, fixtures
 from codegen.verify import export, verify
 
 _missing = AARCH64_NEON.missing()
-pytestmark = pytest.mark.skipif(bool(_missing), reason=f"needs Debian package(s) {', '.join(_missing)}")
+pytestmark = pytest.mark.skipif(bool(_missing), reason=f"needs {', '.join(_missing)}")
 TOL = 1e-4
 
 
@@ -71,14 +71,53 @@ def test_input_channel_blocks_under_qemu_match_pytorch(tmp_path):
     assert any(int(r.blocking.split("cb")[1]) < 64 for r in result.generated.layers)
 
 
-def _chains() -> list[tuple[str, int]]:
+def _chains() -> list[tuple[str, int, str]]:
     from tests.codegen.test_codegen_host import _registry_chains
 
     return _registry_chains(AARCH64_NEON)
 
 
-@pytest.mark.parametrize("op,vecs", _chains(), ids=lambda v: str(v))
-def test_every_registered_neon_tile_under_qemu_matches_pytorch(tmp_path, op, vecs):
+@pytest.mark.parametrize("op,vecs,isa", _chains(), ids=lambda v: str(v))
+def test_every_registered_neon_tile_under_qemu_matches_pytorch(tmp_path, op, vecs, isa):
     from tests.codegen.test_codegen_host import check_registered_tiles
 
-    check_registered_tiles(AARCH64_NEON, op, vecs, tmp_path)
+    check_registered_tiles(AARCH64_NEON, op, vecs, isa, tmp_path)
+
+
+def _torchvision(name: str) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(4)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    fixtures.randomize_batchnorm(model, 4)
+    return model
+
+
+@pytest.mark.parametrize("name,pruned", [("mobilenet_v2", True), ("efficientnet_b0", False)])
+def test_torchvision_mobile_network_under_qemu_matches_pytorch(tmp_path, name, pruned):
+    model = _torchvision(name)
+    masks = fixtures.prune_model(model, 6.0, depthwise=True, structured=4.0) if pruned else {}
+    result = verify(export(model, (3, 32, 32)), masks, AARCH64_NEON, tmp_path, n=2)
+    assert result.error <= TOL
+
+
+def test_threads_under_qemu_give_the_single_thread_bits(tmp_path):
+    import os
+    import subprocess
+
+    import numpy as np
+
+    from codegen import Options
+
+    model = _torchvision("mobilenet_v3_small")
+    masks = fixtures.prune_model(model, 6.0, depthwise=True, structured=4.0)
+    result = verify(export(model, (3, 32, 32)), masks, AARCH64_NEON, tmp_path, options=Options(threads=2), n=2)
+    assert result.error <= TOL  # the harness ran on the generator's default of 2 threads
+    (tmp_path / "x.bin").write_bytes(np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype("<f4").tobytes())
+    outs = []
+    for n in ("1", "2", "4"):
+        out = tmp_path / f"y{n}.bin"
+        cmd = [*AARCH64_NEON.run_prefix, str(tmp_path / "bp_main"), str(tmp_path / "weights.bin"), str(tmp_path / "x.bin"), str(out)]
+        subprocess.run(cmd, check=True, env={**os.environ, "BP_THREADS": n}, capture_output=True)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == outs[2]

@@ -83,13 +83,31 @@ def test_cli_missing_model_is_one_line_error(tmp_path):
 
 
 def test_cli_unsupported_op_names_op_and_node(tmp_path):
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sigmoid()).eval()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh()).eval()
     save_model_dir(tmp_path / "m", export(model, (1, 8, 8)))
     proc = _cli(str(tmp_path / "m"), "--target", "host", "--out", str(tmp_path / "o"))
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "codegen: error: unsupported op aten.sigmoid.default at node sigmoid"
+    assert proc.stderr.strip() == "codegen: error: unsupported op aten.tanh.default at node tanh"
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 def test_cli_bad_target_is_usage_error(model_dir, tmp_path):
     proc = _cli(str(model_dir[0]), "--target", "riscv", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs gcc")
+def test_cli_threads_and_a_forced_vector_flavour_build_and_match_pytorch(model_dir, tmp_path):
+    from codegen.targets import HOST_AVX2
+
+    if HOST_AVX2.missing():
+        pytest.skip(f"needs {', '.join(HOST_AVX2.missing())}")
+    proc = _cli(str(model_dir[0]), "--target", "host-avx2", "--threads", "3", "--out", str(tmp_path / "g"), "--verify", "2")
+    assert proc.returncode == 0, proc.stderr
+    source = (tmp_path / "g" / "bp_model.c").read_text()
+    assert "#define BP_DEFAULT_THREADS 3" in source and "__avx2" in source
+
+
+def test_cli_threads_out_of_range_is_usage_error(model_dir, tmp_path):
+    proc = _cli(str(model_dir[0]), "--target", "host", "--threads", "0", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "--threads must be between 1 and 64" in proc.stderr

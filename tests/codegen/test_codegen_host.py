@@ -205,25 +205,25 @@ def test_input_channel_blocks_with_late_first_kernels_and_empty_blocks_match_pyt
     assert all(cb < 64 for cb in blocks), blocks  # both convs really run in several blocks
 
 
-def _registry_chains(target) -> list[tuple[str, int]]:
-    """The kernel registry split into one probe chain (one compile) per (op, vectors)."""
+def _registry_chains(target) -> list[tuple[str, int, str]]:
+    """The kernel registry split into one probe chain (one compile) per (op, vectors, flavour)."""
     from codegen.kernels import registry
 
-    return sorted({(k.op, k.vecs) for k in registry(target)})
+    return sorted({(k.op, k.vecs, k.isa) for k in registry(target)})
 
 
-def check_registered_tiles(target, op: str, vecs: int, tmp_path) -> None:
-    """Every registry instance of (op, vecs) for ``target``, each used by its own conv(s) of a
-    probe chain, against PyTorch."""
+def check_registered_tiles(target, op: str, vecs: int, isa: str, tmp_path) -> None:
+    """Every registry instance of (op, vecs, isa) for ``target``, each used by its own conv(s) of
+    a probe chain, against PyTorch."""
     from codegen.kernels import registry
 
-    kernels = [k for k in registry(target) if (k.op, k.vecs) == (op, vecs)]
+    kernels = [k for k in registry(target) if (k.op, k.vecs, k.isa) == (op, vecs, isa)]
     probe = fixtures.kernel_probe(kernels, target)
     result = verify(export(probe.model, probe.shape), probe.masks, target, tmp_path, n=2)
     assert result.error <= TOL
     assert tuple(t for r in result.generated.layers for t in r.tiles) == probe.tiles
 
 
-@pytest.mark.parametrize("op,vecs", _registry_chains(HOST), ids=lambda v: str(v))
-def test_every_registered_host_tile_matches_pytorch(tmp_path, op, vecs):
-    check_registered_tiles(HOST, op, vecs, tmp_path)
+@pytest.mark.parametrize("op,vecs,isa", _registry_chains(HOST), ids=lambda v: str(v))
+def test_every_registered_host_tile_matches_pytorch(tmp_path, op, vecs, isa):
+    check_registered_tiles(HOST, op, vecs, isa, tmp_path)

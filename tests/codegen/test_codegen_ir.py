@@ -51,18 +51,18 @@ def test_decomposed_program_lowers_to_the_same_layers():
             assert (la.relu, la.residual is None, la.stride) == (lb.relu, lb.residual is None, lb.stride)
 
 
-class _Sig(nn.Module):
+class _Tanh(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.conv(x))
+        return torch.tanh(self.conv(x))
 
 
 def test_unsupported_op_error_names_op_and_node():
-    with pytest.raises(UnsupportedOpError, match=r"unsupported op aten\.sigmoid\.default at node sigmoid"):
-        lower(export(_Sig(), (3, 8, 8)))
+    with pytest.raises(UnsupportedOpError, match=r"unsupported op aten\.tanh\.default at node tanh"):
+        lower(export(_Tanh(), (3, 8, 8)))
 
 
 def test_grouped_conv_is_refused_with_its_node():
@@ -151,15 +151,17 @@ def test_generated_source_names_kernels_and_is_deterministic():
     b = generate(lower(program, masks), HOST)
     assert a.files == b.files
     src = a.files["bp_model.c"].decode()
-    assert "layer0_t" in src and "vector_size(32)" in src
+    assert "layer0_t" in src and f"vector_size({4 * HOST.vec})" in src
 
 
 @pytest.mark.parametrize("target", [HOST, AARCH64_NEON], ids=lambda t: t.name)
 def test_kernel_registry_names_encode_parameters_and_fit_the_register_budget(target):
     reg = registry(target)
     assert len({k.name for k in reg}) == len(reg)
+    narrow = target.isa.narrow
     for k in reg:
-        assert k.name == f"{k.op}_{k.rows}x{k.vecs}{'m' if k.masked else ''}__{target.isa.name}"
+        assert k.name == f"{k.op}_{k.rows}x{k.vecs}{'m' if k.masked else ''}__{k.isa}"
+        assert k.isa == target.isa.name or (narrow is not None and k.isa == narrow.name and k.vecs == 1)
         if k.op == "sparse3x3":
             assert k.vecs <= target.max_u and k.rows * k.vecs <= target.accumulators
         else:
@@ -184,3 +186,36 @@ def test_tile_symbols_name_layer_patterns_blocking_and_isa():
 def test_unregistered_tile_is_refused():
     with pytest.raises(ValueError, match="not in the kernel registry"):
         lookup(HOST, "sparse3x3", HOST.accumulators + 1, 1, False)
+
+
+def test_host_target_is_the_widest_flavour_the_cpu_runs(monkeypatch):
+    from codegen.targets import HOST_AVX2, HOST_AVX512, best_host
+
+    monkeypatch.delenv("BP_HOST_TARGET", raising=False)
+    assert best_host(frozenset({"avx2", "fma", "avx512f"})) is HOST_AVX512
+    assert best_host(frozenset({"avx2", "fma"})) is HOST_AVX2
+    assert best_host(frozenset()) is HOST_AVX2
+    monkeypatch.setenv("BP_HOST_TARGET", "host-avx2")
+    assert best_host(frozenset({"avx2", "fma", "avx512f"})) is HOST_AVX2
+    monkeypatch.setenv("BP_HOST_TARGET", "host-sse")
+    with pytest.raises(ValueError, match="BP_HOST_TARGET=host-sse is not one of host-avx512, host-avx2"):
+        best_host()
+
+
+def test_avx512_tiles_are_sixteen_floats_wide_and_within_its_register_budget():
+    from codegen.targets import HOST_AVX512
+
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, bias=False)).eval()
+    masks = fixtures.prune_model(model, 6.0)
+    gen = generate(lower(export(model, (8, 20, 40)), masks), HOST_AVX512)
+    source = gen.files["bp_model.c"].decode()
+    assert "vector_size(64)" in source and "__avx512" in source
+    assert all(k.rows * k.vecs <= HOST_AVX512.accumulators for k in registry(HOST_AVX512))
+
+
+def test_a_host_target_the_cpu_cannot_run_is_refused_before_building(monkeypatch, tmp_path):
+    from codegen import build, targets
+
+    monkeypatch.setattr(targets, "host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    with pytest.raises(build.BuildError, match="^target host-avx512 needs a CPU with avx512f$"):
+        build.compile_dir(tmp_path, targets.HOST_AVX512)

@@ -1,0 +1,206 @@
+"""Mobile-network ops against PyTorch: fused activations, squeeze-excitation, depthwise convs
+(dense and pattern-sparse), structured 1x1/Linear sparsity, and torchvision's mobile networks
+end to end, dense and pruned."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from codegen import HOST, UnsupportedOpError, fixtures, lower
+from codegen.emit import generate
+from codegen.ir import Activation, Conv, Linear, Mul
+from codegen.verify import export, verify
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="host C compiler missing (Debian package gcc)")
+TOL = 1e-4
+
+
+class _Acts(nn.Module):
+    """Each activation fused after a conv (ReLU6, hardswish, SiLU, hardtanh, clamp), a squeeze-
+    excitation block (pool, 1x1 convs, ReLU, hardsigmoid / sigmoid gate, per-channel mul), a
+    sigmoid that cannot fuse (its producer is read twice) and a Linear with hardswish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, 2, 1)
+        self.c2 = nn.Conv2d(16, 16, 1)
+        self.c3 = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+        self.fc1 = nn.Conv2d(16, 8, 1)
+        self.fc2 = nn.Conv2d(8, 16, 1)
+        self.c4 = nn.Conv2d(16, 24, 1)
+        self.c5 = nn.Conv2d(24, 24, 3, 1, 1)
+        self.head = nn.Linear(24, 10)
+        self.out = nn.Linear(10, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.relu6(self.c1(x))
+        x = nn.functional.hardswish(self.c2(x))
+        x = nn.functional.silu(self.c3(x))
+        g = nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(nn.functional.adaptive_avg_pool2d(x, 1)))))
+        x = x * g
+        y = nn.functional.hardtanh(self.c4(x), -0.5, 0.75)
+        z = torch.clamp(self.c5(y), -1.0, 1.0)
+        z = torch.sigmoid(z) * z  # z is read twice: a lone sigmoid, then a same-shape product
+        v = nn.functional.hardswish(self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(z, 1), 1)))
+        return self.out(v)
+
+
+def test_activations_fuse_into_their_convs_and_match_pytorch(tmp_path):
+    torch.manual_seed(0)
+    model = _Acts().eval()
+    program = export(model, (3, 20, 18))
+    graph = lower(program)
+    acts = {layer.name: layer.act.kind for layer in graph.layers if isinstance(layer, (Conv, Linear)) and layer.act is not None}
+    assert acts == {
+        "conv2d": "clamp",
+        "conv2d_1": "hardswish",
+        "conv2d_2": "silu",
+        "conv2d_3": "relu",
+        "conv2d_4": "hardsigmoid",
+        "conv2d_5": "clamp",
+        "conv2d_6": "clamp",
+        "linear": "hardswish",
+    }
+    assert [layer.act.kind for layer in graph.layers if isinstance(layer, Activation)] == ["sigmoid"]
+    assert sum(isinstance(layer, Mul) for layer in graph.layers) == 2
+    result = verify(program, None, HOST, tmp_path, n=3)
+    assert result.error <= TOL
+
+
+class _Depthwise(nn.Module):
+    """Depthwise 3x3 stride 1 and 2 and 5x5 stride 1 and 2, with BatchNorm and ReLU6, on an odd size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(4, 24, 1, bias=False)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(24, 24, k, s, k // 2, groups=24, bias=False), nn.BatchNorm2d(24), nn.ReLU6())
+            for k, s in ((3, 1), (3, 2), (5, 1), (5, 2))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.expand(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "patterns"])
+def test_depthwise_convs_dense_and_pattern_sparse_match_pytorch(tmp_path, pruned):
+    torch.manual_seed(1)
+    model = _Depthwise().eval()
+    fixtures.randomize_batchnorm(model, 1)
+    masks = fixtures.prune_model(model, 6.0, depthwise=True) if pruned else {}
+    assert len(masks) == (2 if pruned else 0)  # the two 3x3 depthwise convs
+    result = verify(export(model, (4, 29, 27)), masks, HOST, tmp_path, n=2)
+    assert result.error <= TOL
+    dw = [r for r in result.generated.layers if r.kind == "depthwise"]
+    assert [r.shape[2:] for r in dw] == [(3, 3), (3, 3), (5, 5), (5, 5)]
+    if pruned:  # one 4-tap library pattern per channel: at most 8 distinct, 4 MACs per output
+        assert all(r.patterns <= 8 and r.macs == 24 * 4 * r.out_hw[0] * r.out_hw[1] for r in dw[:2])
+    else:
+        assert all(r.patterns == 1 for r in dw)
+
+
+class _Structured(nn.Module):
+    """1x1 convs (one with a fused residual) and Linear layers whose masks zero whole rows and columns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(16, 32, 1)
+        self.b = nn.Conv2d(32, 16, 1)
+        self.fc1 = nn.Linear(16 * 4, 40)
+        self.fc2 = nn.Linear(40, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.relu6(self.a(x))
+        z = torch.relu(self.b(y) + x)  # residual: dead output rows still add it
+        z = nn.functional.adaptive_avg_pool2d(z, 2)
+        return self.fc2(nn.functional.hardswish(self.fc1(torch.flatten(z, 1))))
+
+
+def test_structured_1x1_and_linear_skip_pruned_rows_and_columns(tmp_path):
+    torch.manual_seed(2)
+    model = _Structured().eval()
+    dense_size = len(generate(lower(export(model, (16, 11, 13))), HOST).files["weights.bin"])
+    masks = fixtures.prune_model(model, 6.0, structured=4.0)
+    assert set(masks) == {"a.weight", "b.weight", "fc1.weight", "fc2.weight"}
+    result = verify(export(model, (16, 11, 13)), masks, HOST, tmp_path, n=3)
+    assert result.error <= TOL
+    blocking = {r.name: r.blocking for r in result.generated.layers}
+    assert blocking["conv2d"].endswith("out16/32 in8/16") and blocking["conv2d_1"].endswith("out8/16 in16/32")
+    # zero weights of the masked layers are neither stored nor computed
+    assert len(result.generated.files["weights.bin"]) < 0.5 * dense_size
+
+
+def test_depthwise_with_channel_multiplier_is_refused_with_its_node():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=4))
+    with pytest.raises(UnsupportedOpError, match=r"grouped convolution \(groups=4.*at node conv2d"):
+        lower(export(model, (4, 8, 8)))
+
+
+def _torchvision(name: str) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(3)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    fixtures.randomize_batchnorm(model, 3)
+    return model
+
+
+# dense ResNets hold no op the older tests do not cover; every net is also run pruned
+CASES = [(name, False) for name in ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")] + [
+    (name, True) for name in ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet50", "efficientnet_b0")
+]
+
+
+@pytest.mark.parametrize("name,pruned", CASES, ids=lambda v: {True: "pruned", False: "dense"}.get(v, v) if isinstance(v, bool) else v)
+def test_torchvision_mobile_network_matches_pytorch(tmp_path, name, pruned):
+    """Whole network at 32x32 (the smallest size every one of them takes), one net per test."""
+    model = _torchvision(name)
+    masks = fixtures.prune_model(model, 6.0, depthwise=True, structured=4.0) if pruned else {}
+    result = verify(export(model, (3, 32, 32)), masks, HOST, tmp_path, n=2)
+    assert result.error <= TOL
+    if pruned:
+        kinds = {r.kind for r in result.generated.layers}
+        assert "dense" in kinds and ("depthwise" in kinds or "sparse3x3" in kinds)
+
+
+def test_thread_count_does_not_change_a_single_bit(tmp_path):
+    import os
+    import subprocess
+
+    model = _torchvision("mobilenet_v3_small")
+    masks = fixtures.prune_model(model, 6.0, depthwise=True, structured=4.0)
+    result = verify(export(model, (3, 32, 32)), masks, HOST, tmp_path, n=1)
+    assert result.error <= TOL
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype("<f4")
+    (tmp_path / "x.bin").write_bytes(x.tobytes())
+    outs = {}
+    for n in (1, 2, 3, 7):
+        out = tmp_path / f"y{n}.bin"
+        cmd = [str(tmp_path / "bp_main"), str(tmp_path / "weights.bin"), str(tmp_path / "x.bin"), str(out)]
+        subprocess.run(cmd, check=True, env={**os.environ, "BP_THREADS": str(n)}, capture_output=True)
+        outs[n] = out.read_bytes()
+    assert len(outs[1]) == 3 * 1000 * 4
+    assert all(outs[n] == outs[1] for n in outs)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(np.frombuffer(outs[2], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()
+
+
+def test_bad_thread_count_in_the_environment_is_one_line(tmp_path):
+    import os
+    import subprocess
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1)).eval()
+    verify(export(model, (2, 6, 6)), None, HOST, tmp_path, n=1)
+    (tmp_path / "x.bin").write_bytes(np.zeros(72, "<f4").tobytes())
+    cmd = [str(tmp_path / "bp_main"), str(tmp_path / "weights.bin"), str(tmp_path / "x.bin"), str(tmp_path / "y.bin")]
+    proc = subprocess.run(cmd, env={**os.environ, "BP_THREADS": "0"}, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip() == "bp_load: cannot start 0 threads (1..64)"

@@ -7,6 +7,11 @@ mapping is exhaustive. Log content is treated as untrusted text (job ids, reason
 text come from the other party): HTML output escapes everything, CSV cells that a spreadsheet
 would run as a formula are neutralised (``csv_cell``), and terminal text goes through
 ``printable`` (control characters as visible escapes) and, in the CLI, into rich without markup.
+
+A ``privacy.audit`` event (written by ``python -m owner.privacy audit``, local-only) becomes a
+``PrivacyAudit`` shown in every format with its plain reading (``owner.privacy.reading``); its
+ROC plot is embedded in the HTML only from the fixed path beside the log and only while its
+SHA-256 is the one the event pins.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owner.privacy.reading import EVENT as EV_PRIVACY
+from owner.privacy.reading import METRIC_COLUMNS, PLOT_PATH, WHAT_THE_NUMBERS_MEAN, WHAT_THEY_DO_NOT_PROVE, findings, plain_reading, summary_rows
 from protocol import canonical
 from protocol.audit import (
     EV_BLOCKED,
@@ -50,8 +57,7 @@ DEFAULT_PURPOSE = (
 
 FILE_CATEGORIES = {
     "program.json": "model computation graph (torch.export, ATen operators; no source code, no stack traces)",
-    "weights.safetensors": "model parameters and buffers, including BatchNorm running means and variances "
-    "(per-channel aggregate statistics of the training data's activations)",
+    "weights.safetensors": "model parameters and buffers",
     "constants.safetensors": "model constants",
     "request.json": "pruning request and input specification (shape, channel order, pixel range, normalisation)",
     "masks.bin": "pruning masks (one bit per weight)",
@@ -116,6 +122,30 @@ class Transfer:
 
 
 @dataclass(frozen=True)
+class PrivacyAudit:
+    """One ``privacy.audit`` event: a membership-inference audit run on the owner's machine.
+    ``plot``: the ROC plot, when the file next to the log still has the hash the event pins."""
+
+    seq: int
+    time: str
+    details: dict[str, Any]
+    plot: bytes | None
+    plot_note: str
+
+    @property
+    def rows(self) -> list[tuple[str, ...]]:
+        return summary_rows(self.details)
+
+    @property
+    def reading(self) -> list[str]:
+        return plain_reading(self.details)
+
+    @property
+    def local_only(self) -> bool:
+        return self.details.get("local_only") is True and self.details.get("sent_anywhere") is False
+
+
+@dataclass(frozen=True)
 class Report:
     log_path: str
     verdict: AuditVerdict
@@ -128,6 +158,7 @@ class Report:
     refused: list[dict[str, Any]]
     data_facts: list[dict[str, Any]]
     art30: dict[str, Any]
+    privacy: list[PrivacyAudit] = field(default_factory=list)
     proves: tuple[str, ...] = PROVES
     cannot_prove: tuple[str, ...] = CANNOT_PROVE
     warnings: tuple[str, ...] = field(default_factory=tuple)
@@ -163,6 +194,7 @@ def build_report(
     receipts: set[tuple[str, str]] = set()
     countersigned_upto = 0
     blocked, refused, facts = [], [], []
+    privacy: list[PrivacyAudit] = []
     for rec in records:
         d = rec.get("details", {})
         ev = rec.get("event")
@@ -195,15 +227,19 @@ def build_report(
             blocked.append({"seq": rec["seq"], "time": rec["time"], **d})
         elif ev == EV_REFUSED:
             refused.append({"seq": rec["seq"], "time": rec["time"], **d})
+        elif ev == EV_PRIVACY and isinstance(d, dict):
+            plot, note = _privacy_plot(Path(path), d)
+            privacy.append(PrivacyAudit(rec["seq"], str(rec["time"]), d, plot, note))
     transfers = [
         Transfer(**{**t.__dict__, "receipt": (t.job_id, t.statement) in receipts, "countersigned": t.seq < countersigned_upto}) for t in transfers
     ]
     recipients: dict[str, str] = {}
     categories: set[str] = set()
+    sent_tensors = {rec["seq"]: rec.get("details", {}).get("tensors") for rec in records if rec.get("event") == EV_SENT}
     for t in transfers:
         if t.direction == "sent":
             recipients[t.peer] = t.peer_name
-            categories.update(FILE_CATEGORIES.get(name, f"file {name}") for name in t.files)
+            categories.update(_category(name, sent_tensors.get(t.seq)) for name in t.files)
     art30 = {
         "controller": {
             "name": owner.name if owner else None,
@@ -237,8 +273,59 @@ def build_report(
         refused=refused,
         data_facts=facts,
         art30=art30,
+        privacy=privacy,
         warnings=tuple(warnings),
     )
+
+
+_BN_SUFFIXES = (".running_mean", ".running_var")
+
+
+def _tensor_names(listing: Any, file: str) -> list[str] | None:
+    """The tensor names a transfer record lists for ``file`` (``{"file": ["name", ...]}`` or the
+    statement's ``{"file": [{"name": ...}, ...]}``), or None when the record lists none."""
+    if not isinstance(listing, dict) or not isinstance(listing.get(file), list):
+        return None
+    return [str(t.get("name")) if isinstance(t, dict) else str(t) for t in listing[file]]
+
+
+def _category(file: str, listing: Any) -> str:
+    """What a sent file is, saying BatchNorm statistics crossed only when the record shows that
+    they did (a BN-free model carries none)."""
+    base = FILE_CATEGORIES.get(file, f"file {file}")
+    if not file.endswith(".safetensors"):
+        return base
+    names = _tensor_names(listing, file)
+    if names is None:
+        return f"{base} (this record does not list the tensors by name)"
+    stats = [n for n in names if n.endswith(_BN_SUFFIXES)]
+    if not stats:
+        return f"{base} ({len(names)} tensors; no BatchNorm statistics)"
+    return (
+        f"{base} ({len(names)} tensors), including {len(stats)} BatchNorm running means and variances "
+        "(per-channel aggregate statistics of the training data's activations)"
+    )
+
+
+def _privacy_plot(log: Path, details: dict[str, Any]) -> tuple[bytes | None, str]:
+    """The audit's ROC plot from the log's folder, only at the fixed path the audit writes (a
+    path named in the log is never followed) and only if its SHA-256 is the one the event pins."""
+    import hashlib
+
+    files = details.get("files")
+    pinned = files.get(PLOT_PATH) if isinstance(files, dict) else None
+    if not isinstance(pinned, str):
+        return None, "the event names no ROC plot"
+    path = log.parent / PLOT_PATH
+    try:
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+    except OSError:
+        data = None
+    if data is None:
+        return None, f"ROC plot {PLOT_PATH} not found next to the log"
+    if "sha256:" + hashlib.sha256(data).hexdigest() != pinned:
+        return None, f"ROC plot {PLOT_PATH} differs from the one the audit recorded (its SHA-256 changed): not shown"
+    return data, f"ROC plot {PLOT_PATH} (SHA-256 matches the audit event)"
 
 
 def _files_of(details: dict[str, Any]) -> dict[str, str]:
@@ -319,6 +406,19 @@ def report_json(report: Report) -> dict[str, Any]:
         "transfers": [t.__dict__ for t in report.transfers],
         "egress_blocked": report.blocked,
         "admissions_refused": report.refused,
+        "privacy_audits": [
+            {
+                "seq": a.seq,
+                "time": a.time,
+                "local_only": a.local_only,
+                "event": a.details,
+                "plain_reading": a.reading,
+                "roc_plot": a.plot_note,
+            }
+            for a in report.privacy
+        ],
+        "privacy_audit_what_the_numbers_mean": list(WHAT_THE_NUMBERS_MEAN) if report.privacy else [],
+        "privacy_audit_what_they_do_not_prove": list(WHAT_THEY_DO_NOT_PROVE) if report.privacy else [],
         "what_the_trail_proves": list(report.proves),
         "what_the_trail_cannot_prove": list(report.cannot_prove),
         "records": len(report.records),
@@ -329,8 +429,24 @@ def render_json(report: Report) -> str:
     return json.dumps(report_json(report), indent=2, sort_keys=True) + "\n"
 
 
+PRIVACY_CSV_HEADER = ("seq", "time", "model", "held_out_accuracy", "attack", *(f"{m}{end}" for m in METRIC_COLUMNS for end in ("", "_low", "_high")))
+
+
+def _privacy_csv_rows(audit: PrivacyAudit) -> list[list[Any]]:
+    def num(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    return [
+        [audit.seq, audit.time, f.model, num(f.accuracy), attack, *(num(x) for m in METRIC_COLUMNS for x in (r[m].value, r[m].low, r[m].high))]
+        for f in findings(audit.details)
+        for attack, r in f.results.items()
+    ]
+
+
 def render_csv(report: Report) -> str:
     """One row per record: seq, time, event, job, peer, statement hash, files, details (JSON).
+    When the trail holds membership-inference audits, a second table follows after one empty
+    line: one row per audit, model and attack, each metric with its 95% interval (``_low``, ``_high``).
     Every cell goes through ``csv_cell``."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -352,6 +468,12 @@ def render_csv(report: Report) -> str:
                 )
             ]
         )
+    if report.privacy:
+        writer.writerow([])
+        writer.writerow(PRIVACY_CSV_HEADER)
+        for audit in report.privacy:
+            for row in _privacy_csv_rows(audit):
+                writer.writerow([csv_cell(cell) for cell in row])
     return buf.getvalue()
 
 
@@ -364,9 +486,12 @@ def render_html(report: Report) -> str:
     a = report.art30
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>blindprune audit report</title>",
+        "<meta name=viewport content='width=device-width, initial-scale=1'>",
         "<style>body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem}"
         "table{border-collapse:collapse;width:100%}td,th{border:1px solid #ccc;padding:.3rem;text-align:left;"
-        "vertical-align:top;font-size:.9rem}.ok{color:#060}.fail{color:#a00}code{word-break:break-all}</style>",
+        "vertical-align:top;font-size:.9rem}td{overflow-wrap:anywhere}.ok{color:#060}.fail{color:#a00}code{word-break:break-all}"
+        ".scroll{overflow-x:auto}.scroll table{min-width:40rem}img{max-width:100%;height:auto}"
+        "@media (max-width:40rem){body{margin:1rem auto;padding:0 .5rem}td,th{font-size:.8rem;padding:.2rem}}</style>",
         "</head><body>",
         "<h1>Audit report</h1>",
         f"<p>Log: <code>{_e(report.log_path)}</code></p>",
@@ -388,7 +513,7 @@ def render_html(report: Report) -> str:
     parts += [f"<tr><th>{_e(k)}</th><td>{_e(val)}</td></tr>" for k, val in rows]
     parts.append("<tr><th>Security measures</th><td><ul>" + "".join(f"<li>{_e(m)}</li>" for m in a["security_measures"]) + "</ul></td></tr></table>")
     parts.append(
-        "<h2>Transfers</h2><table><tr><th>#</th><th>time</th><th>direction</th><th>job</th><th>peer</th>"
+        "<h2>Transfers</h2><div class=scroll><table><tr><th>#</th><th>time</th><th>direction</th><th>job</th><th>peer</th>"
         "<th>files (SHA-256)</th><th>bytes</th><th>receipt</th><th>countersigned</th></tr>"
     )
     for t in report.transfers:
@@ -398,7 +523,7 @@ def render_html(report: Report) -> str:
             f"<td>{_e(t.peer_name)}<br><code>{_e(t.peer[:16])}</code></td><td>{files}</td><td>{t.bytes}</td>"
             f"<td>{'yes' if t.receipt else 'no'}</td><td>{'yes' if t.countersigned else 'no'}</td></tr>"
         )
-    parts.append("</table><h2>Data facts that crossed</h2><table><tr><th>#</th><th>job</th><th>input specification</th></tr>")
+    parts.append("</table></div><h2>Data facts that crossed</h2><table><tr><th>#</th><th>job</th><th>input specification</th></tr>")
     for f in report.data_facts:
         parts.append(f"<tr><td>{f['seq']}</td><td>{_e(f['job_id'])}</td><td><code>{_e(json.dumps(f['input_spec'], sort_keys=True))}</code></td></tr>")
     parts.append("</table>")
@@ -414,10 +539,45 @@ def render_html(report: Report) -> str:
             + "".join(f"<li>{_e(r.get('time'))}: {_e(r.get('reason'))}</li>" for r in report.refused)
             + "</ul>"
         )
+    parts += _privacy_html(report)
     parts.append("<h2>What this trail proves</h2><ul>" + "".join(f"<li>{_e(p)}</li>" for p in report.proves) + "</ul>")
     parts.append("<h2>What it cannot prove</h2><ul>" + "".join(f"<li>{_e(p)}</li>" for p in report.cannot_prove) + "</ul>")
-    parts.append(f"<p>{len(report.records)} records shown.</p></body></html>\n")
+    parts.append("<h2>Every record</h2><div class=scroll><table><tr><th>#</th><th>time</th><th>event</th><th>job</th></tr>")
+    for rec in report.records:
+        d = rec.get("details")
+        job = d.get("job_id", "") if isinstance(d, dict) else ""
+        parts.append(f"<tr><td>{_e(rec.get('seq'))}</td><td>{_e(rec.get('time'))}</td><td>{_e(rec.get('event'))}</td><td>{_e(job)}</td></tr>")
+    parts.append(
+        f"</table></div><p>{len(report.records)} records shown (every record above; {len(report.transfers)} of them transfers). "
+        "The CSV and JSON formats carry each record's full details.</p></body></html>\n"
+    )
     return "".join(parts)
+
+
+def _privacy_html(report: Report) -> list[str]:
+    """The membership-inference audits: results table, ROC plot (embedded), plain reading."""
+    import base64
+
+    if not report.privacy:
+        return []
+    parts = ["<h2>Membership-inference audits (run on the owner's machine; nothing sent)</h2>"]
+    for audit in report.privacy:
+        where = "local only, nothing sent" if audit.local_only else "NOT marked local-only"
+        parts.append(f"<h3>Audit of record {audit.seq}, {_e(audit.time)} ({where})</h3>")
+        parts.append("<ul>" + "".join(f"<li>{_e(line)}</li>" for line in audit.reading) + "</ul>")
+        parts.append(
+            "<div class=scroll><table><tr><th>model</th><th>held-out accuracy</th><th>attack</th><th>AUC [95%]</th>"
+            "<th>balanced accuracy</th><th>TPR at 1% FPR</th><th>TPR at 0.1% FPR</th></tr>"
+        )
+        parts += ["<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in row) + "</tr>" for row in audit.rows]
+        parts.append("</table></div>")
+        if audit.plot is not None:
+            data = base64.b64encode(audit.plot).decode("ascii")
+            parts.append(f"<p><img alt='ROC curves of every attack on log-log axes' src='data:image/png;base64,{data}'></p>")
+        parts.append(f"<p><small>{_e(audit.plot_note)}</small></p>")
+    parts.append("<h3>What the numbers mean</h3><ul>" + "".join(f"<li>{_e(line)}</li>" for line in WHAT_THE_NUMBERS_MEAN) + "</ul>")
+    parts.append("<h3>What they do not prove</h3><ul>" + "".join(f"<li>{_e(line)}</li>" for line in WHAT_THEY_DO_NOT_PROVE) + "</ul>")
+    return parts
 
 
 RENDERERS: dict[Format, Callable[[Report], str] | None] = {

@@ -6,7 +6,8 @@
 ``verify`` exits 0 when the chain, every checkpoint, countersignature and receipt hold, else 1
 with one line naming the first broken record. ``report`` renders the verified trail (terminal via
 rich, or HTML / CSV / JSON) with the GDPR Art. 30 fields and what the trail proves and cannot;
-it exits 1 when verification failed (the report then covers the verified prefix only).
+it exits 1 when verification failed (the report then covers the verified prefix only). A
+membership-inference audit recorded by ``python -m owner.privacy audit`` shows in every format.
 
 No default trust: without ``--owner`` verification fails, because the owner card recorded in the
 log is whatever its writer put there (a log forged wholesale under the forger's key verifies
@@ -31,7 +32,10 @@ from protocol.errors import AuditError
 from protocol.keys import IdentityCard, load_card
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.console import Console
+    from rich.text import Text
 
 PROG = "owner.audit"
 NO_OWNER = (
@@ -143,23 +147,22 @@ def _render_terminal(report: Report, console: Console | None = None) -> None:
     for t in report.transfers:
         jobs.setdefault(t.job_id, []).append(t)
     for job_id, items in jobs.items():
+        # Five columns that fit 80 characters: rich shrinks the widest columns first and would
+        # squeeze "#" and "direction" to nothing, so those carry minimum widths and the files wrap.
         table = Table(title=_t(f"Job {job_id} with {items[0].peer_name} ({items[0].peer[:16]})"), expand=True)
-        table.add_column("#", justify="right")
-        table.add_column("time", no_wrap=True)
-        table.add_column("direction")
-        table.add_column("files (SHA-256 prefix)", no_wrap=True)
-        table.add_column("bytes", justify="right", no_wrap=True)
-        table.add_column("receipt", no_wrap=True)
-        table.add_column("countersigned", no_wrap=True)
+        table.add_column("#", justify="right", no_wrap=True, min_width=max(len(str(t.seq)) for t in items))
+        table.add_column("time / direction", no_wrap=True, min_width=20)
+        table.add_column("files (SHA-256 prefix)", ratio=1, overflow="fold")
+        table.add_column("bytes", justify="right", no_wrap=True, min_width=7)
+        table.add_column("receipt / countersigned", min_width=12)
         for t in items:
+            receipt = ("yes" if t.receipt else "no") if t.direction == "sent" else "-"
             table.add_row(
                 _t(t.seq),
-                _t(t.time),
-                _t(t.direction),
-                _lines([f"{n} {h.removeprefix('sha256:')[:12]}" for n, h in sorted(t.files.items())]),
+                _lines([t.time, t.direction]),
+                _lines([f"{n} {h.split(':', 1)[-1][:12]}" for n, h in sorted(t.files.items())]),
                 _t(f"{t.bytes:,}"),
-                ("yes" if t.receipt else "no") if t.direction == "sent" else "-",
-                "yes" if t.countersigned else "not yet",
+                _lines([f"receipt {receipt}", f"countersigned {'yes' if t.countersigned else 'not yet'}"]),
             )
         console.print(table)
     console.print(
@@ -174,12 +177,40 @@ def _render_terminal(report: Report, console: Console | None = None) -> None:
         console.print(_t(f"egress blocked {blocked.get('time')}: {blocked.get('reason')}", "red"), highlight=False)
     for refused in report.refused:
         console.print(_t(f"refused {refused.get('time')}: {refused.get('reason')}", "red"), highlight=False)
+    _render_privacy_terminal(report, console, _t, _lines)
     console.print("[bold]What this trail proves[/bold]")
     for line in report.proves:
         console.print(f"- {line}", markup=False, highlight=False)
     console.print("[bold]What it cannot prove[/bold]")
     for line in report.cannot_prove:
         console.print(f"- {line}", markup=False, highlight=False)
+
+
+def _render_privacy_terminal(report: Report, console: Console, _t: Callable[..., Text], _lines: Callable[[list[str]], Text]) -> None:
+    """The membership-inference audits: one table per audit (intervals on a second line, so it
+    fits 80 columns), the plain reading, and what the numbers do and do not mean."""
+    from rich.table import Table
+
+    from owner.privacy.reading import WHAT_THE_NUMBERS_MEAN, WHAT_THEY_DO_NOT_PROVE
+
+    for audit in report.privacy:
+        where = "local only, nothing sent" if audit.local_only else "NOT marked local-only"
+        table = Table(title=_t(f"Membership-inference audit, record {audit.seq}, {audit.time} ({where})"), expand=True)
+        for name in ("model", "attack", "AUC", "bal. acc.", "TPR@1%FPR", "TPR@0.1%FPR"):
+            table.add_column(name, no_wrap=name in ("model", "attack"), min_width=len(name) if name in ("model", "attack") else 6)
+        for model, accuracy, attack, *values in audit.rows:
+            table.add_row(_lines([model, accuracy]), _t(attack), *(_lines(v.split(" ", 1)) for v in values))
+        console.print(table)
+        for line in audit.reading:
+            console.print(_t(f"- {line}"), highlight=False)
+        console.print(_t(audit.plot_note), style="dim", highlight=False)
+    if report.privacy:
+        console.print("[bold]What the membership-inference numbers mean[/bold]")
+        for line in WHAT_THE_NUMBERS_MEAN:
+            console.print(f"- {line}", markup=False, highlight=False)
+        console.print("[bold]What they do not prove[/bold]")
+        for line in WHAT_THEY_DO_NOT_PROVE:
+            console.print(f"- {line}", markup=False, highlight=False)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -51,6 +51,8 @@ class OwnerConfig:
     node_key: Path | None = None
     stall_timeout: float = 120.0
     resume: bool = False
+    mia_defence: bool = False
+    mia_defence_images: int = 1000
 
 
 class OwnerError(RuntimeError):
@@ -118,6 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for data order (default 0)")
     p.add_argument("--tls-ca", type=Path, help="CA certificate to reach an entity that serves TLS")
     p.add_argument("--node-key", type=Path, help="SuperNode private key for an entity that runs --auth (give the entity its .pub; needs --tls-ca)")
+    p.add_argument(
+        "--mia-defence",
+        action="store_true",
+        default=None,
+        help="retrain with the membership-inference defence (owner.retrain.MembershipDefence); "
+        "--mia-defence-images training images are kept out of retraining as its reference set",
+    )
+    p.add_argument("--mia-defence-images", type=int, help="training images held back as the defence's non-members (default 1000)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     return p
 
@@ -578,6 +588,33 @@ def exchange_or_resume_stage(config: OwnerConfig, inputs: Inputs, program, data,
     return outcome, state, session
 
 
+def _membership_defence(config: OwnerConfig, train_loader, batch: int):
+    """With ``--mia-defence``: (the loader without the held-back images, the defence, their loader).
+
+    The held-back training images are the defence's non-members: retraining never sees them, so
+    the adversary learns to tell them from the images retraining does see (Nasr et al. 2018).
+    """
+    if not config.mia_defence:
+        return train_loader, None, None
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from owner.data import count
+    from owner.retrain import MembershipDefence
+
+    full = train_loader.dataset
+    n = count(full)
+    keep = min(config.mia_defence_images, n // 2)
+    if keep < batch:
+        raise OwnerError(
+            f"--mia-defence needs at least {batch} held-back images (it has {keep} of {n}); use more training images or a smaller --batch-size"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    retrain = DataLoader(Subset(full, order[keep:]), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(config.seed))
+    held = DataLoader(Subset(full, order[:keep]), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(config.seed + 1))
+    return retrain, MembershipDefence(seed=config.seed), held
+
+
 @dataclass(frozen=True)
 class Retrained:
     """What the retrain stage hands the write stage: accuracies, the recipe as run, the job state."""
@@ -616,6 +653,7 @@ def retrain_stage(config: OwnerConfig, model, outcome, data, state, console) -> 
     epochs = recipe.epochs if config.epochs is None else config.epochs
     batch = config.batch_size or recipe.batch_size
     train_loader, test_loader = data.loaders(batch, seed=config.seed, train_limit=config.train_limit)
+    train_loader, defence, defence_loader = _membership_defence(config, train_loader, batch)
     history: list[dict[str, Any]] = []
     resume_from = load_checkpoint(out) if state.stage == "retraining" else None
     if resume_from is not None:
@@ -662,6 +700,8 @@ def retrain_stage(config: OwnerConfig, model, outcome, data, state, console) -> 
                 teacher=teacher,
                 resume=resume_from,
                 on_checkpoint=on_checkpoint,
+                defence=defence,
+                defence_reference=defence_loader,
             )
     model.to("cpu")
     return Retrained(dense_acc, pruned_acc, evaluate(model, test_loader), epochs, batch, history, count(train_loader.dataset), state)
@@ -683,7 +723,16 @@ def write_stage(
     dense_acc, pruned_acc, final_acc = retrained.dense, retrained.pruned, retrained.final
     final_program = export_model(model, inputs.spec)
     save_model_dir(out / "final", final_program, outcome.masks)
-    audit.append("retrain.finished", {"job_id": outcome.job_id, "epochs": epochs, "images": retrained.train_images, "stayed_local": True})
+    audit.append(
+        "retrain.finished",
+        {
+            "job_id": outcome.job_id,
+            "epochs": epochs,
+            "images": retrained.train_images,
+            "stayed_local": True,
+            "membership_defence": bool(config.mia_defence),
+        },
+    )
     audit.append("model.saved", {"path": str((out / "final").resolve()), "sent_anywhere": False})
     audit.checkpoint()
     timings["total"] = time.monotonic() - started

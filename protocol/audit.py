@@ -294,6 +294,9 @@ class AuditLog:
             "files": sealed.file_digests(),
             "bytes": len(sealed.blob),
             "claims": dict(sealed.statement["predicate"]["claims"]),
+            # The tensor names of each weights file: the officer's report says from these what
+            # crossed (BatchNorm statistics only when the model has them).
+            "tensors": {name: [t["name"] for t in listing] for name, listing in sealed.statement["predicate"].get("tensors", {}).items()},
         }
         if request is not None:
             details["request"] = dict(request)

@@ -264,7 +264,7 @@ def check_inputs(config: OwnerConfig, console) -> Inputs:
     request = PruneRequest(config.rate, tuple(config.skip_layers), config.recipe)
     entity_card = load_card(config.entity_card)
     if entity_card.role != "entity":
-        raise OwnerError(f"{config.entity_card} is a {entity_card.role} card, not an entity's")
+        raise OwnerError(f"{config.entity_card} is an {entity_card.role} card, not an entity's: pass the card the entity's operator gave you")
     if not (config.keys / "card.json").is_file():
         init_identity(config.keys, "owner", name=f"owner-{config.keys.resolve().parent.name}")
         console.print(

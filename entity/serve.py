@@ -454,7 +454,7 @@ def _describe(event: dict) -> str | None:
             # Conv compression of the layer: 9 weights per dense kernel, 4 per kept pattern kernel.
             rate = f"{9 * kernels / (4 * kept):.2f}x" if isinstance(kept, int) and isinstance(kernels, int) and kept > 0 else "?"
             return f"[{job}] layer {event.get('index', '?')}/{event.get('total', '?')} {event.get('layer', '')} rate {rate} error {err}"
-        if step in ("start", "done", "synthetic"):
+        if step in ("start", "done", "synthetic", "distill"):
             details = {k: v for k, v in event.items() if k not in ("event", "time", "job_id", "phase")}
             return f"[{job}] {step}: {details}"
         return None

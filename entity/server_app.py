@@ -53,11 +53,19 @@ def entity_from_config(run_config: Mapping[str, Any], environ: Mapping[str, str]
 
 
 def _cuda_devices(device: str) -> int:
-    if not device.startswith("cuda"):
+    """GPUs pruning may use: none for ``cpu``; for ``auto`` and ``cuda``, the ones torch sees."""
+    if device == "cpu":
         return 0
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _ray_has_gpus(address: str) -> bool:
+    """Whether the Ray cluster at ``address`` has GPUs (``--device auto`` then asks one per job)."""
+    from entity.ray_runner import RayRunner
+
+    return RayRunner(address).cluster_resources().get("GPU", 0) > 0
 
 
 @app.main()
@@ -68,7 +76,7 @@ def main(grid: Grid, context: Context) -> None:
     if settings.ray:
         from entity.ray_runner import RayRunner
 
-        cuda = settings.device.startswith("cuda")
+        cuda = settings.device.startswith("cuda") or (settings.device == "auto" and _ray_has_gpus(settings.ray))
         runner = RayRunner(settings.ray, gpus_per_job=1.0 if cuda else 0.0)
         jobs.runner = runner
         if not settings.workers:  # as many jobs at once as the cluster has GPUs (with CUDA) or CPUs

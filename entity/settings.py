@@ -95,7 +95,7 @@ class EntitySettings:
         metavar="RECIPE.NAME=VALUE",
         item=parse_recipe_option,
     )
-    device: str = setting("cpu", "torch device for pruning: cpu or cuda", prune=True)
+    device: str = setting("auto", "torch device for pruning: auto (CUDA when present), cpu or cuda", prune=True)
     epochs: int | None = setting(None, "retraining epochs recommended to owners (default: the recipe's)")
     synthetic_images: int | None = setting(None, "synthetic images the pruning engine makes per job (default: the engine's)", prune=True)
     synthetic_steps: int | None = setting(None, "optimisation steps per synthetic batch (default: the engine's)", prune=True)
@@ -180,7 +180,7 @@ class EntitySettings:
         """``--workers``, or one per GPU (when pruning runs on CUDA) or per core."""
         from entity.workers import default_workers
 
-        return self.workers or default_workers(cuda_devices if self.device.startswith("cuda") else 0)
+        return self.workers or default_workers(cuda_devices if self.device != "cpu" else 0)
 
     def prune_options(self, recipe: str) -> dict[str, Any]:
         """The ``PruneConfig`` keywords this operator sets for a job that runs ``recipe`` (JSON values).

@@ -6,7 +6,8 @@ layer's mask and weights with a recipe, then hand back weights, masks and a cano
 report (``engine``). The recipes are listed in one table, ``recipes.RECIPES``: ``oneshot``
 (magnitude projection), ``admm`` (the paper's layer-wise ADMM on uniform noise), ``slr``
 (surrogate Lagrangian relaxation), ``refit`` (BN-matched synthetic images, OBS-style choice,
-least-squares refit, weight-norm rescale). Each owns its settings (``options.RecipeSettings``
+least-squares refit, weight-norm rescale), ``distill`` (refit, then masked end-to-end
+distillation from the dense model on synthetic images). Each owns its settings (``options.RecipeSettings``
 subclasses), which ``PruneConfig.options`` overrides.
 """
 

@@ -24,10 +24,32 @@ from . import patterns as pat
 from .graph import ConvLayer, GraphError, find_convs, get_tensor, prunable, record, set_tensor
 from .options import PruneError, RecipeSettings
 from .recipes import DEFAULT_RECIPE, RECIPES, recipe_settings
-from .synthetic import bn_matched_inputs, uniform_inputs
+from .synthetic import has_batchnorm, synthesize, uniform_inputs
 
 Progress = Callable[[dict], None]
 S = TypeVar("S", bound=RecipeSettings)
+
+# Synthetic-image sources, with the words the job report uses for them.
+SYNTHETIC_SOURCES = {
+    "uniform": "uniform-noise",
+    "bn": "BatchNorm-matched",
+    "inversion": "class-inversion (no BatchNorm statistics)",
+}
+
+
+def synthetic_words(kind: str) -> str:
+    """How the report names a synthetic source (``supplied`` is the benchmarks' own images)."""
+    return SYNTHETIC_SOURCES.get(kind, kind)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; asking for CUDA without it is a ``PruneError``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PruneError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
+    return device
 
 
 @dataclass(frozen=True)
@@ -53,7 +75,9 @@ class PruneConfig:
     skip_stem: bool = True
     min_in_channels: int = 4
     layer_rates: tuple[tuple[str, float], ...] = ()
-    # Synthetic data: "uniform" (the paper) or "bn" (ZeroQ BatchNorm matching); None = recipe default.
+    # Synthetic data: "uniform" (the paper), "bn" (ZeroQ BatchNorm matching; a model without
+    # BatchNorm gets "inversion" instead) or "inversion" (class-balanced model inversion, no
+    # BatchNorm needed); None = the recipe's default.
     synthetic: str | None = None
     synthetic_images: int = 256
     synthetic_steps: int = 200
@@ -72,8 +96,10 @@ class PruneConfig:
         object.__setattr__(self, "settings", recipe_settings(self.recipe, self.options))
         if not 1 <= self.patterns <= 56:
             raise PruneError(f"pattern library size must be 1..56, got {self.patterns}")
-        if self.synthetic not in (None, "uniform", "bn"):
-            raise PruneError(f"synthetic must be 'uniform' or 'bn', got {self.synthetic!r}")
+        if self.synthetic not in (None, *SYNTHETIC_SOURCES):
+            raise PruneError(f"synthetic must be one of {', '.join(map(repr, SYNTHETIC_SOURCES))}, got {self.synthetic!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise PruneError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for key, own in self.layer_rates:
             if not own >= pat.MIN_RATE - 1e-9:
                 raise PruneError(f"rate for {key} must be at least {pat.MIN_RATE}, got {own}")
@@ -118,24 +144,22 @@ class Job:
             raise TypeError(f"recipe {self.config.recipe!r} runs with {type(settings).__name__}, not {kind.__name__}")
         return settings
 
+    def synthetic_kind(self) -> str:
+        """The synthetic source this job uses: BatchNorm matching needs BatchNorm, else inversion."""
+        kind = self.config.synthetic or RECIPES[self.config.recipe].synthetic
+        if kind == "bn" and not has_batchnorm(self.dense):
+            return "inversion"
+        return kind
+
     def synthetic(self) -> torch.Tensor:
         """The recipe's synthetic inputs (made once, deterministic for the seed)."""
         if self._synthetic is None:
-            kind = self.config.synthetic or RECIPES[self.config.recipe].synthetic
+            kind = self.synthetic_kind()
             start = time.perf_counter()
-            if kind == "bn":
-                x, losses = bn_matched_inputs(
-                    self.dense,
-                    self.spec,
-                    self.config.synthetic_images,
-                    self.config.seed,
-                    steps=self.config.synthetic_steps,
-                    device=self.device,
-                    progress=self.progress,
-                )
-                self.notes["bn_match_loss"] = f"{max(losses):.4f}" if losses else "none"
-            else:
-                x = uniform_inputs(self.spec, self.config.synthetic_images, self.config.seed, self.device)
+            x, notes = synthesize(
+                kind, self.dense, self.spec, self.config.synthetic_images, self.config.seed, self.config.synthetic_steps, self.device, self.progress
+            )
+            self.notes.update(notes)
             self.notes["synthetic"] = kind
             self.notes["synthetic_images"] = int(x.shape[0])
             self.notes["synthetic_seconds"] = f"{time.perf_counter() - start:.1f}"
@@ -179,9 +203,7 @@ def layer_errors(job: Job, x: torch.Tensor) -> dict[str, float]:
 
 def prepare(program: torch.export.ExportedProgram, spec: InputSpec, config: PruneConfig, progress: Progress | None = None) -> Job:
     """Find prunable convs, build the pattern library from the dense weights, split the budget."""
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PruneError("device 'cuda' requested but CUDA is not available")
+    device = resolve_device(config.device)
     try:
         dense = program.module()
     except Exception as exc:  # torch raises many kinds here; the message is what matters
@@ -193,7 +215,11 @@ def prepare(program: torch.export.ExportedProgram, spec: InputSpec, config: Prun
         raise PruneError(str(exc)) from exc
     layers = [lay for lay in all_layers if prunable(lay, config.skip_layers, config.skip_stem, config.min_in_channels)]
     if not layers:
-        raise PruneError("no prunable 3x3 convolution in the model (after skips)")
+        grouped = sum(1 for lay in all_layers if lay.groups > 1)
+        why = f"; its {grouped} depthwise/grouped conv(s) always stay dense" if grouped else ""
+        raise PruneError(
+            f"no prunable 3x3 convolution in the model (after skips){why}; set skip_stem=False or min_in_channels lower to prune the stem"
+        )
     known = {lay.key for lay in all_layers}
     for key, _ in config.layer_rates:
         if key not in known:
@@ -262,10 +288,12 @@ def finalize(job: Job, program: torch.export.ExportedProgram, started: float) ->
         "allocation": job.notes.get("allocation", "uniform"),
         "layers": per_layer,
         "dense_convs": [lay.key for lay in job.all_layers if lay.key not in job.masks],
+        # Depthwise and grouped convs are never pattern-pruned (the library's kernels are groups=1).
+        "grouped_convs": [lay.key for lay in job.all_layers if lay.groups > 1],
         "seed": job.config.seed,
         "device": job.device.type,
         "seconds": f"{prune_seconds:.2f}",
-        "error_measured_on": f"{int(x.shape[0])} {job.notes.get('synthetic', 'uniform')} synthetic images",
+        "error_measured_on": f"{int(x.shape[0])} {synthetic_words(job.notes.get('synthetic', 'uniform'))} synthetic images",
     }
     report.update({k: v for k, v in job.notes.items() if k not in report})
     return PruneResult(state_dict=state_dict, masks={k: v.clone() for k, v in job.masks.items()}, report=report)

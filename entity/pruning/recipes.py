@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .admm import AdmmSettings, run_admm
+from .distill import DistillSettings, run_distill
 from .oneshot import run_oneshot
 from .options import PruneError, RecipeSettings
 from .refit import RefitSettings, run_refit
@@ -30,7 +31,9 @@ class Recipe:
 
     run: Callable[[Job], None]
     settings: type[RecipeSettings]
-    synthetic: str  # "uniform" (the paper's noise) or "bn" (BatchNorm-matched images); PruneConfig.synthetic overrides
+    # "uniform" (the paper's noise) or "bn" (BatchNorm-matched images, class inversion for a model
+    # without BatchNorm); PruneConfig.synthetic overrides
+    synthetic: str
     description: str  # goes into the job report
 
 
@@ -42,6 +45,12 @@ RECIPES: dict[str, Recipe] = {
     "slr": Recipe(run_slr, SlrSettings, "uniform", "surrogate Lagrangian relaxation (layer-wise, same inputs and projection as admm)"),
     "refit": Recipe(
         run_refit, RefitSettings, "bn", "BN-matched synthetic images, OBS-style pattern/kernel choice, least-squares refit, weight-norm rescale"
+    ),
+    "distill": Recipe(
+        run_distill,
+        DistillSettings,
+        "bn",
+        "refit, then masked end-to-end distillation from the dense model (tempered KL + per-layer feature match) on its synthetic images",
     ),
 }
 

@@ -121,6 +121,7 @@ def test_bad_requests_raise_prune_error(vgg):
 def test_each_recipe_owns_its_settings_merged_over_its_defaults():
     from entity.pruning import RECIPES, RecipeSettings
     from entity.pruning.admm import AdmmSettings
+    from entity.pruning.distill import DistillSettings
     from entity.pruning.refit import RefitSettings
     from entity.pruning.slr import SlrSettings
 
@@ -129,6 +130,7 @@ def test_each_recipe_owns_its_settings_merged_over_its_defaults():
         "admm": AdmmSettings,
         "slr": SlrSettings,
         "refit": RefitSettings,
+        "distill": DistillSettings,
     }
     config = PruneConfig(rate=8.0, recipe="admm", options={"admm_iters": 7, "rho_stages": 2})
     assert config.settings == AdmmSettings(admm_iters=7, rho_stages=2)

@@ -22,8 +22,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata,
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from entity.jobs import EntityJobs, EntitySettings, EventLog, JobError
 from entity.job_loop import INTERNAL_REFUSAL, SERVICE_REFUSAL, UNDELIVERABLE_RESULT, JobLoop, LoopTiming
+from entity.jobs import EntityJobs, EntitySettings, EventLog, JobError
 from protocol import canonical
 from protocol.artifact import dump_tensors
 from protocol.contract import ADMITTED, FINISH, HELLO_KIND, OFFER, OFFER_KIND, REFUSED, REQUEST_KIND, RESULT, STATUS, Hello

@@ -122,7 +122,7 @@ def test_entity_toml_keys_and_flags_fill_the_settings(tmp_path):
     assert config.recipe_options == {"admm": {"admm_iters": 5, "admm_optimiser": "sgd"}}
     assert config.sandbox == SandboxLimits(memory_bytes=3 * GiB, seconds=90)
     assert config.prune_options("admm") == {
-        "device": "cpu",
+        "device": "auto",
         "synthetic_images": 64,
         "synthetic_steps": 50,
         "options": {"admm_iters": 5, "admm_optimiser": "sgd"},

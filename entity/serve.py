@@ -473,6 +473,17 @@ def _describe(event: dict) -> str | None:
     return None
 
 
+def _exit_status(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
 def _follow(path: Path, offset: int) -> tuple[list[dict], int]:
     try:
         with open(path, "rb") as handle:
@@ -548,7 +559,11 @@ def _serve(args: argparse.Namespace) -> int:
                 if text:
                     console.print(f"[green]entity:[/] {_shown(text)}")
             if service.superlink is not None and not service.superlink.running():
-                raise ServeError(f"SuperLink exited: {service.superlink.log_tail()}")
+                raise ServeError(
+                    f"the SuperLink stopped ({_exit_status(service.superlink.process.poll() if service.superlink.process else None)}): "
+                    f"{service.superlink.exit_reason()}; "
+                    "restart with the same --home: unfinished jobs resume from the journal"
+                )
             now = time.monotonic()
             if not seen_start and now - started > config.start_timeout:
                 raise ServeError(f"the entity ServerApp did not start within {config.start_timeout:.0f} s: {service.serverapp_log()}")

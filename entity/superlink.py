@@ -141,10 +141,18 @@ def _stop_descendants(grace: float = 5.0) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Parse flower-superlink's own flags (all but ``--fleet-*``) with flwr, then serve both sockets."""
     _tie_to_parent()
+    # uvicorn re-raises a SIGTERM it caught once it has shut down, with the handler it found: under
+    # the default one the process would die there and never stop its children. Ours exits Python
+    # cleanly, so the ``finally`` below runs (the parent-death signal is a SIGTERM too).
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         _serve(argv)
     finally:
         _stop_descendants()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _serve(argv: list[str] | None) -> None:

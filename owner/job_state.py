@@ -11,8 +11,8 @@ no other flag.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -84,12 +84,11 @@ def save_checkpoint(out: Path, checkpoint: Mapping[str, Any]) -> None:
     """The retraining state after an epoch, written whole or not at all."""
     import torch
 
-    tmp = out / f".{CHECKPOINT_FILE}.tmp"
-    with open(tmp, "wb") as handle:
-        torch.save(dict(checkpoint), handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, out / CHECKPOINT_FILE)
+    # Serialised in memory first: torch's zip writer turns a full disk into a RuntimeError that
+    # hides the OSError; here the write is ours, so a full disk stays an OSError (one line).
+    buffer = io.BytesIO()
+    torch.save(dict(checkpoint), buffer)
+    atomic_write(out / CHECKPOINT_FILE, buffer.getvalue())
 
 
 def load_checkpoint(out: Path) -> dict[str, Any] | None:

@@ -360,7 +360,7 @@ def exchange_stage(config: OwnerConfig, session, console) -> None:
 
                 session.on_status = on_status
                 executor.run_until(
-                    lambda: session.finished,
+                    lambda: session.finished or _finish_overdue(session),
                     config.timeout,
                     first_task_timeout=config.connect_timeout + 60,
                     alive=supernode.running,
@@ -389,6 +389,21 @@ def exchange_stage(config: OwnerConfig, session, console) -> None:
         supernode.stop()
 
 
+FINISH_GRACE_SECONDS = 30.0
+
+
+def _finish_overdue(session) -> bool:
+    """The result is verified and kept, but the entity's finish has not come: stop waiting for it.
+
+    The job's outcome is the result; a lost finish (the entity stopped right after it) must not
+    turn a delivered job into a failure.
+    """
+    if session.outcome_at is None or time.monotonic() - session.outcome_at < FINISH_GRACE_SECONDS:
+        return False
+    session.finish("finish not received (the entity stopped after sending the result)")
+    return True
+
+
 def _describe_status(status) -> str:
     """One line for the live display; the entity's texts are escaped (they are not ours)."""
     from rich.markup import escape
@@ -407,15 +422,19 @@ def _describe_status(status) -> str:
 
 
 def _session(config: OwnerConfig, inputs: Inputs, program, audit, *, intent: str, resume: Any = None):
-    from owner.job_state import JobState, write_state
-    from owner.session import OwnerSession
+    from owner.job_state import JobState, read_state, write_state
+    from owner.session import OwnerSession, save_outcome_files
     from protocol.replay import NonceStore
 
     def keep(sent) -> None:
-        write_state(
-            config.out,
-            JobState(sent.job_id, sent.nonce, sent.request_digest, inputs.entity_card.fingerprint, "requested", config=_config_json(config)),
-        )
+        fingerprint = inputs.entity_card.fingerprint
+        write_state(config.out, JobState(sent.job_id, sent.nonce, sent.request_digest, fingerprint, "requested", config=_config_json(config)))
+
+    def keep_result(outcome) -> None:
+        save_outcome_files(outcome, config.out / "received")
+        state = read_state(config.out)
+        if state is not None:
+            write_state(config.out, state.advanced("received"))
 
     return OwnerSession(
         inputs.identity,
@@ -429,6 +448,7 @@ def _session(config: OwnerConfig, inputs: Inputs, program, audit, *, intent: str
         intent=intent,
         resume=resume,
         on_request_sealed=keep,
+        on_result_verified=keep_result,
     )
 
 
@@ -543,7 +563,7 @@ def exchange_or_resume_stage(config: OwnerConfig, inputs: Inputs, program, data,
     """Stage ``exchange``: the hello, the request and the verified result, or the result a
     resumed job already holds in ``OUT/received/``. Returns (outcome, job state, session or None)."""
     from owner.job_state import JobState, read_state, write_state
-    from owner.session import ResumeState, load_outcome_files, save_outcome_files
+    from owner.session import ResumeState, load_outcome_files
 
     out = config.out
     if state is not None:
@@ -576,8 +596,7 @@ def exchange_or_resume_stage(config: OwnerConfig, inputs: Inputs, program, data,
                 # Refused for good: the folder's job is over, and a new run may start afresh here.
                 (out / "job.json").unlink(missing_ok=True)
             raise OwnerError(f"job failed: {reason}")
-        outcome = session.outcome
-        save_outcome_files(outcome, out / "received")
+        outcome = session.outcome  # kept in OUT/received by the session before it acknowledged it
         state = (
             read_state(out) or JobState(outcome.job_id, "", "", inputs.entity_card.fingerprint, "requested", config=_config_json(config))
         ).advanced("received")

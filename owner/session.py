@@ -112,6 +112,10 @@ class OwnerSession:
     resume: ResumeState | None = None
     on_request_sealed: Callable[[ResumeState], None] | None = None  # keep it (OUT/job.json) before it goes out
     on_status: Callable[[JobStatus], None] | None = None
+    # Keeps the verified result (OUT/received, OUT/job.json) before the acknowledgement goes back:
+    # once acknowledged, the entity deletes its copy, so a crash after that must not lose it.
+    on_result_verified: Callable[[PruneOutcome], None] | None = None
+    outcome_at: float | None = None
     job_id: str | None = None
     nonce: str | None = None
     offer_job: str | None = None
@@ -355,6 +359,9 @@ class OwnerSession:
         self.transfers.append(
             {"direction": "received", "kind": RESULT_KIND, "bytes": len(blob), "files": dict(opened.file_digests()), "tensors": len(checked.weights)}
         )
+        if self.on_result_verified is not None:
+            self.on_result_verified(self.outcome)  # an OSError here withholds the ack: the entity keeps the result
+        self.outcome_at = time.monotonic()
         return {"status": "verified"}
 
     # ---------------------------------------------------------------- status

@@ -164,7 +164,8 @@ class ManagedProcess:
             text = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:
             return ""
-        return " | ".join(line.strip() for line in text[-lines:])
+        # Flower colours its log lines: the codes would show as escapes in a one-line error.
+        return " | ".join(" ".join(re.sub(r"\x1b\[[0-9;]*m", "", line).split()) for line in text[-lines:])
 
     def exit_reason(self) -> str:
         """Flower's own explanation of why the process exited, else the log's last lines.

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,14 @@ class OwnerRun:
 
 
 class LocalDeployment:
-    """An entity service plus owners, all as child processes of this one, on loopback."""
+    """An entity service plus owners, all as child processes of this one, on loopback by default.
+
+    For two sites on one machine (network namespaces, say) the entity can serve on another
+    ``host`` (owners connect there, and a TLS certificate names it, with any ``tls_names``), and
+    each side's command can start behind a prefix (``["ip", "netns", "exec", NS]``), which must
+    exec the command in place so that the process started is the party itself. Readiness is read
+    from the entity's event log, a file, so it works whatever network the entity is in.
+    """
 
     def __init__(
         self,
@@ -102,13 +110,20 @@ class LocalDeployment:
         start_timeout: float = 120.0,
         tls: bool = False,
         entity_options: dict[str, Any] | None = None,
+        host: str = "127.0.0.1",
+        tls_names: Sequence[str] = (),
+        entity_prefix: Sequence[str] = (),
+        owner_prefix: Sequence[str] = (),
     ):
         from protocol.keys import init_identity
 
         self.work = work.resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.entity_home = self.work / "entity-home"
+        self.host = host
         self.port = free_port()
+        self.entity_prefix = list(entity_prefix)
+        self.owner_prefix = list(owner_prefix)
         self.recipe = recipe
         self.entity_epochs = entity_epochs
         self.start_timeout = start_timeout
@@ -120,7 +135,8 @@ class LocalDeployment:
         if tls:
             from protocol.transport import make_tls_files
 
-            self.tls = make_tls_files(self.work / "tls", ["127.0.0.1", "localhost"])
+            names = list(dict.fromkeys(["127.0.0.1", "localhost", host, *tls_names]))
+            self.tls = make_tls_files(self.work / "tls", names)
         if not (self.entity_home / "keys" / "card.json").is_file():
             init_identity(self.entity_home / "keys", "entity", name="blindprune-entity")
         (self.entity_home / "owners").mkdir(parents=True, exist_ok=True)
@@ -137,7 +153,7 @@ class LocalDeployment:
         values = {
             "home": str(self.entity_home),
             "port": self.port,
-            "host": "127.0.0.1",
+            "host": self.host,
             "recipe": self.recipe or "",
             "start_timeout": self.start_timeout,
         }
@@ -147,9 +163,11 @@ class LocalDeployment:
         if self.tls is not None:
             values.update(tls_cert=str(self.tls.server_cert), tls_key=str(self.tls.server_key), tls_ca=str(self.tls.ca_cert))
         write_toml(self.work / "entity.toml", "entity", values)
+        # A restart with the same home is ready when it has logged a start of its own.
+        starts = self._service_starts()
         log = open(self.work / "entity.log", "ab")
         self.entity = subprocess.Popen(
-            [sys.executable, "-m", "entity.serve", "--config", str(self.work / "entity.toml")],
+            [*self.entity_prefix, sys.executable, "-m", "entity.serve", "--config", str(self.work / "entity.toml")],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -162,16 +180,14 @@ class LocalDeployment:
         while time.monotonic() < deadline:
             if self.entity.poll() is not None:
                 raise SimulationError(f"entity.serve exited ({self.entity.returncode}): {self._entity_log_tail()}")
-            if self._service_started():
+            if self._service_starts() > starts:
                 return
             time.sleep(0.2)
         raise SimulationError(f"entity.serve not ready within {self.start_timeout:.0f} s: {self._entity_log_tail()}")
 
-    def _service_started(self) -> bool:
-        try:
-            return any(json.loads(line).get("event") == "service-started" for line in self.events.read_text().splitlines() if line)
-        except (OSError, ValueError):
-            return False
+    def _service_starts(self) -> int:
+        """How many times the entity's event log says the service started."""
+        return sum(1 for record in self.entity_events() if record.get("event") == "service-started")
 
     def _entity_log_tail(self) -> str:
         try:
@@ -200,7 +216,7 @@ class LocalDeployment:
             "input_shape": list(plan.input_shape),
             "mean": list(plan.mean),
             "std": list(plan.std),
-            "entity": f"127.0.0.1:{self.port}",
+            "entity": f"{self.host}:{self.port}",
             "entity_card": str(self.entity_card),
             "keys": str(keys),
             "rate": plan.rate,
@@ -218,9 +234,28 @@ class LocalDeployment:
 
     def start_owner(self, plan: OwnerPlan) -> subprocess.Popen:
         folder = self.prepare_owner(plan)
+        return self._owner_process(folder, ["--config", str(folder / "owner.toml")])
+
+    def resume_owner(self, plan: OwnerPlan) -> subprocess.Popen:
+        """``owner.run --resume OUT`` on the owner's unfinished job, with the settings it started with."""
+        folder = self.work / plan.name
+        return self._owner_process(folder, ["--resume", str(folder / "out")])
+
+    def resume(self, plan: OwnerPlan, timeout: float = 900.0) -> OwnerRun:
+        """Run ``owner.run --resume OUT`` for ``plan`` to its end (see :meth:`resume_owner`)."""
+        started = time.monotonic()
+        return self.finish_owner(plan, self.resume_owner(plan), started, timeout)
+
+    @staticmethod
+    def kill_owner(proc: subprocess.Popen | None) -> None:
+        """SIGKILL an owner process that is still running, with everything it started (its SuperNode)."""
+        if proc is not None and proc.poll() is None:
+            _stop_tree(proc)
+
+    def _owner_process(self, folder: Path, args: list[str]) -> subprocess.Popen:
         log = open(folder / "owner.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "owner.run", "--config", str(folder / "owner.toml"), "--quiet"],
+            [*self.owner_prefix, sys.executable, "-m", "owner.run", *args, "--quiet"],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -248,6 +283,28 @@ class LocalDeployment:
             _owner_failure(folder / "out", proc.returncode, folder / "owner.log"),
             folder / "out",
         )
+
+    def kill_entity(self, sig: int = signal.SIGKILL, timeout: float = 30.0) -> int:
+        """Send ``sig`` to ``entity.serve`` alone (a crash, or an operator's signal); its exit status."""
+        if self.entity is None:
+            raise SimulationError("the entity was not started")
+        if self.entity.poll() is None:
+            self.entity.send_signal(sig)
+        try:
+            return self.entity.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SimulationError(f"entity.serve did not exit within {timeout:.0f} s of signal {sig}") from None
+
+    def wait_event(self, event: str, timeout: float, **match: Any) -> dict:
+        """The first entity event named ``event`` whose fields equal ``match``, waiting up to ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for record in self.entity_events():
+                if record.get("event") == event and all(record.get(k) == v for k, v in match.items()):
+                    return record
+            if time.monotonic() > deadline:
+                raise SimulationError(f"no entity event {event!r} {match or ''} within {timeout:.0f} s")
+            time.sleep(0.05)
 
     def run_owner(self, plan: OwnerPlan, timeout: float = 900.0) -> OwnerRun:
         started = time.monotonic()
@@ -281,10 +338,18 @@ class LocalDeployment:
         return left
 
     def entity_events(self) -> list[dict]:
+        """The entity's event log so far (a line torn by a killed writer is skipped)."""
         try:
-            return [json.loads(line) for line in self.events.read_text().splitlines() if line.strip()]
+            lines = self.events.read_text().splitlines()
         except OSError:
             return []
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
 
 
 def _owner_failure(out: Path, returncode: int, log: Path) -> str:
@@ -306,7 +371,7 @@ def _stop_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _audit_verdict(deployment: LocalDeployment, run: OwnerRun) -> str:
+def audit_verdict(deployment: LocalDeployment, run: OwnerRun) -> str:
     """What ``python -m owner.audit verify`` would say about this owner's log."""
     from protocol.audit import verify_log
     from protocol.errors import ProtocolError
@@ -354,7 +419,7 @@ def _print_report(runs: list[OwnerRun], deployment: LocalDeployment, wall: float
     console.print(f"entity: {delivered} result(s) delivered, {refused} request(s) refused; events {deployment.events}")
     for run in runs:
         if run.summary is not None:
-            console.print(f"{run.name}: audit log {_audit_verdict(deployment, run)}")
+            console.print(f"{run.name}: audit log {audit_verdict(deployment, run)}")
     console.print(f"wall time {wall:.1f} s; work folder {deployment.work}")
 
 

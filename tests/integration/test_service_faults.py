@@ -145,3 +145,30 @@ def test_owner_interrupted_during_retraining_resumes_from_its_epoch_checkpoint_w
     _verify(dep, out)
     state = json.loads((out / "job.json").read_text())
     assert state["stage"] == "finished"
+
+
+def test_entity_killed_right_after_the_owner_acknowledged_the_result_loses_nothing(tmp_path: Path) -> None:
+    """Once acknowledged, the entity deletes its copy: the owner must have kept the result by then,
+    and a finish that never comes must not turn the delivered job into a failure."""
+    dep = LocalDeployment(tmp_path / "work", recipe="oneshot")
+    data = install_demo_data(tmp_path / "private")
+    plan = _plan(data, epochs=1)
+    out = dep.work / "owner" / "out"
+    owner = None
+    try:
+        dep.start_entity()
+        owner = dep.start_owner(plan)
+        delivered = dep.wait_event("delivered", timeout=300)
+        dep.kill_entity(signal.SIGKILL)  # the SuperLink goes with it: the finish is never pulled
+        code = owner.wait(timeout=300)
+    finally:
+        dep.kill_owner(owner)
+        left = dep.stop()
+    assert code == 0, (out / "failure.json").read_text() if (out / "failure.json").exists() else "no failure.json"
+    assert left == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["job_id"] == delivered["job_id"]
+    assert (out / "received" / "weights.safetensors").is_file()
+    audit = _audit_events(out)
+    assert audit.count("transfer.received") == 1 and "retrain.finished" in audit
+    _verify(dep, out)

@@ -215,13 +215,19 @@ class JobLoop:
     def finish(self, pending: Pending, outcome: str) -> None:
         self.send(pending.node_id, FINISH, {"job_id": pending.offer.job_id, "outcome": outcome}, None, "finish", pending.offer)
 
+    def declined(self, pending: Pending, facts: dict) -> bool:
+        """An owner may decline at any of its answers (a second offer, a bad admission): end the job."""
+        if facts.get("status") != "declined":
+            return False
+        self.log("declined", job_id=pending.offer.job_id, node_id=pending.node_id, reason=_owner_text(facts.get("reason", "")))
+        self.finish(pending, "declined")
+        return True
+
     def on_hello(self, pending: Pending, reply: Message) -> None:
         """The owner's first answer: refuse it here, cheaply, or admit it before its model crosses."""
         job_id = pending.offer.job_id
         facts = facts_of(reply.content)
-        if facts.get("status") == "declined":
-            self.log("declined", job_id=job_id, node_id=pending.node_id, reason=_owner_text(facts.get("reason", "")))
-            self.finish(pending, "declined")
+        if self.declined(pending, facts):
             return
         if facts.get("status") != "hello":
             raise JobError("the owner must answer an offer with its signed hello (status 'hello') before it sends anything else")
@@ -280,9 +286,7 @@ class JobLoop:
         """The sealed request: opened and checked, stored in the journal, queued for a worker."""
         job_id = pending.offer.job_id
         facts = facts_of(reply.content)
-        if facts.get("status") == "declined":
-            self.log("declined", job_id=job_id, node_id=pending.node_id, reason=_owner_text(facts.get("reason", "")))
-            self.finish(pending, "declined")
+        if self.declined(pending, facts):
             return
         if facts.get("status") == "noted":  # a check: the owner has its admission, and nothing crosses
             self.log("checked", job_id=job_id, node_id=pending.node_id)

@@ -266,13 +266,12 @@ class JobLoop:
             return
         if entry.state == DELIVERED:
             raise JobError(f"job {wanted} was delivered already; its verified result is in the owner's OUT/received/")
-        job = self.active.get(wanted)
-        if job is None:  # in the journal but not followed (its recovery failed): recover it now
-            job = self._recover(entry)
-            entry = self.journal.get(wanted) or entry
-            if entry.state == REFUSED:
-                self.refuse(pending, f"job {wanted} was refused: {entry.reason}")
-                return
+        # In the journal but not followed (its recovery at start-up failed): recover it now.
+        job = self.active.get(wanted) or self._recover(entry)
+        if job is None:
+            refused = self.journal.get(wanted)
+            self.refuse(pending, f"job {wanted} was refused: {refused.reason if refused else ''}")
+            return
         job.node_id = pending.node_id
         self.log("resumed", job_id=wanted, node_id=pending.node_id, offer=pending.offer.job_id, state=entry.state)
         self.log("finished", job_id=pending.offer.job_id, node_id=pending.node_id, note=f"the owner resumed job {wanted}")
@@ -514,14 +513,14 @@ class JobLoop:
         recovered = []
         for entry in list(self.journal.open_jobs()):
             try:
-                self._recover(entry)
-                if entry.job_id in self.active:
+                if self._recover(entry) is not None and entry.job_id in self.active:
                     recovered.append(entry.job_id)
             except Exception:
                 self.log_error("recover", None, entry.job_id)
         return recovered
 
-    def _recover(self, entry: JournalEntry) -> Job:
+    def _recover(self, entry: JournalEntry) -> Job | None:
+        """Follow a journaled job again (queued anew, or waiting with its result); None: refused instead."""
         job = Job(Offer(entry.job_id, entry.nonce, entry.offer), entry.owner, None, state=entry.state, checkpoint=entry.checkpoint)
         if entry.state == DONE:
             self.active[entry.job_id] = job
@@ -531,7 +530,7 @@ class JobLoop:
             reason = f"the entity restarted during this job {entry.attempts} times; start a new job"
             self.journal.finish(entry.job_id, REFUSED, reason)
             self.log("refused", job_id=entry.job_id, reason=reason)
-            return job
+            return None
         job.state = QUEUED
         self.journal.set_state(entry.job_id, QUEUED)
         self.log("recovered", job_id=entry.job_id, state=entry.state, attempts=entry.attempts)

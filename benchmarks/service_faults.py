@@ -17,7 +17,7 @@ the owner's ``OUT/job.json``, and records:
   model crossed once (``transfer.sent`` records), the entity's event log leaves no job open, and
   no process of the scenario is left behind.
 
-The owners run with ``--stall-timeout`` (default here 20 s; the product's default is 120 s) so that
+The owners run with ``--stall-timeout`` (default here 20 s; the product's default is 60 s) so that
 an entity that went silent is noticed within the table's time; ``--timeout`` is 300 s. Pruning
 is ``oneshot`` (under a second), except where a fault must land during pruning or while a job
 waits behind another: that owner asks for ``refit`` with a small synthetic set, which prunes for
@@ -494,7 +494,7 @@ def render(result: dict[str, Any]) -> str:
         "# Service faults: what the user sees, and what is lost",
         "",
         f"{os.cpu_count()} cores; a 1-minute load average above 3 means the machine was shared and every time is slower than on a quiet one.",
-        f"Owners: 2 epochs on 2,000 images, `--stall-timeout {result['stall_timeout']:g}` (default 120), `--timeout 300`; "
+        f"Owners: 2 epochs on 2,000 images, `--stall-timeout {result['stall_timeout']:g}` (default 60), `--timeout 300`; "
         "entity recipe `oneshot` (refit with 16 synthetic images where pruning must last). Paths shortened to OUT.",
         "",
         "| run | command | date | load average at start / end |",

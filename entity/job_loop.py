@@ -30,6 +30,7 @@ from flwr.app import Message
 from entity.jobs import EntityJobs, JobError, Offer, ServiceFault
 from entity.journal import DELIVERED, DONE, PRUNING, QUEUED, REFUSED, JobJournal, JournalEntry
 from entity.pulls import Puller
+from entity.settings import STOP_FILE
 from entity.workers import QueueFull, WorkerPool
 from protocol.canonical import CanonicalJSONError
 from protocol.contract import ADMITTED, FINISH, OFFER, RESULT, STATUS, Admission, Hello, JobStatus
@@ -64,6 +65,7 @@ class LoopTiming:
     pull_stall_seconds: float = 10.0  # a pull running longer is left behind (entity.pulls)
     goodbye_seconds: float = 30.0  # a goodbye not pulled by then is logged as lost
     answer_seconds: float = 600.0  # an offer, admission or result nobody answered is dropped then
+    stop_notice_seconds: float = 5.0  # how long a stopping loop waits for owners to take its notice
 
 
 @dataclass
@@ -124,6 +126,11 @@ class JobLoop:
         self.offers_made: dict[int, int] = {}
         self.active: dict[str, Job] = {}
         self.failures = 0
+        self.stop_file = home / STOP_FILE
+        self.stopping_since: float | None = None
+        self.stop_notices: set[str] = set()  # jobs whose owners have not yet taken the stopping notice
+        self.told: list[str] = []
+        self.stop_logged = False
 
     # ------------------------------------------------------------------ events, sending, pacing
 
@@ -181,6 +188,8 @@ class JobLoop:
             self.refuse(pending, UNDELIVERABLE_RESULT)
         elif pending.stage == "status":
             self._status_answered(pending.offer.job_id)
+        elif pending.stage == "stopping":
+            self.stop_notices.discard(pending.offer.job_id)
 
     def retry_offer_later(self, node_id: int) -> None:
         """Let :meth:`admit_new_nodes` offer this node a job again, a bounded number of times."""
@@ -363,6 +372,7 @@ class JobLoop:
                 continue
             job.state = DONE
             self.log("pruned", **summary)
+            self.send_status(job, JobStatus(job_id, job.seq + 1, DONE))  # the result follows at once
             self.deliver(job, blob)
 
     def fail(self, job: Job, reason: str) -> None:
@@ -400,7 +410,6 @@ class JobLoop:
             if changed and place.state == PRUNING:
                 job.state = PRUNING
                 self.journal.set_state(job_id, PRUNING, attempt=True)
-            job.seq += 1
             progress = place.progress
             percent = progress.get("percent")
             index, total = progress.get("index"), progress.get("total")
@@ -408,7 +417,7 @@ class JobLoop:
                 percent = 100 * index / total  # the engine's layer events: layer ``index`` of ``total``
             status = JobStatus(
                 job_id,
-                job.seq,
+                job.seq + 1,
                 place.state,
                 position=place.position,
                 estimate_s=place.estimate_s,
@@ -417,9 +426,16 @@ class JobLoop:
                 percent=int(percent) if isinstance(percent, (int, float)) and 0 <= percent <= 100 else None,
                 elapsed_s=place.elapsed_s,
             )
-            job.status_out, job.last_status = True, now
-            ttl = max(10.0, 4 * self.timing.status_seconds)
-            self.send(job.node_id, STATUS, {"job_id": job_id}, self.jobs.sign_status(status), "status", job.offer, ttl=ttl)
+            job.last_status = now
+            self.send_status(job, status)
+
+    def send_status(self, job: Job, status: JobStatus, stage: str = "status") -> None:
+        """One signed status to the job's node; the next waits until this one is answered or expires."""
+        if job.node_id is None:
+            return
+        job.seq, job.status_out = status.seq, True
+        ttl = max(10.0, 4 * self.timing.status_seconds)
+        self.send(job.node_id, STATUS, {"job_id": status.job_id}, self.jobs.sign_status(status), stage, job.offer, ttl=ttl)
 
     def _status_answered(self, job_id: str) -> None:
         job = self.active.get(job_id)
@@ -430,6 +446,9 @@ class JobLoop:
         job_id = pending.offer.job_id
         if pending.stage == "status":
             self._status_answered(job_id)
+            return
+        if pending.stage == "stopping":
+            self.stop_notices.discard(job_id)
             return
         if reply.has_error():
             if pending.stage == "finish":
@@ -569,9 +588,37 @@ class JobLoop:
         self.failures = 0 if healthy else self.failures + 1
         return healthy
 
+    def check_stop(self) -> bool:
+        """Whether the operator is stopping the entity; the first time, tell each connected owner.
+
+        ``entity.serve`` writes the stop file on SIGTERM or Ctrl-C and waits (briefly) for the
+        ``stopped`` event before it ends the processes. Each owner gets a signed ``stopping``
+        status, so it stops waiting at once, knowing its job is kept in the journal and resumes
+        when the entity is back. New owners get no offer meanwhile.
+        """
+        if self.stopping_since is None:
+            try:
+                if not self.stop_file.exists():
+                    return False
+            except OSError:
+                return False
+            self.stopping_since = time.monotonic()
+            for job_id, job in self.active.items():
+                if job.node_id is not None:
+                    self.send_status(job, JobStatus(job_id, job.seq + 1, "stopping", phase="the entity is shutting down"), stage="stopping")
+                    self.stop_notices.add(job_id)
+            self.told = sorted(self.stop_notices)
+            self.log("stopping", jobs=len(self.active), told=len(self.told))
+        elif not self.stop_logged and (not self.stop_notices or time.monotonic() - self.stopping_since >= self.timing.stop_notice_seconds):
+            self.stop_logged = True
+            self.log("stopped", told=len(self.told), unanswered=sorted(self.stop_notices))
+        return True
+
     def _step(self) -> bool:
         healthy = True
-        for part in (self.admit_new_nodes, self.collect, self.send_statuses, self.expire):
+        stopping = self.check_stop()
+        parts = (self.collect, self.expire) if stopping else (self.admit_new_nodes, self.collect, self.send_statuses, self.expire)
+        for part in parts:
             try:
                 part()
             except Exception:

@@ -10,6 +10,12 @@ parses the graph it gives up the filesystem (``entity._landlock``, Linux Landloc
 only module and system folders, so the entity's home and keys are out of its reach even though it
 runs as the same user. The event log records whether that confinement took effect.
 
+A child costs a few seconds before it can prune (the interpreter and torch import), so the
+service keeps spare children started ahead of their jobs (``keep_spares``, one per worker):
+each has imported torch and the engine and waits on its stdin, knowing nothing yet; the job that
+takes it writes its request there, and another spare is started. A child still prunes one job
+only and exits, so no job's graph ever runs in a process that saw another's.
+
 Limits (``SandboxLimits``): memory through ``RLIMIT_DATA``, which counts the heap and anonymous
 mappings but not the address space CUDA merely reserves (``RLIMIT_AS`` would break CUDA and
 already counts ~3 GiB after ``import torch``); wall-clock time in the parent, which kills the
@@ -26,6 +32,7 @@ the parent.
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
@@ -140,15 +147,7 @@ def run_pruning(
     }
     weights = parse_header(files[WEIGHTS_FILE], what=WEIGHTS_FILE)
     max_result = 2 * len(files[WEIGHTS_FILE]) + 64 * 1024 * 1024
-    process = subprocess.Popen(
-        [sys.executable, "-m", "entity.sandbox", str(int(limits.memory_bytes)), str(os.getpid())],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=child_environment(),
-        cwd=str(Path(__file__).resolve().parents[1]),
-        start_new_session=True,
-    )
+    process = SPARES.take(int(limits.memory_bytes))
     frames: queue.Queue = queue.Queue()
     tail: deque[bytes] = deque()
     threads = [
@@ -190,6 +189,88 @@ def run_pruning(
     else:
         died = f"exit status {code}"
     raise PruningFailed(f"the pruning process ended without a result ({died})", f"{payload}\n{stderr}")
+
+
+def _start_child(memory_bytes: int) -> subprocess.Popen:
+    """A fresh pruning child: it imports torch and the engine, then waits for its one job on stdin."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "entity.sandbox", str(memory_bytes), str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_environment(),
+        cwd=str(Path(__file__).resolve().parents[1]),
+        start_new_session=True,
+    )
+
+
+class SpareChildren:
+    """Pruning children started before their jobs, so that a job does not wait for torch to import.
+
+    ``size`` spares are kept (none until ``keep`` is called: a library caller pays nothing). A
+    spare is used only for a job with its memory limit; one that has died is replaced. Spares get
+    the same environment, limits and parent-death signal as any child, and are killed at
+    ``close`` (or with this process).
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.taken = 0  # jobs that found a spare ready (for the operator's log and the tests)
+        self._lock = threading.Lock()
+        self._ready: list[tuple[int, subprocess.Popen]] = []
+
+    def keep(self, size: int) -> None:
+        with self._lock:
+            self.size = max(0, size)
+
+    def take(self, memory_bytes: int) -> subprocess.Popen:
+        """A started child for a job with this memory limit (a spare if one is ready), then refill."""
+        found = None
+        with self._lock:
+            keep = []
+            for memory, child in self._ready:
+                if found is None and memory == memory_bytes and child.poll() is None:
+                    found = child
+                elif memory == memory_bytes and child.poll() is None:
+                    keep.append((memory, child))
+                else:
+                    _end(child)
+            self._ready = keep
+            if found is not None:
+                self.taken += 1
+        child = found or _start_child(memory_bytes)
+        self.refill(memory_bytes)
+        return child
+
+    def refill(self, memory_bytes: int) -> None:
+        with self._lock:
+            while len(self._ready) < self.size:
+                self._ready.append((memory_bytes, _start_child(memory_bytes)))
+
+    def close(self) -> None:
+        with self._lock:
+            ready, self._ready, self.size = self._ready, [], 0
+        for _, child in ready:
+            _end(child)
+
+
+def _end(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.kill()
+    child.wait()
+    for stream in (child.stdin, child.stdout, child.stderr):
+        if stream is not None:
+            stream.close()
+
+
+SPARES = SpareChildren()
+atexit.register(SPARES.close)
+
+
+def keep_spares(size: int, limits: SandboxLimits = SandboxLimits()) -> None:
+    """Keep ``size`` pruning children started ahead of their jobs (the service: one per worker)."""
+    SPARES.keep(size)
+    SPARES.refill(int(limits.memory_bytes))
 
 
 def _collect(
@@ -394,13 +475,14 @@ def _child(argv: list[str]) -> int:
     os.dup2(2, 1)  # anything printed goes to stderr, never into the frames
     sys.stdout = sys.stderr
     try:
-        job, files = _read_job(sys.stdin.buffer)
+        # Imported before the job is read: a spare child is ready to prune the moment it arrives.
         import torch
 
         from entity.pruning import PruneConfig, prune
         from protocol.artifact import dump_tensors, program_from_files
         from protocol.spec import InputSpec
 
+        job, files = _read_job(sys.stdin.buffer)
         torch.set_num_threads(max(1, int(job.get("threads", 1))))
         spec = InputSpec.from_json(job["spec"])
         config = PruneConfig(**{key: _tuples(value) for key, value in job["config"].items()})

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from entity.settings import SETTINGS_ENV, SETTINGS_FILE, EntitySettings, write_settings
+from entity.settings import SETTINGS_ENV, SETTINGS_FILE, STOP_FILE, EntitySettings, write_settings
 from protocol._files import atomic_write
 from protocol.errors import KeyFileError
 from protocol.flower_processes import (
@@ -302,6 +302,7 @@ class EntityService:
             self.control_port = free_port(CONTROL_HOST)
         elif port_open(CONTROL_HOST, self.control_port):
             raise ServeError(f"control port {self.control_port} on {CONTROL_HOST} is already in use")
+        (self.home / STOP_FILE).unlink(missing_ok=True)  # an earlier run's request to stop
         settings = self.home / SETTINGS_FILE
         write_settings(settings, cfg)
         env = flower_env(self.flwr_home, {SETTINGS_ENV: str(settings)})
@@ -466,6 +467,11 @@ def _describe(event: dict) -> str | None:
         return f"[{job}] result delivered"
     if kind == "finished":
         return f"[{job}] job finished"
+    if kind == "stopping":
+        return f"stopping: telling {event.get('told')} connected owner(s) that their jobs are kept"
+    if kind == "stopped":
+        missed = event.get("unanswered") or []
+        return "every owner told" if not missed else f"{len(missed)} owner(s) did not take the stopping notice; they notice the silence"
     if kind == "abandoned":
         return f"[{job}] abandoned: {event.get('reason')}"
     if kind in ("owner-error", "error"):
@@ -516,6 +522,33 @@ def _shown(text: str) -> str:
     from protocol.display import printable
 
     return escape(printable(text, 500))
+
+
+STOP_NOTICE_SECONDS = 10.0  # the loop itself gives up on unanswered notices after 5 s
+
+
+def _tell_owners_stopping(service: EntityService, events_path: Path, offset: int, console: Any) -> int:
+    """Ask the ServerApp to tell its connected owners that it stops, and wait (bounded) until it has.
+
+    The jobs themselves are safe either way (they are in the journal); the notice only saves each
+    owner from waiting out its ``--stall-timeout`` to learn that the entity is gone.
+    """
+    try:
+        atomic_write(service.home / STOP_FILE, f"{time.time():.0f}\n".encode(), mode=0o600)
+    except OSError as exc:
+        console.print(f"[yellow]entity:[/] cannot ask the ServerApp to tell the owners ({exc.strerror}); stopping anyway")
+        return offset
+    deadline = time.monotonic() + STOP_NOTICE_SECONDS
+    while time.monotonic() < deadline and service.serverapp_running():
+        events, offset = _follow(events_path, offset)
+        for event in events:
+            text = _describe(event) if event.get("event") in ("stopping", "stopped") else None
+            if text:
+                console.print(f"[cyan]entity:[/] {_shown(text)}")
+            if event.get("event") == "stopped":
+                return offset
+        time.sleep(0.1)
+    return offset
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -575,6 +608,8 @@ def _serve(args: argparse.Namespace) -> int:
                     console.print(f"[cyan]entity:[/] {notice}")
             time.sleep(0.2)
         console.print("[cyan]entity:[/] stopping")
+        if seen_start:
+            offset = _tell_owners_stopping(service, events_path, offset, console)
         return 0
     finally:
         service.stop()

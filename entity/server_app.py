@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from entity.job_loop import JobLoop, LoopTiming, threads_per_job
 from entity.jobs import EntityJobs, EventLog
 from entity.journal import JobJournal
+from entity.sandbox import keep_spares
 from entity.settings import read_settings
 from entity.workers import WorkerPool
 from protocol.keys import load_identity, load_registry
@@ -82,6 +83,8 @@ def main(grid: Grid, context: Context) -> None:
         if not settings.workers:  # as many jobs at once as the cluster has GPUs (with CUDA) or CPUs
             resources = runner.cluster_resources()
             workers = max(1, int(resources.get("GPU" if cuda else "CPU", 1)))
+    if not settings.ray:  # Ray tasks start their own children, on the cluster's machines
+        keep_spares(workers, settings.sandbox)
     loop = JobLoop(
         grid,
         jobs,

@@ -33,6 +33,7 @@ DEFAULT_PORT = 9092
 # Popen, no env= in flwr 1.41), so this is how the ServerApp finds its settings without the FAB.
 SETTINGS_ENV = "BLINDPRUNE_ENTITY_SETTINGS"
 SETTINGS_FILE = "serverapp.json"
+STOP_FILE = "stopping"  # in the home: entity.serve asks the ServerApp's loop to tell the owners it stops
 
 ItemParser = Callable[[str], tuple[str, str, Scalar]]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ class OwnerConfig:
     seed: int = 0
     tls_ca: Path | None = None
     node_key: Path | None = None
-    stall_timeout: float = 120.0
+    stall_timeout: float = 60.0
     resume: bool = False
     mia_defence: bool = False
     mia_defence_images: int = 1000
@@ -113,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--connect-timeout", type=float, help="seconds to reach the entity and get its offer (default 30)")
     p.add_argument("--timeout", type=float, help="seconds for the whole exchange with the entity (default 1800)")
-    p.add_argument("--stall-timeout", type=float, help="seconds without any signed status from the entity before giving up (default 120)")
+    p.add_argument("--stall-timeout", type=float, help="seconds without any signed status from the entity before giving up (default 60)")
     p.add_argument("--check", action="store_true", help="dry run: every check, the plan, and a signed hello to the entity; the model is not sent")
     p.add_argument("--resume", type=Path, metavar="OUT", help="continue the unfinished job in OUT with the settings it was started with")
     p.add_argument("--device", help="torch device for retraining (cpu or cuda)")
@@ -324,11 +325,11 @@ def exchange_stage(config: OwnerConfig, session, console) -> None:
     """
     from owner.client_app import build_client_app
     from owner.executor import ExecutorError, OwnerExecutor
-    from protocol.flower_processes import ManagedProcess, flower_command, flower_env, free_port, wait_for_port
+    from protocol.flower_processes import ManagedProcess, flower_env, free_port, wait_for_port
 
     out = config.out
     runtime_port = free_port()
-    node_cmd = [flower_command("flower-supernode"), "--superlink", config.entity, "--isolation", "process"]
+    node_cmd = [sys.executable, "-m", "owner.supernode", "--superlink", config.entity, "--isolation", "process"]
     node_cmd += ["--host", "127.0.0.1", "--port", str(runtime_port)]
     node_cmd += ["--root-certificates", str(config.tls_ca)] if config.tls_ca else ["--insecure"]
     node_cmd += ["--auth-supernode-private-key", str(config.node_key)] if config.node_key else []
@@ -336,6 +337,10 @@ def exchange_stage(config: OwnerConfig, session, console) -> None:
     supernode = ManagedProcess("SuperNode", node_cmd, out / "supernode.log", flower_env(out / "flwr"))
 
     def watch() -> None:
+        if session.status is not None and session.status.state == "stopping" and session.outcome is None:
+            job = session.job_id or session.offer_job
+            hint = f"run `python -m owner.run --resume {out}`" if session.request_digest else "run again"
+            raise OwnerError(f"the entity is shutting down (its operator stopped it); it keeps job {job}: when it is back, {hint}")
         silent = time.monotonic() - session.last_heard
         if session.offer_job is not None and session.outcome is None and silent > config.stall_timeout:
             job = session.job_id or session.offer_job
@@ -418,7 +423,9 @@ def _describe_status(status) -> str:
         where = f" {escape(printable(status.phase, 40))}" if status.phase else ""
         layer = f" {escape(printable(status.layer, 60))}" if status.layer else ""
         return f"pruning at the entity ({status.elapsed_s} s):{where}{layer}{done}"
-    return "the entity is sending the result..."
+    if status.state == "stopping":
+        return "the entity is shutting down..."
+    return "pruned; the entity is sending the result..."
 
 
 def _session(config: OwnerConfig, inputs: Inputs, program, audit, *, intent: str, resume: Any = None):

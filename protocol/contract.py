@@ -317,7 +317,7 @@ def _check_claimed_rate(claim: Any, stats: MaskStats) -> str:
 # runs, the entity sends signed status messages, so the owner decides on liveness, not on one long
 # timeout. Everything here is small signed JSON: integers and short strings, no floats.
 INTENTS = ("check", "request", "resume")  # a dry run, a new job, or a job an earlier run started
-JOB_STATES = ("queued", "pruning", "done")
+JOB_STATES = ("queued", "pruning", "done", "stopping")
 MAX_TEXT_CHARS = 200
 
 
@@ -442,7 +442,9 @@ class JobStatus:
     """Where one job stands, signed by the entity; ``seq`` only grows, so an old one is ignored.
 
     ``position`` (1 = next to start) and ``estimate_s`` describe a queued job; ``phase``,
-    ``layer`` and ``percent`` a running one, as the pruning engine reports them.
+    ``layer`` and ``percent`` a running one, as the pruning engine reports them. ``done``: pruned,
+    the result is on its way. ``stopping``: the entity is shutting down and keeps the job in its
+    journal, so the owner can stop waiting at once and resume once the entity is back.
     """
 
     job_id: str

@@ -7,6 +7,8 @@ resume), not the engine.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import time
 
@@ -149,7 +151,7 @@ def test_a_job_survives_the_entity_and_its_owner_collects_the_result_by_resuming
     [(message_id, _)] = [(i, m) for i, m in grid2.unanswered() if m.metadata.message_type == RESULT]
     answer(grid2, message_id, pack({"status": "verified"}))
     _steps_until(restarted, grid2, lambda: restarted.journal.get(job_id).state == DELIVERED)
-    logged = [e["event"] for e in map(__import__("json").loads, jobs.events.path.read_text().splitlines()) if e.get("job_id") == job_id]
+    logged = [e["event"] for e in map(json.loads, jobs.events.path.read_text().splitlines()) if e.get("job_id") == job_id]
     assert "recovered" in logged and "resumed" in logged and "delivered" in logged
     restarted.close()
     release.set()
@@ -244,4 +246,68 @@ def test_an_owner_that_restarts_collects_its_verified_result_with_a_resume_hello
     _steps_until(loop, grid, lambda: loop.journal.get(state.job_id).state == DELIVERED)
     second.audit.close()
     assert verify_log(log, owner=world.owner.card, entity=world.entity.card).ok
+    loop.close()
+
+
+def _statuses(world: World, grid: FakeGrid) -> list[JobStatus]:
+    return [JobStatus.from_json(verify_message(blob_of(m.content), kind=STATUS_KIND, signer=world.entity.card)) for m in grid.of_type(STATUS)]
+
+
+def test_a_stopping_entity_tells_each_connected_owner_that_its_job_is_kept(world: World) -> None:
+    from entity.settings import STOP_FILE
+
+    jobs = world.jobs()
+    release = threading.Event()
+    jobs.prune = _blocking_prune(release)
+    grid = FakeGrid([7])
+    loop = _loop(world, jobs, grid, workers=1)
+    job_id = _admit_request(world, loop, grid)
+    _steps_until(loop, grid, lambda: any(s.state == "pruning" for s in _statuses(world, grid)))
+    (jobs.events.path.parent / STOP_FILE).write_text("now\n")
+    grid.nodes.append(8)  # arrives while the entity stops: no offer
+    _steps_until(loop, grid, lambda: loop.stop_logged)
+    stopping = [s for s in _statuses(world, grid) if s.state == "stopping"]
+    assert [s.job_id for s in stopping] == [job_id]
+    assert stopping[0].seq > max(s.seq for s in _statuses(world, grid) if s.state != "stopping")
+    assert {m.metadata.dst_node_id for m in grid.of_type(OFFER)} == {7}
+    events = [e for e in map(json.loads, jobs.events.path.read_text().splitlines()) if e["event"] in ("stopping", "stopped")]
+    assert [e["event"] for e in events] == ["stopping", "stopped"] and events[1]["unanswered"] == []
+    assert loop.journal.get(job_id).state != REFUSED  # kept for the restart
+    release.set()
+    loop.close()
+
+
+def test_a_stopping_notice_nobody_takes_is_given_up_on_within_its_bound(world: World) -> None:
+    from entity.settings import STOP_FILE
+
+    jobs = world.jobs()
+    release = threading.Event()
+    jobs.prune = _blocking_prune(release)
+    grid = FakeGrid([7])
+    loop = _loop(world, jobs, grid, workers=1)
+    loop.timing = dataclasses.replace(loop.timing, stop_notice_seconds=0.3)
+    job_id = _admit_request(world, loop, grid)
+    (jobs.events.path.parent / STOP_FILE).write_text("now\n")
+    started = time.monotonic()
+    while not loop.stop_logged and time.monotonic() - started < 10:
+        loop.step()  # nobody answers the notice
+        time.sleep(0.01)
+    assert loop.stop_logged and 0.3 <= time.monotonic() - started < 5
+    assert loop.stop_notices == {job_id}
+    release.set()
+    loop.close()
+
+
+def test_an_owner_hears_that_its_job_is_pruned_before_the_result_arrives(world: World) -> None:
+    jobs = world.jobs()
+    release = threading.Event()
+    release.set()
+    jobs.prune = _blocking_prune(release)
+    grid = FakeGrid([7])
+    loop = _loop(world, jobs, grid, workers=1)
+    _admit_request(world, loop, grid)
+    _steps_until(loop, grid, lambda: grid.of_type(RESULT))
+    kinds = [m.metadata.message_type for m in grid.sent.values() if m.metadata.message_type in (STATUS, RESULT)]
+    states = [s.state for s in _statuses(world, grid)]
+    assert states[-1] == "done" and kinds[-1] == RESULT and kinds[-2] == STATUS
     loop.close()

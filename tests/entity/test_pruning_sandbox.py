@@ -87,6 +87,44 @@ def test_pruning_runs_in_a_child_process_and_its_progress_reaches_the_parent(fil
     assert not _sandbox_children()
 
 
+def test_a_spare_child_started_ahead_prunes_the_next_job_and_is_replaced(files):
+    spares = sandbox.SpareChildren()
+    spares.keep(1)
+    limits = SandboxLimits()
+    spares.refill(int(limits.memory_bytes))
+    [(_, spare)] = spares._ready
+    time.sleep(0.5)
+    assert spare.poll() is None, "a spare waits for its job"
+    original, sandbox.SPARES = sandbox.SPARES, spares
+    try:
+        first = run_pruning(files, SPEC.to_json(), ONESHOT)
+        assert spares.taken == 1 and spare.poll() is not None, "the spare pruned the job, then exited"
+        [(_, replacement)] = spares._ready
+        assert replacement.pid != spare.pid
+        second = run_pruning(files, SPEC.to_json(), ONESHOT)
+        assert spares.taken == 2
+    finally:
+        sandbox.SPARES = original
+        spares.close()
+    assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
+    assert not _sandbox_children(), "closing kills the spares"
+
+
+def test_a_spare_for_another_memory_limit_is_not_used(files):
+    spares = sandbox.SpareChildren()
+    spares.keep(1)
+    spares.refill(3 * sandbox.GiB)
+    original, sandbox.SPARES = sandbox.SPARES, spares
+    try:
+        run_pruning(files, SPEC.to_json(), ONESHOT, limits=SandboxLimits(memory_bytes=4 * sandbox.GiB))
+        assert spares.taken == 0
+        assert [memory for memory, _ in spares._ready] == [4 * sandbox.GiB]
+    finally:
+        sandbox.SPARES = original
+        spares.close()
+    assert not _sandbox_children()
+
+
 def test_child_environment_carries_none_of_the_entitys_settings(monkeypatch):
     monkeypatch.setenv("BLINDPRUNE_ENTITY_KEYS", "/home/entity/keys")
     monkeypatch.setenv("FLWR_HOME", "/home/entity/.flwr")

@@ -172,3 +172,35 @@ def test_entity_killed_right_after_the_owner_acknowledged_the_result_loses_nothi
     audit = _audit_events(out)
     assert audit.count("transfer.received") == 1 and "retrain.finished" in audit
     _verify(dep, out)
+
+
+def test_entity_stopped_by_its_operator_tells_the_owner_at_once_and_the_job_resumes(tmp_path: Path) -> None:
+    """SIGTERM (or Ctrl-C) of entity.serve: the owner hears a signed 'stopping' status, not silence."""
+    dep = LocalDeployment(tmp_path / "work", recipe="oneshot", entity_options={"synthetic_images": 16, "synthetic_steps": 10})
+    data = install_demo_data(tmp_path / "private")
+    plan = _plan(data, recipe="refit", stall_timeout=120.0)  # silence alone would take two minutes to notice
+    owner = None
+    try:
+        dep.start_entity()
+        owner = dep.start_owner(plan)
+        job = dep.wait_event("pruning", timeout=240)["job_id"]
+        assert dep.kill_entity(signal.SIGTERM) == 0
+        stopped = time.monotonic()
+        assert owner.wait(timeout=60) == 1
+        noticed = time.monotonic() - stopped
+        error = json.loads((dep.work / "owner" / "out" / "failure.json").read_text())["error"]
+        assert "shutting down" in error and "--resume" in error and job in error, error
+        assert noticed < 30, f"the owner took {noticed:.0f} s to hear that the entity stops"
+        told = [e for e in dep.entity_events() if e["event"] in ("stopping", "stopped")]
+        assert [e["event"] for e in told] == ["stopping", "stopped"] and told[0]["told"] == 1, told
+        dep.start_entity()
+        dep.wait_event("recovered", timeout=30, job_id=job)
+        run = dep.resume(plan, timeout=400)
+    finally:
+        dep.kill_owner(owner)
+        left = dep.stop()
+    assert run.returncode == 0, run.error
+    assert left == []
+    audit = _audit_events(run.out)
+    assert audit.count("transfer.sent") == 1 and "job.resumed" in audit
+    _verify(dep, run.out)

@@ -7,6 +7,9 @@ worker runs (``entity.sandbox.run_pruning``: memory and time limits, filesystem 
 whichever node Ray picks, one GPU per task when pruning runs on CUDA. The keys never leave the
 entity's process: the result comes back as plain tensors, and the entity signs and seals it.
 The nodes need this project importable at the entity's path (``PYTHONPATH`` is passed to tasks).
+The engine's progress events come back while the task runs, through a small Ray queue the
+entity drains, so an owner whose job prunes on the cluster sees its phase, layer and percent as
+it would locally; a full queue drops events rather than slow the job.
 
 The ``ray`` package is an optional extra (``pip install '.[ray]'``); without it ``--ray`` is a
 one-line refusal at start.
@@ -15,6 +18,7 @@ one-line refusal at start.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,18 +28,43 @@ from entity.sandbox import PruningFailed, PruningRefused, SandboxLimits
 REPO = str(Path(__file__).resolve().parents[1])
 
 
+def _drain(events: Any, progress: Callable[[dict], None]) -> None:
+    try:
+        batch = events.get_nowait_batch(events.qsize())
+    except Exception:  # empty, or the queue's actor is gone: nothing to pass on
+        return
+    for event in batch:
+        if isinstance(event, dict):
+            progress(event)
+
+
 class RayUnavailable(RuntimeError):
     """Ray is not installed, or its cluster cannot be reached (one line naming the fix)."""
 
 
+PROGRESS_QUEUE = 256  # events held for the entity at most; more are dropped until it drains them
+POLL_SECONDS = 0.5
+
+
 def _prune_task(
-    files: Mapping[str, bytes], spec_json: Mapping[str, Any], config: Mapping[str, Any], limits: SandboxLimits, threads: int | None
+    files: Mapping[str, bytes],
+    spec_json: Mapping[str, Any],
+    config: Mapping[str, Any],
+    limits: SandboxLimits,
+    threads: int | None,
+    events: Any = None,
 ) -> tuple:
     """What runs on a Ray worker: the sandboxed pruning child; its failures come back as values."""
     from entity.sandbox import run_pruning
 
+    def progress(event: dict) -> None:
+        try:
+            events.put_nowait(event)
+        except Exception:  # full (the entity is behind) or gone: progress is best effort
+            pass
+
     try:
-        return ("ok", run_pruning(files, spec_json, config, None, limits, torch_threads=threads))
+        return ("ok", run_pruning(files, spec_json, config, progress if events is not None else None, limits, torch_threads=threads))
     except PruningRefused as exc:
         return ("refused", str(exc))
     except PruningFailed as exc:
@@ -78,21 +107,40 @@ class RayRunner:
         on_confined: Callable[[str], None] | None = None,
         torch_threads: int | None = None,
     ) -> Any:
+        events = None
         if progress is not None:
+            from ray.util.queue import Queue
+
             progress({"event": "ray-task", "percent": 0})
-        ref = self._task.remote(dict(files), dict(spec_json), dict(config), limits, torch_threads)
+            events = Queue(maxsize=PROGRESS_QUEUE, actor_options={"num_cpus": 0})
+        ref = self._task.remote(dict(files), dict(spec_json), dict(config), limits, torch_threads, events)
         try:
-            outcome = self._ray.get(ref, timeout=limits.seconds + 120)
-        except self._ray.exceptions.GetTimeoutError:
+            outcome = self._wait(ref, limits.seconds + 120, events, progress)
+        except TimeoutError:
             self._ray.cancel(ref, force=True)
             raise PruningFailed(f"pruning ran past this entity's limit of {limits.seconds:g} seconds", "the Ray task did not return") from None
         except Exception as exc:  # a lost node, a worker killed by Ray's memory monitor...
             raise PruningFailed("the Ray task running this job failed", f"{type(exc).__name__}: {exc}") from None
+        finally:
+            if events is not None:
+                events.shutdown(force=True)
         if outcome[0] == "refused":
             raise PruningRefused(outcome[1])
         if outcome[0] == "failed":
             raise PruningFailed(outcome[1], outcome[2])
         return outcome[1]
+
+    def _wait(self, ref: Any, seconds: float, events: Any, progress: Callable[[dict], None] | None) -> tuple:
+        """The task's outcome, passing its progress events on while it runs; TimeoutError past ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while True:
+            ready, _ = self._ray.wait([ref], timeout=POLL_SECONDS)
+            if events is not None and progress is not None:
+                _drain(events, progress)
+            if ready:
+                return tuple(self._ray.get(ref))
+            if time.monotonic() > deadline:
+                raise TimeoutError
 
     def cluster_resources(self) -> dict[str, float]:
         return dict(self._ray.cluster_resources())

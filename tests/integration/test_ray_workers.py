@@ -77,12 +77,19 @@ def test_two_jobs_run_as_ray_tasks_and_come_back_as_valid_results(tmp_path, ray_
     program = export_eval(_model(), (1, 12, 12))
     pool = WorkerPool(2, 4)
     sessions = {}
+    places: dict[str, list[dict]] = {}
     for index in range(2):
         session = OwnerSession(owner, entity.card, program, SPEC, PruneRequest(4.0), AuditLog.open(tmp_path / f"audit{index}.jsonl", owner))
         offer = jobs.make_offer(node_id=index)
         request = sealed_request(session, jobs, offer)
         opened = jobs.open_request(offer, request)
-        pool.submit(offer.job_id, lambda progress, offer=offer, opened=opened, request=request: jobs.prune(offer, opened, request, progress))
+        seen: list[dict] = []
+        places[offer.job_id] = seen
+
+        def run(progress, offer=offer, opened=opened, request=request, seen=seen):
+            return jobs.prune(offer, opened, request, lambda event: (seen.append(event), progress(event)))
+
+        pool.submit(offer.job_id, run)
         sessions[offer.job_id] = session
     finished = []
     deadline = time.monotonic() + 240
@@ -96,6 +103,9 @@ def test_two_jobs_run_as_ray_tasks_and_come_back_as_valid_results(tmp_path, ray_
         session = sessions[job_id]
         session.receive_result(blob)
         assert session.outcome is not None and session.outcome.achieved_rate.startswith("4.0")
+    # The engine's progress came back from the cluster while each task ran, as it does locally.
+    for job_id, events in places.items():
+        assert any(event.get("event") == "layer" for event in events), (job_id, events)
     # The tasks ran on the cluster, not in this process: Ray saw two finished tasks.
     assert ray.is_initialized()
     pool.shutdown()

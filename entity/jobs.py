@@ -272,6 +272,8 @@ class EntityJobs:
             "skip_layers": list(wanted.skip_layers),
             "recipe": recipe,
         }
+        if wanted.model_rate is not None:
+            kwargs["model_rate"] = wanted.model_rate
         try:
             checked: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
             PruneConfig(**checked)

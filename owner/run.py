@@ -35,6 +35,7 @@ class OwnerConfig:
     entity: str = "127.0.0.1:9092"
     keys: Path = Path("owner-keys")
     rate: float = 8.0
+    model_rate: float | None = None
     skip_layers: tuple[str, ...] = ()
     recipe: str | None = None
     epochs: int | None = None
@@ -102,7 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--entity", help="entity address host:port (default 127.0.0.1:9092)")
     p.add_argument("--entity-card", type=Path, help="the entity's identity card to pin (card.json)")
     p.add_argument("--keys", type=Path, help="owner key folder (created if missing; default ./owner-keys)")
-    p.add_argument("--rate", type=float, help="target conv compression rate (default 8)")
+    p.add_argument("--rate", type=float, help="target conv compression rate (default 8, or the --model-rate when one is given)")
+    p.add_argument(
+        "--model-rate",
+        type=float,
+        help="target whole-model compression rate over every conv and linear weight; also prunes 1x1 convs and linear layers (whole input columns)",
+    )
     p.add_argument("--skip", action="append", dest="skip_layers", metavar="WEIGHT", help="conv weight to leave dense (repeatable)")
     p.add_argument("--recipe", help="ask the entity for a pruning recipe (default: the entity's)")
     p.add_argument("--epochs", type=int, help="retraining epochs (default: the entity's recipe)")
@@ -178,6 +184,8 @@ def load_config(args: argparse.Namespace) -> OwnerConfig:
     for key in ("input_shape", "mean", "std", "skip_layers"):
         if key in data:
             data[key] = tuple(data[key])
+    if data.get("model_rate") is not None and data.get("rate") is None:  # one number for users who want one
+        data["rate"] = max(float(data["model_rate"]), 9 / 4)  # a 3x3 conv keeps at most 4 of 9 weights
     return OwnerConfig(**data)
 
 
@@ -262,7 +270,7 @@ def check_inputs(config: OwnerConfig, console) -> Inputs:
     host, port = _entity_address(config.entity)
     channel_order = config.channel_order or ("L" if config.input_shape[0] == 1 else "RGB")
     spec = InputSpec(tuple(config.input_shape), tuple(config.mean), tuple(config.std), channel_order)  # type: ignore[arg-type]
-    request = PruneRequest(config.rate, tuple(config.skip_layers), config.recipe)
+    request = PruneRequest(config.rate, tuple(config.skip_layers), config.recipe, model_rate=config.model_rate)
     entity_card = load_card(config.entity_card)
     if entity_card.role != "entity":
         raise OwnerError(f"{config.entity_card} is an {entity_card.role} card, not an entity's: pass the card the entity's operator gave you")
@@ -290,22 +298,34 @@ def export_stage(config: OwnerConfig, spec) -> tuple[Any, Any]:
 
 def plan_stage(config: OwnerConfig, program, console) -> list:
     """Stage ``plan``: which layers the entity will prune and why the others stay dense."""
-    from protocol.prune_plan import prune_plan, pruned_share
+    from protocol.prune_plan import model_rate_bounds, prune_plan, pruned_share
 
-    plan = prune_plan(program, config.skip_layers)
+    plan = prune_plan(program, config.skip_layers, model_rate=config.model_rate)
     pruned, total = pruned_share(plan)
     dense = [p for p in plan if not p.pruned]
+    target = f"3x3 convs at {config.rate:g}x" + (f", whole model at {config.model_rate:g}x" if config.model_rate is not None else "")
     console.print(
-        f"[cyan]owner:[/] plan: {sum(p.pruned for p in plan)} of {len(plan)} weight layers pattern-pruned "
-        f"({pruned:,} of {total:,} weights at {config.rate:g}x); {len(dense)} stay dense"
+        f"[cyan]owner:[/] plan: {sum(p.pruned for p in plan)} of {len(plan)} weight layers pruned "
+        f"({pruned:,} of {total:,} weights; {target}); {len(dense)} stay dense"
     )
     for layer in plan:
-        console.print(f"  {'prune' if layer.pruned else 'dense'}  {layer.weight}  {layer.kind} {list(layer.shape)}: {layer.why}", markup=False)
+        console.print(f"  {layer.pruning if layer.pruned else 'dense'}  {layer.weight}  {layer.kind} {list(layer.shape)}: {layer.why}", markup=False)
     if not any(p.pruned for p in plan):
         reasons = sorted({p.why for p in dense})
+        raise OwnerError(f"nothing to prune: no layer of this model is pruned ({'; '.join(reasons) or 'no conv or linear layers'}); nothing was sent")
+    if config.model_rate is None and not any(p.pruned and p.kind == "3x3 conv" for p in plan):
         raise OwnerError(
-            f"nothing to prune: no layer of this model is pattern-pruned ({'; '.join(reasons) or 'no conv or linear layers'}); nothing was sent"
+            f"--rate {config.rate:g} is the conv rate of 3x3 convs (groups 1) and this model has none to prune; "
+            "its depthwise convs keep a fixed 9/4: pass --model-rate R to prune its 1x1 and linear layers for a whole-model rate; nothing was sent"
         )
+    if config.model_rate is not None:
+        bounds = model_rate_bounds(plan, config.rate)
+        if bounds is None or not bounds[0] <= config.model_rate <= bounds[1]:
+            reach = f"between {bounds[0]:.2f}x and {bounds[1]:.2f}x" if bounds else "fixed by --rate (no 1x1 or linear layer to prune)"
+            raise OwnerError(
+                f"--model-rate {config.model_rate:g} cannot be met at --rate {config.rate:g}: the whole-model rate is {reach}; "
+                "change --model-rate or --rate; nothing was sent"
+            )
     return plan
 
 
@@ -337,6 +357,9 @@ def exchange_stage(config: OwnerConfig, session, console) -> None:
     supernode = ManagedProcess("SuperNode", node_cmd, out / "supernode.log", flower_env(out / "flwr"))
 
     def watch() -> None:
+        if _finish_overdue(session):
+            session.finish("finish not received (the entity stopped after sending the result)")
+            return
         if session.status is not None and session.status.state == "stopping" and session.outcome is None:
             job = session.job_id or session.offer_job
             hint = f"run `python -m owner.run --resume {out}`" if session.request_digest else "run again"
@@ -365,7 +388,7 @@ def exchange_stage(config: OwnerConfig, session, console) -> None:
 
                 session.on_status = on_status
                 executor.run_until(
-                    lambda: session.finished or _finish_overdue(session),
+                    lambda: session.finished,
                     config.timeout,
                     first_task_timeout=config.connect_timeout + 60,
                     alive=supernode.running,
@@ -398,15 +421,12 @@ FINISH_GRACE_SECONDS = 30.0
 
 
 def _finish_overdue(session) -> bool:
-    """The result is verified and kept, but the entity's finish has not come: stop waiting for it.
+    """Whether the result is verified and kept but the entity's finish is overdue: stop waiting then.
 
     The job's outcome is the result; a lost finish (the entity stopped right after it) must not
     turn a delivered job into a failure.
     """
-    if session.outcome_at is None or time.monotonic() - session.outcome_at < FINISH_GRACE_SECONDS:
-        return False
-    session.finish("finish not received (the entity stopped after sending the result)")
-    return True
+    return session.outcome_at is not None and not session.finished and time.monotonic() - session.outcome_at >= FINISH_GRACE_SECONDS
 
 
 def _describe_status(status) -> str:
@@ -504,7 +524,9 @@ def check(config: OwnerConfig, console) -> dict[str, Any]:
         "admitted": True,
         "queued": admission.queued,
         "workers": admission.workers,
-        "layers": [{"weight": p.weight, "kind": p.kind, "shape": list(p.shape), "pruned": p.pruned, "why": p.why} for p in plan],
+        "layers": [
+            {"weight": p.weight, "kind": p.kind, "shape": list(p.shape), "pruned": p.pruned, "pruning": p.pruning, "why": p.why} for p in plan
+        ],
         "data": {"layout": data.layout, "train_images": count(data.train), "held_out_images": count(data.test)},
     }
 
@@ -768,6 +790,8 @@ def write_stage(
         "recipe": outcome.recipe_name,
         "target_rate": config.rate,
         "achieved_rate": outcome.achieved_rate,
+        "target_model_rate": config.model_rate,
+        "achieved_model_rate": outcome.achieved_model_rate,
         "accuracy": {"dense": round(dense_acc, 4), "pruned": round(pruned_acc, 4), "retrained": round(final_acc, 4)},
         "epochs": epochs,
         "retraining": {**recipe.to_json(), "epochs": epochs, "batch_size": batch},
@@ -800,7 +824,10 @@ def print_summary(summary: dict[str, Any], console) -> None:
     acc = summary["accuracy"]
     table = Table(title=Text(f"blindprune job {printable(summary['job_id'])}"), show_header=False)
     table.add_row("recipe", shown(summary["recipe"]))
-    table.add_row("conv compression", shown(f"{summary['achieved_rate']}x (asked {summary['target_rate']}x)"))
+    table.add_row("conv compression", shown(f"{summary['achieved_rate'] or 'n/a'}x (asked {summary['target_rate']}x)"))
+    if summary.get("achieved_model_rate") is not None:
+        asked = f" (asked {summary['target_model_rate']}x)" if summary.get("target_model_rate") is not None else ""
+        table.add_row("whole-model compression", shown(f"{summary['achieved_model_rate']}x{asked}"))
     table.add_row("accuracy dense / pruned / retrained", f"{acc['dense']:.2%} / {acc['pruned']:.2%} / {acc['retrained']:.2%}")
     table.add_row("retraining epochs", str(summary["epochs"]))
     table.add_row("bytes sent / received", f"{summary['bytes_sent']:,} / {summary['bytes_received']:,}")

@@ -93,6 +93,7 @@ class PruneOutcome:
     # The only report fields the owner uses or shows, checked: the rest is kept, never shown.
     recipe_name: str | None = None
     achieved_rate: str | None = None
+    achieved_model_rate: str | None = None
 
 
 @dataclass
@@ -355,6 +356,7 @@ class OwnerSession:
             dict(opened.file_digests()),
             recipe_name=checked.recipe_name,
             achieved_rate=checked.achieved_rate,
+            achieved_model_rate=checked.achieved_model_rate,
         )
         self.transfers.append(
             {"direction": "received", "kind": RESULT_KIND, "bytes": len(blob), "files": dict(opened.file_digests()), "tensors": len(checked.weights)}
@@ -388,6 +390,7 @@ class OwnerSession:
             roles=self._roles,
             limits=self.limits,
             verify_signed=lambda blob, kind: verify_message(blob, kind=kind, signer=self.entity_card),
+            request=self.request,
         )
 
     # ---------------------------------------------------------------- refusal / finish
@@ -441,6 +444,7 @@ def load_outcome_files(directory: Path, job_id: str, limits: RetrainLimits) -> P
         raise SessionError(f"the result kept in {directory} is unreadable ({exc}); move the folder aside and start a new job") from None
     size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
     rate = report.get("achieved_rate") if isinstance(report, dict) else None
+    model_rate = report.get("achieved_model_rate") if isinstance(report, dict) else None
     name = report.get("recipe") if isinstance(report, dict) else None
     return PruneOutcome(
         job_id,
@@ -452,4 +456,5 @@ def load_outcome_files(directory: Path, job_id: str, limits: RetrainLimits) -> P
         {},
         recipe_name=printable(name) if name is not None else None,
         achieved_rate=printable(rate) if rate is not None else None,
+        achieved_model_rate=printable(model_rate) if model_rate is not None else None,
     )

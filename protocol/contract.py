@@ -9,9 +9,11 @@ holds, and turns the files of an opened bundle into the one trusted view of it:
   leaves the graph files to ``artifact.check_program_files``;
 * ``PruneResult.from_files`` (owner side) runs every content check the owner owes itself before
   anything of the result is logged or used (DESIGN "Threat model", a malicious or broken entity):
-  exactly the model's tensors, every one finite, BatchNorm variances positive, masks only on 3x3
-  convolution weights and only library patterns at the rate the report claims, a recipe within the
-  owner's limits, bounded JSON, and the entity's signatures on receipt and countersignature.
+  exactly the model's tensors, every one finite, BatchNorm variances positive, masks only of the
+  kind the owner's own graph allows for each weight (library patterns on 3x3 and depthwise 3x3
+  convs, whole input columns on 1x1 convs and linear layers, nothing elsewhere) at the conv,
+  whole-model and per-layer rates the report claims, a recipe within the owner's limits, bounded
+  JSON, and the entity's signatures on receipt and countersignature.
 
 Both sides build and read bundles through these types, so a file name or a field is defined once.
 Every refusal is a ``ProtocolError`` whose text is ours (the other party's text, where quoted, is
@@ -32,8 +34,8 @@ from . import canonical
 from .artifact import CONSTANTS_FILE, PROGRAM_FILE, WEIGHTS_FILE, dump_tensors
 from .audit import COUNTERSIGN_KIND, RECEIPT_KIND
 from .display import printable
-from .errors import ArtifactError, RequestError
-from .masks import MaskStats, check_pattern_masks, pack_masks, parse_library, unpack_masks
+from .errors import ArtifactError, MaskError, RequestError
+from .masks import MaskSummary, check_result_masks, pack_masks, parse_library, unpack_masks
 from .spec import InputSpec, PruneRequest, RetrainLimits, RetrainRecipe, SpecError
 from .tensors import GraphRoles, check_masks, check_running_vars, check_safetensors, schema_of
 
@@ -227,6 +229,12 @@ class PruneResult:
         rate = self.report.get("achieved_rate")
         return rate if isinstance(rate, str) else None
 
+    @property
+    def achieved_model_rate(self) -> str | None:
+        """The whole-model compression rate the report claims (checked against the masks by ``from_files``)."""
+        rate = self.report.get("achieved_model_rate")
+        return rate if isinstance(rate, str) else None
+
     def files(self) -> dict[str, bytes]:
         """The bundle's files, ready for sealing."""
         out = {
@@ -249,6 +257,7 @@ class PruneResult:
         roles: GraphRoles,
         limits: RetrainLimits,
         verify_signed: Any,
+        request: PruneRequest | None = None,
     ) -> PruneResult:
         """Every content check of an opened result, against the owner's own model; logs nothing.
 
@@ -256,6 +265,8 @@ class PruneResult:
         tensor is (``tensors.graph_roles``): never what the entity says about them.
         ``verify_signed(blob, kind)`` checks the entity's signature on the receipt and the
         countersignature (the audit log checks their content against its records on append).
+        ``request`` is what the owner asked for: without a whole-model rate in it, the 1x1 and
+        linear layers must come back unmasked.
         Raises ``ProtocolError`` (``ArtifactError``, ``MaskError``, ``SpecError``...).
         """
         check_files(files, RESULT_REQUIRED, RESULT_OPTIONAL, "result", "owner")
@@ -269,14 +280,16 @@ class PruneResult:
         if not isinstance(report, dict):
             raise ArtifactError("report.json is not a JSON object")
         library = parse_library(report["library"]) if "library" in report else None
-        stats = check_pattern_masks(masks, roles.pattern_convs, library)
+        if request is not None and request.model_rate is None:
+            for name in sorted(set(masks) & roles.structured):
+                raise MaskError(f"mask {name!r} is on a 1x1 or linear weight, but the request named no whole-model rate: those layers stay dense")
+        summary = check_result_masks(
+            masks, pattern=roles.pattern_convs, depthwise=roles.depthwise_convs, structured=roles.structured, library=library
+        )
         for name, mask in sorted(masks.items()):
             if torch.count_nonzero(weights[name][~mask]):
                 raise ArtifactError(f"pruned weight {name!r} is nonzero where its mask prunes it")
-        _check_claimed_rate(report.get("achieved_rate"), stats)
-        for key, count in (("prunable_weights", stats.total), ("kept_weights", stats.kept)):
-            if key in report and report[key] != count:
-                raise ArtifactError(f"report.json: {key} is {printable(report[key], 40)}, the masks say {count}")
+        _check_claimed_rates(report, summary, roles, dense)
         recipe_name = report.get("recipe")
         if recipe_name is not None and not (isinstance(recipe_name, str) and 1 <= len(recipe_name) <= 64):
             raise ArtifactError("report.json: recipe must be a name of at most 64 characters")
@@ -289,25 +302,71 @@ class PruneResult:
         return cls(weights, masks, report, recipe, files[RECEIPT_FILE], countersignature)
 
 
-def _check_claimed_rate(claim: Any, stats: MaskStats) -> str:
-    """The report's ``achieved_rate`` if the masks achieve it (within the claim's own rounding)."""
+def _check_claimed_rate(claim: Any, total: int, kept: int, field: str = "achieved_rate", what: str = "an achieved rate") -> str:
+    """A report's rate ``field`` if ``total / kept`` is what it claims (within the claim's own rounding)."""
     if not isinstance(claim, str) or not 1 <= len(claim) <= 32:
-        raise ArtifactError("report.json: achieved_rate must be a short decimal string")
+        raise ArtifactError(f"report.json: {field} must be a short decimal string")
     try:
         dec = Decimal(claim)
     except InvalidOperation:
-        raise ArtifactError("report.json: achieved_rate is not a decimal number") from None
+        raise ArtifactError(f"report.json: {field} is not a decimal number") from None
     if not dec.is_finite() or dec < 1:
-        raise ArtifactError("report.json: achieved_rate must be a finite rate >= 1")
-    if stats.kept == 0:
+        raise ArtifactError(f"report.json: {field} must be a finite rate >= 1")
+    if kept == 0:
         raise ArtifactError("the masks keep no weight at all")
-    actual = Fraction(stats.total, stats.kept)
+    actual = Fraction(total, kept)
     half_ulp = Fraction(1, 2) * Fraction(10) ** int(dec.as_tuple().exponent)  # "8.0312" claims +-0.00005
     if abs(Fraction(dec) - actual) > half_ulp + Fraction(1, 10**9):
         raise ArtifactError(
-            f"report.json claims an achieved rate of {claim}, the masks achieve {float(actual):.4f} ({stats.total} weights, {stats.kept} kept)"
+            f"report.json claims {what} of {printable(claim, 32)}, the masks achieve {float(actual):.4f} ({total} weights, {kept} kept)"
         )
     return claim
+
+
+_LAYER_KINDS = {"3x3": ("3x3",), "depthwise": ("depthwise",), "1x1 or linear": ("1x1", "linear")}
+
+
+def _check_claimed_rates(report: Mapping[str, Any], summary: MaskSummary, roles: GraphRoles, dense: Mapping[str, torch.Tensor]) -> None:
+    """Every rate the report claims, recomputed from the masks and the owner's own model.
+
+    The conv rate (``achieved_rate``, with ``prunable_weights`` / ``kept_weights``) is over the
+    masked group-1 3x3 convs and must be absent when there are none; the whole-model rate
+    (``achieved_model_rate``, with ``model_weights`` / ``model_kept_weights``) is over every conv
+    and linear weight of the owner's graph, dense ones counted as kept, and must be present when
+    a depthwise, 1x1 or linear weight is masked; each entry of ``layers`` must name a masked
+    weight of the kind the graph says, at the rate its mask achieves.
+    """
+    conv = summary.conv
+    if conv.total:
+        _check_claimed_rate(report.get("achieved_rate"), conv.total, conv.kept, "achieved_rate", "an achieved rate")
+    elif "achieved_rate" in report:
+        raise ArtifactError("report.json claims a conv rate (achieved_rate) but no 3x3 convolution (groups=1) is masked")
+    for key, count in (("prunable_weights", conv.total), ("kept_weights", conv.kept)):
+        if key in report and report[key] != count:
+            raise ArtifactError(f"report.json: {key} is {printable(report[key], 40)}, the masks say {count}")
+    model_total = sum(dense[name].numel() for name in roles.weight_layers if name in dense)
+    model_kept = model_total - summary.removed
+    if "achieved_model_rate" in report or summary.depthwise.total or summary.structured.total:
+        if "achieved_model_rate" not in report:
+            raise ArtifactError("report.json: achieved_model_rate is missing, and depthwise, 1x1 or linear weights are masked")
+        _check_claimed_rate(report["achieved_model_rate"], model_total, model_kept, "achieved_model_rate", "a whole-model rate")
+    for key, count in (("model_weights", model_total), ("model_kept_weights", model_kept)):
+        if key in report and report[key] != count:
+            raise ArtifactError(f"report.json: {key} is {printable(report[key], 40)}, the masks and the model say {count}")
+    layers = report.get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(entry, dict) for entry in layers):
+        raise ArtifactError("report.json: layers must be a list of objects")
+    for entry in layers:
+        name = entry.get("layer")
+        if not isinstance(name, str) or name not in summary.layers:
+            raise ArtifactError(f"report.json lists {printable(name, 80)} as a pruned layer, but no mask covers it")
+        kind = entry.get("kind")
+        role = roles.kind(name)
+        if kind is not None and role is not None and kind not in _LAYER_KINDS[role]:
+            raise ArtifactError(f"report.json calls {printable(name, 80)} a {printable(kind, 20)} layer; the model's graph makes it {role}")
+        if "rate" in entry:
+            total, kept = summary.layers[name]
+            _check_claimed_rate(entry["rate"], total, kept, "a layer's rate", f"a rate for {printable(name, 80)}")
 
 
 # ------------------------------------------------------------------------------ job control

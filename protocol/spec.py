@@ -107,30 +107,46 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class PruneRequest:
-    """The owner's pruning request: target conv compression rate and layers to leave dense."""
+    """The owner's pruning request: target rates and layers to leave dense.
+
+    ``rate`` is the conv compression rate of the pattern-pruned group-1 3x3 convs, always.
+    ``model_rate`` (optional) is dense / kept over every conv and linear weight of the model
+    (layers that stay dense count as kept); when given, the entity also prunes 1x1 convs and
+    linear layers (whole input columns) as far as that rate needs, with the 3x3 convs still at
+    ``rate``. Without it the request reads and serialises exactly as before the field existed.
+    """
 
     rate: float
     skip_layers: tuple[str, ...] = field(default_factory=tuple)
     recipe: str | None = None
+    model_rate: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rate, (int, float)) and 1.0 <= float(self.rate) <= 1000.0):
             raise SpecError(f"compression rate must be between 1 and 1000, got {self.rate!r}")
+        if self.model_rate is not None and not (
+            isinstance(self.model_rate, (int, float)) and not isinstance(self.model_rate, bool) and 1.0 <= float(self.model_rate) <= 1000.0
+        ):
+            raise SpecError(f"whole-model compression rate must be between 1 and 1000 (or left out), got {self.model_rate!r:.40}")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rate": _decimal_str(self.rate, "rate"), "skip_layers": list(self.skip_layers)}
         if self.recipe is not None:
             out["recipe"] = self.recipe
+        if self.model_rate is not None:
+            out["model_rate"] = _decimal_str(self.model_rate, "model_rate")
         return out
 
     @classmethod
     def from_json(cls, data: Any) -> PruneRequest:
         try:
             recipe = data.get("recipe")
+            model_rate = data.get("model_rate")
             return cls(
                 rate=float(Decimal(str(data["rate"]))),
                 skip_layers=tuple(str(s) for s in data.get("skip_layers", [])),
                 recipe=None if recipe is None else str(recipe),
+                model_rate=None if model_rate is None else float(Decimal(str(model_rate))),
             )
         except (KeyError, TypeError, AttributeError, ValueError, InvalidOperation) as exc:
             raise SpecError(f"malformed pruning request: {exc}") from exc

@@ -7,9 +7,11 @@ serialisation of its tensors. The owner runs it on pruned weights it receives (w
 weights and extra tensors are refused there too), the egress guard on what it sends.
 
 ``graph_roles`` reads from the exported program's graph (not from tensor names, which the model's
-author chose) which stored tensors are 3x3 group-1 convolution weights (the only ones a pattern
-mask may touch) and which are BatchNorm running variances (which must stay positive: a negative
-one makes the normalisation divide by the square root of a negative number).
+author chose) which stored tensors are 3x3 group-1 convolution weights (pattern masks), depthwise
+3x3 weights (one pattern per channel), 1x1 group-1 convolution and linear weights (whole-column
+masks), which count in the whole-model rate, and which are BatchNorm running variances (which must
+stay positive: a negative one makes the normalisation divide by the square root of a negative
+number).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def check_masks(masks: Mapping[str, torch.Tensor], schema: Schema) -> None:
 
 
 _CONV_OPS = frozenset({"conv2d", "convolution", "_convolution"})
+_LINEAR_OPS = frozenset({"linear"})
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,20 @@ class GraphRoles:
 
     pattern_convs: frozenset[str]  # used only as the weight of 3x3, groups=1, non-transposed convolutions
     running_vars: frozenset[str]  # passed as ``running_var`` to a batch-norm op
+    depthwise_convs: frozenset[str] = frozenset()  # used only as a (C, 1, 3, 3) weight of a groups=C convolution
+    structured: frozenset[str] = frozenset()  # used only as a 1x1 groups=1 convolution weight or a linear weight
+    # Every weight of a 2-D (non-transposed) convolution or a linear layer: what the whole-model rate counts.
+    weight_layers: frozenset[str] = frozenset()
+
+    def kind(self, name: str) -> str | None:
+        """The kind of layer a maskable weight belongs to ("3x3", "depthwise", "1x1 or linear"), or None."""
+        if name in self.pattern_convs:
+            return "3x3"
+        if name in self.depthwise_convs:
+            return "depthwise"
+        if name in self.structured:
+            return "1x1 or linear"
+        return None
 
 
 def _bound_args(node: Any) -> dict[str, Any]:
@@ -119,17 +136,35 @@ def _bound_args(node: Any) -> dict[str, Any]:
     return bound
 
 
-def graph_roles(program: torch.export.ExportedProgram) -> GraphRoles:
-    """Find the pattern-prunable conv weights and the BatchNorm running variances from the graph.
+def _weight_role(packet: str, bound: Mapping[str, Any], shape: tuple[int, ...]) -> str | None:
+    """What a conv / linear call makes of its stored weight: a mask kind, "dense", or None (not a weight layer)."""
+    if packet in _LINEAR_OPS:
+        return "structured" if len(shape) == 2 else None
+    if len(shape) != 4 or bound.get("transposed", False):
+        return None
+    groups = int(bound.get("groups", 1) or 1)
+    if shape[2:] == (3, 3) and groups == 1:
+        return "pattern"
+    if shape[2:] == (3, 3) and groups > 1 and shape[1] == 1 and shape[0] == groups:
+        return "depthwise"
+    if shape[2:] == (1, 1) and groups == 1:
+        return "structured"
+    return "dense"
 
-    A weight counts as pattern-prunable only if every use of it in the graph is as the ``weight``
-    of a 2-D convolution with a (O, I, 3, 3) kernel, ``groups`` 1 and not transposed: the same rule
-    the entity's engine prunes by, read here independently of the entity's code.
+
+def graph_roles(program: torch.export.ExportedProgram) -> GraphRoles:
+    """Find the maskable weights, the weight layers and the BatchNorm running variances from the graph.
+
+    A weight counts as maskable of a kind only if every use of it in the graph is as the
+    ``weight`` of a layer of that kind: a 2-D non-transposed convolution with a (O, I, 3, 3)
+    kernel and ``groups`` 1 (pattern), with a (C, 1, 3, 3) kernel and ``groups`` C (depthwise), a
+    1x1 ``groups`` 1 convolution or an ``aten.linear`` (whole columns). These are the rules the
+    entity's engine prunes by, read here independently of the entity's code.
     """
     signature = program.graph_signature
     key_of = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     state = program.state_dict
-    conv_uses: set[str] = set()
+    uses: dict[str, set[str]] = {}
     other_uses: set[str] = set()
     running_vars: set[str] = set()
     for node in program.graph.nodes:
@@ -138,18 +173,13 @@ def graph_roles(program: torch.export.ExportedProgram) -> GraphRoles:
         bound = _bound_args(node)
         packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
         as_weight = None
-        if packet in _CONV_OPS:
+        if packet in _CONV_OPS or packet in _LINEAR_OPS:
             weight = bound.get("weight")
             key = key_of.get(getattr(weight, "name", None))
             shape = tuple(state[key].shape) if key in state else ()
-            if (
-                key is not None
-                and len(shape) == 4
-                and shape[2:] == (3, 3)
-                and int(bound.get("groups", 1) or 1) == 1
-                and not bound.get("transposed", False)
-            ):
-                conv_uses.add(key)
+            role = _weight_role(packet, bound, shape) if key is not None else None
+            if key is not None and role is not None:
+                uses.setdefault(key, set()).add(role)
                 as_weight = weight
         var = bound.get("running_var")
         if var is not None and key_of.get(getattr(var, "name", None)) is not None:
@@ -157,7 +187,17 @@ def graph_roles(program: torch.export.ExportedProgram) -> GraphRoles:
         for arg in node.all_input_nodes:
             if arg is not as_weight and arg.name in key_of:
                 other_uses.add(key_of[arg.name])
-    return GraphRoles(pattern_convs=frozenset(conv_uses - other_uses), running_vars=frozenset(running_vars))
+
+    def only(role: str) -> frozenset[str]:
+        return frozenset(key for key, roles in uses.items() if roles == {role} and key not in other_uses)
+
+    return GraphRoles(
+        pattern_convs=only("pattern"),
+        running_vars=frozenset(running_vars),
+        depthwise_convs=only("depthwise"),
+        structured=only("structured"),
+        weight_layers=frozenset(uses),
+    )
 
 
 def check_running_vars(tensors: Mapping[str, torch.Tensor], names: frozenset[str], own: Mapping[str, torch.Tensor]) -> None:

@@ -154,7 +154,7 @@ def _fresh(job: Job, count: int, seed: int, steps: int) -> torch.Tensor:
 
 
 def _probes(job: Job) -> list[str]:
-    return [lay.bn.output if lay.bn is not None else lay.node for lay in job.layers]
+    return [lay.bn.output if lay.bn is not None else lay.node for lay in job.pruned_layers()]
 
 
 def distill_loss(
@@ -177,13 +177,16 @@ def refresh(job: Job, student: nn.Module, images: torch.Tensor, labels: torch.Te
 
 
 def run_base(job: Job, base: str) -> None:
-    """Run the layer-wise base recipe on the job with that recipe's own default settings."""
+    """Run the layer-wise base recipe on the job with that recipe's own default settings, then the
+    layers it leaves (depthwise, 1x1, linear: ``extra_layers``) the way that base prunes them."""
+    from .extra_layers import prune_extra_layers
     from .recipes import RECIPES
 
     own = job.config
     job.config = dataclasses.replace(own, recipe=base, options={})
     try:
         RECIPES[base].run(job)
+        prune_extra_layers(job)  # every mask exists before distillation fixes them
     finally:
         job.config = own
 

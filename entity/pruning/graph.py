@@ -1,10 +1,12 @@
-"""Finding convolutions (and the BatchNorm/ReLU after them) in an exported graph, and running it.
+"""Finding convolutions and linear layers (and the BatchNorm/ReLU after them) in an exported graph, and running it.
 
 The entity never sees the owner's ``nn.Module`` class: it works on ``program.module()``, whose
-graph holds ``aten.conv2d`` / ``aten.convolution`` calls reading their weights through
-``get_attr`` nodes named by state_dict key. This module turns that graph into a list of
-``ConvLayer`` facts and runs it while recording chosen intermediate values (the inputs and
-outputs of convolutions, the inputs of batch norms), which is all the layer-wise solvers need.
+graph holds ``aten.conv2d`` / ``aten.convolution`` / ``aten.linear`` calls reading their weights
+through ``get_attr`` nodes named by state_dict key. This module turns that graph into lists of
+``ConvLayer`` / ``LinearLayer`` facts, says which of them the engine prunes and how (``kind_of``:
+pattern-pruned 3x3, depthwise 3x3, structured 1x1 / linear), and runs the graph while recording
+chosen intermediate values (the inputs and outputs of layers, the inputs of batch norms), which is
+all the layer-wise solvers need. ``protocol.prune_plan`` restates the same rules for the owner.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ if hasattr(_aten.conv2d, "padding"):
     _CONV_OPS.add(_aten.conv2d.padding)
 _BN_OPS = {_aten.batch_norm.default, _aten._native_batch_norm_legit_no_training.default}
 _RELU_OPS = {_aten.relu.default, _aten.relu_.default}
+_LINEAR_OPS = {_aten.linear.default}
+
+# How the engine prunes a layer of each kind (the words the report and the owner's plan use).
+PATTERN = "pattern"  # one library pattern per kernel (3x3: plus whole kernels removed)
+COLUMNS = "columns"  # whole input columns removed (structured)
+DENSE = "dense"
 
 
 class GraphError(ValueError):
@@ -66,9 +74,54 @@ class ConvLayer:
     def is_3x3(self) -> bool:
         return self.shape[2:] == (3, 3) and self.groups == 1
 
+    @property
+    def is_depthwise_3x3(self) -> bool:
+        """A 3x3 conv with one input channel per group and one filter per channel: (C, 1, 3, 3), groups C."""
+        return self.shape[2:] == (3, 3) and self.groups > 1 and self.shape[1] == 1 and self.shape[0] == self.groups
+
+    @property
+    def is_1x1(self) -> bool:
+        return self.shape[2:] == (1, 1) and self.groups == 1
+
+    @property
+    def in_channels(self) -> int:
+        return self.shape[1] * self.groups
+
+    @property
+    def weights(self) -> int:
+        return self.shape[0] * self.shape[1] * self.shape[2] * self.shape[3]
+
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """This layer's convolution with other weights (same stride, padding, dilation, groups)."""
         return torch.nn.functional.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """One ``aten.linear`` on a stored (O, I) weight, in topological order.
+
+    Shares the attributes the layer-wise code reads with ``ConvLayer`` (``node``, ``key``,
+    ``bias``, ``bn``, ``relu``), so statistics, refits and error probes treat both alike.
+    """
+
+    index: int
+    node: str
+    key: str
+    bias: str | None
+    shape: tuple[int, int]
+    relu: bool
+    bn: None = None  # a BatchNorm after a linear layer is not folded by the solvers
+
+    @property
+    def in_channels(self) -> int:
+        return self.shape[1]
+
+    @property
+    def weights(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+Layer = ConvLayer | LinearLayer
 
 
 def _pair(value: Any, default: int) -> tuple[int, int]:
@@ -176,19 +229,70 @@ def _follow(node: fx.Node) -> tuple[BatchNormRef | None, bool]:
     return bn, relu
 
 
-def prunable(layer: ConvLayer, skip: Iterable[str] = (), skip_stem: bool = True, min_in_channels: int = 4) -> bool:
-    """Whether a conv is pattern-pruned: a 3x3 group-1 conv not skipped by name, stem or width."""
-    if not layer.is_3x3:
-        return False
-    if skip_stem and layer.is_stem:
-        return False
-    if layer.shape[1] < min_in_channels:
-        return False
+def find_linears(gm: fx.GraphModule) -> list[LinearLayer]:
+    """Every ``aten.linear`` of ``gm`` whose (O, I) weight is a stored tensor, in topological order."""
+    layers: list[LinearLayer] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _LINEAR_OPS:
+            continue
+        args = dict(zip(["input", "weight", "bias"], node.args, strict=False))
+        args.update(node.kwargs)
+        key = _attr_key(args.get("weight"))
+        if key is None:
+            continue
+        weight = get_tensor(gm, key)
+        if weight.dim() != 2:
+            continue
+        _, relu = _follow(node)
+        out, inp = (int(d) for d in weight.shape)
+        layers.append(LinearLayer(len(layers), node.name, key, _attr_key(args.get("bias")), (out, inp), relu))
+    return layers
+
+
+def skipped(key: str, skip: Iterable[str]) -> bool:
+    """Whether a weight is named by ``skip``: its key, its module's name, or a prefix of either."""
     for s in skip:
         prefix = s[: -len(".weight")] if s.endswith(".weight") else s
-        if layer.key == s or layer.key.startswith(prefix.rstrip(".") + ".") or layer.key == prefix:
-            return False
-    return True
+        if key == s or key.startswith(prefix.rstrip(".") + ".") or key == prefix:
+            return True
+    return False
+
+
+def prunable(layer: ConvLayer, skip: Iterable[str] = (), skip_stem: bool = True, min_in_channels: int = 4) -> bool:
+    """Whether a conv is pattern-pruned at the conv rate: a 3x3 group-1 conv not skipped by name, stem or width."""
+    return layer.is_3x3 and pruning_of(layer, skip, skip_stem, min_in_channels) == PATTERN
+
+
+def kind_of(layer: Layer) -> str:
+    """The report's word for a layer: "3x3", "depthwise", "1x1", "linear" or "other" (never pruned)."""
+    if isinstance(layer, LinearLayer):
+        return "linear"
+    if layer.is_3x3:
+        return "3x3"
+    if layer.is_depthwise_3x3:
+        return "depthwise"
+    if layer.is_1x1:
+        return "1x1"
+    return "other"
+
+
+def pruning_of(layer: Layer, skip: Iterable[str] = (), skip_stem: bool = True, min_in_channels: int = 4, structured: bool = False) -> str:
+    """How the engine prunes ``layer``: ``PATTERN``, ``COLUMNS`` or ``DENSE``.
+
+    3x3 group-1 convs and depthwise 3x3 convs are pattern-pruned, 1x1 group-1 convs and linear
+    layers lose whole input columns when ``structured`` (the request names a whole-model rate),
+    under the same exceptions everywhere: the stem conv (no conv between it and the input),
+    fewer than ``min_in_channels`` input channels, or a name in ``skip`` keep a layer dense. The
+    stem rule is a conv rule: a linear layer is never a stem. Everything else stays dense.
+    """
+    kind = kind_of(layer)
+    if kind == "other" or (kind in ("1x1", "linear") and not structured):
+        return DENSE
+    if isinstance(layer, ConvLayer) and skip_stem and layer.is_stem:
+        return DENSE
+    if layer.in_channels < min_in_channels or skipped(layer.key, skip):
+        return DENSE
+    return PATTERN if kind in ("3x3", "depthwise") else COLUMNS
 
 
 class _Recorder(fx.Interpreter):

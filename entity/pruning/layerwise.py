@@ -13,13 +13,13 @@ from collections.abc import Iterator
 import torch
 from torch import fx
 
-from .graph import ConvLayer, get_tensor, record
+from .graph import ConvLayer, Layer, get_tensor, record
 
 
 def pairs(
-    work: fx.GraphModule, dense: fx.GraphModule, layer: ConvLayer, x: torch.Tensor, chunk: int = 128
+    work: fx.GraphModule, dense: fx.GraphModule, layer: Layer, x: torch.Tensor, chunk: int = 128
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(input of the conv in ``work``, output of the conv in ``dense``) for chunks of ``x``."""
+    """(input of the layer in ``work``, output of the layer in ``dense``) for chunks of ``x``."""
     with torch.no_grad():
         for part in x.split(chunk):
             if work is dense:

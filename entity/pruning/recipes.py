@@ -35,10 +35,14 @@ class Recipe:
     # without BatchNorm); PruneConfig.synthetic overrides
     synthetic: str
     description: str  # goes into the job report
+    # How the layers beyond the recipe's 3x3 convs (depthwise, 1x1, linear; ``extra_layers``) are
+    # chosen: "magnitude" (no data, as the recipe itself) or "refit" (OBS-style choice and
+    # least-squares refit on the recipe's synthetic inputs).
+    extra: str = "refit"
 
 
 RECIPES: dict[str, Recipe] = {
-    "oneshot": Recipe(run_oneshot, RecipeSettings, "uniform", "magnitude projection onto patterns + connectivity (no data)"),
+    "oneshot": Recipe(run_oneshot, RecipeSettings, "uniform", "magnitude projection onto patterns + connectivity (no data)", extra="magnitude"),
     "admm": Recipe(
         run_admm, AdmmSettings, "uniform", "the paper: layer-wise ADMM (Adam W-step, magnitude projection, rho 1e-4 x10 to 1e-1) on uniform noise"
     ),

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import patterns as pat
-from .graph import ConvLayer, get_tensor, set_tensor
+from .graph import ConvLayer, Layer, get_tensor, set_tensor
 from .layerwise import pairs, unfold
 from .options import PruneError, RecipeSettings
 
@@ -142,7 +142,7 @@ def relative_error(stats: LayerStats, w: torch.Tensor, offset: torch.Tensor | No
     return float(err.sum().clamp_min(0) / stats.target_energy.sum().clamp_min(1e-30))
 
 
-def write_layer(job: Job, layer: ConvLayer, weight: torch.Tensor, offset: torch.Tensor | None, scale: float) -> None:
+def write_layer(job: Job, layer: Layer, weight: torch.Tensor, offset: torch.Tensor | None, scale: float) -> None:
     """Store refitted weights; fold the offset into bias or BatchNorm, rescale BN to keep the function."""
     model = job.work
     if layer.bias is not None and offset is not None:
@@ -175,6 +175,8 @@ def sensitivity_allocation(job: Job, x: torch.Tensor) -> dict[str, int]:
     damping = job.recipe_settings(RefitSettings).damping
     pinned = {key for key, _ in job.config.layer_rates}
     free = [lay for lay in job.layers if lay.key not in pinned]
+    if not free:
+        return dict(job.keep)
     budget = sum(job.keep[lay.key] for lay in free)
     gains, floors = [], {}
     for lay in free:

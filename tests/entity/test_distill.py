@@ -152,26 +152,28 @@ def test_bn_model_keeps_batchnorm_matching(vgg):
     assert result.report["error_measured_on"] == "32 BatchNorm-matched synthetic images"
 
 
-def test_mobilenet_v2_keeps_depthwise_convs_dense_lists_them_and_prunes_the_rest():
+def test_mobilenet_v2_depthwise_convs_get_one_pattern_per_channel_and_distillation_keeps_them():
     from torchvision.models import mobilenet_v2
 
     spec = InputSpec(shape=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), channel_order="RGB")
     torch.manual_seed(4)
     program = _export(_sharpen(mobilenet_v2(num_classes=4)), spec)
-    with pytest.raises(PruneError, match="17 depthwise/grouped conv.*skip_stem=False"):
+    with pytest.raises(PruneError, match="17 depthwise 3x3 conv.*9/4.*whole-model rate.*skip_stem=False"):
         prune(program, spec, PruneConfig(rate=8.0, recipe="oneshot"))
     options = {**FAST, "steps": 20, "holdout": 16, "holdout_steps": 2, "images": 16, "refresh_every": 10, "refresh_steps": 1}
     config = PruneConfig(rate=8.0, recipe="distill", skip_stem=False, min_in_channels=1, synthetic_images=16, synthetic_steps=2, options=options)
     result = prune(program, spec, config)
     report = result.report
-    grouped = report["grouped_convs"]
-    assert len(grouped) == 17 and all(key in report["dense_convs"] for key in grouped)
-    assert set(result.masks) == {"features.0.0.weight"}
-    mask = result.masks["features.0.0.weight"]
-    assert int(torch.count_nonzero(result.state_dict["features.0.0.weight"][~mask])) == 0
-    for key in grouped:  # dense: every weight of a depthwise conv is still there
-        assert key not in result.masks
-    assert report["achieved_rate"] == "8.0000"
+    depthwise = [entry["layer"] for entry in report["layers"] if entry["kind"] == "depthwise"]
+    assert len(depthwise) == 17 and report["grouped_convs"] == []
+    assert set(result.masks) == {"features.0.0.weight", *depthwise}
+    library = {tuple(row) for row in report["library"]}
+    for key, mask in result.masks.items():
+        assert int(torch.count_nonzero(result.state_dict[key][~mask])) == 0  # distillation stayed inside the masks
+    for key in depthwise:  # every channel keeps exactly one library pattern
+        rows = result.masks[key].reshape(-1, 9).to(torch.int64).tolist()
+        assert all(tuple(row) in library for row in rows)
+    assert report["achieved_rate"] == "8.0000"  # the conv rate: the stem alone (depthwise convs are not part of it)
 
 
 def test_auto_device_is_cuda_when_present_else_cpu(vgg):

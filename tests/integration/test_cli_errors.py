@@ -120,7 +120,7 @@ def test_model_with_nothing_to_prune_is_refused_before_anything_leaves(tmp_path,
     args += ["--entity", f"127.0.0.1:{free_port()}", "--connect-timeout", "2"]
     done = _run(args, tmp_path)
     _one_line_error(done, "nothing to prune")
-    assert "linear layers stay dense" in done.stderr
+    assert "only for a whole-model rate (--model-rate)" in done.stderr  # the fix is named
     assert not (tmp_path / "out" / "audit.jsonl").exists()  # nothing was sent, so nothing is on record
 
 

@@ -217,18 +217,18 @@ def test_negative_running_variance_is_refused(exchange):
 
 
 # --------------------------------------------------------------------------- masks
-def test_mask_on_a_linear_weight_is_refused(exchange):
+def test_mask_on_a_linear_weight_is_refused_when_no_model_rate_was_asked(exchange):
     def linear(parts):
         parts["masks"]["classifier.weight"] = torch.ones_like(parts["state"]["classifier.weight"], dtype=torch.bool)
 
-    exchange.refused(exchange.result(linear), "classifier.weight.*not on a 3x3 convolution")
+    exchange.refused(exchange.result(linear), "classifier.weight.*request named no whole-model rate")
 
 
 def test_mask_on_a_batchnorm_weight_is_refused(exchange):
     def batchnorm(parts):
         parts["masks"]["features.4.weight"] = torch.ones_like(parts["state"]["features.4.weight"], dtype=torch.bool)
 
-    exchange.refused(exchange.result(batchnorm), "features.4.weight.*not on a 3x3 convolution")
+    exchange.refused(exchange.result(batchnorm), "features.4.weight.*not on a prunable weight")
 
 
 def test_kernel_keeping_five_entries_is_refused(exchange):

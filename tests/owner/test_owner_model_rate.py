@@ -10,7 +10,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from owner.run import OwnerError, _parser, load_config, plan_stage
+from owner.run import OwnerError, _parser, load_config
+from owner.stages import plan_stage
 from protocol.spec import PruneRequest
 
 REQUIRED = [

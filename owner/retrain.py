@@ -187,10 +187,11 @@ class _Adversary:
         attack, optimizer = self._build(logits.shape[1])
         model.eval()  # attack inputs in eval mode: BatchNorm statistics never see reference images
         try:
+            with torch.no_grad():  # the model does not change during the attack's steps: one forward pass serves them all
+                member = torch.softmax(model(images), dim=1)
             for _ in range(self.defence.attack_steps):
                 ref_images, ref_labels = self._next_reference()
                 with torch.no_grad():
-                    member = torch.softmax(model(images), dim=1)
                     non_member = torch.softmax(model(ref_images), dim=1)
                 scores = torch.cat([attack(member, labels), attack(non_member, ref_labels)])
                 truth = torch.cat([torch.ones(len(labels)), torch.zeros(len(ref_labels))]).to(scores.device)

@@ -6,7 +6,9 @@ reference models are built from the owner's own model factory and trained from s
 disjoint subsets of the rest of the training split, so no audited image is in any reference
 model's training set (the "offline" setting of LiRA and RMIA: no model has to be trained per
 audited image). RMIA's population images are a further reserved part of the training split, in no
-reference model's training set either.
+reference model's training set either. A caller whose models saw only part of the training split
+(a benchmark that trains them itself) passes its own split instead, which ``check_split`` holds to
+the same rules.
 
 Nothing here sends anything: the results go into files under ``OUT/privacy/`` and one
 ``privacy.audit`` event of the owner's own audit trail, marked local-only.
@@ -32,7 +34,19 @@ from owner.data import count
 from owner.privacy.attacks import ATTACK_TITLES, Estimate, attack_scores, bootstrap, roc
 from owner.privacy.reading import ATTACKS, EVENT, PLOT_PATH, RESULTS_PATH
 
-__all__ = ["EVENT", "AuditResult", "AuditSettings", "PrivacyAuditError", "Target", "event_details", "make_split", "run_audit", "write_outputs"]
+__all__ = [
+    "EVENT",
+    "AuditResult",
+    "AuditSettings",
+    "PrivacyAuditError",
+    "Split",
+    "Target",
+    "check_split",
+    "event_details",
+    "make_split",
+    "run_audit",
+    "write_outputs",
+]
 
 MODEL_NAMES = ("dense", "pruned", "final")
 MODEL_TITLES = {
@@ -112,6 +126,24 @@ def make_split(n_train: int, n_test: int, settings: AuditSettings) -> Split:
         )
     references = tuple(pool[k * each : (k + 1) * each] for k in range(settings.reference_models))
     return Split(members, test[:n], population, references)
+
+
+def check_split(split: Split, n_train: int, n_test: int) -> Split:
+    """A split the caller drew itself (a benchmark whose models saw only some training images),
+    refused in one line unless its parts are in range and disjoint, as :func:`make_split`'s are."""
+    parts = {"members": split.members, "population": split.population}
+    parts.update({f"reference subset {k + 1}": r for k, r in enumerate(split.references)})
+    if not split.references:
+        raise PrivacyAuditError("the split has no reference subsets: the calibrated attacks need at least one")
+    for name, (indices, limit) in {**{k: (v, n_train) for k, v in parts.items()}, "non-members": (split.non_members, n_test)}.items():
+        if len(indices) == 0 or indices.min() < 0 or indices.max() >= limit:
+            raise PrivacyAuditError(f"the split's {name} are empty or outside the {limit} images of their data set")
+        if len(np.unique(indices)) != len(indices):
+            raise PrivacyAuditError(f"the split's {name} repeat an image")
+    joined = np.concatenate(list(parts.values()))
+    if len(np.unique(joined)) != len(joined):
+        raise PrivacyAuditError("the split's members, population and reference subsets share training images: they must be disjoint")
+    return split
 
 
 def _stack(dataset: Dataset, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,6 +235,8 @@ class ModelResult:
     held_out_accuracy: float
     estimates: dict[str, dict[str, Estimate]]  # attack -> metric -> estimate
     roc: dict[str, tuple[list[float], list[float]]]  # attack -> (FPR, TPR), thinned for plotting
+    # attack -> (members' scores, non-members' scores), for paired comparisons between models; not written out
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -216,6 +250,10 @@ class AuditResult:
     models: tuple[ModelResult, ...]
     seconds: float
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # The logits every score was computed from, to re-examine an attack without retraining anything; not written out:
+    # "labels", "population_labels", "references" (K, N, C), "population_references" and, per target, "target:NAME" and
+    # "population:NAME".
+    logits: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -239,14 +277,16 @@ def run_audit(
     *,
     accuracy_of: Callable[[Target], float] | None = None,
     progress: Progress | None = None,
+    split: Split | None = None,
 ) -> AuditResult:
     """Train the reference models, collect logits, and score every attack against every target.
 
     ``accuracy_of`` measures a target's held-out accuracy on the whole held-out split (default:
-    on the audited non-members only).
+    on the audited non-members only). ``split`` replaces :func:`make_split`'s random draw when the
+    targets were trained on only part of ``train``: the members must then be images they all saw.
     """
     started = time.monotonic()
-    split = make_split(count(train), count(test), settings)
+    split = make_split(count(train), count(test), settings) if split is None else check_split(split, count(train), count(test))
     report = progress or (lambda stage, done, total: None)
     report("loading images", 0, 1)
     members_x, members_y = _stack(train, split.members)
@@ -273,20 +313,24 @@ def run_audit(
         ref_pop.append(logits_of(model, pop_x, settings.device))
         ref_acc.append(_accuracy(ref_logits[-1][len(members_y) :], non_y.numpy()))
     references, population = np.stack(ref_logits), np.stack(ref_pop)
+    raw = {"labels": audit_y, "population_labels": pop_labels, "references": references, "population_references": population}
     n = len(members_y)
     results = []
     for index, target in enumerate(targets):
         stage = f"attacking the {target.name} model"
         report(stage, 0, 1)
         logits = logits_of(target.model, audit_x, settings.device)
-        scores = attack_scores(logits, references, audit_y, logits_of(target.model, pop_x, settings.device), population, pop_labels)
-        estimates, curves = {}, {}
+        pop_logits = logits_of(target.model, pop_x, settings.device)
+        raw[f"target:{target.name}"], raw[f"population:{target.name}"] = logits, pop_logits
+        scores = attack_scores(logits, references, audit_y, pop_logits, population, pop_labels)
+        estimates, curves, kept = {}, {}, {}
         for a, attack in enumerate(ATTACKS):
             member, non_member = scores[attack][:n], scores[attack][n:]
             estimates[attack] = bootstrap(member, non_member, rounds=settings.bootstrap, seed=settings.seed * 7919 + index * 31 + a)
             curves[attack] = _thin(*roc(member, non_member))
+            kept[attack] = (member, non_member)
         accuracy = accuracy_of(target) if accuracy_of is not None else _accuracy(logits[n:], non_y.numpy())
-        results.append(ModelResult(target.name, target.description, target.weights_sha256, accuracy, estimates, curves))
+        results.append(ModelResult(target.name, target.description, target.weights_sha256, accuracy, estimates, curves, kept))
         report(stage, 1, 1)
     return AuditResult(
         settings=settings,
@@ -296,6 +340,7 @@ def run_audit(
         reference_images_each=len(split.references[0]),
         reference_accuracy=tuple(ref_acc),
         models=tuple(results),
+        logits=raw,
         seconds=time.monotonic() - started,
     )
 
@@ -364,9 +409,13 @@ def render_roc_png(result: AuditResult) -> bytes:
     import matplotlib.pyplot as plt
 
     models = result.models
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.2), squeeze=False)
+    columns = min(4, len(models))  # a benchmark's many models wrap into rows rather than one strip
+    rows = -(-len(models) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(models) :]:
+        ax.set_visible(False)
     low = 1.0 / max(result.non_members, 1)
-    for ax, m in zip(axes[0], models, strict=True):
+    for ax, m in zip(axes.flat, models, strict=False):
         for attack in ATTACKS:
             fpr, tpr = (np.asarray(v) for v in m.roc[attack])
             keep = (fpr > 0) & (tpr > 0)

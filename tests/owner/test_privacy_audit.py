@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from owner.privacy.auditing import AuditSettings, PrivacyAuditError, Target, make_split, run_audit, state_sha256
+from owner.privacy.auditing import AuditSettings, PrivacyAuditError, Split, Target, check_split, make_split, run_audit, state_sha256
 from owner.privacy.reading import ATTACKS
 from tests.owner.privacy_helpers import tiny_mlp
 
@@ -93,6 +93,39 @@ def test_split_is_disjoint_and_reproducible_from_the_seed() -> None:
     assert len(np.unique(joined)) == len(joined)
     assert all(np.array_equal(x, y) for x, y in zip(train_parts, [b.members, b.population, *b.references], strict=True))
     assert not np.array_equal(a.members, make_split(6000, 1000, AuditSettings(seed=5)).members)
+
+
+def test_a_given_split_is_audited_as_given(one_thread: None) -> None:
+    """A target fitted on only the first 150 training images: a split naming those as members
+    finds them; the same split with 150 images it never saw as members stays at chance."""
+    train, test = _random_split(6, 800), _random_split(7, 200)
+    target = _fit(TensorDataset(*(t[:150] for t in train.tensors)))
+    settings = AuditSettings(reference_models=2, reference_epochs=5, members=150, population=100, bootstrap=0, min_reference_images=50)
+    rest = np.arange(300, 800)
+
+    def loss_auc(members: np.ndarray) -> float:
+        split = Split(members, np.arange(150), rest[:100], (rest[100:300], rest[300:500]))
+        result = run_audit([Target("t", target, "")], lambda: tiny_mlp(64), train, test, settings, split=split)
+        (model,) = result.models
+        assert len(model.scores["loss"][0]) == 150 and result.logits["target:t"].shape == (300, 10)
+        assert result.logits["references"].shape == (2, 300, 10)
+        return model.estimates["loss"]["auc"].value
+
+    assert loss_auc(np.arange(150)) > 0.85
+    assert abs(loss_auc(np.arange(150, 300)) - 0.5) < 0.1
+
+
+def test_a_given_split_that_overlaps_or_leaves_the_data_is_refused() -> None:
+    parts = np.arange(100), np.arange(100), np.arange(100, 150), (np.arange(150, 250),)
+    assert check_split(Split(*parts), 250, 100).members is parts[0]
+    with pytest.raises(PrivacyAuditError, match="share training images"):
+        check_split(Split(parts[0], parts[1], np.arange(90, 150), parts[3]), 250, 100)
+    with pytest.raises(PrivacyAuditError, match="non-members are empty or outside the 50 images"):
+        check_split(Split(*parts), 250, 50)
+    with pytest.raises(PrivacyAuditError, match="reference subset 1 repeat an image"):
+        check_split(Split(*parts[:3], (np.r_[np.arange(150, 200), 150],)), 250, 100)
+    with pytest.raises(PrivacyAuditError, match="no reference subsets"):
+        check_split(Split(*parts[:3], ()), 250, 100)
 
 
 # ------------------------------------------------------------------------------------ the CLI

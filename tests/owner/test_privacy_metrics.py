@@ -67,3 +67,31 @@ def test_calibrated_attacks_find_what_the_references_did_not_fit() -> None:
     for name in ("lira", "rmia"):
         assert attacks.auc(scores[name][: n // 2], scores[name][n // 2 :]) > 0.9, name
     assert set(scores) == set(ATTACKS)
+
+
+def test_paired_difference_establishes_a_shift_the_separate_intervals_cannot() -> None:
+    """Two models scored on the same images: the second is the first plus a small extra member
+    shift and per-image noise. Separately their AUC intervals overlap; paired, the interval of the
+    difference lies above 0, and it is centred on the difference of the two AUCs."""
+    rng = np.random.default_rng(4)
+    n = 1500
+    members, non_members = rng.normal(0.3, 1, n), rng.normal(0, 1, n)
+    shifted = (members + 0.08 + rng.normal(0, 0.1, n), non_members + rng.normal(0, 0.1, n))
+    a, b = attacks.bootstrap(*shifted, rounds=200, seed=0)["auc"], attacks.bootstrap(members, non_members, rounds=200, seed=0)["auc"]
+    assert a.low <= b.high and b.low <= a.high  # the separate intervals overlap
+    d = attacks.paired_difference(shifted, (members, non_members), rounds=200, seed=0)
+    assert d.value == pytest.approx(a.value - b.value)
+    assert 0 < d.low <= d.value <= d.high
+
+
+def test_paired_difference_of_the_same_scores_is_exactly_zero_and_mismatches_are_refused() -> None:
+    rng = np.random.default_rng(5)
+    scores = (rng.normal(1, 1, 300), rng.normal(0, 1, 300))
+    d = attacks.paired_difference(scores, scores, rounds=50, seed=0)
+    assert (d.value, d.low, d.high) == (0.0, 0.0, 0.0)
+    reverse = attacks.paired_difference((scores[1][:300], scores[0]), scores, rounds=50, seed=0)
+    assert reverse.high < 0  # first minus second: a worse first model gives a negative difference
+    with pytest.raises(ValueError, match="same members and non-members"):
+        attacks.paired_difference(scores, (scores[0][:10], scores[1]), rounds=5, seed=0)
+    with pytest.raises(ValueError, match="unknown metric"):
+        attacks.paired_difference(scores, scores, rounds=5, seed=0, metric="precision")

@@ -27,6 +27,8 @@ and anchors), ``.png`` (ROC curves on log-log axes, one panel per model) and ``_
     nice -n 10 python -m benchmarks.privacy_audit                       # the memorise table
     nice -n 10 python -m benchmarks.privacy_audit --regime generalise --out benchmarks/results/privacy_audit_generalising
     python -m benchmarks.privacy_audit --quick                          # smoke run, a few minutes
+    python -m benchmarks.privacy_audit --summarise benchmarks/results/privacy_audit.json benchmarks/results/privacy_audit_seed1.json \
+        benchmarks/results/privacy_audit_seed2.json                     # mean ± sd over seeds -> privacy_audit_seeds.{md,json,png}
 """
 
 from __future__ import annotations
@@ -383,6 +385,252 @@ def _comparisons(names: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+# ------------------------------------------------------------------------------------ several seeds
+
+# What must agree between the runs summarised together: everything but the seed.
+_SAME = ("regime", "train_images", "dense_epochs", "epochs", "rates", "recipe", "defence_weights", "defence_steps", "defence_images")
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+# 97.5% quantiles of Student's t for 1-10 degrees of freedom: a 95% interval for a mean over a few seeds.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def _t_interval(values: list[float]) -> tuple[float, float] | None:
+    """95% interval for the mean of per-seed values (Student's t, seeds as the sample); None for one seed."""
+    if len(values) < 2:
+        return None
+    mean, sd = _mean_sd(values)
+    half = (_T975[len(values) - 2] if len(values) <= len(_T975) + 1 else 1.96) * sd / np.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def _seeds_of(states: list[dict[str, Any]]) -> list[int]:
+    return [int(s["audit"]["settings"]["seed"]) for s in states]
+
+
+def _check_comparable(states: list[dict[str, Any]], paths: list[Path]) -> None:
+    """Refuse runs that differ in anything but the seed, or that repeat a seed."""
+    first = states[0]
+    for state, path in zip(states[1:], paths[1:], strict=True):
+        for key in _SAME:
+            if state.get(key) != first.get(key):
+                _fatal(f"{path} has {key} = {state.get(key)!r}, {paths[0]} {first.get(key)!r}: only the seed may differ")
+        ours = {k: v for k, v in state["audit"]["settings"].items() if k != "seed"}
+        theirs = {k: v for k, v in first["audit"]["settings"].items() if k != "seed"}
+        if ours != theirs:
+            _fatal(f"{path} and {paths[0]} differ in the audit settings ({ours} vs {theirs}): only the seed may differ")
+        if [m["model"] for m in state["audit"]["models"]] != [m["model"] for m in first["audit"]["models"]]:
+            _fatal(f"{path} and {paths[0]} audit different models")
+    seeds = _seeds_of(states)
+    if len(set(seeds)) != len(seeds):
+        _fatal(f"the runs repeat a seed ({seeds}): each seed once")
+
+
+def summarise_seeds(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per model the mean and sd over the seeds of test accuracy, member accuracy and the RMIA,
+    LiRA and loss AUC; per issue-12 target the verdict on the mean and the number of seeds
+    meeting it on their own; every seed's paired differences."""
+    names = [m["model"] for m in states[0]["audit"]["models"]]
+    per = [{m["model"]: m for m in s["audit"]["models"]} for s in states]
+
+    def values(name: str, what: str) -> list[float]:
+        if what == "test_accuracy":
+            return [p[name]["held_out_accuracy"] * 100 for p in per]
+        if what == "member_accuracy":
+            return [s["member_accuracy"][name] * 100 for s in states]
+        return [p[name]["results"][what]["auc"]["value"] for p in per]
+
+    rows = {name: {what: values(name, what) for what in ("test_accuracy", "member_accuracy", "rmia", "lira", "loss")} for name in names}
+    paired: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for state in states:
+        for p in state["paired"]:
+            entry = paired.setdefault(f"{p['first']} − {p['second']}", {"rmia": [], "loss": []})
+            entry["rmia"].append(p["rmia"])
+            entry["loss"].append(p["loss"])
+    targets = []
+    for rate in states[0]["rates"]:
+        plain = f"final-{rate:g}x"
+        if "dense" in rows and plain in rows:
+            d, f = rows["dense"]["rmia"], rows[plain]["rmia"]
+            seeds_met = sum(fi <= di for fi, di in zip(f, d, strict=True))
+            established = sum(e["high"] < 0 for e in paired.get(f"{plain} − dense", {"rmia": []})["rmia"])
+            targets.append(
+                {
+                    "target": f"{rate:g}x final RMIA AUC no higher than dense",
+                    "model": plain,
+                    "met": bool(np.mean(f) <= np.mean(d)),
+                    "seeds_met": int(seeds_met),
+                    "seeds_established": int(established),
+                    "difference": _mean_sd([fi - di for fi, di in zip(f, d, strict=True)]),
+                    "difference_t95": _t_interval([fi - di for fi, di in zip(f, d, strict=True)]),
+                    "cost_pp": None,
+                }
+            )
+        for name in names:
+            if not name.startswith(f"{plain}-defence"):
+                continue
+            f, g = rows[plain]["rmia"], rows[name]["rmia"]
+            cost = [a - b for a, b in zip(rows[plain]["test_accuracy"], rows[name]["test_accuracy"], strict=True)]
+            seeds_met = sum(gi < fi and c <= 0.5 for gi, fi, c in zip(g, f, cost, strict=True))
+            established = sum(e["high"] < 0 for e in paired.get(f"{name} − {plain}", {"rmia": []})["rmia"])
+            targets.append(
+                {
+                    "target": f"{name} lowers RMIA AUC below {plain} at a cost of at most 0.5 pp accuracy",
+                    "model": name,
+                    "met": bool(np.mean(g) < np.mean(f) and np.mean(cost) <= 0.5),
+                    "seeds_met": int(seeds_met),
+                    "seeds_established": int(established),
+                    "difference": _mean_sd([gi - fi for gi, fi in zip(g, f, strict=True)]),
+                    "difference_t95": _t_interval([gi - fi for gi, fi in zip(g, f, strict=True)]),
+                    "cost_pp": _mean_sd(cost),
+                    "cost_t95": _t_interval(cost),
+                    "cost_per_seed": cost,
+                }
+            )
+    return {
+        "seeds": _seeds_of(states),
+        "regime": states[0]["regime"],
+        "models": names,
+        "rows": rows,
+        "paired": paired,
+        "targets": targets,
+        "seconds": [s["seconds"] for s in states],
+        "load_average": [s["load_average"] for s in states],
+    }
+
+
+def _bracket(interval: tuple[float, float] | None, fmt: str) -> str:
+    return "" if interval is None else f" [{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
+
+
+def render_seeds_markdown(summary: dict[str, Any], sources: list[str]) -> str:
+    seeds, k = summary["seeds"], len(summary["seeds"])
+
+    def cell(vals: list[float], fmt: str) -> str:
+        mean, sd = _mean_sd(vals)
+        return f"{mean:{fmt}} ± {sd:{fmt}}"
+
+    runs = ", ".join(
+        f"seed {s} `{src}` ({sec:.0f} s, load {la[0]:.2f}→{la[1]:.2f})"
+        for s, src, sec, la in zip(seeds, sources, summary["seconds"], summary["load_average"], strict=True)
+    )
+    lines = [
+        f"# Membership inference on Fashion-MNIST (small VGG), regime `{summary['regime']}`: {k} seeds",
+        "",
+        f"Summarised by `python -m benchmarks.privacy_audit --summarise {' '.join(sources)}` from {runs}. "
+        "Each seed draws its own member/non-member/population/reference split, trains its own dense and reference models and "
+        "retrains with its own data order and defence initialisation; every other setting is the same (checked).",
+        "",
+        f"Mean ± sample standard deviation over the {k} seeds (per-seed values in the columns on the right):",
+        "",
+        "| model | test accuracy (%) | member accuracy (%) | RMIA AUC | LiRA AUC | loss AUC "
+        "| test accuracy per seed | RMIA AUC per seed | loss AUC per seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in summary["models"]:
+        r = summary["rows"][name]
+        lines.append(
+            f"| {name} | {cell(r['test_accuracy'], '.2f')} | {cell(r['member_accuracy'], '.2f')} | {cell(r['rmia'], '.3f')} | "
+            f"{cell(r['lira'], '.3f')} | {cell(r['loss'], '.3f')} | {', '.join(f'{v:.2f}' for v in r['test_accuracy'])} | "
+            f"{', '.join(f'{v:.3f}' for v in r['rmia'])} | {', '.join(f'{v:.3f}' for v in r['loss'])} |"
+        )
+    lines += [
+        "",
+        f"## Targets (issue 12) on the {k}-seed mean",
+        "",
+        f"A verdict on the mean of the {k} seeds, then how many seeds meet the target on their own point estimates, and in how many "
+        "the paired interval (that seed's bootstrap over its members and non-members) lies below 0. In brackets, a 95% Student-t "
+        f"interval over the {k} seeds (the seeds as the sample: it covers the retraining's and the split's variation, which one "
+        "seed's bootstrap does not).",
+        "",
+        "| target | verdict on the mean | seeds meeting it | seeds with the paired interval below 0 | RMIA AUC difference, mean ± sd [t interval] "
+        "| accuracy cost, pp, mean ± sd [t interval] (per seed) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in summary["targets"]:
+        diff = f"{t['difference'][0]:+.4f} ± {t['difference'][1]:.4f}" + _bracket(t["difference_t95"], "+.4f")
+        cost = "—"
+        if t["cost_pp"] is not None:
+            cost = f"{t['cost_pp'][0]:+.2f} ± {t['cost_pp'][1]:.2f}" + _bracket(t["cost_t95"], "+.2f")
+            cost += f" ({', '.join(f'{c:+.2f}' for c in t['cost_per_seed'])})"
+        lines.append(f"| {t['target']} | {'met' if t['met'] else 'missed'} | {t['seeds_met']}/{k} | {t['seeds_established']}/{k} | {diff} | {cost} |")
+    lines += [
+        "",
+        "## Paired differences per seed",
+        "",
+        "First model minus second, each seed's 95% interval from resampling the same members and non-members for both models:",
+        "",
+        "| comparison | " + " | ".join(f"seed {s} RMIA" for s in seeds) + " | " + " | ".join(f"seed {s} loss" for s in seeds) + " |",
+        "|---|" + "---|" * (2 * k),
+    ]
+    for comparison, entry in summary["paired"].items():
+        cells = [_signed(e) for e in entry["rmia"]] + [_signed(e) for e in entry["loss"]]
+        lines.append(f"| {comparison} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_seeds_png(summary: dict[str, Any]) -> bytes:
+    """RMIA AUC (left) and test accuracy (right) per model: the mean with a ±1 sd bar, and each seed as a dot."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = summary["models"]
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, what, label in ((axes[0], "rmia", "RMIA AUC"), (axes[1], "test_accuracy", "test accuracy (%)")):
+        stats = [_mean_sd(summary["rows"][n][what]) for n in names]
+        ax.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o", color="black", capsize=4, label="mean ± sd", zorder=3)
+        for j, seed in enumerate(summary["seeds"]):
+            offset = (j - (len(summary["seeds"]) - 1) / 2) * 0.08
+            ax.scatter(x + offset, [summary["rows"][n][what][j] for n in names], s=14, alpha=0.8, label=f"seed {seed}", zorder=4)
+        ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(f"Regime {summary['regime']}, {len(summary['seeds'])} seeds", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _summarise(paths: list[Path], out: Path) -> int:
+    from protocol._files import atomic_write
+
+    states = []
+    for path in paths:
+        try:
+            states.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            _fatal(f"cannot read {path}: {exc}")
+    _check_comparable(states, paths)
+    for state, path in zip(states, paths, strict=True):
+        if "paired" not in state or "member_accuracy" not in state:
+            _fatal(f"{path} is from before the paired intervals: rerun it")
+    order = np.argsort(_seeds_of(states), kind="stable")
+    states, paths = [states[i] for i in order], [paths[i] for i in order]
+    summary = summarise_seeds(states)
+    sources = [os.path.relpath(p, ROOT) if p.resolve().is_relative_to(ROOT) else str(p) for p in paths]
+    summary["sources"] = sources
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out.with_suffix(".json"), (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write(out.with_suffix(".md"), render_seeds_markdown(summary, sources).encode())
+    atomic_write(out.with_suffix(".png"), render_seeds_png(summary))
+    print(render_seeds_markdown(summary, sources))
+    return 0
+
+
 # ------------------------------------------------------------------------------------ run
 
 
@@ -411,9 +659,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-defence", action="store_true", help="skip the defended models")
     parser.add_argument("--quick", action="store_true", help="smoke run: small split, one rate, few epochs, 2 reference models")
-    parser.add_argument("--out", type=Path, default=RESULTS / "privacy_audit")
+    parser.add_argument("--out", type=Path, help="output path, no suffix (default results/privacy_audit; --summarise: results/privacy_audit_seeds)")
     parser.add_argument("--save-logits", type=Path, help="also write every logit the attacks used to this .npz (to re-examine an attack)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md and figures from the .json of an earlier run")
+    parser.add_argument(
+        "--summarise",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="summarise earlier runs that differ only in --seed (their .json files): mean ± sd per model, targets on the mean",
+    )
     return parser
 
 
@@ -475,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = _parser().parse_args(argv)
+    if args.summarise:
+        return _summarise(args.summarise, args.out or RESULTS / "privacy_audit_seeds")
+    args.out = args.out or RESULTS / "privacy_audit"
     if args.render_only:
         from protocol._files import atomic_write
 

@@ -573,7 +573,7 @@ def _targets(name: str, info: dict, cells: list[dict]) -> list[str]:
         verdict = "met" if margin >= 100 * lead else "NOT met"
         out.append(
             f"- {rate:g}x after {k} epoch: distill {_pct(ours[0])} (n={ours[1]}) vs one-shot {_pct(base[0])} (n={base[1]}): "
-            f"lead {margin:+.1f} pp (target +{100 * lead:g}): **{verdict}**"
+            f"lead {margin:+.1f} pp (target +{100 * lead:g}): **{verdict}** ({margin - 100 * lead:+.1f} pp)"
         )
     else:
         out.append(f"- {rate:g}x after {k} epoch: distill vs one-shot: not run")
@@ -645,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic-images", type=int, default=256)
     parser.add_argument("--only", default="", help="comma-separated models to run (default: all in the plan)")
     parser.add_argument("--methods", default="", help="comma-separated methods to run (default: all in the plan)")
+    parser.add_argument("--rates", default="", help="comma-separated compression rates to run, e.g. 8,16 (default: all in the plan)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds to run (default: all in the plan)")
+    parser.add_argument("--ks", default="", help="comma-separated retraining lengths K, e.g. 3 (default: the plan's; K=0 is always measured)")
+    parser.add_argument("--list", action="store_true", help="print the cells (and their missing K) that would run, then stop")
     parser.add_argument("--train-only", action="store_true", help="train and cache the dense models, then stop")
     parser.add_argument("--render-only", action="store_true", help="re-render md/png from the JSON results")
     args = parser.parse_args(argv)
@@ -671,13 +675,14 @@ def main(argv: list[str] | None = None) -> int:
             if model is not None:
                 state["models"][model[0]] = model[1]
             if cell is not None:
-                key = _key(cell)
-                same = [c for c in state["cells"] if _key(c) == key]
+                key, info = _key(cell), {"epochs": cell["dense_epochs"], "accuracy": cell["dense_accuracy"]}
+                # Only a current cell of the same key is replaced (merged into this one); cells of
+                # the same key from an older dense model or recipe stay in the JSON, unshown.
+                same = [c for c in state["cells"] if _key(c) == key and _is_current(c, info)]
                 for old in same:
-                    if _is_current(old, {"epochs": cell["dense_epochs"], "accuracy": cell["dense_accuracy"]}):
-                        # Another K for a finished cell (e.g. K=1 after K=3): keep both runs.
-                        cell["accuracy"] = {**old["accuracy"], **cell["accuracy"]}
-                        cell["ks_run"] = sorted(set(old.get("ks_run", ())) | set(cell["ks_run"]))
+                    # Another K for a finished cell (e.g. K=1 after K=3): keep both runs.
+                    cell["accuracy"] = {**old["accuracy"], **cell["accuracy"]}
+                    cell["ks_run"] = sorted(set(old.get("ks_run", ())) | set(cell["ks_run"]))
                 state["cells"] = [c for c in state["cells"] if c not in same] + [cell]
             _atomic_write(json_path, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
             _atomic_write(md_path, render_markdown(state, args.quick).encode())
@@ -699,6 +704,22 @@ def main(argv: list[str] | None = None) -> int:
         plan = [p for p in plan if p[0] in args.only.split(",")]
     if args.methods:
         plan = [p for p in plan if p[2] in args.methods.split(",")]
+    try:
+        rates = {float(r) for r in args.rates.split(",")} if args.rates else None
+        seeds = {int(s) for s in args.seeds.split(",")} if args.seeds else None
+        wanted_ks = {int(k) for k in args.ks.split(",")} if args.ks else None
+    except ValueError:
+        parser.error("--rates, --seeds and --ks take comma-separated numbers")
+    if rates is not None:
+        plan = [p for p in plan if p[1] in rates]
+    if seeds is not None:
+        plan = [p for p in plan if p[4] in seeds]
+    if wanted_ks is not None:
+        # Keep only the asked-for lengths of each cell (a cell left with none is dropped, unless
+        # K=0 was asked for: then it is pruned and measured without retraining). Finished
+        # cells and lengths are still skipped below.
+        kept = ((m, r, meth, tuple(k for k in ks if k in wanted_ks) or ((0,) if 0 in wanted_ks else ()), s) for m, r, meth, ks, s in plan)
+        plan = [p for p in kept if p[3]]
     if args.quick:
         epochs = {k: 1 for k in epochs}
     dense_models: dict[str, nn.Module] = {}
@@ -725,6 +746,9 @@ def main(argv: list[str] | None = None) -> int:
         # Only the retraining lengths not yet run; save() merges them into the finished cell.
         missing = tuple(k for k in ks if not done or k not in done[0].get("ks_run", ()))
         if not missing:
+            continue
+        if args.list:
+            print(f"{name} {rate:g}x {method} seed {seed}: K={','.join(map(str, missing))}")
             continue
         model = dense(name)
         cell = run_cell(name, model, rate, method, missing, train, test, args.device, args.synthetic_images, log, cache, seed)

@@ -32,7 +32,7 @@ from . import structured as st
 from .graph import ConvLayer, Layer, LinearLayer, kind_of
 from .layerwise import pairs, unfold
 from .recipes import RECIPES
-from .refit import LayerStats, RefitSettings, damped, relative_error, write_layer
+from .refit import LayerStats, RefitSettings, damped, relative_error, sum_stats, write_layer
 
 if TYPE_CHECKING:
     from .engine import Job
@@ -72,20 +72,13 @@ def structured_stats(
 ) -> LayerStats:
     """``refit.LayerStats`` of a 1x1 conv or linear layer: rows are positions, columns its input
     channels (only those ``columns`` marks, when given)."""
-    gram = cross = energy = None
-    for xin, y in batches:
-        u, t = _rows(layer, xin, y)
-        if columns is not None:
-            u = u[:, columns.to(u.device)]
-        if offset:
-            u = torch.cat([u, torch.ones(u.shape[0], 1, dtype=u.dtype, device=u.device)], dim=1)
-        g, c, e = (u.T @ u).double(), (u.T @ t).double(), t.double().pow(2).sum(dim=0)
-        gram = g if gram is None else gram + g
-        cross = c if cross is None else cross + c
-        energy = e if energy is None else energy + e
-    if gram is None or cross is None or energy is None:
-        raise ValueError("no synthetic data")
-    return LayerStats(gram, cross, energy, offset)
+
+    def rows() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for xin, y in batches:
+            u, t = _rows(layer, xin, y)
+            yield (u if columns is None else u[:, columns.to(u.device)]), t
+
+    return sum_stats(rows(), offset)
 
 
 def _can_refit(layer: Layer) -> bool:

@@ -62,13 +62,21 @@ class LayerStats:
 
 def accumulate(layer: ConvLayer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], offset: bool) -> LayerStats:
     """G = U^T U, C = U^T Y and ||Y||^2 over (input, target) batches of one conv."""
+    rows = ((unfold(layer, xin), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])) for xin, y in batches)
+    return sum_stats(rows, offset)
+
+
+def sum_stats(rows: Iterable[tuple[torch.Tensor, torch.Tensor]], offset: bool) -> LayerStats:
+    """``LayerStats`` from chunks of (U, Y) rows: U (positions, inputs), Y (positions, outputs).
+
+    float32 products per chunk (fast), float64 sums across chunks (accurate enough for the solves);
+    ``offset`` appends a column of ones to U (a bias the refit may move).
+    """
     gram = cross = energy = None
-    for xin, y in batches:
-        # float32 products per chunk (fast), float64 sums across chunks (accurate enough for the solves)
-        u = unfold(layer, xin).float()
+    for u, t in rows:
+        u, t = u.float(), t.float()
         if offset:
             u = torch.cat([u, torch.ones(u.shape[0], 1, dtype=u.dtype, device=u.device)], dim=1)
-        t = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).float()
         g, c, e = (u.T @ u).double(), (u.T @ t).double(), t.double().pow(2).sum(dim=0)
         gram = g if gram is None else gram + g
         cross = c if cross is None else cross + c

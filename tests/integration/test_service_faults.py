@@ -44,6 +44,18 @@ def _verify(dep: LocalDeployment, out: Path) -> None:
     assert verdict.ok, verdict
 
 
+def _failure(dep: LocalDeployment) -> str:
+    """The owner's one-line error, as it wrote it to OUT/failure.json."""
+    return json.loads((dep.work / "owner" / "out" / "failure.json").read_text())["error"]
+
+
+def _restart_and_resume(dep: LocalDeployment, plan: OwnerPlan, job: str, timeout: float):
+    """Restart the entity with the same home (its journal holds the job), then ``owner.run --resume``."""
+    dep.start_entity()
+    dep.wait_event("recovered", timeout=30, job_id=job)
+    return dep.resume(plan, timeout=timeout)
+
+
 def _wait_stage(out: Path, stage: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -74,15 +86,13 @@ def test_entity_killed_while_pruning_then_restarted_and_owner_resume_gets_the_re
         # The owner notices on its own, within its stall timeout, and says how to go on.
         assert owner.wait(timeout=STALL_TIMEOUT + 60) == 1
         noticed = time.monotonic() - killed
-        error = json.loads((dep.work / "owner" / "out" / "failure.json").read_text())["error"]
+        error = _failure(dep)
         assert "--resume" in error, error
         assert noticed < STALL_TIMEOUT + 30, f"the owner took {noticed:.0f} s to notice"
         state = json.loads((dep.work / "owner" / "out" / "job.json").read_text())
         assert state["job_id"] == job and state["stage"] == "requested"
 
-        dep.start_entity()  # the same home: the journal still holds the job
-        dep.wait_event("recovered", timeout=30, job_id=job)
-        run = dep.resume(plan, timeout=300)
+        run = _restart_and_resume(dep, plan, job, timeout=300)
     finally:
         dep.kill_owner(owner)
         left = dep.stop()
@@ -188,14 +198,12 @@ def test_entity_stopped_by_its_operator_tells_the_owner_at_once_and_the_job_resu
         stopped = time.monotonic()
         assert owner.wait(timeout=60) == 1
         noticed = time.monotonic() - stopped
-        error = json.loads((dep.work / "owner" / "out" / "failure.json").read_text())["error"]
+        error = _failure(dep)
         assert "shutting down" in error and "--resume" in error and job in error, error
         assert noticed < 30, f"the owner took {noticed:.0f} s to hear that the entity stops"
         told = [e for e in dep.entity_events() if e["event"] in ("stopping", "stopped")]
         assert [e["event"] for e in told] == ["stopping", "stopped"] and told[0]["told"] == 1, told
-        dep.start_entity()
-        dep.wait_event("recovered", timeout=30, job_id=job)
-        run = dep.resume(plan, timeout=400)
+        run = _restart_and_resume(dep, plan, job, timeout=400)
     finally:
         dep.kill_owner(owner)
         left = dep.stop()

@@ -1,6 +1,6 @@
 """Generated pattern-sparse C vs torch eager, ONNX Runtime and MNN's sparse path, 1 and 2 threads.
 
-    python -m benchmarks.codegen_speed [--rounds N] [--quick] [--skip-layers] [--threads 1,2] [--out benchmarks/results]
+    python -m benchmarks.codegen_speed [--rounds N] [--quick] [--skip-layers | --layers-only] [--threads 1,2] [--out benchmarks/results]
 
 Whole networks: ResNet-18 (224x224, 3x3 convs pattern-pruned to 6x and 12x) and MobileNet-V2
 (224x224, dense, and pruned: depthwise 3x3 kernels to one library pattern each, 1x1 convs and the
@@ -367,12 +367,13 @@ def targets(nets: list[dict], layers: list[dict]) -> list[str]:
 
 def render(layers: list[dict], nets: list[dict], ablation: list[dict], storage: list[dict], meta: str) -> str:
     out = ["# Generated pattern-sparse C vs torch, ONNX Runtime and MNN (sparse), 1 and 2 threads", "", meta, ""]
-    out += [
-        "## Whole network (224x224, batch 1, median wall ms)",
-        "",
-        "| model | weights / kept | threads | torch eager | ONNX Runtime | MNN sparse | ours | x torch | x ORT | x MNN |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    if nets:  # absent with --layers-only
+        out += [
+            "## Whole network (224x224, batch 1, median wall ms)",
+            "",
+            "| model | weights / kept | threads | torch eager | ONNX Runtime | MNN sparse | ours | x torch | x ORT | x MNN |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in nets:
         out.append(
             f"| {r['net']} | {r['rate']:.2f}x | {r['threads']} | {r['torch'].wall_ms:.2f} | {r['ort'].wall_ms:.2f} | {r['mnn'].wall_ms:.2f} | "
@@ -476,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     parser.add_argument("--calls", type=int, default=3, help="calls per runtime per round (default 3)")
     parser.add_argument("--threads", type=_threads, default=(1, 2), help="thread counts of the whole-network runs (default 1,2)")
-    parser.add_argument("--skip-layers", action="store_true", help="whole networks only")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--skip-layers", action="store_true", help="whole networks only")
+    only.add_argument("--layers-only", action="store_true", help="the per-layer table only (no whole networks, no MNN)")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 1 call (smoke run)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -486,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = codegen.HOST.missing()
     if missing:
         _fatal(f"the host build needs {', '.join(missing)}")
-    for module in ("onnxruntime", "MNN", "_tools", "matplotlib"):
+    for module in ("onnxruntime", "matplotlib") if args.layers_only else ("onnxruntime", "MNN", "_tools", "matplotlib"):
         try:
             __import__(module)
         except ImportError:
@@ -498,16 +501,21 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bp-codegen-") as tmp:
         workdir = Path(tmp)
-        nets, ablation, storage = bench_networks(workdir, args.rounds, args.calls, args.threads, log)
+        nets, ablation, storage = ([], [], []) if args.layers_only else bench_networks(workdir, args.rounds, args.calls, args.threads, log)
         layers = [] if args.skip_layers else bench_layers(workdir, args.rounds, args.calls, log)
     load_end = os.getloadavg()[0]
-    import MNN
     import onnxruntime
 
+    try:
+        import MNN
+
+        mnn_version = getattr(MNN, "__version__", "3.6.1")
+    except ImportError:  # --layers-only runs without it
+        mnn_version = "not installed"
     meta = (
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, **load average {load_start:.1f} at the start, "
         f"{load_end:.1f} at the end** (above about 1 on this machine the figures are not results). torch {torch.__version__}, "
-        f"onnxruntime {onnxruntime.__version__}, MNN {getattr(MNN, '__version__', '3.6.1')} (sparse: converted with "
+        f"onnxruntime {onnxruntime.__version__}, MNN {mnn_version} (sparse: converted with "
         f"`--detectSparseSpeedUp`), host target `{codegen.HOST.isa.name}` ({4 * codegen.HOST.vec * 8}-bit vectors, "
         f"`cc {' '.join(codegen.HOST.cflags)}`). {args.rounds} interleaved rounds x {args.calls} calls, medians of wall time. "
         f"Threads: torch `set_num_threads`, ORT `intra_op_num_threads`, MNN `numThread`, ours `bp_set_threads`. Masks: "

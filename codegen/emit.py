@@ -12,8 +12,10 @@ whose row pitch is a multiple of the vector width. The border (as wide as the la
 a stride-1 conv reading the map) makes every tap of a padded conv a compile-time offset, and the
 zeros shared by the end of one row and the start of the next serve as both its right and the next
 row's left border. Stride-s convs first split their input into s column phases, after which a
-tap is again one constant offset. Vector lanes past a row's end are computed and masked to zero
-on store, so the borders stay zero without any per-layer clean-up.
+tap is again one constant offset and a contiguous vector load; a phase row is only as long as the
+outputs' reach (the lanes past a row's end read on into the next row). Vector lanes past a row's
+end are computed and masked to zero on store, so the borders stay zero without any per-layer
+clean-up.
 
 Pattern-sparse 3x3 conv (the paper's three optimisations, each with an :class:`Options` switch):
 - reorder: filters sorted by kernel count and pattern mix, kernels grouped by pattern, one
@@ -22,7 +24,9 @@ Pattern-sparse 3x3 conv (the paper's three optimisations, each with an :class:`O
   are read through the kernel's pattern);
 - lre: register blocking over R output rows x U vectors, and every distinct input vector of a tile
   is loaded once and feeds all the accumulators that need it (off: 1x1 tiles, a load per tap).
-Input channels are processed in blocks sized to keep the band's input slab in L1. Depthwise convs
+Input channels are processed in blocks sized to keep the band's input slab in L1 (strided convs:
+but never so small that a filter's share of a block is a few FMAs, see
+:func:`codegen.kernels.strided_channel_block`). Depthwise convs
 (3x3 or 5x5, dense or pattern-pruned) take the same path, each filter holding one kernel that reads
 its own channel. Dense convs and Linear layers skip structured sparsity: output channels (rows)
 whose weights are all pruned become act(bias) planes, input channels (columns) nothing reads are
@@ -239,6 +243,23 @@ def _assign_buffers(graph: Graph, layouts: dict[str, FMap | Vec]) -> tuple[dict[
 
 
 @dataclass(frozen=True)
+class _Phases:
+    """The column phases a strided conv reads (in ``scratch``): per input channel ``copies``
+    planes of ``rows`` x ``pitch``, element j of phase f holding input column
+    ``stride * j + f - padding`` (zero outside the map)."""
+
+    stride: int
+    rows: int
+    pitch: int
+    copies: int
+
+    @property
+    def per_channel(self) -> int:
+        """Floats of one input channel's phases."""
+        return self.copies * self.rows * self.pitch
+
+
+@dataclass(frozen=True)
 class _Src:
     """How a conv reads its input: ci stride, row stride per output row, tap offsets."""
 
@@ -246,7 +267,8 @@ class _Src:
     cs: int
     rs: int
     taps: tuple[int, ...]
-    phase: tuple[int, int, int, int] | None = None  # (stride, rows, pitch, total floats)
+    phase: _Phases | None = None
+    scratch: int = 0  # floats of scratch the phase planes need
 
 
 def _conv_src(conv: Conv, inp: FMap, buf: str, vec: int, out_w: int) -> _Src:
@@ -260,16 +282,20 @@ def _conv_src(conv: Conv, inp: FMap, buf: str, vec: int, out_w: int) -> _Src:
         raise CodegenError(f"conv {conv.name}: unequal strides {conv.stride} are not supported")
     s = sx
     rows = inp.h + 2 * ph
-    pitch = _round_up(_round_up(out_w, vec) + (kw - 1) // s + 1, vec)
+    # the row's last valid output reads element out_w - 1 + (kw - 1) // s of its phase; lanes past
+    # out_w may read on into the next phase row (they are masked on store), so no slack beyond
+    # that: the planes stay as small as the map (an 8-float row for a 7-wide map, not 16)
+    pitch = _round_up(out_w + (kw - 1) // s, vec)
     taps = tuple((kx % s) * rows * pitch + ky * pitch + kx // s for ky in range(kh) for kx in range(kw))
-    total = inp.c * s * rows * pitch + vec
-    return _Src("scratch", s * rows * pitch, s * pitch, taps, (s, rows, pitch, total))
+    phases = _Phases(s, rows, pitch, min(s, kw))
+    return _Src("scratch", phases.per_channel, s * pitch, taps, phases, inp.c * phases.per_channel + vec)
 
 
 def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str) -> None:
     """Copy the input into s column phases (zero outside the map); the column range that reads
     the map is fixed per phase, so the copy loop is a plain strided gather."""
-    s, rows, pitch, _ = src.phase  # type: ignore[misc]  # called only when src.phase is set
+    assert src.phase is not None  # called only for strided convs
+    s, rows, pitch = src.phase.stride, src.phase.rows, src.phase.pitch
     ph, pw = conv.padding
     kh, kw = conv.kernel
     out_h = (inp.h + 2 * ph - kh) // s + 1
@@ -279,13 +305,13 @@ def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str) -> None
         c(f"static const unsigned char used[{rows}] = {{{', '.join('1' if r in used_rows else '0' for r in range(rows))}}};")
     c.open(f"for (int ci = tid; ci < {inp.c}; ci += nth)")
     c(f"const float *ip = {buf} + {inp.origin} + ci * {inp.plane};")
-    for f in sorted({kx % s for kx in range(kw)}):
+    for f in range(src.phase.copies):
         lo = max(0, -(-(pw - f) // s))
         hi = max(lo, min(pitch, (inp.w - 1 + pw - f) // s + 1))
         c.open(f"for (int r = 0; r < {rows}; ++r)")
         if not all_rows:
             c("if (!used[r]) continue;")
-        c(f"float *restrict q = scratch + (ci * {s} + {f}) * {rows * pitch} + r * {pitch};")
+        c(f"float *restrict q = scratch + ci * {src.cs} + {f * rows * pitch} + r * {pitch};")
         c(f"const int y = r - {ph};")
         c.open(f"if (y < 0 || y >= {inp.h})")
         c(f"memset(q, 0, sizeof(float) * {pitch});")
@@ -388,7 +414,7 @@ class Emitter:
         src = _conv_src(conv, inp, self.buf(conv.inp), self.V, out.w)
         fname = f"layer{i}"
         if src.phase is not None:
-            self.scratch = max(self.scratch, src.phase[3])
+            self.scratch = max(self.scratch, src.scratch)
             c = self.funcs
             c.open(f"static void {fname}_split(bp_model *m, int tid, int nth)")
             c("float *scratch = m->scratch;")
@@ -544,15 +570,19 @@ class Emitter:
         r, u = kr.sparse_blocking(self.t, out.h, n_vec, o.lre)
         masked = out.w % V != 0
         s = conv.stride[0]
-        slab_rows = (s * (r - 1) + kh) * (s if s > 1 else 1)
-        slab = slab_rows * (src.rs // s if s > 1 else src.rs) * 4
-        # Measured on the host: stride-1 tiles reuse rows and tolerate a slab in L2, and there
-        # blocks of >= 32 channels (fewer accumulator round trips) won; wide strided tiles touch
-        # about twice the cache lines per FMA and need the slab in L1; one-vector tiles do so little
-        # work per block that large blocks win again.
-        floor = 4 if s > 1 and u > 1 else 32
-        cb = max(floor, self.t.l1_bytes // max(1, slab))
-        cb = cin if cb >= cin else cb
+        if src.phase is not None:  # input rows of one band, in every copy
+            slab = (s * (r - 1) + kh) * src.phase.copies * src.phase.pitch * 4
+        else:
+            slab = (r - 1 + kh) * src.rs * 4
+        if s > 1:
+            kernels = int((ps.ids >= 0).sum())
+            lanes = sum(len(ps.patterns[p]) * int(n) for p, n in enumerate(ps.count()))  # kept taps
+            cb = kr.strided_channel_block(self.t, cin, slab, kernels / max(1, cout * cin), lanes / max(1, kernels) * r * u)
+        else:
+            # Measured on the host: stride-1 tiles reuse rows and tolerate a slab in L2, and there
+            # blocks of >= 32 channels (fewer accumulator round trips) won.
+            cb = max(32, self.t.l1_bytes // max(1, slab))
+            cb = cin if cb >= cin else cb
         sw = pat.pack(conv.weight, ps, cb, reorder=o.reorder, compact=o.compact, depthwise=conv.depthwise)
         n_pat = len(ps.patterns)
         n_blocks = len(sw.blocks)

@@ -138,7 +138,7 @@ class Probe:
     tiles: tuple[str, ...]  # expected LayerReport.tiles of each conv, one registry name each
 
 
-def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, seed: int = 0) -> Probe:
+def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, seed: int = 0, stride: int = 1) -> Probe:
     """A chain model whose convs use exactly the register tiles ``kernels``, in order.
 
     Why: the kernel registry's instances are checked against PyTorch through the real emitter,
@@ -150,7 +150,9 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
     in a partial vector (its length varies with ``rows``) and its conv is followed by a second
     one of the same tile that reads it directly, so lanes the mask must zero are read back through
     the right padding. Weights are rescaled so every conv's output has unit deviation, keeping a
-    deep chain well inside float32.
+    deep chain well inside float32. With ``stride`` 2 each link pools to twice the size and its
+    first conv has stride 2 (its input then goes through the column-phase split, so the tile reads
+    phase planes, not the bordered map); the second conv of a masked tile stays stride 1.
     """
     g = torch.Generator().manual_seed(seed)
     narrow = target.isa.narrow
@@ -168,9 +170,9 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
             size, cout = (1 + k.rows % 3, width), k.rows
         else:
             raise ValueError(f"no probe for kernel op {k.op}")
-        links.append(nn.AdaptiveAvgPool2d(size))
-        for _ in range(2 if k.masked else 1):
-            conv = nn.Conv2d(cin, cout, 3, 1, 1, bias=True)
+        links.append(nn.AdaptiveAvgPool2d((stride * size[0], stride * size[1])))
+        for j in range(2 if k.masked else 1):
+            conv = nn.Conv2d(cin, cout, 3, stride if j == 0 else 1, 1, bias=True)
             with torch.no_grad():
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
                 conv.bias.copy_(torch.randn(cout, generator=g) * 0.1)  # type: ignore[union-attr]  # built with bias=True

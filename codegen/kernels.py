@@ -3,10 +3,11 @@
 A conv layer is rendered as a per-layer driver calling register-tile kernels: a pattern-sparse
 3x3 tile covers ``rows`` output rows x ``vecs`` vectors of one filter; a dense tile covers
 ``rows`` output channels x ``vecs`` vectors of one row. The blocking rules below pick the tile
-sizes from a target's budget, and :func:`registry` lists every (op, rows, vecs, masked) those rules
-can produce for a target, so the emitter, the tests (each instance against PyTorch through
-:func:`codegen.fixtures.kernel_probe`) and the benchmark all read the same list. The emitter asks
-:func:`lookup` for each tile it renders, which refuses anything the table does not list.
+sizes from a target's budget (and a strided pattern-sparse conv's input-channel block), and
+:func:`registry` lists every (op, rows, vecs, masked) those rules can produce for a target, so the
+emitter, the tests (each instance against PyTorch through :func:`codegen.fixtures.kernel_probe`,
+at stride 1 and 2) and the benchmark all read the same list. The emitter asks :func:`lookup` for
+each tile it renders, which refuses anything the table does not list.
 
 Names encode the parameters, XNNPACK style: ``sparse3x3_4x3m__neon`` is the pattern-sparse 3x3
 tile of 4 rows x 3 vectors whose last vector is masked, for NEON. In the C a tile's symbol adds
@@ -16,6 +17,7 @@ that layer's 8 patterns, offsets and pitches).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -64,6 +66,27 @@ def dense_blocking(target: Target, cout: int, n_vec: int) -> tuple[int, int]:
     each loaded input vector ``channels`` accumulators."""
     u = min(target.dense_u, n_vec)
     return max(1, min(DENSE_MAX_CHANNELS, target.dense_acc // u, cout)), u
+
+
+# vector FMAs a pattern-sparse tile should do per (filter, input-channel block) at the least
+BLOCK_MIN_FMAS = 512
+
+
+def strided_channel_block(target: Target, cin: int, slab_bytes: int, kernel_density: float, fmas_per_kernel: float) -> int:
+    """Input channels per block of a stride-2 (or more) pattern-sparse conv.
+
+    A strided tile reuses each loaded input vector for at most two of its rows, so its loads come
+    from the channel block's slab (``slab_bytes`` per channel and band), which should sit in L1:
+    ``l1_bytes // slab_bytes`` channels. But every (filter, block) pair also pays a fixed price
+    (accumulators loaded and stored, one loop per pattern whose trip count is data), so a block
+    must give each filter enough work: ``BLOCK_MIN_FMAS`` vector FMAs on average, i.e. at least
+    ``BLOCK_MIN_FMAS / (kernel_density * fmas_per_kernel)`` channels, whatever the cache says
+    (at high compression a filter keeps few kernels per channel, so blocks grow).
+    """
+    by_cache = target.l1_bytes // max(1, slab_bytes)
+    per_channel = kernel_density * fmas_per_kernel  # vector FMAs per filter and input channel
+    by_work = math.ceil(BLOCK_MIN_FMAS / per_channel) if per_channel > 0 else cin
+    return max(1, min(cin, max(by_cache, by_work)))
 
 
 def row_tiles(n_vec: int, u: int, masked: bool) -> list[tuple[int, int, bool]]:

@@ -121,3 +121,29 @@ def test_threads_under_qemu_give_the_single_thread_bits(tmp_path):
         subprocess.run(cmd, check=True, env={**os.environ, "BP_THREADS": n}, capture_output=True)
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_stride_two_convs_under_qemu_match_pytorch_on_one_and_two_threads(tmp_path):
+    """NEON's 4-float rows: the stem's 13 outputs + 3 taps and the 7 outputs + 1 tap of the first
+    sparse stage fill their phase rows exactly, the second stage is one masked vector."""
+    import os
+    import subprocess
+
+    import numpy as np
+
+    from tests.codegen.test_codegen_strided import _Strided
+
+    torch.manual_seed(5)
+    model = _Strided().eval()
+    masks = fixtures.prune_model(model, 6.0)
+    result = verify(export(model, (3, 26, 25)), masks, AARCH64_NEON, tmp_path, n=2)
+    assert result.error <= TOL
+    assert [r.out_hw for r in result.generated.layers][:2] == [(13, 13), (7, 7)]
+    (tmp_path / "x.bin").write_bytes(np.random.default_rng(3).standard_normal((1, 3, 26, 25)).astype("<f4").tobytes())
+    outs = []
+    for n in ("1", "2"):
+        out = tmp_path / f"y{n}.bin"
+        cmd = [*AARCH64_NEON.run_prefix, str(tmp_path / "bp_main"), str(tmp_path / "weights.bin"), str(tmp_path / "x.bin"), str(out)]
+        subprocess.run(cmd, check=True, env={**os.environ, "BP_THREADS": n}, capture_output=True)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]

@@ -212,13 +212,13 @@ def _registry_chains(target) -> list[tuple[str, int, str]]:
     return sorted({(k.op, k.vecs, k.isa) for k in registry(target)})
 
 
-def check_registered_tiles(target, op: str, vecs: int, isa: str, tmp_path) -> None:
+def check_registered_tiles(target, op: str, vecs: int, isa: str, tmp_path, stride: int = 1) -> None:
     """Every registry instance of (op, vecs, isa) for ``target``, each used by its own conv(s) of
-    a probe chain, against PyTorch."""
+    a probe chain (``stride`` 2: reading column-phase planes), against PyTorch."""
     from codegen.kernels import registry
 
     kernels = [k for k in registry(target) if (k.op, k.vecs, k.isa) == (op, vecs, isa)]
-    probe = fixtures.kernel_probe(kernels, target)
+    probe = fixtures.kernel_probe(kernels, target, stride=stride)
     result = verify(export(probe.model, probe.shape), probe.masks, target, tmp_path, n=2)
     assert result.error <= TOL
     assert tuple(t for r in result.generated.layers for t in r.tiles) == probe.tiles
@@ -227,3 +227,8 @@ def check_registered_tiles(target, op: str, vecs: int, isa: str, tmp_path) -> No
 @pytest.mark.parametrize("op,vecs,isa", _registry_chains(HOST), ids=lambda v: str(v))
 def test_every_registered_host_tile_matches_pytorch(tmp_path, op, vecs, isa):
     check_registered_tiles(HOST, op, vecs, isa, tmp_path)
+
+
+@pytest.mark.parametrize("op,vecs,isa", _registry_chains(HOST), ids=lambda v: str(v))
+def test_every_registered_host_tile_at_stride_two_matches_pytorch(tmp_path, op, vecs, isa):
+    check_registered_tiles(HOST, op, vecs, isa, tmp_path, stride=2)

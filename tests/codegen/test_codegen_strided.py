@@ -1,0 +1,139 @@
+"""Stride-2 convs (pattern-sparse 3x3, dense stems, depthwise 5x5, 1x1 projections) against PyTorch.
+
+Why these sizes: a stride-2 conv reads column-phase planes whose row pitch is the output width plus
+the taps' reach, rounded up to the vector width and no more, so lanes past a row's end read the
+next phase row. The widths below put the last valid lane exactly on the end of a phase row (no
+slack at all), one past it, on odd and even input widths (the right border is a zero or a map
+column), on the narrow vector flavour and on several vectors with a masked last one; heights are
+odd so the bottom border matters too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from codegen import HOST, fixtures, kernels
+from codegen.verify import export, verify
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="host C compiler missing (Debian package gcc)")
+TOL = 1e-4
+
+
+def _conv(cin: int, cout: int, k: int, padding: int, *, groups: int = 1, rate: float | None = None, seed: int = 0) -> tuple[nn.Module, dict]:
+    """One stride-2 conv + BatchNorm + ReLU (bias folded in), pattern-pruned at ``rate``."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(cin, cout, k, 2, padding, groups=groups, bias=True), nn.BatchNorm2d(cout), nn.ReLU()).eval()
+    fixtures.randomize_batchnorm(model, seed)
+    masks = fixtures.prune_model(model, rate) if rate else {}
+    return model, masks
+
+
+def _out_w(w: int, k: int, padding: int) -> int:
+    return (w + 2 * padding - k) // 2 + 1
+
+
+# (input h, input w): output widths 15 and 15 (15 + 1 = 16: the kx=2 tap of lane 14 is the last
+# float of the phase row; odd w: that column is the zero border, even: a map column), 16 (a whole
+# vector, no mask), 17 (two vectors, one lane of the second), 7 (narrow flavour, 7 + 1 = 8), 1
+SPARSE_SIZES = [(31, 29), (17, 30), (9, 32), (13, 33), (15, 13), (11, 14), (5, 1)]
+
+
+@pytest.mark.parametrize("h,w", SPARSE_SIZES, ids=lambda v: str(v))
+def test_sparse_3x3_stride_two_matches_pytorch(tmp_path, h, w):
+    model, masks = _conv(8, 12, 3, 1, rate=6.0)
+    result = verify(export(model, (8, h, w)), masks, HOST, tmp_path, n=2)
+    assert result.error <= TOL
+    (report,) = result.generated.layers
+    assert (report.kind, report.stride, report.out_hw[1]) == ("sparse3x3", 2, _out_w(w, 3, 1))
+
+
+@pytest.mark.parametrize("rate", [2.25, 12.0])
+def test_sparse_3x3_stride_two_without_padding_matches_pytorch(tmp_path, rate):
+    model, masks = _conv(16, 8, 3, 0, rate=rate, seed=1)
+    result = verify(export(model, (16, 21, 35)), masks, HOST, tmp_path, n=2)
+    assert result.error <= TOL
+
+
+# 7x7 stems: output widths 13 (13 + 3 = 16, no slack), 13 on an even width, 18 (two vectors),
+# 8 (narrow flavour), and 10 output channels (a remainder block of the 8-channel tiles)
+STEM_SIZES = [(27, 25), (19, 26), (21, 35), (15, 15)]
+
+
+@pytest.mark.parametrize("h,w", STEM_SIZES, ids=lambda v: str(v))
+def test_dense_7x7_stem_matches_pytorch(tmp_path, h, w):
+    model, _ = _conv(3, 10, 7, 3, seed=2)
+    result = verify(export(model, (3, h, w)), None, HOST, tmp_path, n=2)
+    assert result.error <= TOL
+    (report,) = result.generated.layers
+    assert (report.kind, report.out_hw[1]) == ("dense", _out_w(w, 7, 3))
+
+
+@pytest.mark.parametrize(
+    "cin,cout,k,padding,groups,h,w",
+    [
+        (3, 8, 3, 1, 1, 33, 29),  # MobileNet's dense 3x3 stem, 15 wide
+        (16, 16, 5, 2, 16, 19, 27),  # depthwise 5x5: 14 + 2 = 16
+        (12, 20, 1, 0, 1, 13, 31),  # 1x1 projection: pitch exactly the output width
+    ],
+    ids=("stem3x3", "depthwise5x5", "proj1x1"),
+)
+def test_other_stride_two_convs_match_pytorch(tmp_path, cin, cout, k, padding, groups, h, w):
+    model, _ = _conv(cin, cout, k, padding, groups=groups, seed=3)
+    result = verify(export(model, (cin, h, w)), None, HOST, tmp_path, n=2)
+    assert result.error <= TOL
+
+
+class _Strided(nn.Module):
+    """A stem and two pattern-sparse stride-2 stages, the second with a fused 1x1 stride-2 shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 7, 2, 3)
+        self.a = nn.Conv2d(12, 20, 3, 2, 1)
+        self.b = nn.Conv2d(20, 28, 3, 2, 1)
+        self.proj = nn.Conv2d(20, 28, 1, 2, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(torch.relu(self.stem(x))))
+        return torch.relu(self.b(y) + self.proj(y))
+
+
+def test_stride_two_network_gives_the_same_bits_on_any_thread_count(tmp_path):
+    torch.manual_seed(4)
+    model = _Strided().eval()
+    masks = fixtures.prune_model(model, 6.0)
+    assert set(masks) == {"a.weight", "b.weight"}
+    result = verify(export(model, (3, 61, 59)), masks, HOST, tmp_path, n=1)
+    assert result.error <= TOL
+    x = np.random.default_rng(2).standard_normal((2, 3, 61, 59)).astype("<f4")
+    (tmp_path / "x.bin").write_bytes(x.tobytes())
+    outs = {}
+    for n in (1, 2, 3):
+        out = tmp_path / f"y{n}.bin"
+        cmd = [str(tmp_path / "bp_main"), str(tmp_path / "weights.bin"), str(tmp_path / "x.bin"), str(out)]
+        subprocess.run(cmd, check=True, env={**os.environ, "BP_THREADS": str(n)}, capture_output=True)
+        outs[n] = out.read_bytes()
+    assert outs[1] == outs[2] == outs[3]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(np.frombuffer(outs[2], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()
+
+
+def test_strided_channel_blocks_fit_l1_but_grow_with_compression():
+    """The block rule: as many channels as the L1 budget holds, more where filters keep so few
+    kernels per channel that a block would not amortise its accumulator round trip."""
+    slab = 4096
+    by_cache = HOST.l1_bytes // slab
+    dense_ish = kernels.strided_channel_block(HOST, 256, slab, 1.0, 96.0)
+    sparse = kernels.strided_channel_block(HOST, 256, slab, 0.1875, 28.0)
+    assert dense_ish == by_cache < sparse <= 256
+    assert sparse * 0.1875 * 28.0 >= kernels.BLOCK_MIN_FMAS
+    assert kernels.strided_channel_block(HOST, 20, slab, 0.1, 4.0) == 20  # never more than the layer has
+    assert kernels.strided_channel_block(HOST, 64, slab, 0.0, 96.0) == 64  # no kernel at all: one block

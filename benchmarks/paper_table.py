@@ -565,7 +565,7 @@ def _targets(name: str, info: dict, cells: list[dict]) -> list[str]:
         acc, n = got
         margin = 100 * (acc - (dense - slack))
         verdict = "met" if margin >= 0 else "NOT met"
-        out.append(f"- {rate:g}x, K={k}: {_pct(acc)} (n={n}) vs dense {_pct(dense)} - {100 * slack:g} pp: **{verdict}** ({margin:+.1f} pp)")
+        out.append(f"- {rate:g}x, K={k}: {_pct(acc)} (n={n}) vs dense {_pct(dense)} - {100 * slack:g} pp: **{verdict}** ({margin:+.2f} pp)")
     rate, k, lead = LEAD_TARGET
     ours, base = _mean(cells, rate, "distill", k), _mean(cells, rate, "oneshot", k)
     if ours is not None and base is not None:
@@ -573,7 +573,7 @@ def _targets(name: str, info: dict, cells: list[dict]) -> list[str]:
         verdict = "met" if margin >= 100 * lead else "NOT met"
         out.append(
             f"- {rate:g}x after {k} epoch: distill {_pct(ours[0])} (n={ours[1]}) vs one-shot {_pct(base[0])} (n={base[1]}): "
-            f"lead {margin:+.1f} pp (target +{100 * lead:g}): **{verdict}** ({margin - 100 * lead:+.1f} pp)"
+            f"lead {margin:+.2f} pp (target +{100 * lead:g}): **{verdict}** ({margin - 100 * lead:+.2f} pp)"
         )
     else:
         out.append(f"- {rate:g}x after {k} epoch: distill vs one-shot: not run")

@@ -462,6 +462,22 @@ def plot(nets: list[dict], layers: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def cpu_model() -> str:
+    """The CPU's name, family/model and vector extensions from /proc/cpuinfo: the ratios depend on
+    them (an AVX-512 machine and an AVX2-only one of the same family differ a lot)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return "CPU unknown"
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    vector = [f for f in ("avx2", "fma", "avx512f") if f in fields.get("flags", "").split()]
+    family = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    return f"{fields.get('model name', 'CPU unknown')} ({family}; {' '.join(vector) or 'no AVX2'})"
+
+
 def _threads(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -513,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # --layers-only runs without it
         mnn_version = "not installed"
     meta = (
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, **load average {load_start:.1f} at the start, "
+        f"Machine: {platform.machine()}, {cpu_model()}, {os.cpu_count()} cores, **load average {load_start:.1f} at the start, "
         f"{load_end:.1f} at the end** (above about 1 on this machine the figures are not results). torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}, MNN {mnn_version} (sparse: converted with "
         f"`--detectSparseSpeedUp`), host target `{codegen.HOST.isa.name}` ({4 * codegen.HOST.vec * 8}-bit vectors, "

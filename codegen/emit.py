@@ -69,6 +69,9 @@ class Options:
     threads: int = 1  # threads bp_load starts (bp_set_threads / BP_THREADS change it at run time)
 
 
+MAX_THREADS = 64  # BP_MAX_THREADS of the pool (templates/bp_model.c.in)
+
+
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
@@ -291,9 +294,11 @@ def _conv_src(conv: Conv, inp: FMap, buf: str, vec: int, out_w: int) -> _Src:
     return _Src("scratch", phases.per_channel, s * pitch, taps, phases, inp.c * phases.per_channel + vec)
 
 
-def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str) -> None:
+def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str, channel: str | None = None) -> None:
     """Copy the input into s column phases (zero outside the map); the column range that reads
-    the map is fixed per phase, so the copy loop is a plain strided gather."""
+    the map is fixed per phase, so the copy loop is a plain strided gather. Every channel, dealt
+    to the threads, into ``scratch``; or (``channel``: a C expression) that one channel into
+    this thread's planes, ``scratch + tid * per_channel``."""
     assert src.phase is not None  # called only for strided convs
     s, rows, pitch = src.phase.stride, src.phase.rows, src.phase.pitch
     ph, pw = conv.padding
@@ -303,7 +308,13 @@ def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str) -> None
     all_rows = used_rows == list(range(rows))
     if not all_rows:
         c(f"static const unsigned char used[{rows}] = {{{', '.join('1' if r in used_rows else '0' for r in range(rows))}}};")
-    c.open(f"for (int ci = tid; ci < {inp.c}; ci += nth)")
+    if channel is None:
+        c.open(f"for (int ci = tid; ci < {inp.c}; ci += nth)")
+        c(f"float *qb = scratch + ci * {src.cs};")
+    else:
+        c.open("")
+        c(f"const int ci = {channel};")
+        c(f"float *qb = scratch + tid * {src.cs};")
     c(f"const float *ip = {buf} + {inp.origin} + ci * {inp.plane};")
     for f in range(src.phase.copies):
         lo = max(0, -(-(pw - f) // s))
@@ -311,7 +322,7 @@ def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str) -> None
         c.open(f"for (int r = 0; r < {rows}; ++r)")
         if not all_rows:
             c("if (!used[r]) continue;")
-        c(f"float *restrict q = scratch + ci * {src.cs} + {f * rows * pitch} + r * {pitch};")
+        c(f"float *restrict q = qb + {f * rows * pitch} + r * {pitch};")
         c(f"const int y = r - {ph};")
         c.open(f"if (y < 0 || y >= {inp.h})")
         c(f"memset(q, 0, sizeof(float) * {pitch});")
@@ -413,7 +424,12 @@ class Emitter:
         sparse = conv.depthwise or ((kh, kw) == (3, 3) and density <= self.o.sparse_density)
         src = _conv_src(conv, inp, self.buf(conv.inp), self.V, out.w)
         fname = f"layer{i}"
-        if src.phase is not None:
+        if src.phase is not None and conv.depthwise:
+            # each filter reads one channel: its phases are made where it runs (one thread's
+            # planes, still in cache for its bands), not all channels' up front (several MB
+            # written and read back)
+            self.scratch = max(self.scratch, min(inp.c, MAX_THREADS) * src.cs + self.V)
+        elif src.phase is not None:
             self.scratch = max(self.scratch, src.scratch)
             c = self.funcs
             c.open(f"static void {fname}_split(bp_model *m, int tid, int nth)")
@@ -495,10 +511,8 @@ class Emitter:
             c(f"const float *s = sb + {'i' if all_in else 'kin[i]'} * {src.cs};")
             for t, off in enumerate(src.taps):
                 c.open("")
-                c(f"const {isa.vf} {', '.join(f'x{v} = ' + isa.load.format(p=f's + {off + v * V}') for v in range(tw))};")
-                for o in range(n):
-                    c(f"const {isa.vf} w{o} = {isa.bcast.format(x=f'w[{t * n + o}]')};")
-                    c(" ".join(isa.fma.format(acc=f"a{o}_{v}", a=f"x{v}", b=f"w{o}") for v in range(tw)))
+                loads = [isa.load.format(p=f"s + {off + v * V}") for v in range(tw)]
+                self._dense_tap(c, loads, [f"w[{t * n + o}]" for o in range(n)])
                 c.close()
             c.close()
             _epilogue(c, isa, accs, conv.act, _masked_last(tm, tw))
@@ -556,6 +570,27 @@ class Emitter:
                 tuple(k.name for k in tiles.values()),
             )
         )
+
+    def _dense_tap(self, c: _C, loads: list[str], weights: list[str]) -> None:
+        """One tap of a dense tile: FMAs of ``len(weights)`` channels x ``len(loads)`` vectors,
+        holding the fewer of the two operands (input vectors or broadcast weights) in registers
+        for the whole tap and streaming the other, so ``min(n, tw) + 1 + n * tw`` registers are
+        live. A streamed input vector is pinned (``keep``): left alone the compiler folds a load
+        of it into every FMA, which on a machine with fewer load ports than FMA ports makes the
+        tile load-bound."""
+        isa = self.isa
+        n, tw = len(weights), len(loads)
+        if tw <= n:
+            c(f"const {isa.vf} {', '.join(f'x{v} = {x}' for v, x in enumerate(loads))};")
+            for o, w in enumerate(weights):
+                c(f"const {isa.vf} w{o} = {isa.bcast.format(x=w)};")
+                c(" ".join(isa.fma.format(acc=f"a{o}_{v}", a=f"x{v}", b=f"w{o}") for v in range(tw)))
+            return
+        c(f"const {isa.vf} {', '.join(f'w{o} = ' + isa.bcast.format(x=w) for o, w in enumerate(weights))};")
+        keep = " " + isa.keep.format(v="x") if n > 1 else ""
+        for v, x in enumerate(loads):
+            fmas = " ".join(isa.fma.format(acc=f"a{o}_{v}", a="x", b=f"w{o}") for o in range(n))
+            c(f"{{ {isa.vf} x = {x};{keep} {fmas} }}")
 
     def sparse_conv(self, fname: str, conv: Conv, inp: FMap, out: FMap, res: FMap | None, src: _Src) -> None:
         """Pattern-sparse kernels (3x3, or depthwise of any size: one kernel per filter, reading
@@ -615,18 +650,28 @@ class Emitter:
         symbol = {v: k.symbol(fname, f"_p{n_pat}") for v, k in tiles.items()}
         for rr, tw, tm in variants:
             self._sparse_tile(symbol[rr, tw, tm], rr, tw, tm, ps, src, out, res, conv.act, taps)
+        split_here = src.phase is not None and conv.depthwise
+        if split_here and int(nk.max(initial=0)) > 1:
+            raise CodegenError(f"layer {conv.name}: a depthwise filter with more than one kernel")
         c.open(f"static void {fname}(bp_model *m, int tid, int nth)")
-        c(f"const float *src = {src.base if src.phase is None else 'm->scratch'};")
+        if split_here:
+            c("float *scratch = m->scratch;")
+            c(f"const float *src = scratch + tid * {src.cs};")
+            c("static const uint16_t CI0[1] = {0};  /* the filter's channel sits at its planes' start */")
+        else:
+            c(f"const float *src = {src.base if src.phase is None else 'm->scratch'};")
         c(f"float *restrict dst = {self.buf(conv.out)} + {out.origin};")
         c(f"const float *restrict res = {self._residual(conv, res)};")
         c(f"const uint16_t *restrict CNT = {CNT};")
-        c(f"const uint16_t *restrict KCI = {KCI};")
+        if not split_here:
+            c(f"const uint16_t *restrict KCI = {KCI};")
         if KPAT:
             c(f"const uint8_t *restrict KPAT = {KPAT};")
         c(f"const float *restrict KW = {KW};")
         c(f"const float *restrict BIAS = {BIAS};")
         c(f"const int32_t *restrict PERM = {PERM};")
-        c(f"const uint32_t *restrict KOFF = {KOFF};")
+        if KPAT or not split_here:
+            c(f"const uint32_t *restrict KOFF = {KOFF};")
         if WOFF:
             c(f"const uint32_t *restrict WOFF = {WOFF};")
         if n_blocks > 1:
@@ -635,6 +680,14 @@ class Emitter:
             c(f"const uint16_t *restrict FIRST = {self.warr(first, 'const uint16_t')};")
         self._mask_decl(c, out)
         bands = [("loop", out.h - out.h % r, r)] + ([("one", out.h - out.h % r, out.h % r)] if out.h % r else [])
+        # A depthwise filter reads only its own channel: all its bands in a row keep that channel
+        # in cache (bands outside, each filter would fetch its channel's rows once per band, and
+        # a strided layer's phase planes are several MB); other convs share each band's slab
+        # between all filters, so there the bands are outside.
+        if conv.depthwise:
+            c.open(f"for (int f = tid; f < {cout}; f += nth)")
+            if split_here:
+                _emit_phase_split(c, conv, inp, src, self.buf(conv.inp), channel="PERM[f]")
         for kind, a, rr in bands:
             if kind == "loop":
                 c.open(f"for (int yb = 0; yb < {a}; yb += {rr})")
@@ -642,9 +695,10 @@ class Emitter:
                 c.open("")
                 c(f"const int yb = {a};")
             c.open(f"for (int b = 0; b < {n_blocks}; ++b)")
-            c.open(f"for (int f = tid; f < {cout}; f += nth)")
+            if not conv.depthwise:
+                c.open(f"for (int f = tid; f < {cout}; f += nth)")
             c(f"const int o = PERM[f], q = b * {cout} + f;")
-            c(f"const uint16_t *cnt = CNT + q * {per}, *ci = KCI + KOFF[q];")
+            c(f"const uint16_t *cnt = CNT + q * {per}, *ci = {'CI0' if split_here else 'KCI + KOFF[q]'};")
             if KPAT:
                 c("const uint8_t *kp = KPAT + KOFF[q];")
             c(f"float *op = dst + o * {out.plane} + yb * {out.pitch};")
@@ -669,8 +723,11 @@ class Emitter:
                 if tm:
                     args.append("mk")
                 c(f"{symbol[rr, tw, tm]}({', '.join(args)});")
+            if not conv.depthwise:
+                c.close()
             c.close()
             c.close()
+        if conv.depthwise:
             c.close()
         c.close()
         c()

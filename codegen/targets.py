@@ -26,6 +26,7 @@ import shutil
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class VectorIsa:
 
     name: str  # suffix of kernel names (XNNPACK style): "neon", "avx2"
     vec: int  # floats per vector register
+    registers: int = 16  # architectural vector registers (a tile's live values must fit)
     suffix: str = ""  # appended to every name the prelude defines (a second flavour in one file)
     vreg: str = ""  # inline-asm constraint of a vector register: pins a shared load in a
     # register so the compiler cannot fold it into each FMA again
@@ -82,15 +84,16 @@ _SPELLINGS += ("sigmoid", "silu", "mask", "load_mask", "keep", "hsum", "lane_mas
 def suffixed(isa: VectorIsa, name: str, vec: int, suffix: str) -> VectorIsa:
     """``isa``'s spellings on the prelude's names with ``suffix`` appended, ``vec`` floats wide:
     the narrow flavour rendered next to the wide one in the same file."""
-    renamed = {f: _PRELUDE_NAMES.sub(lambda m: m[1] + suffix, getattr(isa, f)) for f in _SPELLINGS}
+    renamed: dict[str, Any] = {f: _PRELUDE_NAMES.sub(lambda m: m[1] + suffix, getattr(isa, f)) for f in _SPELLINGS}
     return replace(isa, name=name, vec=vec, suffix=suffix, narrow=None, **renamed)
 
 
 AVX2 = VectorIsa(name="avx2", vec=8, vreg="x")
 # AVX-512VL runs 256-bit operations on the same 32 registers: maps at most 8 wide (the 7x7 stage
 # of a ResNet, squeeze-excitation 1x1 maps) use them and waste 1/8 of the lanes instead of 9/16
-AVX512 = VectorIsa(name="avx512", vec=16, vreg="v", narrow=suffixed(VectorIsa(name="", vec=8, vreg="v"), "avx512y", 8, "h"))
-NEON = VectorIsa(name="neon", vec=4, vreg="w")
+AVX512_Y = suffixed(VectorIsa(name="", vec=8, registers=32, vreg="v"), "avx512y", 8, "h")
+AVX512 = VectorIsa(name="avx512", vec=16, registers=32, vreg="v", narrow=AVX512_Y)
+NEON = VectorIsa(name="neon", vec=4, registers=32, vreg="w")
 
 ISAS: dict[str, VectorIsa] = {i.name: i for i in (AVX2, AVX512, NEON)}
 
@@ -145,7 +148,7 @@ HOST_AVX2 = Target(
     isa=AVX2,
     accumulators=16,
     max_u=4,
-    dense_acc=24,
+    dense_acc=12,  # 16 ymm registers: 3 channels x 4 vectors + 3 broadcast weights + 1 input
     dense_u=4,
     l1_bytes=32 * 1024,
     run_prefix=(),
@@ -155,7 +158,7 @@ HOST_AVX2 = Target(
 )
 
 # 32 zmm registers: up to 24 accumulators leave room for the shared loads and broadcast weights
-HOST_AVX512 = replace(HOST_AVX2, name="host-avx512", isa=AVX512, accumulators=24, dense_u=3, cpu_flags=("avx512f",))
+HOST_AVX512 = replace(HOST_AVX2, name="host-avx512", isa=AVX512, accumulators=24, dense_acc=24, dense_u=3, cpu_flags=("avx512f",))
 
 HOST_TARGETS: tuple[Target, ...] = (HOST_AVX512, HOST_AVX2)  # widest first
 

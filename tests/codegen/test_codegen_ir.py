@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from codegen import AARCH64_NEON, HOST, UnsupportedOpError, fixtures, lower
+from codegen import AARCH64_NEON, HOST, HOST_AVX2, HOST_AVX512, UnsupportedOpError, fixtures, lower
 from codegen.emit import checksum64, generate
 from codegen.ir import Add, Conv, Linear
 from codegen.kernels import lookup, registry
@@ -166,6 +166,18 @@ def test_kernel_registry_names_encode_parameters_and_fit_the_register_budget(tar
             assert k.vecs <= target.max_u and k.rows * k.vecs <= target.accumulators
         else:
             assert k.op == "dense" and k.vecs <= target.dense_u and k.rows <= 8 and k.rows * k.vecs <= target.dense_acc
+
+
+@pytest.mark.parametrize("target", [HOST_AVX2, HOST_AVX512, AARCH64_NEON], ids=lambda t: t.name)
+def test_dense_tiles_keep_their_live_values_in_the_register_file(target):
+    # accumulators, the operand held for a whole tap (the fewer of inputs and weights) and the
+    # streamed one: more than the ISA has spills accumulators to the stack in the inner loop
+    registers = {target.isa.name: target.isa.registers}
+    if target.isa.narrow is not None:
+        registers[target.isa.narrow.name] = target.isa.narrow.registers
+    for k in registry(target):
+        if k.op == "dense":
+            assert k.rows * k.vecs + min(k.rows, k.vecs) + 1 <= registers[k.isa], k.name
 
 
 def test_tile_symbols_name_layer_patterns_blocking_and_isa():

@@ -105,14 +105,12 @@ class _Strided(nn.Module):
         return torch.relu(self.b(y) + self.proj(y))
 
 
-def test_stride_two_network_gives_the_same_bits_on_any_thread_count(tmp_path):
-    torch.manual_seed(4)
-    model = _Strided().eval()
-    masks = fixtures.prune_model(model, 6.0)
-    assert set(masks) == {"a.weight", "b.weight"}
-    result = verify(export(model, (3, 61, 59)), masks, HOST, tmp_path, n=1)
+def _same_bits_on_one_to_three_threads(tmp_path, model: nn.Module, masks: dict, shape: tuple[int, ...]) -> None:
+    """Build ``model`` in ``tmp_path``, run the harness on 1, 2 and 3 threads: identical bytes,
+    and within TOL of PyTorch."""
+    result = verify(export(model, shape), masks, HOST, tmp_path, n=1)
     assert result.error <= TOL
-    x = np.random.default_rng(2).standard_normal((2, 3, 61, 59)).astype("<f4")
+    x = np.random.default_rng(2).standard_normal((2, *shape)).astype("<f4")
     (tmp_path / "x.bin").write_bytes(x.tobytes())
     outs = {}
     for n in (1, 2, 3):
@@ -124,6 +122,27 @@ def test_stride_two_network_gives_the_same_bits_on_any_thread_count(tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert np.abs(np.frombuffer(outs[2], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()
+
+
+def test_stride_two_network_gives_the_same_bits_on_any_thread_count(tmp_path):
+    torch.manual_seed(4)
+    model = _Strided().eval()
+    masks = fixtures.prune_model(model, 6.0)
+    assert set(masks) == {"a.weight", "b.weight"}
+    _same_bits_on_one_to_three_threads(tmp_path, model, masks, (3, 61, 59))
+
+
+@pytest.mark.parametrize("channels", [2, 11], ids=("fewer-channels-than-threads", "channels-not-a-multiple"))
+@pytest.mark.parametrize("pruned", [False, True], ids=("dense", "pattern"))
+def test_strided_depthwise_splits_each_channel_where_it_runs_and_keeps_the_bits(tmp_path, channels, pruned):
+    # a stride-2 depthwise conv makes one channel's phase planes at a time, in the running
+    # thread's part of the scratch: with more threads than channels some threads have none,
+    # and the planes of one channel must not leak into the next (odd width: a zero border)
+    model, _ = _conv(channels, channels, 3, 1, groups=channels, seed=5)
+    model = nn.Sequential(model, nn.Conv2d(channels, 4, 1)).eval()
+    masks = fixtures.prune_model(model, 6.0, depthwise=True) if pruned else {}
+    assert pruned == any(k.startswith("0.0") for k in masks)
+    _same_bits_on_one_to_three_threads(tmp_path, model, masks, (channels, 23, 37))
 
 
 def test_strided_channel_blocks_fit_l1_but_grow_with_compression():

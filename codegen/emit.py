@@ -537,11 +537,18 @@ class Emitter:
             groups.append((f"for (int j = tid; j < {n_full}; j += nth)", ob))
         if rest:
             groups.append((f"if (tid == {n_full} % nth)", rest))
+        # Loop order by what would be fetched again: with the rows inside, every block re-reads
+        # the whole input (for a large map, from beyond L2); with the rows outside, every row
+        # re-reads the weights. Whichever is smaller is the one re-read.
+        rows_outside = nout * nin * taps <= nin * src.cs
+        if rows_outside:
+            c.open(f"for (int yo = 0; yo < {out.h}; ++yo)")
         for head, n in groups:
             c.open(head)
             c(f"const int s = {'j * ' + str(ob) if n == ob and n_full else str(n_full * ob)};")
             c(f"const float *wb = W + s * {nin * taps};")
-            c.open(f"for (int yo = 0; yo < {out.h}; ++yo)")
+            if not rows_outside:
+                c.open(f"for (int yo = 0; yo < {out.h}; ++yo)")
             c(f"float *op = dst + yo * {out.pitch};")
             c(f"const float *sb = src + yo * {src.rs};")
             c(f"const float *rp = res ? res + yo * {res.pitch if res else 0} : NULL;")
@@ -550,7 +557,10 @@ class Emitter:
                 args += [] if all_in else ["KIN"]
                 args += ["mk"] if tm else []
                 c(f"{symbol[n, tw, tm]}({', '.join(args)});")
+            if not rows_outside:
+                c.close()
             c.close()
+        if rows_outside:
             c.close()
         self._dead_channels(c, conv, out, res, np.setdiff1d(np.arange(cout), outs))
         c.close()

@@ -37,6 +37,7 @@ from torch import nn
 import codegen
 from codegen import build, fixtures
 from codegen.emit import Options
+from codegen.targets import host_cpu_flags
 from protocol.cli import fatal
 
 RATES = (2.25, 6.0, 12.0)
@@ -473,7 +474,7 @@ def cpu_model() -> str:
     for line in text.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-    vector = [f for f in ("avx2", "fma", "avx512f") if f in fields.get("flags", "").split()]
+    vector = [f for f in ("avx2", "fma", "avx512f") if f in host_cpu_flags()]
     family = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
     return f"{fields.get('model name', 'CPU unknown')} ({family}; {' '.join(vector) or 'no AVX2'})"
 

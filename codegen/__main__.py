@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .emit import Generated, Options
+from .emit import MAX_THREADS, Generated, Options
 from .ir import CodegenError
 from .targets import TARGETS
 
@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         metavar="N",
-        help="threads the library starts (1..64; results do not depend on it; BP_THREADS overrides at run time)",
+        help=f"threads the library starts (1..{MAX_THREADS}; results do not depend on it; BP_THREADS overrides at run time)",
     )
     args = parser.parse_args(argv)
     if args.verify < 0:
         parser.error("--verify must be >= 0")
-    if not 1 <= args.threads <= 64:
-        parser.error("--threads must be between 1 and 64")
+    if not 1 <= args.threads <= MAX_THREADS:
+        parser.error(f"--threads must be between 1 and {MAX_THREADS}")
     target = TARGETS[args.target]
     options = Options(reorder=not args.no_reorder, compact=not args.no_compact, lre=not args.no_lre, threads=args.threads)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .emit import Generated
+from .emit import MAX_THREADS, Generated
 from .ir import CodegenError
 from .targets import Target
 
@@ -113,7 +113,7 @@ class HostLibrary:
     def set_threads(self, n: int) -> None:
         """Run this model on ``n`` threads from now on (results do not depend on ``n``)."""
         if self._lib.bp_set_threads(self._model, n) != 0:
-            raise BuildError(f"cannot run on {n} threads (1..64)")
+            raise BuildError(f"cannot run on {n} threads (1..{MAX_THREADS})")
 
     def profile(self) -> list[float]:
         """Milliseconds spent per layer since the last call (needs a ``profile=True`` build)."""

@@ -69,7 +69,7 @@ class Options:
     threads: int = 1  # threads bp_load starts (bp_set_threads / BP_THREADS change it at run time)
 
 
-MAX_THREADS = 64  # BP_MAX_THREADS of the pool (templates/bp_model.c.in)
+MAX_THREADS = 64  # threads the pool can run (BP_MAX_THREADS of templates/bp_model.c.in)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -1111,6 +1111,7 @@ class Emitter:
             VECTOR=render_vector_prelude(self.isa),
             NBUF=len(self.buffer_sizes),
             THREADS=self.o.threads,
+            MAX_THREADS=MAX_THREADS,
             TABLES="\n".join(self.prelude),
             LAYERS=self.funcs.text(),
             N_LAYERS=len(self.g.layers),

@@ -338,12 +338,6 @@ def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str, channel
     c.close()
 
 
-def _masked_last(masked: bool, width: int) -> Callable[[str], bool]:
-    """Whether an accumulator is the tile's last vector and the tile masks it (a partial row)."""
-    suffix = f"_{width - 1}"
-    return lambda name: masked and name.endswith(suffix)
-
-
 def _epilogue(c: _C, isa: VectorIsa, accs: list[tuple[str, str, str | None]], act: Act | None, mask: Callable[[str], bool]) -> None:
     """accs: (acc name, output address, residual address or None)."""
     for name, _, raddr in accs:
@@ -479,7 +473,7 @@ class Emitter:
         ins = np.nonzero(live.any(axis=0))[0]
         nout, nin, all_in = len(outs), len(ins), len(ins) == cin
         n_vec = -(-out.w // V)
-        ob, u = kr.dense_blocking(self.t, max(1, nout), n_vec)
+        ob, u, span = kr.dense_blocking(self.t, max(1, nout), n_vec, out.h)
         masked = out.w % V != 0
         # weights: per output-channel block [ci][tap][ob'] so each tap broadcasts consecutive floats
         w = conv.weight.reshape(cout, cin, taps)[np.ix_(outs, ins)].astype(np.float32)
@@ -490,12 +484,13 @@ class Emitter:
         OCH = self.warr(outs.astype(np.int32), "const int32_t")
         KIN = None if all_in else self.warr(ins.astype(np.int32), "const int32_t")
         c = self.funcs
-        variants = sorted({(n, tw, tm) for _, n in blocks for _, tw, tm in kr.row_tiles(n_vec, u, masked)})
-        tiles = {v: kr.lookup(self.base, kr.DENSE, *v, isa=isa.name) for v in variants}
+        spans = [span] + ([out.h % span] if out.h % span else [])
+        variants = sorted({(n, tw, tm, sp) for _, n in blocks for _, tw, tm in kr.row_tiles(n_vec, u, masked) for sp in spans})
+        tiles = {v: kr.lookup(self.base, kr.DENSE, *v[:3], isa=isa.name, span=v[3]) for v in variants}
         symbol = {v: k.symbol(fname, f"{kh}x{kw}") for v, k in tiles.items()}
-        for n, tw, tm in variants:
+        for n, tw, tm, sp in variants:
             c.open(
-                f"static inline BP_INLINE void {symbol[n, tw, tm]}(float *restrict op, "
+                f"static inline BP_INLINE void {symbol[n, tw, tm, sp]}(float *restrict op, "
                 f"const float *restrict sb, const float *restrict rp, const float *restrict w, "
                 f"const float *restrict bias, const int32_t *restrict och"
                 f"{'' if all_in else ', const int32_t *restrict kin'}{f', {isa.vi} mk' if tm else ''})"
@@ -504,18 +499,26 @@ class Emitter:
                 c(f"float *restrict o{o} = op + och[{o}] * {out.plane};")
                 if res is not None:
                     c(f"const float *restrict r{o} = rp + och[{o}] * {res.plane};")
-            accs = [(f"a{o}_{v}", f"o{o} + {v * V}", f"r{o} + {v * V}" if res is not None else None) for o in range(n) for v in range(tw)]
+            # accumulator v of a channel: output row v // tw of the tile, vector v % tw of that row
+            pos = [(v // tw, v % tw) for v in range(sp * tw)]
+            accs = [
+                (f"a{o}_{v}", f"o{o} + {y * out.pitch + x * V}", f"r{o} + {y * res.pitch + x * V}" if res is not None else None)
+                for o in range(n)
+                for v, (y, x) in enumerate(pos)
+            ]
             for o in range(n):
-                c(f"{isa.vf} {', '.join(f'a{o}_{v} = ' + isa.bcast.format(x=f'bias[{o}]') for v in range(tw))};")
+                c(f"{isa.vf} {', '.join(f'a{o}_{v} = ' + isa.bcast.format(x=f'bias[{o}]') for v in range(len(pos)))};")
             c.open(f"for (int i = 0; i < {nin}; ++i, w += {taps * n})")
             c(f"const float *s = sb + {'i' if all_in else 'kin[i]'} * {src.cs};")
             for t, off in enumerate(src.taps):
                 c.open("")
-                loads = [isa.load.format(p=f"s + {off + v * V}") for v in range(tw)]
+                loads = [isa.load.format(p=f"s + {off + y * src.rs + x * V}") for y, x in pos]
                 self._dense_tap(c, loads, [f"w[{t * n + o}]" for o in range(n)])
                 c.close()
             c.close()
-            _epilogue(c, isa, accs, conv.act, _masked_last(tm, tw))
+            # a masked tile masks the last vector of every row it spans
+            masked_accs = frozenset(f"a{o}_{v}" for o in range(n) for v, (_, x) in enumerate(pos) if tm and x == tw - 1)
+            _epilogue(c, isa, accs, conv.act, masked_accs.__contains__)
             for name, addr, _ in accs:
                 c(isa.store.format(p=addr, v=name))
             c.close()
@@ -541,14 +544,17 @@ class Emitter:
         # the whole input (for a large map, from beyond L2); with the rows outside, every row
         # re-reads the weights. Whichever is smaller is the one re-read.
         rows_outside = nout * nin * taps <= nin * src.cs
-        if rows_outside:
-            c.open(f"for (int yo = 0; yo < {out.h}; ++yo)")
-        for head, n in groups:
+        # output rows in bands of ``span`` (a narrow map's dense tile spans rows), the remainder last
+        bands = [(f"for (int yo = 0; yo < {out.h - out.h % span}; yo += {span})", span)] if out.h >= span else []
+        if out.h % span:
+            bands.append((f"for (int yo = {out.h - out.h % span}; yo < {out.h}; yo += {out.h % span})", out.h % span))
+
+        def block(head: str, n: int) -> None:
             c.open(head)
             c(f"const int s = {'j * ' + str(ob) if n == ob and n_full else str(n_full * ob)};")
             c(f"const float *wb = W + s * {nin * taps};")
-            if not rows_outside:
-                c.open(f"for (int yo = 0; yo < {out.h}; ++yo)")
+
+        def band(sp: int, n: int) -> None:
             c(f"float *op = dst + yo * {out.pitch};")
             c(f"const float *sb = src + yo * {src.rs};")
             c(f"const float *rp = res ? res + yo * {res.pitch if res else 0} : NULL;")
@@ -556,12 +562,24 @@ class Emitter:
                 args = [f"op + {x0 * V}", f"sb + {x0 * V}", f"rp ? rp + {x0 * V} : NULL", "wb", "B + s", "OCH + s"]
                 args += [] if all_in else ["KIN"]
                 args += ["mk"] if tm else []
-                c(f"{symbol[n, tw, tm]}({', '.join(args)});")
-            if not rows_outside:
-                c.close()
-            c.close()
+                c(f"{symbol[n, tw, tm, sp]}({', '.join(args)});")
+
         if rows_outside:
-            c.close()
+            for head_y, sp in bands:
+                c.open(head_y)
+                for head, n in groups:
+                    block(head, n)
+                    band(sp, n)
+                    c.close()
+                c.close()
+        else:
+            for head, n in groups:
+                block(head, n)
+                for head_y, sp in bands:
+                    c.open(head_y)
+                    band(sp, n)
+                    c.close()
+                c.close()
         self._dead_channels(c, conv, out, res, np.setdiff1d(np.arange(cout), outs))
         c.close()
         c()
@@ -576,7 +594,7 @@ class Emitter:
                 int(live.sum()),
                 int(conv.mask.sum()) * out.h * out.w,
                 None,
-                f"ob{ob} u{u}" + ("" if nout == cout and all_in else f" out{nout}/{cout} in{nin}/{cin}"),
+                f"ob{ob} u{u}" + (f" y{span}" if span > 1 else "") + ("" if nout == cout and all_in else f" out{nout}/{cout} in{nin}/{cin}"),
                 tuple(k.name for k in tiles.values()),
             )
         )

@@ -146,7 +146,8 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
     the size that makes the blocking rules pick the tile (no wider than one narrow vector for a tile
     of the target's narrow flavour, wider for the others), then a 3x3 conv with padding 1:
     pattern-pruned (two patterns, to keep the C small) for a sparse tile of ``rows`` output rows
-    x ``vecs`` vectors, unpruned for a dense tile of ``rows`` output channels. A masked tile ends
+    x ``vecs`` vectors, unpruned for a dense tile of ``rows`` output channels (on a map ``span``
+    rows high where its rows are narrower than the tile's vectors). A masked tile ends
     in a partial vector (its length varies with ``rows``) and its conv is followed by a second
     one of the same tile that reads it directly, so lanes the mask must zero are read back through
     the right padding. Weights are rescaled so every conv's output has unit deviation, keeping a
@@ -167,7 +168,9 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
         if k.op == SPARSE:
             size, cout = (k.rows, width), channels
         elif k.op == DENSE:
-            size, cout = (1 + k.rows % 3, width), k.rows
+            # a row narrower than the tile's vectors makes it span rows: then exactly k.span rows
+            spans = target.dense_u // k.vecs > 1
+            size, cout = (k.span if spans else 1 + k.rows % 3, width), k.rows
         else:
             raise ValueError(f"no probe for kernel op {k.op}")
         links.append(nn.AdaptiveAvgPool2d((stride * size[0], stride * size[1])))

@@ -2,15 +2,17 @@
 
 A conv layer is rendered as a per-layer driver calling register-tile kernels: a pattern-sparse
 3x3 tile covers ``rows`` output rows x ``vecs`` vectors of one filter; a dense tile covers
-``rows`` output channels x ``vecs`` vectors of one row. The blocking rules below pick the tile
+``rows`` output channels x ``vecs`` vectors of one row (of ``span`` rows where a row is narrower
+than the tile's vectors, e.g. a 7x7 map). The blocking rules below pick the tile
 sizes from a target's budget (and a strided pattern-sparse conv's input-channel block), and
-:func:`registry` lists every (op, rows, vecs, masked) those rules can produce for a target, so the
-emitter, the tests (each instance against PyTorch through :func:`codegen.fixtures.kernel_probe`,
+:func:`registry` lists every (op, rows, vecs, masked, span) those rules can produce for a target,
+so the emitter, the tests (each instance against PyTorch through :func:`codegen.fixtures.kernel_probe`,
 at stride 1 and 2) and the benchmark all read the same list. The emitter asks :func:`lookup` for
 each tile it renders, which refuses anything the table does not list.
 
 Names encode the parameters, XNNPACK style: ``sparse3x3_4x3m__neon`` is the pattern-sparse 3x3
-tile of 4 rows x 3 vectors whose last vector is masked, for NEON. In the C a tile's symbol adds
+tile of 4 rows x 3 vectors whose last vector is masked, for NEON; ``dense_8xy31m__avx512y`` the
+dense tile of 8 channels x 3 rows of one masked vector each. In the C a tile's symbol adds
 the layer and what is baked into it (``layer2_tile_sparse3x3_p8_4x3m__neon``: specialised for
 that layer's 8 patterns, offsets and pitches).
 """
@@ -38,10 +40,12 @@ class Kernel:
     vecs: int  # vectors along the output row
     masked: bool  # the last vector's lanes past the row end are zeroed on store
     isa: str  # VectorIsa.name
+    span: int = 1  # dense: output rows per tile (a map narrower than the tile's vectors)
 
     @property
     def blocking(self) -> str:
-        return f"{self.rows}x{self.vecs}{'m' if self.masked else ''}"
+        rows = f"y{self.span}" if self.span > 1 else ""
+        return f"{self.rows}x{rows}{self.vecs}{'m' if self.masked else ''}"
 
     @property
     def name(self) -> str:
@@ -61,11 +65,19 @@ def sparse_blocking(target: Target, out_h: int, n_vec: int, lre: bool) -> tuple[
     return max(1, min(out_h, target.accumulators // u)), u
 
 
-def dense_blocking(target: Target, cout: int, n_vec: int) -> tuple[int, int]:
-    """(output channels, vecs) of a dense tile: each broadcast weight feeds ``vecs`` vectors and
-    each loaded input vector ``channels`` accumulators."""
+def dense_span(target: Target, n_vec: int, out_h: int) -> int:
+    """Output rows per dense tile: one, unless a row has fewer vectors than a tile holds; then as
+    many rows as fill its ``dense_u`` vectors (a broadcast weight fed to one vector of one row
+    costs a load per FMA, as on a 7x7 or 14x14 map)."""
+    return max(1, min(out_h, target.dense_u // max(1, n_vec)))
+
+
+def dense_blocking(target: Target, cout: int, n_vec: int, out_h: int = 1) -> tuple[int, int, int]:
+    """(output channels, vecs, rows) of a dense tile: each broadcast weight feeds ``vecs x rows``
+    vectors and each loaded input vector ``channels`` accumulators."""
     u = min(target.dense_u, n_vec)
-    return max(1, min(DENSE_MAX_CHANNELS, target.dense_acc // u, cout)), u
+    span = dense_span(target, n_vec, out_h)
+    return max(1, min(DENSE_MAX_CHANNELS, target.dense_acc // (u * span), cout)), u, span
 
 
 # vector FMAs a pattern-sparse tile should do per (filter, input-channel block) at the least
@@ -105,9 +117,10 @@ def _tiles(target: Target, isa: str, max_u: int, dense_u: int) -> list[Kernel]:
     within ``target``'s accumulator budgets."""
     out = [Kernel(SPARSE, r, v, m, isa) for v in range(1, max_u + 1) for r in range(1, max(1, target.accumulators // v) + 1) for m in (False, True)]
     out += [
-        Kernel(DENSE, n, v, m, isa)
+        Kernel(DENSE, n, v, m, isa, span)
         for v in range(1, dense_u + 1)
-        for n in range(1, max(1, min(DENSE_MAX_CHANNELS, target.dense_acc // v)) + 1)
+        for span in range(1, max(1, target.dense_u // v) + 1)
+        for n in range(1, max(1, min(DENSE_MAX_CHANNELS, target.dense_acc // (v * span))) + 1)
         for m in (False, True)
     ]
     return out
@@ -129,10 +142,10 @@ def registry(target: Target) -> tuple[Kernel, ...]:
     return tuple(sorted(out))
 
 
-def lookup(target: Target, op: str, rows: int, vecs: int, masked: bool, isa: str | None = None) -> Kernel:
+def lookup(target: Target, op: str, rows: int, vecs: int, masked: bool, isa: str | None = None, span: int = 1) -> Kernel:
     """The registered instance (of ``isa``, by default the target's own flavour); an
     unregistered one is a generator bug, refused here."""
-    kernel = Kernel(op, rows, vecs, masked, isa or target.isa.name)
+    kernel = Kernel(op, rows, vecs, masked, isa or target.isa.name, span)
     if kernel not in registry(target):
         raise CodegenError(f"tile {kernel.name} is not in the kernel registry of target {target.name}")
     return kernel

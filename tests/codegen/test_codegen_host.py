@@ -232,3 +232,54 @@ def test_every_registered_host_tile_matches_pytorch(tmp_path, op, vecs, isa):
 @pytest.mark.parametrize("op,vecs,isa", _registry_chains(HOST), ids=lambda v: str(v))
 def test_every_registered_host_tile_at_stride_two_matches_pytorch(tmp_path, op, vecs, isa):
     check_registered_tiles(HOST, op, vecs, isa, tmp_path, stride=2)
+
+
+def _harness_bytes(out_dir, x, threads: int) -> bytes:
+    import os
+    import subprocess
+
+    (out_dir / "x.bin").write_bytes(x.tobytes())
+    cmd = [str(out_dir / "bp_main"), str(out_dir / "weights.bin"), str(out_dir / "x.bin"), str(out_dir / "y.bin")]
+    subprocess.run(cmd, check=True, env={**os.environ, "BP_THREADS": str(threads)}, capture_output=True)
+    return (out_dir / "y.bin").read_bytes()
+
+
+def test_dense_tiles_of_narrow_rows_span_rows_and_keep_the_bits(tmp_path):
+    # A row narrower than a dense tile's vectors (a 7-wide map) is tiled over several rows, so a
+    # broadcast weight feeds a vector of each; every output still sees the same FMAs in the same
+    # order as with one-row tiles: the same bytes, on any thread count, and PyTorch's values.
+    # 13 rows leave a remainder band on every host target; the residual and the structured
+    # pruned 1x1 (dead output rows, skipped input columns) go through the spanning tiles too.
+    from dataclasses import replace
+
+    import numpy as np
+
+    class Narrow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.expand = nn.Conv2d(16, 40, 1)
+            self.dense = nn.Conv2d(40, 16, 3, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.dense(nn.functional.relu6(self.expand(x))) + x)
+
+    torch.manual_seed(3)
+    model = Narrow().eval()
+    # the 1x1 alone (pruning the 3x3 would make it pattern-sparse)
+    masks = {f"expand.{k.split('.')[-1]}": m for k, m in fixtures.prune_model(nn.Sequential(model.expand), 6.0, structured=4.0).items()}
+    assert set(masks) == {"expand.weight"}
+    shape = (16, 13, 7)
+    one_row = replace(HOST, dense_u=1)  # a tile of one vector of one row
+    x = np.random.default_rng(1).standard_normal((2, *shape)).astype("<f4")
+    outs = {}
+    for name, target in (("span", HOST), ("one", one_row)):
+        result = verify(export(model, shape), masks, target, tmp_path / name, n=1)
+        assert result.error <= TOL
+        spans = [r.blocking for r in result.generated.layers if r.kind == "dense"]
+        assert len(spans) == 2 and all((" y" in b) == (name == "span") for b in spans), spans
+        for threads in (1, 2, 3) if name == "span" else (1,):
+            outs[name, threads] = _harness_bytes(tmp_path / name, x, threads)
+    assert len(set(outs.values())) == 1
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(np.frombuffer(outs["span", 1], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()

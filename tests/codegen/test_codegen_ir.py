@@ -160,12 +160,14 @@ def test_kernel_registry_names_encode_parameters_and_fit_the_register_budget(tar
     assert len({k.name for k in reg}) == len(reg)
     narrow = target.isa.narrow
     for k in reg:
-        assert k.name == f"{k.op}_{k.rows}x{k.vecs}{'m' if k.masked else ''}__{k.isa}"
+        span = f"y{k.span}" if k.span > 1 else ""
+        assert k.name == f"{k.op}_{k.rows}x{span}{k.vecs}{'m' if k.masked else ''}__{k.isa}"
         assert k.isa == target.isa.name or (narrow is not None and k.isa == narrow.name and k.vecs == 1)
         if k.op == "sparse3x3":
             assert k.vecs <= target.max_u and k.rows * k.vecs <= target.accumulators
         else:
-            assert k.op == "dense" and k.vecs <= target.dense_u and k.rows <= 8 and k.rows * k.vecs <= target.dense_acc
+            assert k.op == "dense" and k.vecs * k.span <= target.dense_u and k.rows <= 8
+            assert k.rows * k.vecs * k.span <= target.dense_acc
 
 
 @pytest.mark.parametrize("target", [HOST_AVX2, HOST_AVX512, AARCH64_NEON], ids=lambda t: t.name)
@@ -177,7 +179,8 @@ def test_dense_tiles_keep_their_live_values_in_the_register_file(target):
         registers[target.isa.narrow.name] = target.isa.narrow.registers
     for k in registry(target):
         if k.op == "dense":
-            assert k.rows * k.vecs + min(k.rows, k.vecs) + 1 <= registers[k.isa], k.name
+            positions = k.vecs * k.span  # vectors per channel (over all the rows it spans)
+            assert k.rows * positions + min(k.rows, positions) + 1 <= registers[k.isa], k.name
 
 
 def test_tile_symbols_name_layer_patterns_blocking_and_isa():

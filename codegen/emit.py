@@ -484,8 +484,13 @@ class Emitter:
         OCH = self.warr(outs.astype(np.int32), "const int32_t")
         KIN = None if all_in else self.warr(ins.astype(np.int32), "const int32_t")
         c = self.funcs
-        spans = [span] + ([out.h % span] if out.h % span else [])
-        variants = sorted({(n, tw, tm, sp) for _, n in blocks for _, tw, tm in kr.row_tiles(n_vec, u, masked) for sp in spans})
+        # output rows in bands of ``span`` rows (more than one where a row is narrower than the
+        # tile's vectors), the remainder in one band of fewer; out.h >= span by the blocking rule
+        full = out.h - out.h % span
+        bands = [(f"for (int yo = 0; yo < {full}; yo += {span})", span)]
+        if out.h % span:
+            bands.append((f"for (int yo = {full}; yo < {out.h}; yo += {out.h % span})", out.h % span))
+        variants = sorted({(n, tw, tm, sp) for _, n in blocks for _, tw, tm in kr.row_tiles(n_vec, u, masked) for _, sp in bands})
         tiles = {v: kr.lookup(self.base, kr.DENSE, *v[:3], isa=isa.name, span=v[3]) for v in variants}
         symbol = {v: k.symbol(fname, f"{kh}x{kw}") for v, k in tiles.items()}
         for n, tw, tm, sp in variants:
@@ -544,10 +549,6 @@ class Emitter:
         # the whole input (for a large map, from beyond L2); with the rows outside, every row
         # re-reads the weights. Whichever is smaller is the one re-read.
         rows_outside = nout * nin * taps <= nin * src.cs
-        # output rows in bands of ``span`` (a narrow map's dense tile spans rows), the remainder last
-        bands = [(f"for (int yo = 0; yo < {out.h - out.h % span}; yo += {span})", span)] if out.h >= span else []
-        if out.h % span:
-            bands.append((f"for (int yo = {out.h - out.h % span}; yo < {out.h}; yo += {out.h % span})", out.h % span))
 
         def block(head: str, n: int) -> None:
             c.open(head)

@@ -34,7 +34,9 @@ neither stored nor loaded.
 
 Threads: every layer is one or more step functions ``f(m, tid, nth)`` that ``bp_forward`` runs on
 the model's thread pool (``templates/bp_model.c.in``). A step deals its output channels (filters,
-channel blocks, planes, Linear rows) round-robin by ``tid`` and computes each exactly as the
+channel blocks, planes, Linear rows) round-robin by ``tid``, or, where its input is the larger
+operand (a dense conv with the rows outside, a stride-1 depthwise conv), contiguous runs of row
+bands, so each core reads only its own rows; either way each output is computed exactly as the
 one-thread code does, so outputs do not depend on the thread count. A stride-2 conv's phase split
 is a step of its own, ahead of the conv.
 """
@@ -70,6 +72,7 @@ class Options:
 
 
 MAX_THREADS = 64  # threads the pool can run (BP_MAX_THREADS of templates/bp_model.c.in)
+LINEAR_ROWS = 4  # Linear rows summed side by side: independent chains enough to hide the FMA latency
 
 
 def _round_up(x: int, m: int) -> int:
@@ -490,7 +493,8 @@ class Emitter:
         bands = [(f"for (int yo = 0; yo < {full}; yo += {span})", span)]
         if out.h % span:
             bands.append((f"for (int yo = {full}; yo < {out.h}; yo += {out.h % span})", out.h % span))
-        variants = sorted({(n, tw, tm, sp) for _, n in blocks for _, tw, tm in kr.row_tiles(n_vec, u, masked) for _, sp in bands})
+        row_tiles = kr.row_tiles(n_vec, u, masked)
+        variants = sorted({(n, tw, tm, sp) for _, n in blocks for _, tw, tm in row_tiles for _, sp in bands})
         tiles = {v: kr.lookup(self.base, kr.DENSE, *v[:3], isa=isa.name, span=v[3]) for v in variants}
         symbol = {v: k.symbol(fname, f"{kh}x{kw}") for v, k in tiles.items()}
         for n, tw, tm, sp in variants:
@@ -559,21 +563,13 @@ class Emitter:
             c(f"float *op = dst + yo * {out.pitch};")
             c(f"const float *sb = src + yo * {src.rs};")
             c(f"const float *rp = res ? res + yo * {res.pitch if res else 0} : NULL;")
-            for x0, tw, tm in kr.row_tiles(n_vec, u, masked):
+            for x0, tw, tm in row_tiles:
                 args = [f"op + {x0 * V}", f"sb + {x0 * V}", f"rp ? rp + {x0 * V} : NULL", "wb", "B + s", "OCH + s"]
                 args += [] if all_in else ["KIN"]
                 args += ["mk"] if tm else []
                 c(f"{symbol[n, tw, tm, sp]}({', '.join(args)});")
 
-        if rows_outside:
-            for head_y, sp in bands:
-                c.open(head_y)
-                for head, n in groups:
-                    block(head, n)
-                    band(sp, n)
-                    c.close()
-                c.close()
-        else:
+        def by_channels() -> None:
             for head, n in groups:
                 block(head, n)
                 for head_y, sp in bands:
@@ -581,6 +577,36 @@ class Emitter:
                     band(sp, n)
                     c.close()
                 c.close()
+
+        if rows_outside:
+            # Split by rows: each thread reads its own rows of the input (the larger operand)
+            # and all the weights; split by channels, every thread would read the whole input.
+            # The bands (the remainder band last) go in contiguous runs, one per thread; with
+            # more threads than bands, by channels.
+            n_bands = full // span
+            slots = n_bands + (1 if out.h % span else 0)
+            every = [(f"for (int j = 0; j < {n_full}; ++j)", ob)] if n_full else []
+            every += [("", rest)] if rest else []
+            c.open(f"if (nth <= {slots})")
+            c(f"const int lo = tid * {slots} / nth, hi = (tid + 1) * {slots} / nth;")
+            runs = [(span, f"for (int yb = lo; yb < hi && yb < {n_bands}; ++yb)", f"yb * {span}")]
+            runs.append((out.h % span, f"if (hi > {n_bands})", str(full)))
+            for sp, head_y, yo in runs:
+                if not sp:
+                    continue
+                c.open(head_y)
+                c(f"const int yo = {yo};")
+                for head, n in every:
+                    block(head, n)
+                    band(sp, n)
+                    c.close()
+                c.close()
+            c.close()
+            c.open("else")
+            by_channels()
+            c.close()
+        else:
+            by_channels()
         self._dead_channels(c, conv, out, res, np.setdiff1d(np.arange(cout), outs))
         c.close()
         c()
@@ -708,23 +734,14 @@ class Emitter:
             first = np.array([int(np.argmax(totals[:, f] > 0)) if totals[:, f].any() else n_blocks - 1 for f in range(cout)], dtype=np.uint16)
             c(f"const uint16_t *restrict FIRST = {self.warr(first, 'const uint16_t')};")
         self._mask_decl(c, out)
-        bands = [("loop", out.h - out.h % r, r)] + ([("one", out.h - out.h % r, out.h % r)] if out.h % r else [])
-        # A depthwise filter reads only its own channel: all its bands in a row keep that channel
-        # in cache (bands outside, each filter would fetch its channel's rows once per band, and
-        # a strided layer's phase planes are several MB); other convs share each band's slab
-        # between all filters, so there the bands are outside.
-        if conv.depthwise:
-            c.open(f"for (int f = tid; f < {cout}; f += nth)")
-            if split_here:
-                _emit_phase_split(c, conv, inp, src, self.buf(conv.inp), channel="PERM[f]")
-        for kind, a, rr in bands:
-            if kind == "loop":
-                c.open(f"for (int yb = 0; yb < {a}; yb += {rr})")
-            else:
-                c.open("")
-                c(f"const int yb = {a};")
+        full = out.h - out.h % r
+        bands = [("loop", full, r)] + ([("one", full, out.h % r)] if out.h % r else [])
+
+        def band(rr: int, filters: bool) -> None:
+            """One band of ``rr`` rows at ``yb``: every channel block, and with ``filters`` this
+            thread's filters (else the enclosing loop's ``f``)."""
             c.open(f"for (int b = 0; b < {n_blocks}; ++b)")
-            if not conv.depthwise:
+            if filters:
                 c.open(f"for (int f = tid; f < {cout}; f += nth)")
             c(f"const int o = PERM[f], q = b * {cout} + f;")
             c(f"const uint16_t *cnt = CNT + q * {per}, *ci = {'CI0' if split_here else 'KCI + KOFF[q]'};")
@@ -752,12 +769,58 @@ class Emitter:
                 if tm:
                     args.append("mk")
                 c(f"{symbol[rr, tw, tm]}({', '.join(args)});")
-            if not conv.depthwise:
+            if filters:
                 c.close()
             c.close()
-            c.close()
+
+        def all_bands(filters: bool) -> None:
+            for kind, a, rr in bands:
+                if kind == "loop":
+                    c.open(f"for (int yb = 0; yb < {a}; yb += {rr})")
+                else:
+                    c.open("")
+                    c(f"const int yb = {a};")
+                band(rr, filters)
+                c.close()
+
+        # A depthwise filter reads only its own channel: all its bands in a row keep that channel
+        # in cache (bands outside, each filter would fetch its channel's rows once per band, and
+        # a strided layer's phase planes are several MB); other convs share each band's slab
+        # between all filters, so there the bands are outside.
         if conv.depthwise:
+            # Stride 1: each thread takes a run of bands of every channel, the rows the layers
+            # before and after (split by rows where their input is the larger operand) have in
+            # its cache; dealt by filters, half of each thread's input would come from the other
+            # core. With more threads than bands, and for a strided filter that makes its own
+            # phase planes, by filters.
+            n_full = full // r
+            slots = len(bands) - 1 + n_full
+            by_rows = not split_here and slots > 1
+            if by_rows:
+                c.open(f"if (nth <= {slots})")
+                c(f"const int lo = tid * {slots} / nth, hi = (tid + 1) * {slots} / nth;")
+                c.open(f"for (int f = 0; f < {cout}; ++f)")
+                c.open(f"for (int yi = lo; yi < hi && yi < {n_full}; ++yi)")
+                c(f"const int yb = yi * {r};")
+                band(r, False)
+                c.close()
+                if out.h % r:
+                    c.open(f"if (hi > {n_full})")
+                    c(f"const int yb = {full};")
+                    band(out.h % r, False)
+                    c.close()
+                c.close()
+                c.close()
+                c.open("else")
+            c.open(f"for (int f = tid; f < {cout}; f += nth)")
+            if split_here:
+                _emit_phase_split(c, conv, inp, src, self.buf(conv.inp), channel="PERM[f]")
+            all_bands(False)
             c.close()
+            if by_rows:
+                c.close()
+        else:
+            all_bands(True)
         c.close()
         c()
         kernels = int((ps.ids >= 0).sum())
@@ -1000,14 +1063,41 @@ class Emitter:
         c(f"const float *restrict B = {B};")
         c(f"const int32_t *restrict ROW = {ROW};")
         isa = self.isa
-        c.open(f"for (int j = tid; j < {len(rows)}; j += nth)")
-        c(f"{isa.vf} acc = {isa.zero.format()};")
-        fma = isa.fma.format(acc="acc", a=isa.load.format(p=f"W + j * {stride} + i"), b=isa.load.format(p="x + i"))
-        c(f"for (int i = 0; i < {stride}; i += {V}) {fma}")
-        c("float v = B[ROW[j]];")
-        c(isa.hsum.format(n=V, s="v", v="acc"))
-        c(f"y[ROW[j]] = {scalar_act(layer.act)};")
-        c.close()
+        # Rows in groups of LINEAR_ROWS: one accumulator chain per row, as many chains as the
+        # group in flight and each input vector loaded once for all of them (a row's own sum is
+        # the one-row order, so the bits do not change). Threads take contiguous runs of groups
+        # (then of the leftover rows), each streaming its own part of the weights.
+        n_rows = len(rows)
+        G = n_rows // LINEAR_ROWS
+        units = G + n_rows % LINEAR_ROWS
+        if units:
+            c(f"const int lo = tid * {units} / nth, hi = (tid + 1) * {units} / nth;")
+
+        def dot(n: int) -> None:
+            for r in range(n):
+                c(f"{isa.vf} a{r} = {isa.zero.format()};")
+            c.open(f"for (int i = 0; i < {stride}; i += {V})")
+            c(f"const {isa.vf} xv = {isa.load.format(p='x + i')};")
+            for r in range(n):
+                c(isa.fma.format(acc=f"a{r}", a=isa.load.format(p=f"W + (j + {r}) * {stride} + i"), b="xv"))
+            c.close()
+            for r in range(n):
+                c.open("")
+                c(f"float v = B[ROW[j + {r}]];")
+                c(isa.hsum.format(n=V, s="v", v=f"a{r}"))
+                c(f"y[ROW[j + {r}]] = {scalar_act(layer.act)};")
+                c.close()
+
+        if G:
+            c.open(f"for (int g = lo; g < hi && g < {G}; ++g)")
+            c(f"const int j = g * {LINEAR_ROWS};")
+            dot(LINEAR_ROWS)
+            c.close()
+        if n_rows % LINEAR_ROWS:
+            c.open(f"for (int g = lo > {G} ? lo : {G}; g < hi; ++g)")
+            c(f"const int j = {G * LINEAR_ROWS} + (g - {G});")
+            dot(1)
+            c.close()
         dead = np.setdiff1d(np.arange(n_out), rows)
         if len(dead):
             DR = self.warr(dead.astype(np.int32), "const int32_t")

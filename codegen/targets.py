@@ -144,7 +144,10 @@ def host_cpu_flags() -> frozenset[str]:
 HOST_AVX2 = Target(
     name="host-avx2",
     cc="cc",
-    cflags=("-O3", "-march=native", "-ffp-contract=fast"),
+    # GCC's Zen tuning leaves a lone accumulator chain as separate multiplies and adds (lower
+    # latency there); every a += w * x must be one FMA on every host, or a tile's shape (and
+    # the CPU that built it) would change the bits
+    cflags=("-O3", "-march=native", "-ffp-contract=fast", "--param=avoid-fma-max-bits=0"),
     isa=AVX2,
     accumulators=16,
     max_u=4,

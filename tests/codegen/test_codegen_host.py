@@ -283,3 +283,41 @@ def test_dense_tiles_of_narrow_rows_span_rows_and_keep_the_bits(tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert np.abs(np.frombuffer(outs["span", 1], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pattern"])
+def test_layers_split_by_rows_give_the_same_bytes_on_any_thread_count(tmp_path, pruned):
+    # A stride-1 depthwise conv and a dense conv whose input outweighs its weights deal runs of
+    # row bands to the threads (each core reads its own rows); 25 and 7 rows leave a remainder
+    # band of each on every host target (the dense band spans rows of the 10-wide map), and with
+    # more threads than bands both fall back to the channel split. The Linear's rows (a group of
+    # rows summed side by side and three leftover rows) are runs too. Every thread count gives
+    # the one-thread bytes and PyTorch's values.
+    import numpy as np
+
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(24, 24, 3, 1, 1, groups=24),
+        nn.ReLU6(),
+        nn.MaxPool2d(4, ceil_mode=True),
+        nn.Conv2d(24, 8, 3, 1, 1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 7 * 10, 7),
+    ).eval()
+    # the depthwise conv alone (pruning the dense one would make it pattern-sparse)
+    masks = fixtures.prune_model(nn.Sequential(model[0]), 6.0, depthwise=True) if pruned else {}
+    assert set(masks) == ({"0.weight"} if pruned else set())
+    shape = (24, 25, 40)
+    result = verify(export(model, shape), masks, HOST, tmp_path, n=1)
+    assert result.error <= TOL
+    convs = [r for r in result.generated.layers if r.kind in ("depthwise", "dense")]
+    assert [r.kind for r in convs] == ["depthwise", "dense"]
+    source = (tmp_path / "bp_model.c").read_text()
+    assert source.count("if (nth <= ") == 2, "both convs should split by rows"
+    x = np.random.default_rng(2).standard_normal((2, *shape)).astype("<f4")
+    outs = {threads: _harness_bytes(tmp_path, x, threads) for threads in (1, 2, 3, 5, 40)}
+    assert len(set(outs.values())) == 1
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(np.frombuffer(outs[1], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()

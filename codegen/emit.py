@@ -75,6 +75,11 @@ MAX_THREADS = 64  # threads the pool can run (BP_MAX_THREADS of templates/bp_mod
 LINEAR_ROWS = 4  # Linear rows summed side by side: independent chains enough to hide the FMA latency
 
 
+def _thread_run(c: _C, n: int) -> None:
+    """This thread's contiguous run ``[lo, hi)`` of ``n`` work units (row bands, Linear rows)."""
+    c(f"const int lo = tid * {n} / nth, hi = (tid + 1) * {n} / nth;")
+
+
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
@@ -588,7 +593,7 @@ class Emitter:
             every = [(f"for (int j = 0; j < {n_full}; ++j)", ob)] if n_full else []
             every += [("", rest)] if rest else []
             c.open(f"if (nth <= {slots})")
-            c(f"const int lo = tid * {slots} / nth, hi = (tid + 1) * {slots} / nth;")
+            _thread_run(c, slots)
             runs = [(span, f"for (int yb = lo; yb < hi && yb < {n_bands}; ++yb)", f"yb * {span}")]
             runs.append((out.h % span, f"if (hi > {n_bands})", str(full)))
             for sp, head_y, yo in runs:
@@ -798,7 +803,7 @@ class Emitter:
             by_rows = not split_here and slots > 1
             if by_rows:
                 c.open(f"if (nth <= {slots})")
-                c(f"const int lo = tid * {slots} / nth, hi = (tid + 1) * {slots} / nth;")
+                _thread_run(c, slots)
                 c.open(f"for (int f = 0; f < {cout}; ++f)")
                 c.open(f"for (int yi = lo; yi < hi && yi < {n_full}; ++yi)")
                 c(f"const int yb = yi * {r};")
@@ -1071,7 +1076,7 @@ class Emitter:
         G = n_rows // LINEAR_ROWS
         units = G + n_rows % LINEAR_ROWS
         if units:
-            c(f"const int lo = tid * {units} / nth, hi = (tid + 1) * {units} / nth;")
+            _thread_run(c, units)
 
         def dot(n: int) -> None:
             for r in range(n):

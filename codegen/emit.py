@@ -302,6 +302,16 @@ def _conv_src(conv: Conv, inp: FMap, buf: str, vec: int, out_w: int) -> _Src:
     return _Src("scratch", phases.per_channel, s * pitch, taps, phases, inp.c * phases.per_channel + vec)
 
 
+def _shift(offset: int, vec: int) -> int:
+    """Columns a tap's offset lies off the nearest vector boundary (rows are vector-aligned)."""
+    return (offset + vec // 2) % vec - vec // 2
+
+
+def _tap_shifts(src: _Src, vec: int) -> tuple[int, ...]:
+    """The column shifts of a stride-1 conv's taps (always with 0, the output's own set)."""
+    return tuple(sorted({0, *(_shift(t, vec) for t in src.taps)}))
+
+
 def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str, channel: str | None = None) -> None:
     """Copy the input into s column phases (zero outside the map); the column range that reads
     the map is fixed per phase, so the copy loop is a plain strided gather. Every channel, dealt
@@ -662,7 +672,14 @@ class Emitter:
         taps = kh * kw
         ps = pat.kernel_patterns(conv.mask, o.max_patterns)
         n_vec = -(-out.w // V)
-        r, u = kr.sparse_blocking(self.t, out.h, n_vec, o.lre)
+        shifts = _tap_shifts(src, V) if o.lre and not conv.depthwise and src.phase is None else ()
+        shifted_rows = kr.shifted_blocking(self.t, out.h, n_vec, len(shifts)) if shifts else None
+        if shifted_rows is None:
+            shifts = ()
+            r, u = kr.sparse_blocking(self.t, out.h, n_vec, o.lre)
+        else:
+            r, u = shifted_rows, n_vec
+        op = kr.SHIFTED if shifts else kr.SPARSE
         masked = out.w % V != 0
         s = conv.stride[0]
         if src.phase is not None:  # input rows of one band, in every copy
@@ -706,10 +723,10 @@ class Emitter:
         c = self.funcs
         rows_variants = [r] + ([out.h % r] if out.h % r else [])
         variants = sorted({(rr, tw, tm) for rr in rows_variants for _, tw, tm in kr.row_tiles(n_vec, u, masked)})
-        tiles = {v: kr.lookup(self.base, kr.SPARSE, *v, isa=self.isa.name) for v in variants}
+        tiles = {v: kr.lookup(self.base, op, *v, isa=self.isa.name, sets=max(1, len(shifts))) for v in variants}
         symbol = {v: k.symbol(fname, f"_p{n_pat}") for v, k in tiles.items()}
         for rr, tw, tm in variants:
-            self._sparse_tile(symbol[rr, tw, tm], rr, tw, tm, ps, src, out, res, conv.act, taps)
+            self._sparse_tile(symbol[rr, tw, tm], rr, tw, tm, ps, src, out, res, conv.act, taps, shifts)
         split_here = src.phase is not None and conv.depthwise
         if split_here and int(nk.max(initial=0)) > 1:
             raise CodegenError(f"layer {conv.name}: a depthwise filter with more than one kernel")
@@ -846,8 +863,24 @@ class Emitter:
         )
 
     def _sparse_tile(
-        self, symbol: str, rr: int, tw: int, tm: bool, ps: pat.PatternSet, src: _Src, out: FMap, res: FMap | None, act: Act | None, n_taps: int
+        self,
+        symbol: str,
+        rr: int,
+        tw: int,
+        tm: bool,
+        ps: pat.PatternSet,
+        src: _Src,
+        out: FMap,
+        res: FMap | None,
+        act: Act | None,
+        n_taps: int,
+        shifts: tuple[int, ...] = (),
     ) -> None:
+        """One register tile. With ``shifts`` (a whole row's vectors, stride 1) a tap whose
+        offset is ``shift`` columns off a vector boundary feeds that shift's accumulator set from
+        the aligned load instead of a misaligned one; the sets are shifted into the output lanes
+        once, before the epilogue (the input's zero border is the lanes shifted in at the row's
+        ends)."""
         V, o, c, isa = self.V, self.o, self.funcs, self.isa
         params = [
             "float *restrict op",
@@ -868,6 +901,13 @@ class Emitter:
             for v in range(tw)
         ]
         c(f"{isa.vf} {', '.join(a for a, _, _ in accs)};")
+        side = [sh for sh in shifts if sh != 0]
+
+        def acc(sh: int, y: int, v: int) -> str:
+            return f"a{y}_{v}" if sh == 0 else f"a{y}_{v}{'m' if sh < 0 else 'p'}{abs(sh)}"
+
+        if side:
+            c(f"{isa.vf} {', '.join(f'{acc(sh, y, v)} = {isa.zero.format()}' for sh in side for y in range(rr) for v in range(tw))};")
         c.open("if (first)")
         for a, _, _ in accs:
             c(f"{a} = {isa.bcast.format(x='bias')};")
@@ -886,15 +926,16 @@ class Emitter:
             order: list[int] = []
             n = 0
             for j, t in enumerate(taps):
+                sh = _shift(src.taps[t], V) if shifts else 0
                 for y in range(rr):
                     for v in range(tw):
-                        off = y * src.rs + v * V + src.taps[t]
+                        off = y * src.rs + v * V + src.taps[t] - sh
                         key = off if o.lre else n
                         n += 1
                         if key not in loads:
                             loads[key] = []
                             order.append(key)
-                        loads[key].append((f"a{y}_{v}", j, off))
+                        loads[key].append((acc(sh, y, v), j, off))
             for key in sorted(order):
                 uses = loads[key]
                 off = uses[0][2]
@@ -928,6 +969,18 @@ class Emitter:
                 c.close()
             c.close()
             c.close()
+        if side:
+            c(f"const {isa.vf} z = {isa.zero.format()};")
+        for sh in side:
+            # output lane l of vector v takes lane l + sh of the set's row (vectors v - 1, v, v + 1)
+            for y in range(rr):
+                for v in range(tw):
+                    if sh > 0:
+                        a, b, lo = acc(sh, y, v), acc(sh, y, v + 1) if v + 1 < tw else "z", sh
+                    else:
+                        a, b, lo = acc(sh, y, v - 1) if v > 0 else "z", acc(sh, y, v), V + sh
+                    lanes = ", ".join(str(lo + lane) for lane in range(V))
+                    c(isa.add.format(acc=acc(0, y, v), a=isa.window.format(a=a, b=b, idx=lanes)))
         c.open("if (last)")
         _epilogue(c, isa, accs, act, lambda name: tm and name.endswith(f"_{tw - 1}"))
         c.close()

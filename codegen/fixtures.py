@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kernels import DENSE, SPARSE, Kernel
+from .kernels import DENSE, SHIFTED, SPARSE, Kernel
 from .targets import Target
 
 NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)
@@ -154,7 +154,12 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
     deep chain well inside float32. With ``stride`` 2 each link pools to twice the size and its
     first conv has stride 2 (its input then goes through the column-phase split, so the tile reads
     phase planes, not the bordered map); the second conv of a masked tile stays stride 1.
+    A column-shift tile (``SHIFTED``) exists at stride 1 only; on a target that has them, the
+    plain sparse tiles are probed with ``shift_sets`` off (else their stride-1 rows take the
+    shift tiles).
     """
+    if stride != 1 and any(k.op == SHIFTED for k in kernels):
+        raise ValueError("column-shift tiles run at stride 1 only")
     g = torch.Generator().manual_seed(seed)
     narrow = target.isa.narrow
     links: list[nn.Module] = []
@@ -165,7 +170,7 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
         v = narrow.vec if narrow is not None and k.isa == narrow.name else target.vec
         floor = narrow.vec if narrow is not None and k.isa != narrow.name and k.vecs == 1 else 0  # a wide tile must not fit the narrow flavour
         width = k.vecs * v if not k.masked else (k.vecs - 1) * v + 1 + floor + k.rows % (v - 1 - floor)
-        if k.op == SPARSE:
+        if k.op in (SPARSE, SHIFTED):
             size, cout = (k.rows, width), channels
         elif k.op == DENSE:
             # a row narrower than the tile's vectors makes it span rows: then exactly k.span rows
@@ -179,7 +184,7 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
             with torch.no_grad():
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
                 conv.bias.copy_(torch.randn(cout, generator=g) * 0.1)  # type: ignore[union-attr]  # built with bias=True
-                if k.op == SPARSE:
+                if k.op in (SPARSE, SHIFTED):
                     mask = pattern_mask(conv.weight, 6.0, n_patterns=2)
                     conv.weight.mul_(mask)
                     masks[f"{len(links)}.weight"] = mask

@@ -3,7 +3,8 @@
 A conv layer is rendered as a per-layer driver calling register-tile kernels: a pattern-sparse
 3x3 tile covers ``rows`` output rows x ``vecs`` vectors of one filter; a dense tile covers
 ``rows`` output channels x ``vecs`` vectors of one row (of ``span`` rows where a row is narrower
-than the tile's vectors, e.g. a 7x7 map). The blocking rules below pick the tile
+than the tile's vectors, e.g. a 7x7 map); a column-shift tile (targets with ``shift_sets``) is a
+stride-1 pattern-sparse tile as wide as its row with one accumulator set per tap column. The blocking rules below pick the tile
 sizes from a target's budget (and a strided pattern-sparse conv's input-channel block), and
 :func:`registry` lists every (op, rows, vecs, masked, span) those rules can produce for a target,
 so the emitter, the tests (each instance against PyTorch through :func:`codegen.fixtures.kernel_probe`,
@@ -27,6 +28,7 @@ from .ir import CodegenError
 from .targets import Target
 
 SPARSE = "sparse3x3"
+SHIFTED = "sparse3x3sh"  # pattern-sparse 3x3, one accumulator set per tap column (stride 1)
 DENSE = "dense"
 DENSE_MAX_CHANNELS = 8  # output channels per dense tile, whatever the accumulator budget
 
@@ -41,11 +43,13 @@ class Kernel:
     masked: bool  # the last vector's lanes past the row end are zeroed on store
     isa: str  # VectorIsa.name
     span: int = 1  # dense: output rows per tile (a map narrower than the tile's vectors)
+    sets: int = 1  # SHIFTED: accumulator sets, one per column shift of the taps
 
     @property
     def blocking(self) -> str:
         rows = f"y{self.span}" if self.span > 1 else ""
-        return f"{self.rows}x{rows}{self.vecs}{'m' if self.masked else ''}"
+        sets = f"s{self.sets}" if self.sets > 1 else ""
+        return f"{self.rows}x{rows}{self.vecs}{'m' if self.masked else ''}{sets}"
 
     @property
     def name(self) -> str:
@@ -63,6 +67,15 @@ def sparse_blocking(target: Target, out_h: int, n_vec: int, lre: bool) -> tuple[
         return 1, 1
     u = min(target.max_u, n_vec)
     return max(1, min(out_h, target.accumulators // u)), u
+
+
+def shifted_blocking(target: Target, out_h: int, n_vec: int, sets: int) -> int | None:
+    """Rows of a column-shift tile (``sets`` accumulator sets of a whole row's ``n_vec``
+    vectors), or None where the target has no such tiles or fewer than two rows fit: one row
+    would load every input row once per output row, as the plain tile does."""
+    if not target.shift_sets or n_vec > target.max_u or sets * n_vec * 2 > target.accumulators:
+        return None
+    return max(1, min(out_h, target.accumulators // (sets * n_vec)))
 
 
 def dense_span(target: Target, n_vec: int, out_h: int) -> int:
@@ -116,6 +129,14 @@ def _tiles(target: Target, isa: str, max_u: int, dense_u: int) -> list[Kernel]:
     """Sparse tiles up to ``max_u`` and dense ones up to ``dense_u`` vectors wide, of ``isa``,
     within ``target``'s accumulator budgets."""
     out = [Kernel(SPARSE, r, v, m, isa) for v in range(1, max_u + 1) for r in range(1, max(1, target.accumulators // v) + 1) for m in (False, True)]
+    if target.shift_sets:
+        sets = 3  # a 3x3 conv at stride 1: columns -1, 0, +1
+        out += [
+            Kernel(SHIFTED, r, v, m, isa, sets=sets)
+            for v in range(1, min(max_u, target.accumulators // (2 * sets)) + 1)
+            for r in range(1, target.accumulators // (sets * v) + 1)
+            for m in (False, True)
+        ]
     out += [
         Kernel(DENSE, n, v, m, isa, span)
         for v in range(1, dense_u + 1)
@@ -131,7 +152,7 @@ def registry(target: Target) -> tuple[Kernel, ...]:
     """Every tile the blocking rules can give ``target``, sorted (op, rows, vecs, masked, isa).
 
     A tile never holds more accumulators than the budget: ``rows * vecs <= accumulators`` with
-    ``vecs <= max_u`` (sparse) and ``rows <= min(8, dense_acc // vecs)`` with ``vecs <= dense_u``
+    ``vecs <= max_u`` (sparse; ``rows * vecs * sets`` for a column-shift tile) and ``rows <= min(8, dense_acc // vecs)`` with ``vecs <= dense_u``
     (dense); remainder tiles (fewer rows, fewer vectors) stay inside the same bounds. A target
     whose vector flavour has a narrow one adds its one-vector tiles (the emitter uses it only for
     maps no wider than one narrow vector).
@@ -142,10 +163,10 @@ def registry(target: Target) -> tuple[Kernel, ...]:
     return tuple(sorted(out))
 
 
-def lookup(target: Target, op: str, rows: int, vecs: int, masked: bool, isa: str | None = None, span: int = 1) -> Kernel:
+def lookup(target: Target, op: str, rows: int, vecs: int, masked: bool, isa: str | None = None, span: int = 1, sets: int = 1) -> Kernel:
     """The registered instance (of ``isa``, by default the target's own flavour); an
     unregistered one is a generator bug, refused here."""
-    kernel = Kernel(op, rows, vecs, masked, isa or target.isa.name, span)
+    kernel = Kernel(op, rows, vecs, masked, isa or target.isa.name, span, sets)
     if kernel not in registry(target):
         raise CodegenError(f"tile {kernel.name} is not in the kernel registry of target {target.name}")
     return kernel

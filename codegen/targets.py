@@ -64,6 +64,7 @@ class VectorIsa:
     load_mask: str = "*(const viu *)({p})"  # a lane mask from ``bp_lane_mask``
     keep: str = "BP_KEEP({v});"  # pin a shared load in a register
     hsum: str = "for (int l = 0; l < {n}; ++l) {s} += {v}[l];"
+    window: str = "__builtin_shufflevector({a}, {b}, {idx})"  # lanes idx of a's lanes then b's
     lane_mask: str = "bp_lane_mask"  # the prelude's table of lane masks
     narrow: VectorIsa | None = None  # a narrower flavour of the same machine, for narrow layers
 
@@ -114,6 +115,11 @@ class Target:
     packages: tuple[tuple[str, str], ...]  # (executable, Debian package) needed to build and run
     ar: str = "ar"
     cpu_flags: tuple[str, ...] = ()  # /proc/cpuinfo flags the machine running the code needs
+    # a stride-1 pattern-sparse tile as wide as its row keeps one accumulator set per tap column
+    # and shifts them into place once per tile: every input load is aligned and feeds all three
+    # columns' taps (where a misaligned vector load splits a cache line, as every one does on a
+    # 64-byte vector, that load is the tile's bottleneck)
+    shift_sets: bool = False
 
     @property
     def vec(self) -> int:
@@ -161,7 +167,7 @@ HOST_AVX2 = Target(
 )
 
 # 32 zmm registers: up to 24 accumulators leave room for the shared loads and broadcast weights
-HOST_AVX512 = replace(HOST_AVX2, name="host-avx512", isa=AVX512, accumulators=24, dense_acc=24, dense_u=3, cpu_flags=("avx512f",))
+HOST_AVX512 = replace(HOST_AVX2, name="host-avx512", isa=AVX512, accumulators=24, dense_acc=24, dense_u=3, cpu_flags=("avx512f",), shift_sets=True)
 
 HOST_TARGETS: tuple[Target, ...] = (HOST_AVX512, HOST_AVX2)  # widest first
 

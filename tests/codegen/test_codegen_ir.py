@@ -154,17 +154,21 @@ def test_generated_source_names_kernels_and_is_deterministic():
     assert "layer0_t" in src and f"vector_size({4 * HOST.vec})" in src
 
 
-@pytest.mark.parametrize("target", [HOST, AARCH64_NEON], ids=lambda t: t.name)
+@pytest.mark.parametrize("target", [HOST, HOST_AVX512, AARCH64_NEON], ids=lambda t: t.name)
 def test_kernel_registry_names_encode_parameters_and_fit_the_register_budget(target):
     reg = registry(target)
     assert len({k.name for k in reg}) == len(reg)
     narrow = target.isa.narrow
     for k in reg:
         span = f"y{k.span}" if k.span > 1 else ""
-        assert k.name == f"{k.op}_{k.rows}x{span}{k.vecs}{'m' if k.masked else ''}__{k.isa}"
+        sets = f"s{k.sets}" if k.sets > 1 else ""
+        assert k.name == f"{k.op}_{k.rows}x{span}{k.vecs}{'m' if k.masked else ''}{sets}__{k.isa}"
         assert k.isa == target.isa.name or (narrow is not None and k.isa == narrow.name and k.vecs == 1)
         if k.op == "sparse3x3":
             assert k.vecs <= target.max_u and k.rows * k.vecs <= target.accumulators
+        elif k.op == "sparse3x3sh":
+            assert target.shift_sets and k.sets == 3 and k.vecs <= target.max_u
+            assert k.rows * k.vecs * k.sets <= target.accumulators
         else:
             assert k.op == "dense" and k.vecs * k.span <= target.dense_u and k.rows <= 8
             assert k.rows * k.vecs * k.span <= target.dense_acc
@@ -181,6 +185,31 @@ def test_dense_tiles_keep_their_live_values_in_the_register_file(target):
         if k.op == "dense":
             positions = k.vecs * k.span  # vectors per channel (over all the rows it spans)
             assert k.rows * positions + min(k.rows, positions) + 1 <= registers[k.isa], k.name
+
+
+def test_stride_one_rows_on_avx512_take_column_shift_tiles_whose_input_loads_are_all_aligned():
+    # a misaligned 64-byte load splits a cache line; the column-shift tile loads the aligned
+    # vector once for all three tap columns and shifts its accumulators instead. A strided conv
+    # (phase planes), a depthwise one and a row too wide for three sets keep the plain tiles.
+    import re
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(16, 16, 3, 1, 1, bias=False),
+        nn.Conv2d(16, 16, 3, 2, 1, bias=False),
+        nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False),
+    ).eval()
+    masks = fixtures.prune_model(model, 6.0, depthwise=True)
+    gen = generate(lower(export(model, (16, 56, 56)), masks), HOST_AVX512)
+    shifted, strided, depthwise = gen.layers
+    assert all(t.startswith("sparse3x3sh_") and t.endswith("s3__avx512") for t in shifted.tiles), shifted.tiles
+    assert not any(t.startswith("sparse3x3sh_") for t in (*strided.tiles, *depthwise.tiles))
+    src = gen.files["bp_model.c"].decode()
+    body = src[src.index("void layer0_tile_") : src.index("static void layer0(")]
+    offsets = [int(v) for v in re.findall(r"ld\(s \+ (-?\d+)\)", body)]
+    assert offsets and all(v % 16 == 0 for v in offsets), offsets
+    wide = generate(lower(export(nn.Sequential(model[0]), (16, 8, 90)), {"0.weight": masks["0.weight"]}), HOST_AVX512)
+    assert not any(t.startswith("sparse3x3sh_") for t in wide.layers[0].tiles)  # 6 vectors x 3 sets: no 2 rows fit
 
 
 def test_tile_symbols_name_layer_patterns_blocking_and_isa():

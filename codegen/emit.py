@@ -307,9 +307,17 @@ def _shift(offset: int, vec: int) -> int:
     return (offset + vec // 2) % vec - vec // 2
 
 
-def _tap_shifts(src: _Src, vec: int) -> tuple[int, ...]:
-    """The column shifts of a stride-1 conv's taps (always with 0, the output's own set)."""
-    return tuple(sorted({0, *(_shift(t, vec) for t in src.taps)}))
+def _column_shifts(src: _Src, out_w: int, n_vec: int, vec: int) -> tuple[int, ...]:
+    """The column shifts of a conv's taps (with 0, the output's own set) where a column-shift
+    tile computes it exactly, else (). Lanes shifted in past a row's ends must be zero: the
+    bordered map's border at stride 1; phase planes have none, so there the shifts must be
+    forward and the last output's element must sit inside the row's last loaded vector."""
+    shifts = tuple(sorted({0, *(_shift(t, vec) for t in src.taps)}))
+    if len(shifts) == 1:
+        return ()
+    if src.phase is not None and (shifts[0] < 0 or out_w - 1 + shifts[-1] >= n_vec * vec):
+        return ()
+    return shifts
 
 
 def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str, channel: str | None = None) -> None:
@@ -672,7 +680,7 @@ class Emitter:
         taps = kh * kw
         ps = pat.kernel_patterns(conv.mask, o.max_patterns)
         n_vec = -(-out.w // V)
-        shifts = _tap_shifts(src, V) if o.lre and not conv.depthwise and src.phase is None else ()
+        shifts = _column_shifts(src, out.w, n_vec, V) if o.lre and not conv.depthwise else ()
         shifted_rows = kr.shifted_blocking(self.t, out.h, n_vec, len(shifts)) if shifts else None
         if shifted_rows is None:
             shifts = ()
@@ -876,7 +884,7 @@ class Emitter:
         n_taps: int,
         shifts: tuple[int, ...] = (),
     ) -> None:
-        """One register tile. With ``shifts`` (a whole row's vectors, stride 1) a tap whose
+        """One register tile. With ``shifts`` (a whole row's vectors) a tap whose
         offset is ``shift`` columns off a vector boundary feeds that shift's accumulator set from
         the aligned load instead of a misaligned one; the sets are shifted into the output lanes
         once, before the epilogue (the input's zero border is the lanes shifted in at the row's

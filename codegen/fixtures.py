@@ -10,12 +10,12 @@ compression rate is ``9/4 / kept-kernel fraction``. Magnitude projection gives e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from .kernels import DENSE, SHIFTED, SPARSE, Kernel
+from .kernels import DENSE, SHIFT_SETS, SHIFTED, SPARSE, Kernel, shifted_blocking
 from .targets import Target
 
 NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)
@@ -138,6 +138,16 @@ class Probe:
     tiles: tuple[str, ...]  # expected LayerReport.tiles of each conv, one registry name each
 
 
+def _stride_one_reader(k: Kernel, target: Target) -> list[str]:
+    """The tiles of the stride-1 conv that reads a strided column-shift tile's output (same map):
+    stride-1 column-shift tiles of as many rows as fit, then the remainder band's."""
+    rows = shifted_blocking(target, k.rows, k.vecs, SHIFT_SETS[1])
+    if rows is None:
+        raise ValueError(f"no stride-1 column-shift tile reads {k.name}'s rows")
+    bands = sorted({rows, k.rows % rows} - {0})
+    return [replace(k, rows=r, sets=SHIFT_SETS[1]).name for r in bands]
+
+
 def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, seed: int = 0, stride: int = 1) -> Probe:
     """A chain model whose convs use exactly the register tiles ``kernels``, in order.
 
@@ -154,12 +164,13 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
     deep chain well inside float32. With ``stride`` 2 each link pools to twice the size and its
     first conv has stride 2 (its input then goes through the column-phase split, so the tile reads
     phase planes, not the bordered map); the second conv of a masked tile stays stride 1.
-    A column-shift tile (``SHIFTED``) exists at stride 1 only; on a target that has them, the
-    plain sparse tiles are probed with ``shift_sets`` off (else their stride-1 rows take the
-    shift tiles).
+    A column-shift tile (``SHIFTED``) serves one stride (``SHIFT_SETS``); a masked one at stride 2
+    is read back by the stride-1 column-shift tiles its row takes. On a target that has them,
+    the plain sparse tiles are probed with ``shift_sets`` off (else their rows take the shift
+    tiles).
     """
-    if stride != 1 and any(k.op == SHIFTED for k in kernels):
-        raise ValueError("column-shift tiles run at stride 1 only")
+    if any(k.op == SHIFTED and k.sets != SHIFT_SETS.get(stride) for k in kernels):
+        raise ValueError(f"column-shift tiles of other strides than {stride} in a stride-{stride} probe")
     g = torch.Generator().manual_seed(seed)
     narrow = target.isa.narrow
     links: list[nn.Module] = []
@@ -189,7 +200,7 @@ def kernel_probe(kernels: Sequence[Kernel], target: Target, channels: int = 6, s
                     conv.weight.mul_(mask)
                     masks[f"{len(links)}.weight"] = mask
             links.append(conv)
-            tiles.append(k.name)
+            tiles.extend(_stride_one_reader(k, target) if j == 1 and k.op == SHIFTED and stride != 1 else [k.name])
             cin = cout
     model = nn.Sequential(*links).eval()
     shape = (channels, 9, 9)

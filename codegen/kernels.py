@@ -4,7 +4,7 @@ A conv layer is rendered as a per-layer driver calling register-tile kernels: a 
 3x3 tile covers ``rows`` output rows x ``vecs`` vectors of one filter; a dense tile covers
 ``rows`` output channels x ``vecs`` vectors of one row (of ``span`` rows where a row is narrower
 than the tile's vectors, e.g. a 7x7 map); a column-shift tile (targets with ``shift_sets``) is a
-stride-1 pattern-sparse tile as wide as its row with one accumulator set per tap column. The blocking rules below pick the tile
+pattern-sparse tile as wide as its row with one accumulator set per column shift of its taps. The blocking rules below pick the tile
 sizes from a target's budget (and a strided pattern-sparse conv's input-channel block), and
 :func:`registry` lists every (op, rows, vecs, masked, span) those rules can produce for a target,
 so the emitter, the tests (each instance against PyTorch through :func:`codegen.fixtures.kernel_probe`,
@@ -28,7 +28,10 @@ from .ir import CodegenError
 from .targets import Target
 
 SPARSE = "sparse3x3"
-SHIFTED = "sparse3x3sh"  # pattern-sparse 3x3, one accumulator set per tap column (stride 1)
+SHIFTED = "sparse3x3sh"  # pattern-sparse 3x3, one accumulator set per column shift of its taps
+# accumulator sets of a 3x3 column-shift tile by conv stride: columns -1, 0, +1 of the bordered
+# map; at stride 2 offsets 0 and +1 of the column-phase planes
+SHIFT_SETS = {1: 3, 2: 2}
 DENSE = "dense"
 DENSE_MAX_CHANNELS = 8  # output channels per dense tile, whatever the accumulator budget
 
@@ -130,12 +133,14 @@ def _tiles(target: Target, isa: str, max_u: int, dense_u: int) -> list[Kernel]:
     within ``target``'s accumulator budgets."""
     out = [Kernel(SPARSE, r, v, m, isa) for v in range(1, max_u + 1) for r in range(1, max(1, target.accumulators // v) + 1) for m in (False, True)]
     if target.shift_sets:
-        sets = 3  # a 3x3 conv at stride 1: columns -1, 0, +1
+        # a strided row's last output reads one element past it: only a row ending inside its
+        # last vector (masked) loads that element, so 2-set tiles are all masked
         out += [
             Kernel(SHIFTED, r, v, m, isa, sets=sets)
+            for sets in SHIFT_SETS.values()
             for v in range(1, min(max_u, target.accumulators // (2 * sets)) + 1)
             for r in range(1, target.accumulators // (sets * v) + 1)
-            for m in (False, True)
+            for m in ((False, True) if sets == SHIFT_SETS[1] else (True,))
         ]
     out += [
         Kernel(DENSE, n, v, m, isa, span)

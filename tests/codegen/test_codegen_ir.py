@@ -167,7 +167,7 @@ def test_kernel_registry_names_encode_parameters_and_fit_the_register_budget(tar
         if k.op == "sparse3x3":
             assert k.vecs <= target.max_u and k.rows * k.vecs <= target.accumulators
         elif k.op == "sparse3x3sh":
-            assert target.shift_sets and k.sets == 3 and k.vecs <= target.max_u
+            assert target.shift_sets and k.sets in (2, 3) and k.vecs <= target.max_u and (k.masked or k.sets == 3)
             assert k.rows * k.vecs * k.sets <= target.accumulators
         else:
             assert k.op == "dense" and k.vecs * k.span <= target.dense_u and k.rows <= 8
@@ -187,10 +187,11 @@ def test_dense_tiles_keep_their_live_values_in_the_register_file(target):
             assert k.rows * positions + min(k.rows, positions) + 1 <= registers[k.isa], k.name
 
 
-def test_stride_one_rows_on_avx512_take_column_shift_tiles_whose_input_loads_are_all_aligned():
+def test_rows_on_avx512_take_column_shift_tiles_whose_input_loads_are_all_aligned():
     # a misaligned 64-byte load splits a cache line; the column-shift tile loads the aligned
-    # vector once for all three tap columns and shifts its accumulators instead. A strided conv
-    # (phase planes), a depthwise one and a row too wide for three sets keep the plain tiles.
+    # vector once for all its tap columns and shifts its accumulators instead: three sets at
+    # stride 1, two on a strided conv's phase planes. A depthwise conv, a row too wide for three
+    # sets and a strided row whose last output reads past its last vector keep the plain tiles.
     import re
 
     torch.manual_seed(0)
@@ -203,13 +204,19 @@ def test_stride_one_rows_on_avx512_take_column_shift_tiles_whose_input_loads_are
     gen = generate(lower(export(model, (16, 56, 56)), masks), HOST_AVX512)
     shifted, strided, depthwise = gen.layers
     assert all(t.startswith("sparse3x3sh_") and t.endswith("s3__avx512") for t in shifted.tiles), shifted.tiles
-    assert not any(t.startswith("sparse3x3sh_") for t in (*strided.tiles, *depthwise.tiles))
+    assert all(t.startswith("sparse3x3sh_") and t.endswith("ms2__avx512") for t in strided.tiles), strided.tiles
+    assert not any(t.startswith("sparse3x3sh_") for t in depthwise.tiles)
     src = gen.files["bp_model.c"].decode()
-    body = src[src.index("void layer0_tile_") : src.index("static void layer0(")]
-    offsets = [int(v) for v in re.findall(r"ld\(s \+ (-?\d+)\)", body)]
-    assert offsets and all(v % 16 == 0 for v in offsets), offsets
-    wide = generate(lower(export(nn.Sequential(model[0]), (16, 8, 90)), {"0.weight": masks["0.weight"]}), HOST_AVX512)
+    for i in (0, 1):
+        body = src[src.index(f"void layer{i}_tile_") : src.index(f"static void layer{i}(")]
+        offsets = [int(v) for v in re.findall(r"ld\(s \+ (-?\d+)\)", body)]
+        assert offsets and all(v % 16 == 0 for v in offsets), offsets
+    conv, key = nn.Sequential(model[0]), {"0.weight": masks["0.weight"]}
+    wide = generate(lower(export(conv, (16, 8, 90)), key), HOST_AVX512)
     assert not any(t.startswith("sparse3x3sh_") for t in wide.layers[0].tiles)  # 6 vectors x 3 sets: no 2 rows fit
+    conv = nn.Sequential(model[1])
+    full = generate(lower(export(conv, (16, 8, 64)), {"0.weight": masks["1.weight"]}), HOST_AVX512)
+    assert not any(t.startswith("sparse3x3sh_") for t in full.layers[0].tiles)  # 32 outputs: the 33rd element is unloaded
 
 
 def test_tile_symbols_name_layer_patterns_blocking_and_isa():

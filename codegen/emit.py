@@ -75,6 +75,11 @@ MAX_THREADS = 64  # threads the pool can run (BP_MAX_THREADS of templates/bp_mod
 LINEAR_ROWS = 4  # Linear rows summed side by side: independent chains enough to hide the FMA latency
 
 
+# band slots per thread from which a pattern-sparse conv is split by rows (shares then differ by
+# at most a band in eight); with fewer its filters are dealt to the threads
+ROW_SPLIT_PER_THREAD = 8
+
+
 def _thread_run(c: _C, n: int) -> None:
     """This thread's contiguous run ``[lo, hi)`` of ``n`` work units (row bands, Linear rows)."""
     c(f"const int lo = tid * {n} / nth, hi = (tid + 1) * {n} / nth;")
@@ -766,13 +771,15 @@ class Emitter:
         self._mask_decl(c, out)
         full = out.h - out.h % r
         bands = [("loop", full, r)] + ([("one", full, out.h % r)] if out.h % r else [])
+        n_full = full // r
+        slots = len(bands) - 1 + n_full
 
-        def band(rr: int, filters: bool) -> None:
-            """One band of ``rr`` rows at ``yb``: every channel block, and with ``filters`` this
-            thread's filters (else the enclosing loop's ``f``)."""
+        def band(rr: int, filters: str | None) -> None:
+            """One band of ``rr`` rows at ``yb``: every channel block, and with ``filters`` the
+            filters it names ("dealt": this thread's, "all"; else the enclosing loop's ``f``)."""
             c.open(f"for (int b = 0; b < {n_blocks}; ++b)")
             if filters:
-                c.open(f"for (int f = tid; f < {cout}; f += nth)")
+                c.open(f"for (int f = tid; f < {cout}; f += nth)" if filters == "dealt" else f"for (int f = 0; f < {cout}; ++f)")
             c(f"const int o = PERM[f], q = b * {cout} + f;")
             c(f"const uint16_t *cnt = CNT + q * {per}, *ci = {'CI0' if split_here else 'KCI + KOFF[q]'};")
             if KPAT:
@@ -803,7 +810,19 @@ class Emitter:
                 c.close()
             c.close()
 
-        def all_bands(filters: bool) -> None:
+        def band_run(filters: str | None) -> None:
+            """This thread's run ``[lo, hi)`` of band slots (full bands, then the remainder)."""
+            c.open(f"for (int yi = lo; yi < hi && yi < {n_full}; ++yi)")
+            c(f"const int yb = yi * {r};")
+            band(r, filters)
+            c.close()
+            if out.h % r:
+                c.open(f"if (hi > {n_full})")
+                c(f"const int yb = {full};")
+                band(out.h % r, filters)
+                c.close()
+
+        def all_bands(filters: str | None) -> None:
             for kind, a, rr in bands:
                 if kind == "loop":
                     c.open(f"for (int yb = 0; yb < {a}; yb += {rr})")
@@ -823,34 +842,35 @@ class Emitter:
             # its cache; dealt by filters, half of each thread's input would come from the other
             # core. With more threads than bands, and for a strided filter that makes its own
             # phase planes, by filters.
-            n_full = full // r
-            slots = len(bands) - 1 + n_full
             by_rows = not split_here and slots > 1
             if by_rows:
                 c.open(f"if (nth <= {slots})")
                 _thread_run(c, slots)
                 c.open(f"for (int f = 0; f < {cout}; ++f)")
-                c.open(f"for (int yi = lo; yi < hi && yi < {n_full}; ++yi)")
-                c(f"const int yb = yi * {r};")
-                band(r, False)
-                c.close()
-                if out.h % r:
-                    c.open(f"if (hi > {n_full})")
-                    c(f"const int yb = {full};")
-                    band(out.h % r, False)
-                    c.close()
+                band_run(None)
                 c.close()
                 c.close()
                 c.open("else")
             c.open(f"for (int f = tid; f < {cout}; f += nth)")
             if split_here:
                 _emit_phase_split(c, conv, inp, src, self.buf(conv.inp), channel="PERM[f]")
-            all_bands(False)
+            all_bands(None)
             c.close()
             if by_rows:
                 c.close()
+        elif slots >= 2 * ROW_SPLIT_PER_THREAD:
+            # Enough bands for an even share each: a thread takes a run of bands of all filters,
+            # rows the layer before wrote from this core (dealt by filters, half of every input
+            # channel would come from the other core's cache).
+            c.open(f"if (nth * {ROW_SPLIT_PER_THREAD} <= {slots})")
+            _thread_run(c, slots)
+            band_run("all")
+            c.close()
+            c.open("else")
+            all_bands("dealt")
+            c.close()
         else:
-            all_bands(True)
+            all_bands("dealt")
         c.close()
         c()
         kernels = int((ps.ids >= 0).sum())
@@ -1011,9 +1031,12 @@ class Emitter:
         lo = [max(0, -(-(pw - kx) // sw)) for kx in range(kw)]
         hi = [min(out.w, (inp.w - 1 + pw - kx) // sw + 1) for kx in range(kw)]
         c(f"static const int xlo[{kw}] = {{{', '.join(map(str, lo))}}}, xhi[{kw}] = {{{', '.join(map(str, hi))}}};")
-        c.open(f"for (int ch = tid; ch < {out.c}; ch += nth)")
+        # each thread a run of output rows of every channel: the rows of the conv before (split
+        # by rows) and after (pattern-sparse convs take runs of bands) in this core's cache
+        _thread_run(c, out.h)
+        c.open(f"for (int ch = 0; ch < {out.c}; ++ch)")
         c(f"const float *ip = src + ch * {inp.plane};")
-        c.open(f"for (int yo = 0; yo < {out.h}; ++yo)")
+        c.open("for (int yo = lo; yo < hi; ++yo)")
         c(f"float *restrict d = dst + ch * {out.plane} + yo * {out.pitch};")
         c(f"const int y0 = yo * {sh} - {ph};")
         c(f"const int ya = y0 < 0 ? 0 : y0, yz = y0 + {kh} > {inp.h} ? {inp.h} : y0 + {kh};")

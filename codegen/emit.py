@@ -768,6 +768,14 @@ class Emitter:
             totals = counts.sum(axis=2)
             first = np.array([int(np.argmax(totals[:, f] > 0)) if totals[:, f].any() else n_blocks - 1 for f in range(cout)], dtype=np.uint16)
             c(f"const uint16_t *restrict FIRST = {self.warr(first, 'const uint16_t')};")
+        # Threads dealt filters take contiguous runs of them of even work: filters are sorted
+        # within chunks of output channels (``patterns.FILTER_CHUNKS``), so a run writes its own
+        # range of output planes. Dealt round-robin, the two cores would write interleaved planes
+        # (the lines where planes meet, and the line pairs the L2 prefetches, shared).
+        work = nw.reshape(n_blocks, cout).sum(axis=0).astype(np.int64) + 4 * n_blocks  # taps, plus a tile call per block
+        cum = np.concatenate([[0], np.cumsum(work)]).astype(np.uint32)
+        c(f"const uint32_t *restrict CUM = {self.warr(cum, 'const uint32_t')};")
+        c(f"const int flo = bp_work_bound(CUM, {cout}, tid, nth), fhi = bp_work_bound(CUM, {cout}, tid + 1, nth);")
         self._mask_decl(c, out)
         full = out.h - out.h % r
         bands = [("loop", full, r)] + ([("one", full, out.h % r)] if out.h % r else [])
@@ -779,7 +787,7 @@ class Emitter:
             filters it names ("dealt": this thread's, "all"; else the enclosing loop's ``f``)."""
             c.open(f"for (int b = 0; b < {n_blocks}; ++b)")
             if filters:
-                c.open(f"for (int f = tid; f < {cout}; f += nth)" if filters == "dealt" else f"for (int f = 0; f < {cout}; ++f)")
+                c.open("for (int f = flo; f < fhi; ++f)" if filters == "dealt" else f"for (int f = 0; f < {cout}; ++f)")
             c(f"const int o = PERM[f], q = b * {cout} + f;")
             c(f"const uint16_t *cnt = CNT + q * {per}, *ci = {'CI0' if split_here else 'KCI + KOFF[q]'};")
             if KPAT:
@@ -851,7 +859,7 @@ class Emitter:
                 c.close()
                 c.close()
                 c.open("else")
-            c.open(f"for (int f = tid; f < {cout}; f += nth)")
+            c.open("for (int f = flo; f < fhi; ++f)")
             if split_here:
                 _emit_phase_split(c, conv, inp, src, self.buf(conv.inp), channel="PERM[f]")
             all_bands(None)

@@ -73,12 +73,21 @@ class SparseWeights:
     compact: bool
 
 
+# the filter order is sorted within this many chunks of output channels: threads take contiguous
+# runs of filters, and a run then writes a contiguous range of output planes (sorted across the
+# whole layer, the two cores' planes would interleave)
+FILTER_CHUNKS = 8
+
+
 def _filter_order(ps: PatternSet) -> np.ndarray:
-    """Filters with more kernels first, ties broken by their pattern histogram (similar together)."""
+    """Within each chunk of output channels, filters with more kernels first, ties broken by
+    their pattern histogram (similar together): runs of filters alike in their control flow."""
     n_pat = len(ps.patterns)
     hist = np.stack([np.bincount(row[row >= 0], minlength=n_pat) for row in ps.ids]) if n_pat else np.zeros((ps.ids.shape[0], 0), dtype=np.int64)
     keys = [(-int(h.sum()), tuple(-h)) for h in hist]
-    return np.array(sorted(range(len(keys)), key=lambda i: (keys[i], i)), dtype=np.int32)
+    chunk = max(1, -(-len(keys) // FILTER_CHUNKS))
+    order = [i for s in range(0, len(keys), chunk) for i in sorted(range(s, min(s + chunk, len(keys))), key=lambda i: (keys[i], i))]
+    return np.array(order, dtype=np.int32)
 
 
 def pack(weight: np.ndarray, ps: PatternSet, ci_block: int, *, reorder: bool, compact: bool, depthwise: bool = False) -> SparseWeights:

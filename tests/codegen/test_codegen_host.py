@@ -297,12 +297,24 @@ def test_dense_tiles_of_narrow_rows_span_rows_and_keep_the_bits(tmp_path):
     assert np.abs(np.frombuffer(outs["span", 1], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()
 
 
+def _same_bytes_on_any_thread_count(out_dir, model, shape, seed: int) -> None:
+    """The harness built in ``out_dir`` gives the same bytes on 1, 2, 3, 5 and 40 threads (more
+    than any layer has work units), and PyTorch's values."""
+    import numpy as np
+
+    x = np.random.default_rng(seed).standard_normal((2, *shape)).astype("<f4")
+    outs = {threads: _harness_bytes(out_dir, x, threads) for threads in (1, 2, 3, 5, 40)}
+    assert len(set(outs.values())) == 1
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(np.frombuffer(outs[1], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()
+
+
 def test_pattern_sparse_convs_and_pools_split_by_rows_give_the_same_bytes_on_any_thread_count(tmp_path):
     # 83 rows make at least 16 band slots (and a remainder band) on every host target, so the
     # first pattern-sparse conv hands two threads runs of bands; with three or more (fewer than
     # eight slots each) it deals filters, as the second conv (42 rows) always does. The pool
     # between them is split by output rows. Every thread count gives the one-thread bytes.
-    import numpy as np
 
     torch.manual_seed(6)
     model = nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Conv2d(16, 16, 3, 1, 1)).eval()
@@ -313,12 +325,7 @@ def test_pattern_sparse_convs_and_pools_split_by_rows_give_the_same_bytes_on_any
     assert [r.kind for r in result.generated.layers] == ["sparse3x3", "sparse3x3"]
     source = (tmp_path / "bp_model.c").read_text()
     assert source.count("if (nth * 8 <= ") == 1, "the 83-row conv should split by rows"
-    x = np.random.default_rng(3).standard_normal((2, *shape)).astype("<f4")
-    outs = {threads: _harness_bytes(tmp_path, x, threads) for threads in (1, 2, 3, 5, 40)}
-    assert len(set(outs.values())) == 1
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy()
-    assert np.abs(np.frombuffer(outs[1], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()
+    _same_bytes_on_any_thread_count(tmp_path, model, shape, seed=3)
 
 
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pattern"])
@@ -329,7 +336,6 @@ def test_layers_split_by_rows_give_the_same_bytes_on_any_thread_count(tmp_path, 
     # more threads than bands both fall back to the channel split. The Linear's rows (a group of
     # rows summed side by side and three leftover rows) are runs too. Every thread count gives
     # the one-thread bytes and PyTorch's values.
-    import numpy as np
 
     torch.manual_seed(5)
     model = nn.Sequential(
@@ -351,9 +357,4 @@ def test_layers_split_by_rows_give_the_same_bytes_on_any_thread_count(tmp_path, 
     assert [r.kind for r in convs] == ["depthwise", "dense"]
     source = (tmp_path / "bp_model.c").read_text()
     assert source.count("if (nth <= ") == 2, "both convs should split by rows"
-    x = np.random.default_rng(2).standard_normal((2, *shape)).astype("<f4")
-    outs = {threads: _harness_bytes(tmp_path, x, threads) for threads in (1, 2, 3, 5, 40)}
-    assert len(set(outs.values())) == 1
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy()
-    assert np.abs(np.frombuffer(outs[1], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()
+    _same_bytes_on_any_thread_count(tmp_path, model, shape, seed=2)

@@ -3,10 +3,11 @@
 A conv layer is rendered as a per-layer driver calling register-tile kernels: a pattern-sparse
 3x3 tile covers ``rows`` output rows x ``vecs`` vectors of one filter; a dense tile covers
 ``rows`` output channels x ``vecs`` vectors of one row (of ``span`` rows where a row is narrower
-than the tile's vectors, e.g. a 7x7 map); a column-shift tile (targets with ``shift_sets``) is a
-pattern-sparse tile as wide as its row with one accumulator set per column shift of its taps. The blocking rules below pick the tile
-sizes from a target's budget (and a strided pattern-sparse conv's input-channel block), and
-:func:`registry` lists every (op, rows, vecs, masked, span) those rules can produce for a target,
+than the tile's vectors, e.g. a 7x7 map); a column-shift tile (targets with ``shift_sets``) is
+a pattern-sparse tile as wide as its row with one accumulator set per column shift of its taps
+(``sets``). The blocking rules below pick the tile sizes from a target's budget (and a strided
+pattern-sparse conv's input-channel block), and :func:`registry` lists every (op, rows, vecs,
+masked, span, sets) those rules can produce for a target,
 so the emitter, the tests (each instance against PyTorch through :func:`codegen.fixtures.kernel_probe`,
 at stride 1 and 2) and the benchmark all read the same list. The emitter asks :func:`lookup` for
 each tile it renders, which refuses anything the table does not list.

@@ -115,10 +115,11 @@ class Target:
     packages: tuple[tuple[str, str], ...]  # (executable, Debian package) needed to build and run
     ar: str = "ar"
     cpu_flags: tuple[str, ...] = ()  # /proc/cpuinfo flags the machine running the code needs
-    # a stride-1 pattern-sparse tile as wide as its row keeps one accumulator set per tap column
-    # and shifts them into place once per tile: every input load is aligned and feeds all three
-    # columns' taps (where a misaligned vector load splits a cache line, as every one does on a
-    # 64-byte vector, that load is the tile's bottleneck)
+    # a pattern-sparse tile as wide as its row keeps one accumulator set per column shift of its
+    # taps (three at stride 1, two on a strided conv's phase planes) and shifts them into place
+    # once per tile: every input load is aligned and feeds every column's taps (where a
+    # misaligned vector load splits a cache line, as every one does on a 64-byte vector, that
+    # load is the tile's bottleneck)
     shift_sets: bool = False
 
     @property

@@ -315,7 +315,6 @@ def test_pattern_sparse_convs_and_pools_split_by_rows_give_the_same_bytes_on_any
     # first pattern-sparse conv hands two threads runs of bands; with three or more (fewer than
     # eight slots each) it deals filters, as the second conv (42 rows) always does. The pool
     # between them is split by output rows. Every thread count gives the one-thread bytes.
-
     torch.manual_seed(6)
     model = nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Conv2d(16, 16, 3, 1, 1)).eval()
     masks = fixtures.prune_model(model, 6.0)
@@ -336,7 +335,6 @@ def test_layers_split_by_rows_give_the_same_bytes_on_any_thread_count(tmp_path, 
     # more threads than bands both fall back to the channel split. The Linear's rows (a group of
     # rows summed side by side and three leftover rows) are runs too. Every thread count gives
     # the one-thread bytes and PyTorch's values.
-
     torch.manual_seed(5)
     model = nn.Sequential(
         nn.Conv2d(24, 24, 3, 1, 1, groups=24),

@@ -30,7 +30,10 @@ but never so small that a filter's share of a block is a few FMAs, see
 (3x3 or 5x5, dense or pattern-pruned) take the same path, each filter holding one kernel that reads
 its own channel. Dense convs and Linear layers skip structured sparsity: output channels (rows)
 whose weights are all pruned become act(bias) planes, input channels (columns) nothing reads are
-neither stored nor loaded.
+neither stored nor loaded. Those planes are known when the code is generated, and so is a
+depthwise conv's plane of such a channel (the inverted residual blocks of mobile networks put one
+after every pruned expand conv): neither is computed, and a known plane is stored only where a
+layer loads it.
 
 Threads: every layer is one or more step functions ``f(m, tid, nth)`` that ``bp_forward`` runs on
 the model's thread pool (``templates/bp_model.c.in``). A step deals its output channels (filters,
@@ -50,7 +53,23 @@ import numpy as np
 
 from . import kernels as kr
 from . import patterns as pat
-from .ir import Act, Activation, AdaptiveAvgPool, Add, CodegenError, Conv, Flatten, Graph, Layer, Linear, Mul, Pool, layer_inputs, scalar_act
+from .ir import (
+    Act,
+    Activation,
+    AdaptiveAvgPool,
+    Add,
+    CodegenError,
+    Conv,
+    Flatten,
+    Graph,
+    Layer,
+    Linear,
+    Mul,
+    Pool,
+    layer_inputs,
+    numpy_act,
+    scalar_act,
+)
 from .targets import Target, VectorIsa
 from .templates import render as render_template
 
@@ -325,6 +344,28 @@ def _column_shifts(src: _Src, out_w: int, n_vec: int, vec: int) -> tuple[int, ..
     return shifts
 
 
+def _reads_known(layer: Layer, name: str) -> bool:
+    """Whether ``layer`` takes the known channel planes of its input ``name`` from the emitter
+    rather than from memory: a depthwise conv without a residual (see ``Emitter.sparse_conv``)."""
+    return isinstance(layer, Conv) and layer.depthwise and layer.residual is None and layer.inp == name
+
+
+def _depthwise_plane(plane: np.ndarray, conv: Conv, ch: int, out_h: int, out_w: int) -> np.ndarray:
+    """Channel ``ch`` of depthwise ``conv`` (activation included) on a known input plane."""
+    kh, kw = conv.kernel
+    sy, sx = conv.stride
+    ph, pw = conv.padding
+    h, w = plane.shape
+    padded = np.zeros((max(h + 2 * ph, sy * (out_h - 1) + kh), max(w + 2 * pw, sx * (out_w - 1) + kw)))
+    padded[ph : ph + h, pw : pw + w] = plane
+    weight = (conv.weight[ch, 0] * conv.mask[ch, 0]).astype(np.float64)
+    acc = np.full((out_h, out_w), float(conv.bias[ch]))
+    for ky in range(kh):
+        for kx in range(kw):
+            acc += weight[ky, kx] * padded[ky : ky + sy * (out_h - 1) + 1 : sy, kx : kx + sx * (out_w - 1) + 1 : sx]
+    return numpy_act(conv.act, acc.astype(np.float32))
+
+
 def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str, channel: str | None = None) -> None:
     """Copy the input into s column phases (zero outside the map); the column range that reads
     the map is fixed per phase, so the copy loop is a plain strided gather. Every channel, dealt
@@ -404,6 +445,13 @@ class Emitter:
         self.isa = target.isa
         self.prelude: list[str] = []
         self.steps: list[tuple[int, str]] = []  # (layer index, step function), in run order
+        self.readers: dict[str, list[Layer]] = {}
+        for layer in graph.layers:
+            for name in layer_inputs(layer):
+                self.readers.setdefault(name, []).append(layer)
+        # channel planes (h, w) known when the code is generated: the act(bias) planes of pruned
+        # output rows, and what a depthwise conv makes of them
+        self.known: dict[str, dict[int, np.ndarray]] = {}
 
     # -- helpers
     def buf(self, name: str) -> str:
@@ -452,8 +500,9 @@ class Emitter:
         if src.phase is not None and conv.depthwise:
             # each filter reads one channel: its phases are made where it runs (one thread's
             # planes, still in cache for its bands), not all channels' up front (several MB
-            # written and read back)
-            self.scratch = max(self.scratch, min(inp.c, MAX_THREADS) * src.cs + self.V)
+            # written and read back); planes for every thread the pool can run, since the work
+            # bounds may give any of them filters (a 32-channel conv on 40 threads gives thread 39 one)
+            self.scratch = max(self.scratch, MAX_THREADS * src.cs + self.V)
         elif src.phase is not None:
             self.scratch = max(self.scratch, src.scratch)
             c = self.funcs
@@ -474,10 +523,47 @@ class Emitter:
         if rem:
             c(f"const {self.isa.vi} mk = {self.isa.load_mask.format(p=f'{self.isa.lane_mask} + {self.V - rem}')};")
 
+    def _unread_known(self, name: str) -> bool:
+        """Whether the known planes of map ``name`` need not be stored: every layer reading it is
+        a depthwise conv that takes them from :attr:`known` (its own outputs of those channels
+        are known too), and it is not the network's output."""
+        readers = self.readers.get(name, [])
+        return name != self.g.output and bool(readers) and all(_reads_known(layer, name) for layer in readers)
+
+    def _known_planes(self, c: _C, name: str, out: FMap, planes: dict[int, np.ndarray]) -> None:
+        """Store the planes of channels known at generation time (from a table of their distinct
+        rows: a constant plane through a padded conv differs only near the border), unless no
+        reader loads them."""
+        self.known.setdefault(name, {}).update(planes)
+        if not planes or self._unread_known(name):
+            return
+        rows: dict[bytes, int] = {}
+        chans = sorted(planes)
+        index = np.zeros((len(chans), out.h), dtype=np.int32)
+        for j, ch in enumerate(chans):
+            for y in range(out.h):
+                index[j, y] = rows.setdefault(planes[ch][y].astype(np.float32).tobytes(), len(rows))
+        table = np.frombuffer(b"".join(rows), dtype=np.float32)
+        KC = self.warr(np.array(chans, dtype=np.int32), "const int32_t")
+        KR = self.warr(table, "const float")
+        KI = self.warr(index.reshape(-1), "const int32_t")
+        c.open(f"for (int j = tid; j < {len(chans)}; j += nth)")
+        c(f"float *d = dst + {KC}[j] * {out.plane};")
+        c(f"const int32_t *ri = {KI} + j * {out.h};")
+        c(f"for (int y = 0; y < {out.h}; ++y) memcpy(d + y * {out.pitch}, {KR} + ri[y] * {out.w}, sizeof(float) * {out.w});")
+        c.close()
+
     def _dead_channels(self, c: _C, conv: Conv, out: FMap, res: FMap | None, dead: np.ndarray) -> None:
-        """Output channels whose weights are all pruned: act(bias (+ residual)), nothing computed."""
+        """Output channels whose weights are all pruned: act(bias (+ residual)), nothing computed.
+        Without a residual these planes are known now; a depthwise conv reading them then takes
+        them from :attr:`known`."""
         if not len(dead):
             return
+        if res is None:
+            value = numpy_act(conv.act, conv.bias[dead].astype(np.float32))
+            self.known.setdefault(conv.out, {}).update({int(o): np.full((out.h, out.w), v, np.float32) for o, v in zip(dead, value, strict=True)})
+            if self._unread_known(conv.out):
+                return
         DC = self.warr(dead.astype(np.int32), "const int32_t")
         DB = self.warr(conv.bias[dead].astype(np.float32), "const float")
         c.open(f"for (int j = tid; j < {len(dead)}; j += nth)")
@@ -679,8 +765,29 @@ class Emitter:
         """Pattern-sparse kernels (3x3, or depthwise of any size: one kernel per filter, reading
         its own channel). Filters are dealt round-robin to the threads (they are sorted by kernel
         count, so each thread gets a similar share); per (block, filter) tables say where its
-        counts, channel indices and weights start, so any thread can start anywhere."""
+        counts, channel indices and weights start, so any thread can start anywhere.
+
+        A depthwise filter whose input plane is known (a pruned row of the 1x1 conv before) has
+        a known output plane: it is not computed, and stored only if a reader loads it."""
         V, o = self.V, self.o
+        whole = conv
+        co, ci0, kh0, kw0 = (int(d) for d in conv.weight.shape)
+        shape = (co, ci0, kh0, kw0)
+        known = {}
+        if _reads_known(conv, conv.inp):
+            known = {ch: _depthwise_plane(plane, conv, ch, out.h, out.w) for ch, plane in self.known.get(conv.inp, {}).items()}
+        keep = np.setdiff1d(np.arange(conv.weight.shape[0]), np.array(sorted(known), dtype=np.int64))
+        if known:
+            if not len(keep):
+                c = self.funcs
+                c.open(f"static void {fname}(bp_model *m, int tid, int nth)")
+                c(f"float *restrict dst = {self.buf(conv.out)} + {out.origin};")
+                self._known_planes(c, conv.out, out, known)
+                c.close()
+                c()
+                self.reports.append(LayerReport(conv.name, "depthwise", shape, conv.stride[0], (out.h, out.w), 0, 0, 0, None, f"live0/{co}"))
+                return
+            conv = replace(conv, weight=conv.weight[keep], bias=conv.bias[keep], mask=conv.mask[keep])
         cout, cin, kh, kw = conv.weight.shape
         taps = kh * kw
         ps = pat.kernel_patterns(conv.mask, o.max_patterns)
@@ -709,6 +816,8 @@ class Emitter:
             cb = max(32, self.t.l1_bytes // max(1, slab))
             cb = cin if cb >= cin else cb
         sw = pat.pack(conv.weight, ps, cb, reorder=o.reorder, compact=o.compact, depthwise=conv.depthwise)
+        if known:  # filter slots and their channels name the whole conv's channels
+            sw = replace(sw, perm=keep[sw.perm].astype(np.int32), kci=keep[sw.kci].astype(np.uint16))
         n_pat = len(ps.patterns)
         n_blocks = len(sw.blocks)
         per = n_pat if o.reorder else 1
@@ -729,7 +838,7 @@ class Emitter:
         KCI = self.warr(sw.kci, "const uint16_t")
         KPAT = self.warr(sw.kpat, "const uint8_t") if not o.reorder else None
         KW = self.warr(sw.weights, "const float")
-        BIAS = self.warr(conv.bias.astype(np.float32), "const float")
+        BIAS = self.warr(whole.bias.astype(np.float32), "const float")
         PERM = self.warr(sw.perm.astype(np.int32), "const int32_t")
         KOFF = self.warr(koff, "const uint32_t")
         WOFF = self.warr(woff, "const uint32_t") if o.compact else None
@@ -879,6 +988,8 @@ class Emitter:
             c.close()
         else:
             all_bands("dealt")
+        if known:
+            self._known_planes(c, conv.out, out, known)
         c.close()
         c()
         kernels = int((ps.ids >= 0).sum())
@@ -886,14 +997,14 @@ class Emitter:
             LayerReport(
                 conv.name,
                 "depthwise" if conv.depthwise else "sparse3x3",
-                (cout, cin, kh, kw),
+                shape,
                 s,
                 (out.h, out.w),
                 n_pat,
                 kernels,
                 int(sum(len(ps.patterns[p]) * int(n) for p, n in enumerate(ps.count()))) * out.h * out.w,
                 pat.storage_sizes(conv.mask, ps),
-                f"r{r} u{u} cb{cb}",
+                f"r{r} u{u} cb{cb}" + (f" live{cout}/{co}" if known else ""),
                 tuple(k.name for k in tiles.values()),
             )
         )

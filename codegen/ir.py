@@ -65,6 +65,29 @@ def scalar_act(act: Act | None) -> str:
     return SCALAR_ACT[act.kind].format(lo=repr(float(np.float32(act.lo))) + "f", hi=repr(float(np.float32(act.hi))) + "f")
 
 
+def numpy_act(act: Act | None, x: np.ndarray) -> np.ndarray:
+    """``act`` on a float32 array, as :data:`SCALAR_ACT` computes it: for values the generator
+    knows when it runs (the planes of pruned output channels)."""
+    x = np.asarray(x, dtype=np.float32)
+    if act is None:
+        return x
+    three, six = np.float32(3.0), np.float32(6.0)
+    with np.errstate(over="ignore"):
+        if act.kind == "relu":
+            return np.where(x > 0, x, np.float32(0.0))
+        if act.kind == "clamp":
+            return np.minimum(np.maximum(x, np.float32(act.lo)), np.float32(act.hi))
+        if act.kind == "hardswish":
+            return x * np.clip(x + three, 0, six) / six
+        if act.kind == "hardsigmoid":
+            return np.clip(x + three, 0, six) / six
+        if act.kind == "sigmoid":
+            return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
+        if act.kind == "silu":
+            return x / (np.float32(1.0) + np.exp(-x))
+    raise CodegenError(f"activation {act.kind!r} has no numpy spelling")
+
+
 @dataclass(frozen=True)
 class Conv:
     """2-D convolution with BatchNorm folded into ``weight``/``bias``: groups=1, or depthwise

@@ -138,6 +138,43 @@ def test_structured_1x1_and_linear_skip_pruned_rows_and_columns(tmp_path):
     assert len(result.generated.files["weights.bin"]) < 0.5 * dense_size
 
 
+def test_depthwise_convs_on_pruned_rows_are_known_planes_neither_computed_nor_stored(tmp_path):
+    # The pruned rows of the expand 1x1 are act(bias) planes known at generation time; the
+    # depthwise conv reading them (stride 1) knows its planes of those channels, and so does the
+    # strided one after it: neither is stored until the 1x1 conv that loads them. Only the live
+    # channels are computed, on any thread count with the same bytes, and PyTorch's values.
+    from tests.codegen.test_codegen_host import _same_bytes_on_any_thread_count
+
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(8, 32, 1),
+        nn.ReLU6(),
+        nn.Conv2d(32, 32, 3, 1, 1, groups=32),
+        nn.Hardswish(),
+        nn.Conv2d(32, 32, 3, 2, 1, groups=32),
+        nn.ReLU6(),
+        nn.Conv2d(32, 12, 1),
+    ).eval()
+    fixtures.randomize_batchnorm(model, 4)
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.Conv2d):
+                layer.bias.uniform_(-2.0, 2.0)  # dead rows: planes of 0, of the bias, and of 6
+    masks = fixtures.prune_model(model, 6.0, depthwise=True, structured=4.0)
+    shape = (8, 21, 19)
+    result = verify(export(model, shape), masks, HOST, tmp_path, n=2)
+    assert result.error <= TOL
+    dw = [r for r in result.generated.layers if r.kind == "depthwise"]
+    assert [r.blocking.split()[-1] for r in dw] == ["live16/32", "live16/32"]
+    assert all(r.macs == 16 * 4 * r.out_hw[0] * r.out_hw[1] for r in dw)
+    source = (tmp_path / "bp_model.c").read_text()
+    expand = source.split("static void layer0(bp_model")[1].split("\n}\n")[0]
+    assert "d[x] = " not in expand, "the expand conv's pruned rows are not stored"
+    assert source.count("d[x] = ") == 1, "the last conv's pruned rows are (the network's output)"
+    assert source.count("memcpy(d + y * ") == 1, "only the strided depthwise conv stores its known planes"
+    _same_bytes_on_any_thread_count(tmp_path, model, shape, seed=5)
+
+
 def test_depthwise_with_channel_multiplier_is_refused_with_its_node():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=4))
     with pytest.raises(UnsupportedOpError, match=r"grouped convolution \(groups=4.*at node conv2d"):

@@ -33,7 +33,8 @@ whose weights are all pruned become act(bias) planes, input channels (columns) n
 neither stored nor loaded. Those planes are known when the code is generated, and so is a
 depthwise conv's plane of such a channel (the inverted residual blocks of mobile networks put one
 after every pruned expand conv): neither is computed, and a known plane is stored only where a
-layer loads it.
+layer loads it. Channels that no layer reads (all their readers' weights on them pruned, see
+:func:`needed_channels`) are not computed at all, nor is anything only they need.
 
 Threads: every layer is one or more step functions ``f(m, tid, nth)`` that ``bp_forward`` runs on
 the model's thread pool (``templates/bp_model.c.in``). A step deals its output channels (filters,
@@ -344,6 +345,36 @@ def _column_shifts(src: _Src, out_w: int, n_vec: int, vec: int) -> tuple[int, ..
     return shifts
 
 
+def needed_channels(graph: Graph) -> dict[str, np.ndarray]:
+    """Per feature map, a boolean per channel: whether any layer reads it (every channel of the
+    network's output). A conv reads the input channels its kept weights of the output channels
+    that are needed touch, a depthwise conv and a residual the channels it needs itself; other
+    layers read every channel. Walked from the output back, so a channel that only feeds pruned
+    weights is dropped together with everything that computes it."""
+    need: dict[str, np.ndarray] = {}
+
+    def add(name: str, channels: np.ndarray) -> None:
+        need[name] = need[name] | channels if name in need else channels.copy()
+
+    def channels(name: str) -> int:
+        return int(graph.shapes[name][0])
+
+    need[graph.output] = np.ones(channels(graph.output), dtype=bool)
+    for layer in reversed(graph.layers):
+        out = need.get(layer.out, np.zeros(channels(layer.out), dtype=bool))
+        if isinstance(layer, Conv) and len(graph.shapes[layer.inp]) == 3:
+            if layer.depthwise:
+                add(layer.inp, out)
+            else:
+                add(layer.inp, layer.mask[out].any(axis=(0, 2, 3)))
+            if layer.residual is not None:
+                add(layer.residual, out)
+        else:
+            for name in layer_inputs(layer):
+                add(name, np.ones(channels(name), dtype=bool))
+    return need
+
+
 def _reads_known(layer: Layer, name: str) -> bool:
     """Whether ``layer`` takes the known channel planes of its input ``name`` from the emitter
     rather than from memory: a depthwise conv without a residual (see ``Emitter.sparse_conv``)."""
@@ -452,6 +483,7 @@ class Emitter:
         # channel planes (h, w) known when the code is generated: the act(bias) planes of pruned
         # output rows, and what a depthwise conv makes of them
         self.known: dict[str, dict[int, np.ndarray]] = {}
+        self.needed = needed_channels(graph)
 
     # -- helpers
     def buf(self, name: str) -> str:
@@ -581,11 +613,13 @@ class Emitter:
 
     def dense_conv(self, fname: str, conv: Conv, inp: FMap, out: FMap, res: FMap | None, src: _Src) -> None:
         """Dense conv over the live channels only: output channels whose weights are all pruned
-        are a constant plane, input channels no output reads are skipped (structured sparsity)."""
+        are a constant plane, input channels no output reads are skipped (structured sparsity),
+        and so are output channels no layer reads (:func:`needed_channels`)."""
         V, isa = self.V, self.isa
         cout, cin, kh, kw = conv.weight.shape
         taps = kh * kw
-        live = np.asarray(conv.mask.reshape(cout, cin, taps).any(axis=-1))
+        needed = self.needed.get(conv.out, np.ones(cout, dtype=bool))
+        live = np.asarray(conv.mask.reshape(cout, cin, taps).any(axis=-1)) & needed[:, None]
         outs = np.nonzero(live.any(axis=1))[0]
         ins = np.nonzero(live.any(axis=0))[0]
         nout, nin, all_in = len(outs), len(ins), len(ins) == cin
@@ -721,7 +755,7 @@ class Emitter:
             c.close()
         else:
             by_channels()
-        self._dead_channels(c, conv, out, res, np.setdiff1d(np.arange(cout), outs))
+        self._dead_channels(c, conv, out, res, np.setdiff1d(np.nonzero(needed)[0], outs))
         c.close()
         c()
         self.reports.append(
@@ -733,7 +767,7 @@ class Emitter:
                 (out.h, out.w),
                 0,
                 int(live.sum()),
-                int(conv.mask.sum()) * out.h * out.w,
+                int(conv.mask[needed].sum()) * out.h * out.w,
                 None,
                 f"ob{ob} u{u}" + (f" y{span}" if span > 1 else "") + ("" if nout == cout and all_in else f" out{nout}/{cout} in{nin}/{cin}"),
                 tuple(k.name for k in tiles.values()),
@@ -773,11 +807,14 @@ class Emitter:
         whole = conv
         co, ci0, kh0, kw0 = (int(d) for d in conv.weight.shape)
         shape = (co, ci0, kh0, kw0)
+        needed = self.needed.get(conv.out, np.ones(co, dtype=bool))
         known = {}
         if _reads_known(conv, conv.inp):
-            known = {ch: _depthwise_plane(plane, conv, ch, out.h, out.w) for ch, plane in self.known.get(conv.inp, {}).items()}
-        keep = np.setdiff1d(np.arange(conv.weight.shape[0]), np.array(sorted(known), dtype=np.int64))
-        if known:
+            planes = self.known.get(conv.inp, {})
+            known = {ch: _depthwise_plane(planes[ch], conv, ch, out.h, out.w) for ch in sorted(planes) if needed[ch]}
+        keep = np.setdiff1d(np.nonzero(needed)[0], np.array(sorted(known), dtype=np.int64))
+        reduced = len(keep) < co
+        if reduced:
             if not len(keep):
                 c = self.funcs
                 c.open(f"static void {fname}(bp_model *m, int tid, int nth)")
@@ -785,7 +822,8 @@ class Emitter:
                 self._known_planes(c, conv.out, out, known)
                 c.close()
                 c()
-                self.reports.append(LayerReport(conv.name, "depthwise", shape, conv.stride[0], (out.h, out.w), 0, 0, 0, None, f"live0/{co}"))
+                kind = "depthwise" if conv.depthwise else "sparse3x3"
+                self.reports.append(LayerReport(conv.name, kind, shape, conv.stride[0], (out.h, out.w), 0, 0, 0, None, f"live0/{co}"))
                 return
             conv = replace(conv, weight=conv.weight[keep], bias=conv.bias[keep], mask=conv.mask[keep])
         cout, cin, kh, kw = conv.weight.shape
@@ -816,8 +854,8 @@ class Emitter:
             cb = max(32, self.t.l1_bytes // max(1, slab))
             cb = cin if cb >= cin else cb
         sw = pat.pack(conv.weight, ps, cb, reorder=o.reorder, compact=o.compact, depthwise=conv.depthwise)
-        if known:  # filter slots and their channels name the whole conv's channels
-            sw = replace(sw, perm=keep[sw.perm].astype(np.int32), kci=keep[sw.kci].astype(np.uint16))
+        if reduced:  # filter slots (and a depthwise filter's channel) name the whole conv's channels
+            sw = replace(sw, perm=keep[sw.perm].astype(np.int32), kci=(keep[sw.kci] if conv.depthwise else sw.kci).astype(np.uint16))
         n_pat = len(ps.patterns)
         n_blocks = len(sw.blocks)
         per = n_pat if o.reorder else 1
@@ -1004,7 +1042,7 @@ class Emitter:
                 kernels,
                 int(sum(len(ps.patterns[p]) * int(n) for p, n in enumerate(ps.count()))) * out.h * out.w,
                 pat.storage_sizes(conv.mask, ps),
-                f"r{r} u{u} cb{cb}" + (f" live{cout}/{co}" if known else ""),
+                f"r{r} u{u} cb{cb}" + (f" live{cout}/{co}" if reduced else ""),
                 tuple(k.name for k in tiles.values()),
             )
         )

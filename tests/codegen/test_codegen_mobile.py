@@ -133,7 +133,13 @@ def test_structured_1x1_and_linear_skip_pruned_rows_and_columns(tmp_path):
     result = verify(export(model, (16, 11, 13)), masks, HOST, tmp_path, n=3)
     assert result.error <= TOL
     blocking = {r.name: r.blocking for r in result.generated.layers}
-    assert blocking["conv2d"].endswith("out16/32 in8/16") and blocking["conv2d_1"].endswith("out8/16 in16/32")
+    # only a's kept rows that b reads (b's kept columns) are computed: nothing reads the others
+    # (b's other columns read a's pruned rows, act(bias) planes)
+    rows_a = masks["a.weight"].flatten(1).any(1)
+    cols_b = masks["b.weight"].flatten(1).any(0)
+    both = int((rows_a & cols_b).sum())
+    assert 0 < both < 16
+    assert blocking["conv2d"].endswith(f"out{both}/32 in8/16") and blocking["conv2d_1"].endswith("out8/16 in16/32")
     # zero weights of the masked layers are neither stored nor computed
     assert len(result.generated.files["weights.bin"]) < 0.5 * dense_size
 
@@ -142,7 +148,8 @@ def test_depthwise_convs_on_pruned_rows_are_known_planes_neither_computed_nor_st
     # The pruned rows of the expand 1x1 are act(bias) planes known at generation time; the
     # depthwise conv reading them (stride 1) knows its planes of those channels, and so does the
     # strided one after it: neither is stored until the 1x1 conv that loads them. Only the live
-    # channels are computed, on any thread count with the same bytes, and PyTorch's values.
+    # channels that conv reads are computed (the others nothing reads), on any thread count with
+    # the same bytes, and PyTorch's values.
     from tests.codegen.test_codegen_host import _same_bytes_on_any_thread_count
 
     torch.manual_seed(4)
@@ -164,15 +171,46 @@ def test_depthwise_convs_on_pruned_rows_are_known_planes_neither_computed_nor_st
     shape = (8, 21, 19)
     result = verify(export(model, shape), masks, HOST, tmp_path, n=2)
     assert result.error <= TOL
+    # computed: the channels the last conv reads (its kept columns) that the expand conv keeps
+    rows = masks["0.weight"].flatten(1).any(1)
+    cols = masks["6.weight"].flatten(1).any(0)
+    live = int((rows & cols).sum())
+    assert 0 < live < int(cols.sum())
     dw = [r for r in result.generated.layers if r.kind == "depthwise"]
-    assert [r.blocking.split()[-1] for r in dw] == ["live16/32", "live16/32"]
-    assert all(r.macs == 16 * 4 * r.out_hw[0] * r.out_hw[1] for r in dw)
+    assert [r.blocking.split()[-1] for r in dw] == [f"live{live}/32"] * 2
+    assert all(r.macs == live * 4 * r.out_hw[0] * r.out_hw[1] for r in dw)
     source = (tmp_path / "bp_model.c").read_text()
     expand = source.split("static void layer0(bp_model")[1].split("\n}\n")[0]
     assert "d[x] = " not in expand, "the expand conv's pruned rows are not stored"
     assert source.count("d[x] = ") == 1, "the last conv's pruned rows are (the network's output)"
     assert source.count("memcpy(d + y * ") == 1, "only the strided depthwise conv stores its known planes"
     _same_bytes_on_any_thread_count(tmp_path, model, shape, seed=5)
+
+
+def test_channels_no_layer_reads_are_not_computed(tmp_path):
+    # The 1x1 conv keeps 5 of its 16 input columns, so the pattern-sparse conv before it computes
+    # those 5 filters only, and the dense conv before that only the 8 channels they read (one
+    # whole input channel of the sparse conv is pruned away). The network's output is whole.
+    from tests.codegen.test_codegen_host import _same_bytes_on_any_thread_count
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 9, 3, 1, 1), nn.ReLU(), nn.Conv2d(9, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    masks = fixtures.prune_model(model, 6.0)
+    masks["2.weight"][:, 4] = False
+    masks["4.weight"] = torch.zeros_like(model[4].weight, dtype=torch.bool)
+    masks["4.weight"][:, [1, 6, 7, 11, 15]] = True
+    with torch.no_grad():
+        for name, mask in masks.items():
+            model.get_parameter(name).mul_(mask)
+    shape = (3, 18, 21)
+    result = verify(export(model, shape), masks, HOST, tmp_path, n=2)
+    assert result.error <= TOL
+    first, sparse, last = result.generated.layers
+    assert sparse.kind == "sparse3x3" and sparse.blocking.endswith("live5/16")
+    reads = int(masks["2.weight"][[1, 6, 7, 11, 15]].flatten(2).any(2).any(0).sum())
+    assert reads == 8 and first.blocking.endswith(f"out{reads}/9 in3/3")
+    assert last.blocking.endswith("out4/4 in5/16")
+    _same_bytes_on_any_thread_count(tmp_path, model, shape, seed=6)
 
 
 def test_depthwise_with_channel_multiplier_is_refused_with_its_node():

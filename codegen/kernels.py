@@ -64,13 +64,23 @@ class Kernel:
         return f"{layer}_tile_{self.op}{detail}_{self.blocking}__{self.isa}"
 
 
+def balanced_rows(out_h: int, most: int) -> int:
+    """Rows per band of a map ``out_h`` rows high, at most ``most``: as few bands as that allows,
+    as even as they can be. A short last band pays a kernel's fixed costs (its weight broadcasts,
+    channel index and loop) for few rows and loads each input row for few outputs: 14 rows go
+    as 7 + 7, not 12 + 2."""
+    most = max(1, min(out_h, most))
+    return -(-out_h // -(-out_h // most))
+
+
 def sparse_blocking(target: Target, out_h: int, n_vec: int, lre: bool) -> tuple[int, int]:
     """(rows, vecs) of a pattern-sparse tile: as wide as ``max_u`` allows, then as many rows as
-    the accumulators hold; without load redundancy elimination one vector of one row."""
+    the accumulators hold, in even bands; without load redundancy elimination one vector of one
+    row."""
     if not lre:
         return 1, 1
     u = min(target.max_u, n_vec)
-    return max(1, min(out_h, target.accumulators // u)), u
+    return balanced_rows(out_h, target.accumulators // u), u
 
 
 def shifted_blocking(target: Target, out_h: int, n_vec: int, sets: int) -> int | None:
@@ -79,7 +89,7 @@ def shifted_blocking(target: Target, out_h: int, n_vec: int, sets: int) -> int |
     would load every input row once per output row, as the plain tile does."""
     if not target.shift_sets or n_vec > target.max_u or sets * n_vec * 2 > target.accumulators:
         return None
-    return max(1, min(out_h, target.accumulators // (sets * n_vec)))
+    return balanced_rows(out_h, target.accumulators // (sets * n_vec))
 
 
 def dense_span(target: Target, n_vec: int, out_h: int) -> int:

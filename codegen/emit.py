@@ -397,11 +397,13 @@ def _depthwise_plane(plane: np.ndarray, conv: Conv, ch: int, out_h: int, out_w: 
     return numpy_act(conv.act, acc.astype(np.float32))
 
 
-def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str, channel: str | None = None) -> None:
+def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str, channel: str | None = None, *, raw: bool = False) -> None:
     """Copy the input into s column phases (zero outside the map); the column range that reads
     the map is fixed per phase, so the copy loop is a plain strided gather. Every channel, dealt
     to the threads, into ``scratch``; or (``channel``: a C expression) that one channel into
-    this thread's planes, ``scratch + tid * per_channel``."""
+    this thread's planes, ``scratch + tid * per_channel``. ``raw``: the input is the caller's
+    image (``m->in``, planes of h x w), read in place of its bordered copy: the gather reads
+    only columns and rows inside the map."""
     assert src.phase is not None  # called only for strided convs
     s, rows, pitch = src.phase.stride, src.phase.rows, src.phase.pitch
     ph, pw = conv.padding
@@ -418,7 +420,11 @@ def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str, channel
         c.open("")
         c(f"const int ci = {channel};")
         c(f"float *qb = scratch + tid * {src.cs};")
-    c(f"const float *ip = {buf} + {inp.origin} + ci * {inp.plane};")
+    if raw:
+        c(f"const float *ip = m->in + ci * {inp.h * inp.w};")
+    else:
+        c(f"const float *ip = {buf} + {inp.origin} + ci * {inp.plane};")
+    pitch_in = inp.w if raw else inp.pitch
     for f in range(src.phase.copies):
         lo = max(0, -(-(pw - f) // s))
         hi = max(lo, min(pitch, (inp.w - 1 + pw - f) // s + 1))
@@ -431,7 +437,7 @@ def _emit_phase_split(c: _C, conv: Conv, inp: FMap, src: _Src, buf: str, channel
         c(f"memset(q, 0, sizeof(float) * {pitch});")
         c("continue;")
         c.close()
-        c(f"const float *restrict row = ip + y * {inp.pitch} + {f - pw};")
+        c(f"const float *restrict row = ip + y * {pitch_in} + {f - pw};")
         if lo:
             c(f"for (int j = 0; j < {lo}; ++j) q[j] = 0.0f;")
         c(f"for (int j = {lo}; j < {hi}; ++j) q[j] = row[{s} * j];")
@@ -484,6 +490,7 @@ class Emitter:
         # output rows, and what a depthwise conv makes of them
         self.known: dict[str, dict[int, np.ndarray]] = {}
         self.needed = needed_channels(graph)
+        self.raw_input = False  # the first layer reads the caller's image, not its bordered copy
 
     # -- helpers
     def buf(self, name: str) -> str:
@@ -538,9 +545,12 @@ class Emitter:
         elif src.phase is not None:
             self.scratch = max(self.scratch, src.scratch)
             c = self.funcs
+            # the network's input read by this conv alone: its phases come straight from the image
+            raw = conv.inp == self.g.input and self.readers[conv.inp] == [conv] and conv.residual is None
+            self.raw_input = self.raw_input or raw
             c.open(f"static void {fname}_split(bp_model *m, int tid, int nth)")
             c("float *scratch = m->scratch;")
-            _emit_phase_split(c, conv, inp, src, self.buf(conv.inp))
+            _emit_phase_split(c, conv, inp, src, self.buf(conv.inp), raw=raw)
             c.close()
             c()
             self.steps.append((i, f"{fname}_split"))
@@ -1422,19 +1432,21 @@ class Emitter:
         return Generated(files, tuple(self.reports), in_shape, out_shape)
 
     def _forward(self) -> str:
-        """``bp_forward``: copy one image into the bordered input, run the layers, copy out."""
+        """``bp_forward``: copy one image into the bordered input (unless the first layer reads
+        it in place), run the layers, copy out."""
         c = _C()
         inp = self.layouts[self.g.input]
         outl = self.layouts[self.g.output]
         c.open("static void bp_forward(bp_model *m, const float *in, float *out)")
-        if isinstance(inp, FMap):
+        c("m->in = in;")
+        if isinstance(inp, FMap) and not self.raw_input:
             c(f"for (int ch = 0; ch < {inp.c}; ++ch)")
             c(f"    for (int y = 0; y < {inp.h}; ++y)")
             c(
                 f"        memcpy(m->buf[0] + {inp.origin} + ch * {inp.plane} + y * {inp.pitch}, "
                 f"in + (ch * {inp.h} + y) * {inp.w}, sizeof(float) * {inp.w});"
             )
-        else:
+        elif isinstance(inp, Vec):
             c(f"memcpy(m->buf[0], in, sizeof(float) * {inp.n});")
         for i, step in self.steps:
             c(f"BP_TIC(); bp_parallel(m, {step}); BP_TOC({i});")

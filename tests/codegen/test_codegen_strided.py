@@ -61,6 +61,21 @@ def test_sparse_3x3_stride_two_without_padding_matches_pytorch(tmp_path, rate):
     assert result.error <= TOL
 
 
+def test_a_strided_first_conv_splits_the_image_in_place(tmp_path):
+    # Its column phases are gathered straight from the caller's image (the gather reads only
+    # columns and rows inside it), so bp_forward makes no bordered copy; a stride-1 first conv
+    # reads the copy. Two images per run: each is read where it lies.
+    model, masks = _conv(8, 12, 3, 1, rate=6.0)
+    result = verify(export(model, (8, 17, 30)), masks, HOST, tmp_path / "s2", n=2)
+    assert result.error <= TOL
+    source = (tmp_path / "s2" / "bp_model.c").read_text()
+    assert "memcpy(m->buf[0]" not in source.split("static void bp_forward(")[1]
+    assert "const float *ip = m->in + ci * 510;" in source
+    plain = nn.Sequential(nn.Conv2d(8, 12, 3, 1, 1)).eval()
+    assert verify(export(plain, (8, 9, 9)), None, HOST, tmp_path / "s1", n=2).error <= TOL
+    assert "memcpy(m->buf[0]" in (tmp_path / "s1" / "bp_model.c").read_text().split("static void bp_forward(")[1]
+
+
 # 7x7 stems: output widths 13 (13 + 3 = 16, no slack), 13 on an even width, 18 (two vectors),
 # 8 (narrow flavour), and 10 output channels (a remainder block of the 8-channel tiles)
 STEM_SIZES = [(27, 25), (19, 26), (21, 35), (15, 15)]

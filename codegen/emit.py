@@ -861,8 +861,7 @@ class Emitter:
         else:
             # Measured on the host: stride-1 tiles reuse rows and tolerate a slab in L2, and there
             # blocks of >= 32 channels (fewer accumulator round trips) won.
-            cb = max(32, self.t.l1_bytes // max(1, slab))
-            cb = cin if cb >= cin else cb
+            cb = kr.even_parts(cin, max(32, self.t.l1_bytes // max(1, slab)))
         sw = pat.pack(conv.weight, ps, cb, reorder=o.reorder, compact=o.compact, depthwise=conv.depthwise)
         if reduced:  # filter slots (and a depthwise filter's channel) name the whole conv's channels
             sw = replace(sw, perm=keep[sw.perm].astype(np.int32), kci=(keep[sw.kci] if conv.depthwise else sw.kci).astype(np.uint16))

@@ -64,13 +64,14 @@ class Kernel:
         return f"{layer}_tile_{self.op}{detail}_{self.blocking}__{self.isa}"
 
 
-def balanced_rows(out_h: int, most: int) -> int:
-    """Rows per band of a map ``out_h`` rows high, at most ``most``: as few bands as that allows,
-    as even as they can be. A short last band pays a kernel's fixed costs (its weight broadcasts,
-    channel index and loop) for few rows and loads each input row for few outputs: 14 rows go
-    as 7 + 7, not 12 + 2."""
-    most = max(1, min(out_h, most))
-    return -(-out_h // -(-out_h // most))
+def even_parts(total: int, most: int) -> int:
+    """Size of the parts ``total`` rows (or input channels) are cut into, at most ``most``: as
+    few parts as that allows, as even as they can be. A short last part pays a tile's fixed
+    costs for little work (a band: the weight broadcasts, channel index and loop of every kernel,
+    and input rows loaded for few outputs; a channel block: the accumulators loaded and stored):
+    14 rows go as 7 + 7, not 12 + 2, and 128 channels as 4 x 32, not 3 x 42 + 2."""
+    most = max(1, min(total, most))
+    return -(-total // -(-total // most))
 
 
 def sparse_blocking(target: Target, out_h: int, n_vec: int, lre: bool) -> tuple[int, int]:
@@ -80,7 +81,7 @@ def sparse_blocking(target: Target, out_h: int, n_vec: int, lre: bool) -> tuple[
     if not lre:
         return 1, 1
     u = min(target.max_u, n_vec)
-    return balanced_rows(out_h, target.accumulators // u), u
+    return even_parts(out_h, target.accumulators // u), u
 
 
 def shifted_blocking(target: Target, out_h: int, n_vec: int, sets: int) -> int | None:
@@ -89,7 +90,7 @@ def shifted_blocking(target: Target, out_h: int, n_vec: int, sets: int) -> int |
     would load every input row once per output row, as the plain tile does."""
     if not target.shift_sets or n_vec > target.max_u or sets * n_vec * 2 > target.accumulators:
         return None
-    return balanced_rows(out_h, target.accumulators // (sets * n_vec))
+    return even_parts(out_h, target.accumulators // (sets * n_vec))
 
 
 def dense_span(target: Target, n_vec: int, out_h: int) -> int:
@@ -120,12 +121,14 @@ def strided_channel_block(target: Target, cin: int, slab_bytes: int, kernel_dens
     (accumulators loaded and stored, one loop per pattern whose trip count is data), so a block
     must give each filter enough work: ``BLOCK_MIN_FMAS`` vector FMAs on average, i.e. at least
     ``BLOCK_MIN_FMAS / (kernel_density * fmas_per_kernel)`` channels, whatever the cache says
-    (at high compression a filter keeps few kernels per channel, so blocks grow).
+    (at high compression a filter keeps few kernels per channel, so blocks grow). The layer's
+    channels are then cut into as many blocks as that size needs, all of one size (64 channels
+    at a bound of 29 as 22 + 22 + 20: a last block of 6 would cost nearly what a full one does).
     """
     by_cache = target.l1_bytes // max(1, slab_bytes)
     per_channel = kernel_density * fmas_per_kernel  # vector FMAs per filter and input channel
     by_work = math.ceil(BLOCK_MIN_FMAS / per_channel) if per_channel > 0 else cin
-    return max(1, min(cin, max(by_cache, by_work)))
+    return even_parts(cin, max(by_cache, by_work))
 
 
 def row_tiles(n_vec: int, u: int, masked: bool) -> list[tuple[int, int, bool]]:

@@ -162,12 +162,16 @@ def test_strided_depthwise_splits_each_channel_where_it_runs_and_keeps_the_bits(
 
 def test_strided_channel_blocks_fit_l1_but_grow_with_compression():
     """The block rule: as many channels as the L1 budget holds, more where filters keep so few
-    kernels per channel that a block would not amortise its accumulator round trip."""
+    kernels per channel that a block would not amortise its accumulator round trip; then as
+    many blocks as that size needs, of one size."""
     slab = 4096
     by_cache = HOST.l1_bytes // slab
     dense_ish = kernels.strided_channel_block(HOST, 256, slab, 1.0, 96.0)
     sparse = kernels.strided_channel_block(HOST, 256, slab, 0.1875, 28.0)
     assert dense_ish == by_cache < sparse <= 256
-    assert sparse * 0.1875 * 28.0 >= kernels.BLOCK_MIN_FMAS
+    by_work = -(-kernels.BLOCK_MIN_FMAS // (0.1875 * 28.0))
+    blocks = -(-256 // sparse)
+    assert blocks == -(-256 // by_work) and blocks * sparse - 256 < blocks  # blocks differ by a channel at most
+    assert kernels.strided_channel_block(HOST, 64, 3328, 0.375, 48.0) == 22  # 64 at 29 a block: 22 + 22 + 20
     assert kernels.strided_channel_block(HOST, 20, slab, 0.1, 4.0) == 20  # never more than the layer has
     assert kernels.strided_channel_block(HOST, 64, slab, 0.0, 96.0) == 64  # no kernel at all: one block

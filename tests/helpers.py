@@ -1,14 +1,17 @@
-"""Helpers several test modules share: a bounded wait on code that may block, a test Flower app."""
+"""Helpers several test modules share: a bounded wait on code that may block, a test Flower app,
+the generated C harness run on a thread count."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +102,22 @@ def sealed_request(session, jobs, offer, card: bytes | None = None) -> bytes:
     sealed = session.answer_admission(jobs.sign_admission(admission))
     assert sealed is not None
     return sealed
+
+
+def harness_bytes(out_dir: Path, x: np.ndarray, threads: int) -> bytes:
+    """The output bytes of the generated harness built in ``out_dir`` on ``x``, run on ``threads``."""
+    (out_dir / "x.bin").write_bytes(x.tobytes())
+    cmd = [str(out_dir / "bp_main"), str(out_dir / "weights.bin"), str(out_dir / "x.bin"), str(out_dir / "y.bin")]
+    subprocess.run(cmd, check=True, env={**os.environ, "BP_THREADS": str(threads)}, capture_output=True)
+    return (out_dir / "y.bin").read_bytes()
+
+
+def same_bytes_on_any_thread_count(out_dir: Path, model: torch.nn.Module, shape: tuple[int, ...], seed: int, tol: float = 1e-4) -> None:
+    """The harness built in ``out_dir`` gives the same bytes on 1, 2, 3, 5 and 40 threads (more
+    than any layer has work units), and PyTorch's values."""
+    x = np.random.default_rng(seed).standard_normal((2, *shape)).astype("<f4")
+    outs = {threads: harness_bytes(out_dir, x, threads) for threads in (1, 2, 3, 5, 40)}
+    assert len(set(outs.values())) == 1
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(np.frombuffer(outs[1], "<f4").reshape(ref.shape) - ref).max() <= tol * np.abs(ref).max()

@@ -10,6 +10,7 @@ from torch import nn
 
 from codegen import HOST, Options, fixtures
 from codegen.verify import export, verify
+from tests.helpers import harness_bytes, same_bytes_on_any_thread_count
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="host C compiler missing (Debian package gcc)")
 TOL = 1e-4
@@ -246,16 +247,6 @@ def test_every_registered_host_tile_at_stride_two_matches_pytorch(tmp_path, op, 
     check_registered_tiles(HOST, op, vecs, isa, tmp_path, stride=2)
 
 
-def _harness_bytes(out_dir, x, threads: int) -> bytes:
-    import os
-    import subprocess
-
-    (out_dir / "x.bin").write_bytes(x.tobytes())
-    cmd = [str(out_dir / "bp_main"), str(out_dir / "weights.bin"), str(out_dir / "x.bin"), str(out_dir / "y.bin")]
-    subprocess.run(cmd, check=True, env={**os.environ, "BP_THREADS": str(threads)}, capture_output=True)
-    return (out_dir / "y.bin").read_bytes()
-
-
 def test_dense_tiles_of_narrow_rows_span_rows_and_keep_the_bits(tmp_path):
     # A row narrower than a dense tile's vectors (a 7-wide map) is tiled over several rows, so a
     # broadcast weight feeds a vector of each; every output still sees the same FMAs in the same
@@ -290,24 +281,11 @@ def test_dense_tiles_of_narrow_rows_span_rows_and_keep_the_bits(tmp_path):
         spans = [r.blocking for r in result.generated.layers if r.kind == "dense"]
         assert len(spans) == 2 and all((" y" in b) == (name == "span") for b in spans), spans
         for threads in (1, 2, 3) if name == "span" else (1,):
-            outs[name, threads] = _harness_bytes(tmp_path / name, x, threads)
+            outs[name, threads] = harness_bytes(tmp_path / name, x, threads)
     assert len(set(outs.values())) == 1
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert np.abs(np.frombuffer(outs["span", 1], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()
-
-
-def _same_bytes_on_any_thread_count(out_dir, model, shape, seed: int) -> None:
-    """The harness built in ``out_dir`` gives the same bytes on 1, 2, 3, 5 and 40 threads (more
-    than any layer has work units), and PyTorch's values."""
-    import numpy as np
-
-    x = np.random.default_rng(seed).standard_normal((2, *shape)).astype("<f4")
-    outs = {threads: _harness_bytes(out_dir, x, threads) for threads in (1, 2, 3, 5, 40)}
-    assert len(set(outs.values())) == 1
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy()
-    assert np.abs(np.frombuffer(outs[1], "<f4").reshape(ref.shape) - ref).max() <= TOL * np.abs(ref).max()
 
 
 def test_pattern_sparse_convs_and_pools_split_by_rows_give_the_same_bytes_on_any_thread_count(tmp_path):
@@ -324,7 +302,7 @@ def test_pattern_sparse_convs_and_pools_split_by_rows_give_the_same_bytes_on_any
     assert [r.kind for r in result.generated.layers] == ["sparse3x3", "sparse3x3"]
     source = (tmp_path / "bp_model.c").read_text()
     assert source.count("if (nth * 8 <= ") == 1, "the 83-row conv should split by rows"
-    _same_bytes_on_any_thread_count(tmp_path, model, shape, seed=3)
+    same_bytes_on_any_thread_count(tmp_path, model, shape, seed=3)
 
 
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pattern"])
@@ -355,4 +333,4 @@ def test_layers_split_by_rows_give_the_same_bytes_on_any_thread_count(tmp_path, 
     assert [r.kind for r in convs] == ["depthwise", "dense"]
     source = (tmp_path / "bp_model.c").read_text()
     assert source.count("if (nth <= ") == 2, "both convs should split by rows"
-    _same_bytes_on_any_thread_count(tmp_path, model, shape, seed=2)
+    same_bytes_on_any_thread_count(tmp_path, model, shape, seed=2)

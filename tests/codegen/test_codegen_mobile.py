@@ -15,6 +15,7 @@ from codegen import HOST, UnsupportedOpError, fixtures, lower
 from codegen.emit import generate
 from codegen.ir import Activation, Conv, Linear, Mul
 from codegen.verify import export, verify
+from tests.helpers import same_bytes_on_any_thread_count
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="host C compiler missing (Debian package gcc)")
 TOL = 1e-4
@@ -150,8 +151,6 @@ def test_depthwise_convs_on_pruned_rows_are_known_planes_neither_computed_nor_st
     # strided one after it: neither is stored until the 1x1 conv that loads them. Only the live
     # channels that conv reads are computed (the others nothing reads), on any thread count with
     # the same bytes, and PyTorch's values.
-    from tests.codegen.test_codegen_host import _same_bytes_on_any_thread_count
-
     torch.manual_seed(4)
     model = nn.Sequential(
         nn.Conv2d(8, 32, 1),
@@ -184,15 +183,13 @@ def test_depthwise_convs_on_pruned_rows_are_known_planes_neither_computed_nor_st
     assert "d[x] = " not in expand, "the expand conv's pruned rows are not stored"
     assert source.count("d[x] = ") == 1, "the last conv's pruned rows are (the network's output)"
     assert source.count("memcpy(d + y * ") == 1, "only the strided depthwise conv stores its known planes"
-    _same_bytes_on_any_thread_count(tmp_path, model, shape, seed=5)
+    same_bytes_on_any_thread_count(tmp_path, model, shape, seed=5)
 
 
 def test_channels_no_layer_reads_are_not_computed(tmp_path):
     # The 1x1 conv keeps 5 of its 16 input columns, so the pattern-sparse conv before it computes
     # those 5 filters only, and the dense conv before that only the 8 channels they read (one
     # whole input channel of the sparse conv is pruned away). The network's output is whole.
-    from tests.codegen.test_codegen_host import _same_bytes_on_any_thread_count
-
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 9, 3, 1, 1), nn.ReLU(), nn.Conv2d(9, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
     masks = fixtures.prune_model(model, 6.0)
@@ -210,7 +207,7 @@ def test_channels_no_layer_reads_are_not_computed(tmp_path):
     reads = int(masks["2.weight"][[1, 6, 7, 11, 15]].flatten(2).any(2).any(0).sum())
     assert reads == 8 and first.blocking.endswith(f"out{reads}/9 in3/3")
     assert last.blocking.endswith("out4/4 in5/16")
-    _same_bytes_on_any_thread_count(tmp_path, model, shape, seed=6)
+    same_bytes_on_any_thread_count(tmp_path, model, shape, seed=6)
 
 
 def test_depthwise_with_channel_multiplier_is_refused_with_its_node():

@@ -10,8 +10,9 @@ weights. MNN is converted from the same ONNX file with its converter binding (``
 usage data. Per layer: ResNet-18's 3x3 conv shapes at 2.25x/6x/12x and the two dense stems
 against torch ``conv2d`` and ONNX Runtime, one thread, with the % of ideal (speedup over torch
 divided by the compression rate). Every runtime is called in the same process, runs are
-interleaved round by round and medians of wall time are reported; the load average at the start
-and end goes into the file, since numbers from a loaded machine are not results.
+interleaved round by round (each batch after one untimed call) and medians of wall time are
+reported; the load average at the start and end goes into the file, since numbers from a loaded
+machine are not results.
 Writes ``codegen_speed.md`` (tables) and ``codegen_speed.png`` (bar chart).
 """
 
@@ -59,16 +60,20 @@ class Timing:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, Timing]:
-    """Median per-call time of each function over ``rounds`` rounds, runtimes alternating."""
+    """Median per-call time of each function over ``rounds`` rounds, runtimes alternating.
+
+    Each runtime's batch starts with one untimed call: the timed calls then measure a runtime
+    running frame after frame, as an app does, not the caches the one before left cold, its pool
+    threads woken from sleep, or another runtime's workers still spinning on the same cores.
+    """
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     wall: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
     names = list(fns)
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             fn = fns[name]
+            fn()
             for _ in range(calls):
                 c0, w0 = time.thread_time(), time.perf_counter()
                 fn()
@@ -539,10 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         mnn_version = "not installed"
     meta = (
         f"Machine: {platform.machine()}, {cpu_model()}, {os.cpu_count()} cores, **load average {load_start:.1f} at the start, "
-        f"{load_end:.1f} at the end** (above about 1 on this machine the figures are not results). torch {torch.__version__}, "
+        f"{load_end:.1f} at the end** (the run's own two-thread calls add to the end figure; above about 1 at the start something else was "
+        f"running and the figures are not results). torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}, MNN {mnn_version} (sparse: converted with "
         f"`--detectSparseSpeedUp`), host target `{codegen.HOST.isa.name}` ({4 * codegen.HOST.vec * 8}-bit vectors, "
-        f"`cc {' '.join(codegen.HOST.cflags)}`). {args.rounds} interleaved rounds x {args.calls} calls, medians of wall time. "
+        f"`cc {' '.join(codegen.HOST.cflags)}`). {args.rounds} interleaved rounds x {args.calls} calls after one untimed call, medians of wall time. "
         f"Threads: torch `set_num_threads`, ORT `intra_op_num_threads`, MNN `numThread`, ours `bp_set_threads`. Masks: "
         f"magnitude pattern pruning of 3x3 convs (8 patterns per layer, whole kernels removed; conv rate = 9/4 / kept-kernel "
         f"fraction, stem dense); MobileNet-V2 pruned also keeps one library pattern per depthwise 3x3 kernel and prunes 1x1 convs "

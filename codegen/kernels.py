@@ -87,10 +87,21 @@ def sparse_blocking(target: Target, out_h: int, n_vec: int, lre: bool) -> tuple[
 def shifted_blocking(target: Target, out_h: int, n_vec: int, sets: int) -> int | None:
     """Rows of a column-shift tile (``sets`` accumulator sets of a whole row's ``n_vec``
     vectors), or None where the target has no such tiles or fewer than two rows fit: one row
-    would load every input row once per output row, as the plain tile does."""
-    if not target.shift_sets or n_vec > target.max_u or sets * n_vec * 2 > target.accumulators:
+    would load every input row once per output row, as the plain tile does.
+
+    A strided tile (``SHIFT_SETS[2]``) takes two thirds of the accumulators: each of its rows
+    reads two fresh input rows of both phases, so its band's slab grows twice as fast with rows
+    as a stride-1 tile's, and past that share the slab of a channel block falls out of L1 before
+    the extra rows pay (a 28-wide map at 512 bits: 7 bands of 4 rows beat 6, 6, 6, 6, 4)."""
+    budget = shifted_accumulators(target, sets)
+    if not target.shift_sets or n_vec > target.max_u or sets * n_vec * 2 > budget:
         return None
-    return even_parts(out_h, target.accumulators // (sets * n_vec))
+    return even_parts(out_h, budget // (sets * n_vec))
+
+
+def shifted_accumulators(target: Target, sets: int) -> int:
+    """The accumulator budget of a column-shift tile of ``sets`` sets (see :func:`shifted_blocking`)."""
+    return target.accumulators * 2 // 3 if sets == SHIFT_SETS[2] else target.accumulators
 
 
 def dense_span(target: Target, n_vec: int, out_h: int) -> int:
@@ -116,19 +127,25 @@ def strided_channel_block(target: Target, cin: int, slab_bytes: int, kernel_dens
     """Input channels per block of a stride-2 (or more) pattern-sparse conv.
 
     A strided tile reuses each loaded input vector for at most two of its rows, so its loads come
-    from the channel block's slab (``slab_bytes`` per channel and band), which should sit in L1:
-    ``l1_bytes // slab_bytes`` channels. But every (filter, block) pair also pays a fixed price
-    (accumulators loaded and stored, one loop per pattern whose trip count is data), so a block
-    must give each filter enough work: ``BLOCK_MIN_FMAS`` vector FMAs on average, i.e. at least
-    ``BLOCK_MIN_FMAS / (kernel_density * fmas_per_kernel)`` channels, whatever the cache says
-    (at high compression a filter keeps few kernels per channel, so blocks grow). The layer's
-    channels are then cut into as many blocks as that size needs, all of one size (64 channels
-    at a bound of 29 as 22 + 22 + 20: a last block of 6 would cost nearly what a full one does).
+    from the channel block's slab (``slab_bytes`` per channel and band), best from L1:
+    ``l1_bytes // slab_bytes`` channels (``by_cache``). But every (filter, block) pair also pays a
+    fixed price (accumulators loaded and stored, one loop per pattern whose trip count is data),
+    which ``BLOCK_MIN_FMAS`` vector FMAs per filter amortise: ``by_work`` channels (at high
+    compression a filter keeps few kernels per channel, so that grows). Where the cache bound is
+    the larger, blocks take it. Where it is the smaller, each bound only costs in proportion
+    (per-pair overhead as ``by_work / block``, slab misses as ``block / by_cache``), and their
+    sum is least at the geometric mean, so blocks take that: at 6x, 64 channels of a 3.3 kB slab
+    go in blocks of 16 (cache 9, work 29), not of 22. The layer's channels are then cut into as
+    many blocks as that size needs, all of one size (a short last block costs nearly what a full
+    one does).
     """
-    by_cache = target.l1_bytes // max(1, slab_bytes)
+    by_cache = max(1, target.l1_bytes // max(1, slab_bytes))
     per_channel = kernel_density * fmas_per_kernel  # vector FMAs per filter and input channel
-    by_work = math.ceil(BLOCK_MIN_FMAS / per_channel) if per_channel > 0 else cin
-    return even_parts(cin, max(by_cache, by_work))
+    if per_channel <= 0:
+        return cin  # no kernel at all: one block
+    by_work = math.ceil(BLOCK_MIN_FMAS / per_channel)
+    size = by_cache if by_cache >= by_work else round(math.sqrt(by_cache * by_work))
+    return even_parts(cin, size)
 
 
 def row_tiles(n_vec: int, u: int, masked: bool) -> list[tuple[int, int, bool]]:
@@ -152,8 +169,8 @@ def _tiles(target: Target, isa: str, max_u: int, dense_u: int) -> list[Kernel]:
         out += [
             Kernel(SHIFTED, r, v, m, isa, sets=sets)
             for sets in SHIFT_SETS.values()
-            for v in range(1, min(max_u, target.accumulators // (2 * sets)) + 1)
-            for r in range(1, target.accumulators // (sets * v) + 1)
+            for v in range(1, min(max_u, shifted_accumulators(target, sets) // (2 * sets)) + 1)
+            for r in range(1, shifted_accumulators(target, sets) // (sets * v) + 1)
             for m in ((False, True) if sets == SHIFT_SETS[1] else (True,))
         ]
     out += [
@@ -171,7 +188,8 @@ def registry(target: Target) -> tuple[Kernel, ...]:
     """Every tile the blocking rules can give ``target``, sorted (op, rows, vecs, masked, isa).
 
     A tile never holds more accumulators than the budget: ``rows * vecs <= accumulators`` with
-    ``vecs <= max_u`` (sparse; ``rows * vecs * sets`` for a column-shift tile) and ``rows <= min(8, dense_acc // vecs)`` with ``vecs <= dense_u``
+    ``vecs <= max_u`` (sparse; ``rows * vecs * sets <=`` :func:`shifted_accumulators` for a
+    column-shift tile) and ``rows <= min(8, dense_acc // vecs)`` with ``vecs <= dense_u``
     (dense); remainder tiles (fewer rows, fewer vectors) stay inside the same bounds. A target
     whose vector flavour has a narrow one adds its one-vector tiles (the emitter uses it only for
     maps no wider than one narrow vector).

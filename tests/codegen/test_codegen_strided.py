@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from codegen import HOST, fixtures, kernels
+from codegen import HOST, HOST_AVX512, fixtures, kernels
 from codegen.verify import export, verify
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="host C compiler missing (Debian package gcc)")
@@ -160,18 +160,36 @@ def test_strided_depthwise_splits_each_channel_where_it_runs_and_keeps_the_bits(
     _same_bits_on_one_to_three_threads(tmp_path, model, masks, (channels, 23, 37))
 
 
-def test_strided_channel_blocks_fit_l1_but_grow_with_compression():
-    """The block rule: as many channels as the L1 budget holds, more where filters keep so few
-    kernels per channel that a block would not amortise its accumulator round trip; then as
-    many blocks as that size needs, of one size."""
+def test_strided_channel_blocks_balance_l1_against_per_block_cost():
+    """The block rule: as many channels as the L1 budget holds where that gives every filter
+    enough work per block; where filters keep too few kernels per channel for that, the
+    geometric mean of the cache bound and the work bound, so blocks grow with compression but
+    stay below what the work bound alone would ask; then as many blocks as that size needs, of
+    one size."""
     slab = 4096
     by_cache = HOST.l1_bytes // slab
     dense_ish = kernels.strided_channel_block(HOST, 256, slab, 1.0, 96.0)
-    sparse = kernels.strided_channel_block(HOST, 256, slab, 0.1875, 28.0)
-    assert dense_ish == by_cache < sparse <= 256
-    by_work = -(-kernels.BLOCK_MIN_FMAS // (0.1875 * 28.0))
-    blocks = -(-256 // sparse)
-    assert blocks == -(-256 // by_work) and blocks * sparse - 256 < blocks  # blocks differ by a channel at most
-    assert kernels.strided_channel_block(HOST, 64, 3328, 0.375, 48.0) == 22  # 64 at 29 a block: 22 + 22 + 20
+    assert dense_ish == by_cache  # 96 FMAs a channel: the L1 block already amortises
+    by_work = {rate: -(-kernels.BLOCK_MIN_FMAS // (density * 28.0)) for rate, density in ((6, 0.375), (12, 0.1875))}
+    sparse = {rate: kernels.strided_channel_block(HOST, 256, slab, 0.375 if rate == 6 else 0.1875, 28.0) for rate in (6, 12)}
+    for rate in (6, 12):
+        assert by_cache < sparse[rate] < by_work[rate]
+        blocks = -(-256 // sparse[rate])
+        assert blocks == -(-256 // round((by_cache * by_work[rate]) ** 0.5))
+        assert blocks * sparse[rate] - 256 < blocks  # blocks differ by a channel at most
+    assert sparse[6] < sparse[12]  # fewer kernels per channel: bigger blocks
+    assert kernels.strided_channel_block(HOST, 64, 3328, 0.375, 48.0) == 16  # cache 9, work 29: 16 a block, not 22
     assert kernels.strided_channel_block(HOST, 20, slab, 0.1, 4.0) == 20  # never more than the layer has
     assert kernels.strided_channel_block(HOST, 64, slab, 0.0, 96.0) == 64  # no kernel at all: one block
+
+
+def test_strided_column_shift_tiles_take_two_thirds_of_the_accumulators():
+    """A stride-2 column-shift tile's rows each read two fresh input rows of both phases, so it
+    keeps fewer rows than a stride-1 one of the same width: a 28-wide map at 512 bits goes in
+    bands of 4 (16 accumulators), not 6, 6, 6, 6, 4 (24), and the registry lists no taller tile."""
+    s1, s2 = kernels.SHIFT_SETS[1], kernels.SHIFT_SETS[2]
+    assert kernels.shifted_blocking(HOST_AVX512, 28, 2, s2) == 4
+    assert kernels.shifted_blocking(HOST_AVX512, 14, 1, s2) == 7 and kernels.shifted_blocking(HOST_AVX512, 7, 1, s2) == 7
+    assert kernels.shifted_blocking(HOST_AVX512, 28, 2, s1) == 4  # stride 1: 24 // (3 x 2)
+    tall = [k for k in kernels.registry(HOST_AVX512) if k.op == kernels.SHIFTED and k.sets == s2 and k.rows * k.vecs * s2 > 16]
+    assert not tall

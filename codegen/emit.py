@@ -25,7 +25,7 @@ Pattern-sparse 3x3 conv (the paper's three optimisations, each with an :class:`O
 - lre: register blocking over R output rows x U vectors, and every distinct input vector of a tile
   is loaded once and feeds all the accumulators that need it (off: 1x1 tiles, a load per tap).
 Input channels are processed in blocks sized to keep the band's input slab in L1 (strided convs:
-but never so small that a filter's share of a block is a few FMAs, see
+that bound balanced against the fixed cost a filter pays per block, see
 :func:`codegen.kernels.strided_channel_block`). Depthwise convs
 (3x3 or 5x5, dense or pattern-pruned) take the same path, each filter holding one kernel that reads
 its own channel. Dense convs and Linear layers skip structured sparsity: output channels (rows)

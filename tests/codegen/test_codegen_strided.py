@@ -170,9 +170,10 @@ def test_strided_channel_blocks_balance_l1_against_per_block_cost():
     by_cache = HOST.l1_bytes // slab
     dense_ish = kernels.strided_channel_block(HOST, 256, slab, 1.0, 96.0)
     assert dense_ish == by_cache  # 96 FMAs a channel: the L1 block already amortises
-    by_work = {rate: -(-kernels.BLOCK_MIN_FMAS // (density * 28.0)) for rate, density in ((6, 0.375), (12, 0.1875))}
-    sparse = {rate: kernels.strided_channel_block(HOST, 256, slab, 0.375 if rate == 6 else 0.1875, 28.0) for rate in (6, 12)}
-    for rate in (6, 12):
+    density = {6: 0.375, 12: 0.1875}  # kept-kernel fraction at each rate
+    by_work = {rate: -(-kernels.BLOCK_MIN_FMAS // (d * 28.0)) for rate, d in density.items()}
+    sparse = {rate: kernels.strided_channel_block(HOST, 256, slab, d, 28.0) for rate, d in density.items()}
+    for rate in density:
         assert by_cache < sparse[rate] < by_work[rate]
         blocks = -(-256 // sparse[rate])
         assert blocks == -(-256 // round((by_cache * by_work[rate]) ** 0.5))
